@@ -1,0 +1,328 @@
+"""The run configuration: one typed schema, loaded from YAML, overridden by dotted ``key=value`` arguments.
+
+Everything is validated here, before Ray starts or any device memory is taken. After :func:`load` returns, the
+rest of the package trusts the config and never re-checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the field (or file) and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = EMBEDDED_MODEL
+    """A hub id, a local Hugging Face directory, a ``.gguf`` file, or ``embedded:smollm2-135m-instruct``."""
+    tokenizer: str | None = None
+    """Where the tokenizer lives when it is not next to the weights."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    gradient_checkpointing: bool = False
+    random_init: bool = False
+    """Build the architecture from its config with random weights (speed and memory do not depend on values)."""
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fields set on the Hugging Face config before the model is built, e.g. ``num_hidden_layers``."""
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("lora.target_modules is empty: list module names (e.g. [q_proj, v_proj]) or 'all-linear'")
+        return v
+
+
+class QuantizationConfig(Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """``auto`` stores the packed 4-bit weights in the compute dtype under ZeRO-3 (so ZeRO can shard them), else uint8."""
+    upcast_non_quantized: bool = False
+    """PEFT's ``prepare_model_for_kbit_training`` upcast of embeddings, norms and lm_head to float32. Off: it
+    makes QLoRA 1.8-2.8x slower and heavier for no measurable gain in loss (see docs/design.md)."""
+
+
+class DataConfig(Section):
+    source: str = "builtin:pydoc"
+    """A hub dataset name, a local .json/.jsonl/.parquet/.csv file or directory, or ``builtin:pydoc``."""
+    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    split: str = "train"
+    eval_split: str | None = None
+    """A split of ``source`` to evaluate on; when absent, ``eval_fraction`` of the train split is held out."""
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_examples: int | None = Field(None, gt=0)
+    max_seq_len: int = Field(1024, gt=8)
+    packing: bool = True
+    train_on_prompt: bool = False
+    """Loss on prompt tokens too. Off by default: loss on response tokens only."""
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+
+class SchedulerConfig(Section):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    config_file: str | None = None
+    """A DeepSpeed JSON merged over the generated config (its keys win)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Keys merged over the generated config after ``config_file``, as nested dicts."""
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | None = None
+    """None: use GPUs when the Ray cluster has them."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; when set, it wins over epochs (the data loops as often as needed)."""
+    micro_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Optimizer steps between evaluations; 0 evaluates only at the end."""
+    eval_batches: int | None = Field(None, gt=0)
+    save_every: int = Field(0, ge=0)
+    """Optimizer steps between checkpoints; 0 checkpoints only at the end."""
+    seed: int = 42
+
+
+class OutputConfig(Section):
+    storage_path: str = "runs"
+    name: str | None = None
+    """The run's name under ``storage_path``; a run started again with the same name resumes from its latest
+    checkpoint. None: derived from the recipe and method."""
+    keep_checkpoints: int = Field(2, gt=0)
+    save_final_model: bool = True
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """None: join the cluster in RAY_ADDRESS or a running local one, or start a local one."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts Ray Train makes after a failure; each restart resumes from the latest checkpoint."""
+
+
+class RunConfig(Section):
+    method: Literal["full", "lora", "qlora"] = "lora"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "RunConfig":
+        ds, opt = self.deepspeed, self.optimizer
+        if ds.offload_optimizer == "cpu" and opt.name != "adamw":
+            raise ValueError(
+                f"optimizer.name={opt.name} cannot run with deepspeed.offload_optimizer=cpu: DeepSpeed's CPU offload "
+                "steps the optimizer on the host with its own CPU Adam, and bitsandbytes optimizers (8-bit or paged) "
+                "keep their state on the GPU. Use optimizer.name=adamw, or deepspeed.offload_optimizer=none."
+            )
+        if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
+        if ds.offload_param == "cpu" and ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
+        q = self.quantization
+        if self.method == "qlora" and ds.zero_stage == 3 and q.quant_storage not in ("auto", q.compute_dtype):
+            raise ValueError(
+                f"quantization.quant_storage={q.quant_storage} with method=qlora and deepspeed.zero_stage=3: ZeRO-3 "
+                "shards parameters of a floating dtype, so the 4-bit weights must be stored in the compute dtype. "
+                f"Set quantization.quant_storage={q.compute_dtype} (or auto)."
+            )
+        if self.method == "qlora" and self.model.dtype == "float32":
+            raise ValueError("method=qlora with model.dtype=float32: 4-bit training computes in 16 bits; use bfloat16.")
+        if self.method == "qlora" and ds.offload_param == "cpu":
+            raise ValueError(
+                "deepspeed.offload_param=cpu with method=qlora: bitsandbytes 4-bit weights cannot be offloaded by "
+                "ZeRO; the 4-bit base is already small. Set deepspeed.offload_param=none."
+            )
+        return self
+
+    # --- derived facts, one place each ---
+    @property
+    def trains_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def quant_storage_dtype(self) -> str:
+        q = self.quantization
+        if q.quant_storage != "auto":
+            return q.quant_storage
+        return q.compute_dtype if self.deepspeed.zero_stage == 3 else "uint8"
+
+    @property
+    def run_name(self) -> str:
+        if self.output.name:
+            return self.output.name
+        model = Path(self.model.name_or_path.split(":")[-1]).name.replace(".gguf", "")
+        return f"{model}-{self.method}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.storage_path).expanduser().resolve() / self.run_name
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what is trained (output and ray settings excluded)."""
+        body = self.model_dump(mode="json", exclude={"output", "ray", "scaling"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+def _parse_value(text: str) -> Any:
+    """A command-line value parsed as YAML, so ``3``, ``1e-4``, ``true``, ``[q_proj,v_proj]`` and ``null`` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted ``a.b.c=value`` overrides in a nested dict. Unknown keys are left for the schema to reject."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. training.max_steps=20)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against configs/ or ftcluster/config.py"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate, and check files."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; recipes live in configs/ (e.g. configs/tiny_cpu.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, method:, ...)")
+        source = str(p)
+    cfg = from_dict(apply_overrides(raw, overrides or []), source)
+    check_paths(cfg)
+    return cfg
+
+
+def _looks_local(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".json", ".jsonl", ".parquet", ".csv"))
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail on files the config names that are not there, before anything starts."""
+    m = cfg.model.name_or_path
+    if not m.startswith("embedded:"):
+        if _looks_local(m) and not Path(m).expanduser().exists():
+            raise ConfigError(f"model.name_or_path: {m} does not exist (a hub id, a local model directory or a .gguf file)")
+        if Path(m).expanduser().is_dir() and not (Path(m).expanduser() / "config.json").exists():
+            raise ConfigError(f"model.name_or_path: directory {m} has no config.json; point it at a Hugging Face model directory")
+    elif m != EMBEDDED_MODEL:
+        raise ConfigError(f"model.name_or_path: unknown embedded model {m!r}; the embedded model is {EMBEDDED_MODEL}")
+    if cfg.model.tokenizer and _looks_local(cfg.model.tokenizer) and not Path(cfg.model.tokenizer).expanduser().exists():
+        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} does not exist")
+    src = cfg.data.source
+    if not src.startswith("builtin:") and _looks_local(src) and not Path(src).expanduser().exists():
+        raise ConfigError(f"data.source: {src} does not exist (a hub dataset name, a local file or directory, or builtin:pydoc)")
+    if src.startswith("builtin:") and src != "builtin:pydoc":
+        raise ConfigError(f"data.source: unknown builtin dataset {src!r}; the builtin dataset is builtin:pydoc")
+    f = cfg.deepspeed.config_file
+    if f is not None:
+        if not Path(f).expanduser().is_file():
+            raise ConfigError(f"deepspeed.config_file: {f} does not exist")
+        try:
+            json.loads(Path(f).expanduser().read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config_file: {f} is not valid JSON: {e}") from None
+
+
+def save_resolved(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

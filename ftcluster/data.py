@@ -1,0 +1,227 @@
+"""Data: a dataset (hub, local files or builtin) → tokenized examples with prompt-masked labels → packed rows →
+per-worker, per-epoch shuffled micro batches.
+
+Packing keeps examples apart without a materialised mask: every example's ``position_ids`` restart at 0, and the
+batch carries no ``attention_mask``. transformers then derives sequence boundaries from the position resets and
+builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``), so a token never attends to
+another example. The first label of every example is -100, so no example is trained to predict the next one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ftcluster.config import DataConfig
+
+IGNORE = -100
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+def _load_split(cfg: DataConfig, split: str):
+    from datasets import load_dataset
+
+    src = cfg.source
+    path = Path(src).expanduser()
+    if path.is_file():
+        builder = _LOCAL_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"data.source: {src} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
+        return load_dataset(builder, data_files={split: str(path)}, split=split)
+    if path.is_dir():
+        return load_dataset(str(path), split=split)
+    return load_dataset(src, split=split)
+
+
+def load_examples(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) raw examples as lists of dicts."""
+    if cfg.source == "builtin:pydoc":
+        from ftcluster import pydoc_data
+
+        train, evaluation = pydoc_data.build(eval_fraction=cfg.eval_fraction or 0.1)
+    else:
+        ds = _load_split(cfg, cfg.split)
+        if cfg.eval_split:
+            evaluation = list(_load_split(cfg, cfg.eval_split))
+            train = list(ds)
+        elif cfg.eval_fraction > 0 and len(ds) > 1:
+            parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+            train, evaluation = list(parts["train"]), list(parts["test"])
+        else:
+            train, evaluation = list(ds), []
+    if cfg.max_examples:
+        train = train[: cfg.max_examples]
+    _check_fields(cfg, train)
+    return train, evaluation
+
+
+def _check_fields(cfg: DataConfig, examples: list[dict]) -> None:
+    if not examples:
+        raise ValueError(f"data.source: {cfg.source} has no training examples")
+    need = {"alpaca": ("instruction", "output"), "chat": (cfg.messages_field,), "text": (cfg.text_field,)}[cfg.format]
+    missing = [f for f in need if f not in examples[0]]
+    if missing:
+        raise ValueError(
+            f"data.format={cfg.format} needs fields {list(need)}, but {cfg.source} has {sorted(examples[0])}; "
+            f"set data.format (alpaca|chat|text) or data.text_field / data.messages_field"
+        )
+
+
+# --- rendering and tokenizing ------------------------------------------------------------------------------------
+
+def alpaca_messages(ex: dict) -> list[dict]:
+    user = ex["instruction"] if not ex.get("input") else f"{ex['instruction']}\n\n{ex['input']}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": ex["output"]}]
+
+
+def prompt_text(tokenizer, ex: dict, cfg: DataConfig) -> str:
+    """The prompt a model sees before its answer (used for training and for generation at eval)."""
+    if tokenizer.chat_template:
+        msgs = alpaca_messages(ex)[:1] if cfg.format == "alpaca" else ex[cfg.messages_field][:-1]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    template = ALPACA_TEMPLATE_INPUT if ex.get("input") else ALPACA_TEMPLATE
+    return template.format(**ex)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation split into (text, is_target) pieces: each assistant turn (with its end-of-turn
+    marker) is a target; everything else, including the assistant header, is prompt."""
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    pieces, done = [], ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix")
+        pieces += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    full = render(messages, False)
+    if len(full) > len(done):
+        pieces.append((full[len(done):], False))
+    return pieces
+
+
+def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
+    """input_ids and labels; labels are -100 on prompt tokens unless ``train_on_prompt``."""
+    if cfg.format == "text":
+        pieces = [(ex[cfg.text_field] + (tokenizer.eos_token or ""), True)]
+    elif tokenizer.chat_template:
+        msgs = alpaca_messages(ex) if cfg.format == "alpaca" else ex[cfg.messages_field]
+        pieces = _chat_pieces(tokenizer, msgs)
+    else:
+        pieces = [(prompt_text(tokenizer, ex, cfg), False), (ex["output"] + (tokenizer.eos_token or ""), True)]
+    input_ids, labels = [], []
+    for text, target in pieces:
+        ids = _ids(tokenizer, text)
+        input_ids += ids
+        labels += ids if (target or cfg.train_on_prompt) else [IGNORE] * len(ids)
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        input_ids, labels = [tokenizer.bos_token_id] + input_ids, [IGNORE] + labels
+    input_ids, labels = input_ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    labels[0] = IGNORE  # never predict an example's first token from whatever precedes it in a packed row
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# --- packing and batching ----------------------------------------------------------------------------------------
+
+def pack(examples: list[dict], max_len: int) -> list[dict]:
+    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens, with per-example position ids."""
+    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_len:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += ex["labels"]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (or ``pad_to``). Packed rows pad with a fresh position run, so the padding is
+    its own 'sequence' and masks nothing real; unpacked rows get an attention_mask."""
+    width = pad_to or max(len(r["input_ids"]) for r in rows)
+    ids, labels, pos, mask = [], [], [], []
+    for r in rows:
+        n = len(r["input_ids"])
+        fill = width - n
+        ids.append(r["input_ids"] + [pad_id] * fill)
+        labels.append(r["labels"] + [IGNORE] * fill)
+        pos.append(r.get("position_ids", list(range(n))) + list(range(fill)))
+        mask.append([1] * n + [0] * fill)
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+             "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+    if packed:
+        batch["position_ids"] = torch.tensor(pos)
+    else:
+        batch["attention_mask"] = torch.tensor(mask)
+    return batch
+
+
+@dataclass
+class ShardedBatches:
+    """Micro batches for one worker: each epoch reshuffles all rows with (seed, epoch), then worker ``rank`` takes
+    every ``world``-th row. Every worker gets the same number of batches (DeepSpeed's collectives need it), a
+    multiple of ``accumulation``. Each batch holds ``num_tokens``, its count of real (unpadded) tokens."""
+
+    rows: list[dict]
+    micro_batch_size: int
+    rank: int
+    world: int
+    seed: int
+    pad_id: int
+    packed: bool
+    pad_to: int | None = None
+    accumulation: int = 1
+
+    def __post_init__(self):
+        self.per_worker = len(self.rows) // self.world
+        if self.per_worker < self.micro_batch_size:
+            raise ValueError(
+                f"the data gives {len(self.rows)} rows, fewer than num_workers × micro_batch_size "
+                f"({self.world} × {self.micro_batch_size}); add data, or lower training.micro_batch_size"
+            )
+
+    def __len__(self) -> int:
+        n = self.per_worker // self.micro_batch_size
+        return n - n % self.accumulation  # an optimizer step never straddles two epochs
+
+    def order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.rows)))
+        random.Random(self.seed * 100003 + epoch).shuffle(idx)
+        return idx[self.rank :: self.world][: self.per_worker]
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Batches of ``epoch`` from ``start_batch`` on (a resumed run skips what it already trained on)."""
+        idx = self.order(epoch)
+        b = self.micro_batch_size
+        for i in range(start_batch, len(self)):
+            rows = [self.rows[j] for j in idx[i * b : (i + 1) * b]]
+            yield collate(rows, self.pad_id, self.packed, self.pad_to)
+
+
+def build_rows(tokenizer, examples: list[dict], cfg: DataConfig, seed: int) -> list[dict]:
+    """Tokenized rows, packed when ``cfg.packing``. Examples are shuffled once before packing so that a row mixes
+    examples from all over the source rather than its neighbours in file order."""
+    tokenized = [tokenize_example(tokenizer, ex, cfg) for ex in examples]
+    tokenized = [t for t in tokenized if any(l != IGNORE for l in t["labels"])]
+    if not cfg.packing:
+        return tokenized
+    random.Random(seed).shuffle(tokenized)
+    return pack(tokenized, cfg.max_seq_len)

@@ -1,0 +1,250 @@
+"""DeepSpeed: the engine config generated from ours, the optimizer and schedule, and the step loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ftcluster.config import RunConfig
+from ftcluster.data import IGNORE, ShardedBatches
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, fp32_modules: list[str] | None = None) -> dict:
+    """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
+    t, d = cfg.training, cfg.deepspeed
+    zero: dict = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0, "contiguous_gradients": True}
+    if d.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if d.zero_stage == 3:
+        # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "zero_optimization": zero,
+        # bitsandbytes and torch optimizers are passed in as client optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if fp32_modules:
+        ds["data_types"] = {"keep_in_fp32_modules": fp32_modules}
+    if d.offload_optimizer == "cpu":
+        o = cfg.optimizer
+        # Offload steps on the host with DeepSpeed's CPU Adam, which it builds from this section.
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                       "weight_decay": o.weight_decay}}
+    if d.config_file:
+        ds = _merge(ds, json.loads(Path(d.config_file).expanduser().read_text()))
+    return _merge(ds, d.overrides)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        return None  # DeepSpeed builds its CPU Adam from the config
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay)
+    kw = dict(lr=o.lr, betas=o.betas, eps=o.eps)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[o.name]
+    return cls(groups, **kw)
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
+    s = cfg.scheduler
+    warmup = s.warmup_steps or int(s.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if s.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.name == "cosine" else 1.0 - progress
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
+
+    return factor
+
+
+def total_optimizer_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
+    per_epoch = batches_per_epoch // cfg.training.gradient_accumulation_steps
+    if per_epoch == 0:
+        raise ValueError(
+            f"one epoch gives {batches_per_epoch} micro batches per worker, fewer than "
+            f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps}; lower it or add data"
+        )
+    return cfg.training.max_steps or per_epoch * cfg.training.epochs
+
+
+def initialize(cfg: RunConfig, model, device: torch.device, world_size: int, total_steps: int,
+               fp32_modules: list[str] | None = None):
+    """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
+    (Ray Train made it), so DeepSpeed joins it instead of making its own."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size, fp32_modules)
+    optimizer = build_optimizer(cfg, model, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    schedule = lr_lambda(cfg, total_steps)
+    # Handing the schedule to DeepSpeed makes it step at accumulation boundaries and live in its checkpoints.
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable if optimizer is None else None, optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config, dist_init_required=False,
+    )
+    return engine, scheduler, ds_config
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training is: enough to resume exactly (with the data order, which is a function of seed and epoch)."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class Window:
+    """Sums since the last log line."""
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    step_times: list = field(default_factory=list)
+
+
+def evaluate(engine, batches: ShardedBatches, device, max_batches: int | None) -> dict:
+    """Token-weighted loss over this worker's eval shard, reduced over all workers."""
+    import torch.distributed as dist
+
+    engine.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for i, batch in enumerate(batches.epoch(0)):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch.pop("num_tokens")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = (batch["labels"][:, 1:] != IGNORE).sum()
+            loss_sum += engine(**batch).loss.double() * n
+            count += n
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    loss = (loss_sum / count.clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _mean_over_workers(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batches: ShardedBatches | None,
+          device: torch.device, progress: Progress, total_steps: int, flops_per_token: float, peak_flops: float,
+          report: Callable[[dict, str | None], None]) -> Progress:
+    """Run optimizer steps until ``total_steps``. ``report(metrics, checkpoint)`` is called on every worker at the
+    same steps, with checkpoint None, "resume" or "final"."""
+    from ftcluster import metrics as M
+
+    t = cfg.training
+    gas = t.gradient_accumulation_steps
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    window, loss_acc = Window(), torch.zeros((), device=device)
+    step_started = time.perf_counter()
+    while progress.step < total_steps:
+        for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
+            window.tokens += int(batch.pop("num_tokens"))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_acc += loss.detach().float()
+            window.loss_count += 1
+            progress.batch_in_epoch += 1
+            if progress.batch_in_epoch % gas:
+                continue
+            progress.step += 1
+            now = time.perf_counter()
+            window.step_times.append(now - step_started)
+            step_started = now
+            last = progress.step >= total_steps
+            log = progress.step % t.log_every == 0 or last
+            do_eval = eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0) or last)
+            save = "final" if last else ("resume" if t.save_every and progress.step % t.save_every == 0 else None)
+            if log or do_eval or save:
+                paused = time.perf_counter()
+                metrics = {"step": progress.step, "epoch": progress.epoch}
+                if log:
+                    M.sync(device)
+                    elapsed = time.perf_counter() - window.started
+                    loss_mean, tok_total = _mean_over_workers([loss_acc.item() / window.loss_count,
+                                                               window.tokens * world], device)
+                    tok_s = window.tokens / elapsed
+                    progress.tokens_seen += int(tok_total)
+                    grad_norm = engine.get_global_grad_norm()
+                    metrics.update({
+                        "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "step_time_s": sorted(window.step_times)[len(window.step_times) // 2],
+                        "tokens_per_s": tok_s, "tokens_per_s_total": tok_s * world,
+                        "tokens_seen": progress.tokens_seen,
+                        "mfu": tok_s * flops_per_token / peak_flops if peak_flops else None,
+                        **M.memory(device),
+                    })
+                    window, loss_acc = Window(), torch.zeros((), device=device)
+                if do_eval:
+                    metrics.update(evaluate(engine, eval_batches, device, t.eval_batches))
+                report(metrics, save)
+                # Evaluation and checkpointing are not training: keep them out of step times and tokens/s.
+                step_started = time.perf_counter()
+                window.started += step_started - paused
+            if last:
+                return progress
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+    return progress

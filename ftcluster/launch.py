@@ -1,0 +1,162 @@
+"""The driver: checks the run before anything heavy starts, joins (or starts) a Ray cluster, runs the workers
+under a ``TorchTrainer``, and leaves the run directory complete: config.yaml, metrics.jsonl, checkpoints, final/
+and summary.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from ftcluster import embedded
+from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig, save_resolved
+
+try:
+    from ray.train import UserCallback
+except ImportError:  # Ray Train V1 API
+    UserCallback = object
+
+
+class ProgressLog(UserCallback):
+    """On every report: append one JSON line to metrics.jsonl and print a progress line with loss and tokens/s.
+    Runs in Ray Train's controller process, on the head node (where the run directory is)."""
+
+    def __init__(self, run_dir: str):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = dict(metrics[0])
+        per_worker = ("peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib", "tokens_per_s")
+        for key in per_worker:
+            if key in m:
+                m[f"{key}_per_worker"] = [w.get(key) for w in metrics]
+        m["time"] = time.time()
+        if checkpoint is not None:
+            m["checkpoint"] = checkpoint.path
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(m) + "\n")
+        print(progress_line(m), flush=True)
+
+
+def progress_line(m: dict) -> str:
+    step, total = m.get("step", 0), m.get("total_steps", 0) or 1
+    filled = int(30 * step / total)
+    parts = [f"[{'#' * filled}{'.' * (30 - filled)}] step {step}/{total}"]
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s_total']:,.0f} tok/s")
+        if m.get("mfu"):
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if "eval_loss" in m:
+        parts.append(f"eval_loss {m['eval_loss']:.4f}  ppl {m['eval_perplexity']:.2f}")
+    return "  ".join(parts)
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory and record the config. A directory that already holds a different run is never
+    reused: resuming it with another config would corrupt it, and overwriting would lose it."""
+    run_dir = cfg.run_dir
+    record = run_dir / "config.yaml"
+    if record.exists():
+        old = yaml.safe_load(record.read_text()) or {}
+        from ftcluster.config import from_dict
+
+        try:
+            old_fp = from_dict(old, str(record)).fingerprint()
+        except ConfigError:
+            old_fp = None
+        if old_fp != cfg.fingerprint():
+            raise ConfigError(
+                f"output.name: {run_dir} already holds a run with a different config (see {record}). Choose "
+                "another output.name (or output.storage_path); to resume that run, use its config unchanged."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, record)
+    return run_dir
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Everything that can be checked without a GPU: the model's config loads and, for adapters, the requested
+    target modules exist (on a weightless meta-device copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster import models
+
+    if cfg.model.name_or_path == EMBEDDED_MODEL:
+        embedded.checkpoint_dir()  # convert once here rather than in every worker
+    hf = models.load_hf_config(cfg.model)
+    if cfg.trains_adapter:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf)
+        models.check_target_modules(meta, cfg)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train; return the summary (also written to ``<run_dir>/summary.json``)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ftcluster.worker import train_loop_per_worker
+
+    run_dir = prepare_run_dir(cfg)
+    preflight(cfg)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    s = cfg.scaling
+    use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=cfg.run_name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+            callbacks=[ProgressLog(str(run_dir))],
+        ),
+    )
+    started = time.time()
+    result = trainer.fit()
+    return summarize(cfg, run_dir, result, time.time() - started)
+
+
+def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float) -> dict:
+    final = None
+    if result.checkpoint is not None:
+        hf_dir = Path(result.checkpoint.path) / "hf"
+        if hf_dir.is_dir():
+            final = run_dir / "final"
+            tmp = run_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(hf_dir, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").exists() else []
+    logged = [r for r in records if "loss" in r]
+    summary = {
+        "run_dir": str(run_dir), "method": cfg.method, "wall_time_s": round(wall_s, 1),
+        "final_step": (result.metrics or {}).get("step"),
+        "first_loss": logged[0]["loss"] if logged else None,
+        "final_loss": logged[-1]["loss"] if logged else None,
+        "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
+        "tokens_per_s_total": logged[-1]["tokens_per_s_total"] if logged else None,
+        "mfu": logged[-1].get("mfu") if logged else None,
+        "peak_allocated_gib": max((r.get("peak_allocated_gib", 0) for r in logged), default=None),
+        "peak_rss_gib": max((r.get("peak_rss_gib", 0) for r in logged), default=None),
+        "trainable_params": (result.metrics or {}).get("trainable_params"),
+        "total_params": (result.metrics or {}).get("total_params"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final_model": str(final) if final else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,198 @@
+"""Model builders: ``full`` (all weights trainable), ``lora`` (frozen base + PEFT LoRA), ``qlora`` (4-bit NF4 base
+from bitsandbytes + LoRA). Plain functions from the config to an ``nn.Module``; no trainer classes."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftcluster import embedded
+from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_source(model: ModelConfig) -> tuple[str, dict]:
+    """Where to load from, and the extra ``from_pretrained`` keywords that location needs."""
+    src = model.name_or_path
+    if src == EMBEDDED_MODEL:
+        return str(embedded.checkpoint_dir()), {}
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    return src, {}
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    if model.tokenizer:
+        tok = AutoTokenizer.from_pretrained(model.tokenizer, trust_remote_code=model.trust_remote_code)
+    else:
+        src, kw = resolve_source(model)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code, **kw)
+    if tok.pad_token is None:
+        # Packed batches carry no padding; unpacked ones pad with EOS and mask those labels.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_config(model: ModelConfig):
+    from transformers import AutoConfig
+
+    src, kw = resolve_source(model)
+    hf = AutoConfig.from_pretrained(src, trust_remote_code=model.trust_remote_code, **kw)
+    if hasattr(hf, "quantization_config") and "gguf_file" in kw:
+        del hf.quantization_config  # GGUF weights are dequantized on load
+    for key, value in model.config_overrides.items():
+        if not hasattr(hf, key):
+            raise ConfigError(f"model.config_overrides.{key}: the {hf.model_type} config has no field {key!r}")
+        setattr(hf, key, value)
+    return hf
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """Leaf names of the linear layers LoRA can target (lm_head excluded, as PEFT's 'all-linear' does)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.add(leaf)
+    return names
+
+
+def check_target_modules(model: nn.Module, cfg: RunConfig) -> None:
+    targets = cfg.lora.target_modules
+    if targets == "all-linear":
+        return
+    available = linear_module_names(model)
+    missing = [t for t in targets if not any(fnmatch.fnmatch(a, t) for a in available)]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {missing} not found in {model.config.model_type}; its linear layers are "
+            f"{sorted(available)} (or use 'all-linear')"
+        )
+    all_modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing_save = [m for m in cfg.lora.modules_to_save if m not in all_modules]
+    if missing_save:
+        raise ConfigError(f"lora.modules_to_save: {missing_save} not found in {model.config.model_type}")
+
+
+def bnb_config(cfg: RunConfig):
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8 if cfg.quant_storage_dtype == "uint8" else DTYPES[cfg.quant_storage_dtype],
+    )
+
+
+def quantize_linears_(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
+    """Swap every nn.Linear but lm_head for a bitsandbytes Linear4bit holding the same weights, one layer at a
+    time, so a randomly initialised model never needs its 16-bit copy whole on top of the 4-bit one."""
+    import bitsandbytes as bnb
+
+    q = bnb_config(cfg)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child_name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None,
+                compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
+                quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=q.bnb_4bit_use_double_quant,
+                quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, module=layer,
+            ).to(device)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.to(device), requires_grad=False)
+            setattr(parent, child_name, layer)
+            del child
+    model.config.quantization_config = q
+    model.is_loaded_in_4bit = True
+
+
+def _base_model(cfg: RunConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    hf = load_hf_config(m)
+    dtype = DTYPES[m.dtype]
+    common = dict(dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    if m.random_init:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf, **common)
+        if cfg.method == "qlora":
+            quantize_linears_(model, cfg, device)
+        return model
+    src, kw = resolve_source(m)
+    if cfg.method == "qlora":
+        kw["quantization_config"] = bnb_config(cfg)
+    # device_map pins the weights to this worker's device: Ray remaps CUDA_VISIBLE_DEVICES, so "auto" or a bare
+    # index would land 4-bit weights on the wrong GPU (accelerate#2713).
+    return AutoModelForCausalLM.from_pretrained(src, config=hf, device_map={"": device}, **common, **kw)
+
+
+def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
+    if cfg.quantization.upcast_non_quantized:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    # Without the upcast, the frozen 4-bit base needs nothing else: non-reentrant checkpointing does not need
+    # inputs that require grad, and norms/embeddings stay in bf16.
+
+
+def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise."""
+    device = torch.device(device)
+    model = _base_model(cfg, device)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and with ZeRO-3's parameter hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    check_target_modules(model, cfg)
+    model.requires_grad_(False)
+    if cfg.method == "qlora":
+        _prepare_for_kbit(model, cfg)
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, bias=lc.bias,
+        modules_to_save=lc.modules_to_save or None, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) counted as PEFT counts them: a 4-bit weight stores two values per byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_parameters(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"

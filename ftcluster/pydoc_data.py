@@ -1,0 +1,84 @@
+"""``builtin:pydoc``: an offline instruction dataset made from the Python standard library's own documentation.
+
+Each example asks what a public function or class of a stdlib module does, given its signature, and the answer
+is the first sentence of its docstring. It is deterministic for a given Python version, needs no download, and a
+small pretrained model answers it poorly before fine-tuning (it must recall the docstring's exact wording).
+The held-out split is chosen by a hash of the qualified name, and answers are deduplicated across the whole set,
+so no eval answer is also a train answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import re
+
+MODULES = (
+    "abc argparse array base64 bisect calendar cmath collections colorsys contextlib copy csv datetime decimal "
+    "difflib enum fnmatch fractions functools glob gzip hashlib heapq hmac html http.client io ipaddress "
+    "itertools json logging math mimetypes operator os os.path pathlib pickle platform pprint queue random re "
+    "secrets shlex shutil socket statistics string struct subprocess tarfile tempfile textwrap threading time "
+    "timeit tokenize traceback types typing unicodedata urllib.parse uuid warnings weakref zipfile zlib"
+).split()
+
+_SENTENCE = re.compile(r"^(.+?[.!?])(\s|$)", re.S)
+
+
+def _first_sentence(doc: str) -> str | None:
+    para = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ").strip()
+    m = _SENTENCE.match(para)
+    text = (m.group(1) if m else para).strip()
+    signature_line = "->" in text or re.match(r"^[\w.]+\(", text)
+    if signature_line or not (12 <= len(text) <= 200) or text.startswith(("Return self", "Initialize self")):
+        return None
+    return text
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _examples_of(module_name: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return
+    public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+    for name in sorted(set(public)):
+        obj = getattr(module, name, None)
+        if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+            continue
+        doc = getattr(obj, "__doc__", None)
+        answer = _first_sentence(doc) if isinstance(doc, str) else None
+        if answer is None:
+            continue
+        kind = "class" if inspect.isclass(obj) else "function"
+        yield {
+            "id": f"{module_name}.{name}",
+            "instruction": f"In Python's standard library, what does the {kind} "
+                           f"`{module_name}.{name}{_signature(obj)}` do? Answer with one sentence.",
+            "input": "",
+            "output": answer,
+        }
+
+
+def held_out(example_id: str, eval_fraction: float) -> bool:
+    bucket = int(hashlib.sha1(example_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < eval_fraction
+
+
+def build(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(train, eval) examples. Answers shared by several names (aliases, re-exports) are kept once."""
+    seen: set[str] = set()
+    train, evaluation = [], []
+    for module_name in MODULES:
+        for ex in _examples_of(module_name):
+            if ex["output"] in seen:
+                continue
+            seen.add(ex["output"])
+            (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
+    return train, evaluation

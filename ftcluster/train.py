@@ -1,0 +1,38 @@
+"""``python -m ftcluster.train --config configs/<recipe>.yaml [dotted.key=value ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ftcluster import config as C
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ftcluster.train", description="Fine-tune a causal LM on Ray + DeepSpeed.")
+    p.add_argument("--config", help="a YAML recipe (see configs/); the defaults train the embedded model with LoRA")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20 method=qlora")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = C.load(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            return 0
+        from ftcluster import launch
+
+        summary = launch.run(cfg)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

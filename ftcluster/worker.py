@@ -1,0 +1,82 @@
+"""The Ray Train worker: wires model → data → engine → checkpoints → metrics, in that order, and nothing else."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import torch
+
+from ftcluster import checkpoint, data, engine, metrics, models
+from ftcluster.config import from_dict
+
+
+def fp32_module_patterns(model) -> list[str]:
+    """Names of parameters a k-bit 'upcast' left in float32, which DeepSpeed must then not cast back to bf16."""
+    return sorted({name for name, p in model.named_parameters() if p.dtype == torch.float32})
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(cfg.training.seed + rank)
+    torch.manual_seed(cfg.training.seed)  # same init of LoRA weights on every rank
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    train_examples, eval_examples = data.load_examples(cfg.data, cfg.training.seed)
+    pad_to = cfg.data.max_seq_len if cfg.data.packing else None
+    shard = lambda rows, mb, acc: data.ShardedBatches(
+        rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
+    batches = shard(data.build_rows(tokenizer, train_examples, cfg.data, cfg.training.seed),
+                    cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
+    eval_rows = data.build_rows(tokenizer, eval_examples, cfg.data, cfg.training.seed) if eval_examples else []
+    eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
+    total_steps = engine.total_optimizer_steps(cfg, len(batches))
+
+    model = models.build_model(cfg, device)
+    if rank == 0:
+        print(models.describe_parameters(model), flush=True)
+    trainable, total = models.parameter_counts(model)
+    hf = model.config
+    flops_per_token = metrics.train_flops_per_token(
+        total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method,
+        cfg.model.gradient_checkpointing, trainable)
+    # MFU is a GPU notion (a share of the matmul units' rate); on CPU it is left out rather than made up.
+    peak = metrics.matmul_peak_flops(device) if device.type == "cuda" else None
+
+    fp32 = fp32_module_patterns(model) if cfg.quantization.upcast_non_quantized else None
+    ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps, fp32)
+
+    progress = engine.Progress()
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as d:
+            progress = checkpoint.restore(ds_engine, cfg, d)
+        if rank == 0:
+            print(f"resumed from {resume_from.path} at step {progress.step}", flush=True)
+    metrics.reset_peaks(device)
+
+    static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
+              "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
+              "peak_matmul_tflops": peak / 1e12 if peak else None, "flops_per_token": flops_per_token}
+
+    def report(m: dict, save: str | None) -> None:
+        m = {**static, **m}
+        if save is None:
+            ray.train.report(m)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(ds_engine, cfg, progress, d, final=save == "final", tokenizer=tokenizer)
+            ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
+
+    engine.train(cfg, ds_engine, scheduler, batches, eval_batches, device, progress, total_steps,
+                 flops_per_token, peak, report)
