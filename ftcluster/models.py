@@ -122,7 +122,7 @@ def quantize_linears_(model: nn.Module, cfg: RunConfig, device: torch.device) ->
     model.is_loaded_in_4bit = True
 
 
-def _base_model(cfg: RunConfig, device: torch.device):
+def build_base_model(cfg: RunConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
@@ -158,7 +158,7 @@ def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise."""
     device = torch.device(device)
-    model = _base_model(cfg, device)
+    model = build_base_model(cfg, device)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and with ZeRO-3's parameter hooks.
@@ -177,7 +177,9 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, bias=lc.bias,
         modules_to_save=lc.modules_to_save or None, task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    # Adapters in the base dtype: the fp32 master copy lives in DeepSpeed's optimizer, and fp32 adapters would
+    # upcast every LoRA layer's activations.
+    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.quantization.upcast_non_quantized)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

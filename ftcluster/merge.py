@@ -1,0 +1,92 @@
+"""``python -m ftcluster merge --adapter RUN/final --out DIR``: fold a LoRA/QLoRA adapter into a bf16 copy of its
+base and save safetensors.
+
+A QLoRA adapter was trained against the 4-bit base, i.e. against dequantize(quantize(W)), not W. Merging it into
+the original bf16 W, or into the 4-bit weights themselves, gives a different model (transformers#31293,
+peft#1043). So the base is quantized exactly as in training, dequantized to bf16, and the adapter merged into that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ftcluster import config as C
+from ftcluster import models
+
+
+def dequantize_linears_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace every bitsandbytes Linear4bit with an nn.Linear holding its dequantized weight."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                               device=weight.device, dtype=dtype)
+            linear.weight.data.copy_(weight)
+            if child.bias is not None:
+                linear.bias.data.copy_(child.bias.data.to(dtype))
+            setattr(parent, name, linear)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_loaded_in_4bit = False
+
+
+def run_config_of(adapter_dir: Path) -> C.RunConfig:
+    record = adapter_dir / "run.yaml"
+    if not record.exists():
+        raise C.ConfigError(f"{adapter_dir} has no run.yaml; point --adapter at a run's final/ directory")
+    cfg = C.load(record)
+    if not cfg.trains_adapter:
+        raise C.ConfigError(f"{adapter_dir} holds a fully fine-tuned model (method=full); there is no adapter to merge")
+    if cfg.model.random_init:
+        raise C.ConfigError(f"{adapter_dir} was trained on a randomly initialised base; there is no base to merge into")
+    return cfg
+
+
+def merged_base(cfg: C.RunConfig, device: str) -> nn.Module:
+    """The base the adapter was trained on, as bf16 (dequantized when it was 4-bit)."""
+
+    base = models.build_base_model(cfg, torch.device(device))
+    if cfg.method == "qlora":
+        dequantize_linears_(base, models.DTYPES[cfg.quantization.compute_dtype])
+    return base.to(torch.bfloat16)
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> Path:
+    from peft import PeftModel
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise C.ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
+    cfg = run_config_of(adapter_dir)
+    model = PeftModel.from_pretrained(merged_base(cfg, device), adapter_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    models.load_tokenizer(cfg.model).save_pretrained(out_dir)
+    (out_dir / "merged_from.json").write_text(json.dumps({"adapter": str(adapter_dir.resolve()),
+                                                          "method": cfg.method}, indent=2))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ftcluster merge", description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", required=True, help="a run's final/ directory (adapter + run.yaml)")
+    p.add_argument("--out", required=True, help="a new directory for the merged bf16 model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        out = merge(args.adapter, args.out, args.device)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model saved to {out}")
+    return 0

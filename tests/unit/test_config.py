@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftcluster import config as C
+from ftcluster.launch import prepare_run_dir
+
+RECIPES = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+
+
+def test_defaults_are_a_valid_lora_run_on_the_embedded_model():
+    cfg = C.load(None)
+    assert cfg.method == "lora" and cfg.model.name_or_path == C.EMBEDDED_MODEL
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(recipe):
+    raw = yaml.safe_load(recipe.read_text())
+    C.from_dict(raw, str(recipe))
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = C.load(None, ["training.max_steps=7", "optimizer.lr=1e-4", "lora.target_modules=[q_proj,v_proj]",
+                        "model.gradient_checkpointing=true", "training.eval_batches=null"])
+    assert cfg.training.max_steps == 7 and cfg.optimizer.lr == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.gradient_checkpointing is True
+
+
+def test_unknown_key_is_named_with_its_section():
+    with pytest.raises(C.ConfigError, match=r"training\.max_stepz: unknown key"):
+        C.load(None, ["training.max_stepz=3"])
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(C.ConfigError, match=r"training\.micro_batch_size"):
+        C.load(None, ["training.micro_batch_size=two"])
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(C.ConfigError, match=r"method: .*'full', 'lora' or 'qlora'"):
+        C.load(None, ["method=dora"])
+
+
+def test_override_without_equals_sign_is_refused():
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load(None, ["training.max_steps"])
+
+
+def test_paged_optimizer_with_cpu_offload_is_refused_with_the_fix():
+    with pytest.raises(C.ConfigError, match=r"paged_adamw_8bit cannot run with deepspeed.offload_optimizer=cpu.*Use optimizer.name=adamw"):
+        C.load(None, ["optimizer.name=paged_adamw_8bit", "deepspeed.offload_optimizer=cpu"])
+
+
+def test_qlora_zero3_with_uint8_storage_is_refused_with_the_fix():
+    with pytest.raises(C.ConfigError, match=r"quant_storage=bfloat16"):
+        C.load(None, ["method=qlora", "deepspeed.zero_stage=3", "quantization.quant_storage=uint8"])
+
+
+def test_qlora_zero3_stores_4bit_weights_in_the_compute_dtype_by_default():
+    assert C.load(None, ["method=qlora", "deepspeed.zero_stage=3"]).quant_storage_dtype == "bfloat16"
+    assert C.load(None, ["method=qlora", "deepspeed.zero_stage=2"]).quant_storage_dtype == "uint8"
+
+
+def test_param_offload_needs_zero3():
+    with pytest.raises(C.ConfigError, match=r"offload_param=cpu needs deepspeed.zero_stage=3"):
+        C.load(None, ["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"])
+
+
+def test_missing_files_are_named_before_anything_starts(tmp_path):
+    with pytest.raises(C.ConfigError, match="config file .*nope.yaml does not exist"):
+        C.load(tmp_path / "nope.yaml")
+    with pytest.raises(C.ConfigError, match=r"model.name_or_path: ./no/such/model does not exist"):
+        C.load(None, ["model.name_or_path=./no/such/model"])
+    with pytest.raises(C.ConfigError, match=r"data.source: /no/data.jsonl does not exist"):
+        C.load(None, ["data.source=/no/data.jsonl"])
+    with pytest.raises(C.ConfigError, match=r"deepspeed.config_file"):
+        C.load(None, [f"deepspeed.config_file={tmp_path}/ds.json"])
+    (tmp_path / "m").mkdir()
+    with pytest.raises(C.ConfigError, match="has no config.json"):
+        C.load(None, [f"model.name_or_path={tmp_path}/m"])
+
+
+def test_invalid_yaml_is_reported_with_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml is not valid YAML"):
+        C.load(bad)
+
+
+def test_a_run_directory_holding_another_run_is_never_reused(tmp_path):
+    cfg = C.load(None, [f"output.storage_path={tmp_path}", "output.name=r"])
+    prepare_run_dir(cfg)
+    prepare_run_dir(cfg)  # same config: resumable
+    other = C.load(None, [f"output.storage_path={tmp_path}", "output.name=r", "optimizer.lr=1e-5"])
+    with pytest.raises(C.ConfigError, match="already holds a run with a different config"):
+        prepare_run_dir(other)
+    # ... and the first run's record is untouched.
+    assert C.load(tmp_path / "r" / "config.yaml").optimizer.lr == cfg.optimizer.lr
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = C.load(None, ["method=qlora", "lora.r=4"])
+    C.save_resolved(cfg, tmp_path / "c.yaml")
+    assert C.load(tmp_path / "c.yaml") == cfg

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from ftcluster import data
+from ftcluster.config import DataConfig
+
+EX = {"instruction": "What does `math.sqrt(x)` do?", "input": "", "output": "Return the square root of x."}
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def decode_targets(tok, ex):
+    return tok.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != data.IGNORE])
+
+
+def test_alpaca_loss_covers_only_the_response_and_its_end_of_turn(tok):
+    ex = data.tokenize_example(tok, EX, DataConfig(format="alpaca"))
+    assert decode_targets(tok, ex) == "Return the square root of x.<|im_end|>\n"
+    assert tok.decode(ex["input_ids"]).startswith("<|im_start|>user\nWhat does")
+
+
+def test_train_on_prompt_makes_every_token_but_the_first_a_target(tok):
+    ex = data.tokenize_example(tok, EX, DataConfig(format="alpaca", train_on_prompt=True))
+    assert ex["labels"][0] == data.IGNORE and ex["labels"][1:] == ex["input_ids"][1:]
+
+
+def test_chat_loss_covers_every_assistant_turn_and_no_user_turn(tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."}]
+    ex = data.tokenize_example(tok, {"messages": msgs}, DataConfig(format="chat"))
+    assert decode_targets(tok, ex) == "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
+
+
+def test_text_format_trains_on_all_tokens_and_truncates(tok):
+    cfg = DataConfig(format="text", max_seq_len=16)
+    ex = data.tokenize_example(tok, {"text": "word " * 100}, cfg)
+    assert len(ex["input_ids"]) == 16 and ex["labels"][1:] == ex["input_ids"][1:]
+
+
+def test_wrong_fields_name_the_format_and_the_fix(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "a", "answer": "b"}\n' * 4)
+    with pytest.raises(ValueError, match=r"data.format=alpaca needs fields \['instruction', 'output'\].*answer"):
+        data.load_examples(DataConfig(source=str(f)), seed=0)
+
+
+def test_local_jsonl_loads_with_a_held_out_split(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(40)))
+    train, evaluation = data.load_examples(DataConfig(source=str(f), eval_fraction=0.25), seed=0)
+    assert len(train) == 30 and len(evaluation) == 10
+    assert not {e["instruction"] for e in train} & {e["instruction"] for e in evaluation}
+
+
+def test_builtin_pydoc_eval_split_shares_no_answer_with_train():
+    train, evaluation = data.load_examples(DataConfig(source="builtin:pydoc"), seed=0)
+    assert len(train) > 300 and len(evaluation) > 30
+    assert not {e["output"] for e in train} & {e["output"] for e in evaluation}
+
+
+def test_packing_restarts_positions_and_ignores_each_first_label():
+    exs = [{"input_ids": list(range(10, 10 + n)), "labels": [data.IGNORE] + list(range(11, 10 + n))} for n in (5, 4, 6, 3)]
+    rows = data.pack(exs, max_len=10)
+    assert [len(r["input_ids"]) for r in rows] == [9, 9]
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert rows[0]["labels"][5] == data.IGNORE
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model):
+    """A packed row gives each example exactly the logits it gets alone: the block-diagonal mask holds. (With
+    use_cache=True transformers skips packed-sequence detection, which is why the model builder turns it off.)"""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(5, 500, (7,), generator=g).tolist(), torch.randint(5, 500, (5,), generator=g).tolist()
+    rows = data.pack([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}], max_len=16)
+    batch = data.collate(rows, pad_id=0, packed=True, pad_to=16)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone_b = model(input_ids=torch.tensor([b])).logits[0]
+        alone_a = model(input_ids=torch.tensor([a])).logits[0]
+    torch.testing.assert_close(packed[:7], alone_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[7:12], alone_b, atol=1e-4, rtol=1e-4)
+    assert int(batch["num_tokens"]) == 12
+
+
+def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
+    rows = [{"input_ids": [i], "labels": [i]} for i in range(103)]
+    shards = [data.ShardedBatches(rows, 4, r, 3, seed=1, pad_id=0, packed=False) for r in range(3)]
+    orders = [s.order(0) for s in shards]
+    assert len({len(o) for o in orders}) == 1 and len(shards[0]) == 34 // 4
+    assert not set(orders[0]) & set(orders[1]) and not set(orders[1]) & set(orders[2])
+    assert shards[0].order(0) == data.ShardedBatches(rows, 4, 0, 3, 1, 0, False).order(0)  # deterministic
+    assert shards[0].order(1) != shards[0].order(0)
+
+
+def test_resumed_epoch_yields_the_remaining_batches_unchanged():
+    rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(40)]
+    s = data.ShardedBatches(rows, 2, 0, 2, seed=3, pad_id=0, packed=False)
+    full = [b["input_ids"].tolist() for b in s.epoch(1)]
+    assert [b["input_ids"].tolist() for b in s.epoch(1, start_batch=4)] == full[4:]
+
+
+def test_batches_per_epoch_are_whole_accumulation_groups():
+    rows = [{"input_ids": [i], "labels": [i]} for i in range(22)]
+    assert len(data.ShardedBatches(rows, 1, 0, 2, 0, 0, False, accumulation=4)) == 8
+
+
+def test_too_little_data_names_the_fix():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        data.ShardedBatches([{"input_ids": [1], "labels": [1]}] * 3, 2, 0, 2, 0, 0, False)

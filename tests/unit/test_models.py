@@ -1,0 +1,77 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ftcluster import config as C
+from ftcluster import models
+from ftcluster.launch import preflight
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000)
+
+
+def cfg_for(tiny_model, *overrides):
+    return C.load(None, [f"model.name_or_path={tiny_model}", *overrides])
+
+
+def test_llama2_7b_with_r8_on_q_and_v_reports_4194304_trainable():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA2_7B))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert models.parameter_counts(model) == (4_194_304, 6_742_609_920)
+    assert models.describe_parameters(model).startswith("trainable params: 4,194,304 || all params: 6,742,609,920")
+
+
+def test_a_target_module_the_model_lacks_is_an_error_before_training(tiny_model):
+    cfg = cfg_for(tiny_model, "lora.target_modules=[q_proj,query_key_value]")
+    with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['query_key_value'\] not found in llama.*'v_proj'"):
+        preflight(cfg)
+
+
+def test_full_trains_everything_and_lora_only_adapters(tiny_model):
+    full = models.build_model(cfg_for(tiny_model, "method=full"))
+    assert all(p.requires_grad for p in full.parameters())
+    lora = models.build_model(cfg_for(tiny_model, "method=lora", "lora.target_modules=[q_proj,v_proj]"))
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert all(p.dtype == torch.bfloat16 for p in lora.parameters())
+    assert lora.config.use_cache is False  # or transformers ignores packed-sequence boundaries
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_qlora_is_4bit_and_trains_with_finite_loss_with_or_without_the_fp32_upcast(tiny_model, upcast):
+    import bitsandbytes as bnb
+
+    cfg = cfg_for(tiny_model, "method=qlora", f"quantization.upcast_non_quantized={upcast}",
+                  "model.gradient_checkpointing=true")
+    model = models.build_model(cfg)
+    assert isinstance(model.base_model.model.model.layers[0].mlp.down_proj.base_layer, bnb.nn.Linear4bit)
+    norm_dtype = model.base_model.model.model.norm.weight.dtype
+    assert norm_dtype == (torch.float32 if upcast else torch.bfloat16)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_random_init_qlora_quantizes_every_linear_but_lm_head(tiny_model):
+    import bitsandbytes as bnb
+
+    model = models.build_base_model(cfg_for(tiny_model, "method=qlora", "model.random_init=true"), torch.device("cpu"))
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears if m is not model.lm_head)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert len([m for m in linears if isinstance(m, bnb.nn.Linear4bit)]) == 2 * 7
+
+
+def test_config_overrides_must_name_real_fields(tiny_model):
+    with pytest.raises(C.ConfigError, match="model.config_overrides.num_layerz"):
+        models.load_hf_config(cfg_for(tiny_model, "model.config_overrides={num_layerz: 2}").model)
