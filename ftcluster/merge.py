@@ -35,8 +35,13 @@ def dequantize_linears_(model: nn.Module, dtype: torch.dtype) -> None:
             if child.bias is not None:
                 linear.bias.data.copy_(child.bias.data.to(dtype))
             setattr(parent, name, linear)
+    # What transformers' own remove_quantization_config clears, so the model saves and casts as a plain one.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.is_quantized = False
     model.is_loaded_in_4bit = False
 
 

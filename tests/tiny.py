@@ -54,3 +54,17 @@ def build(root: Path) -> Path:
     if not (out / "config.json").exists():
         build_model(out, build_tokenizer(out))
     return out
+
+
+def tiny_overrides(model_dir: Path, storage: Path, name: str, **extra) -> list[str]:
+    """Overrides that turn any recipe into a seconds-long CPU run on the tiny model."""
+    base = {
+        "model.name_or_path": str(model_dir), "model.dtype": "bfloat16",
+        "data.max_examples": 256, "data.max_seq_len": 128, "data.eval_fraction": 0.1,
+        "training.micro_batch_size": 2, "training.max_steps": 12, "training.log_every": 2,
+        "training.eval_batches": 4, "scaling.num_workers": 2, "scaling.use_gpu": False,
+        "output.storage_path": str(storage), "output.name": name, "optimizer.lr": 3e-3,
+        "scheduler.warmup_steps": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

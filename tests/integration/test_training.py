@@ -1,0 +1,195 @@
+"""Real Ray (2 CPU workers), real DeepSpeed (gloo), real bitsandbytes CPU backend, on the tiny Llama.
+
+ZeRO stages 0-3 all run on CPU here. CPU offload is not exercised: it needs DeepSpeed's CPU Adam op built with
+a C++ toolchain at run time, which the GPU path covers (tests/gpu)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcluster import config as C
+from ftcluster import launch
+from tests.tiny import tiny_overrides
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).parents[2]
+RECIPE = REPO / "configs" / "tiny_cpu.yaml"
+LR = {"full": 2e-3, "lora": 1e-2, "qlora": 1e-2}
+
+
+def tiny_cfg(tiny_model, storage, name, **extra):
+    base = {"model.random_init": False, "model.config_overrides": "{}"}
+    return C.load(RECIPE, tiny_overrides(tiny_model, storage, name, **{**base, **extra}))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # later lines win (a resumed run)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tiny_model, storage):
+    """Runs several tests read; each trained once."""
+    out = {}
+
+    def run(key, **extra):
+        if key not in out:
+            out[key] = launch.run(tiny_cfg(tiny_model, storage, key, **extra))
+        return out[key]
+
+    return run
+
+
+METHOD_RUNS = {
+    "full-zero1": dict(method="full", **{"deepspeed.zero_stage": 1}),
+    "lora-zero0": dict(method="lora", **{"deepspeed.zero_stage": 0}),
+    "lora-zero2": dict(method="lora", **{"deepspeed.zero_stage": 2, "training.log_every": 1}),
+    "lora-zero3": dict(method="lora", **{"deepspeed.zero_stage": 3, "training.log_every": 1}),
+    "qlora-zero2-paged8bit": dict(method="qlora", **{"deepspeed.zero_stage": 2, "optimizer.name": "paged_adamw_8bit"}),
+    "qlora-zero3-8bit": dict(method="qlora", **{"deepspeed.zero_stage": 3, "optimizer.name": "adamw_8bit"}),
+}
+
+
+@pytest.mark.parametrize("key", list(METHOD_RUNS))
+def test_each_method_and_zero_stage_trains_and_its_loss_falls(runs, key):
+    extra = METHOD_RUNS[key]
+    s = runs(key, **extra, **{"optimizer.lr": LR[extra["method"]]})
+    assert s["final_step"] == 12
+    assert s["final_loss"] < s["first_loss"] - 0.05, s
+    assert s["eval_loss"] is not None and s["tokens_per_s_total"] > 0
+    final = Path(s["final_model"])
+    weights = "model.safetensors" if extra["method"] == "full" else "adapter_model.safetensors"
+    assert (final / weights).exists() and (final / "run.yaml").exists()
+    if extra["method"] != "full":
+        assert (final / weights).stat().st_size < 1_000_000  # the adapter alone, not the model
+
+
+def _lora_zero(runs, stage):
+    key = f"lora-zero{stage}"
+    return runs(key, **METHOD_RUNS[key], **{"optimizer.lr": LR["lora"]})
+
+
+def test_zero3_first_losses_match_zero2_on_the_same_seed_and_data(runs):
+    z2, z3 = (losses_by_step(Path(_lora_zero(runs, s)["run_dir"])) for s in (2, 3))
+    for step in (1, 2, 3):
+        assert z3[step] == pytest.approx(z2[step], rel=2e-3), (step, z2[step], z3[step])
+
+
+def test_zero3_adapter_equals_the_zero2_adapter(runs):
+    from safetensors.torch import load_file
+
+    a2, a3 = (load_file(Path(_lora_zero(runs, s)["final_model"]) / "adapter_model.safetensors") for s in (2, 3))
+    assert a2.keys() == a3.keys() and len(a2) == 2 * 7 * 2
+    for k in a2:
+        assert a3[k].shape == a2[k].shape and a3[k].numel() > 0  # not the empty shards of peft#453
+        torch.testing.assert_close(a3[k].float(), a2[k].float(), atol=2e-2, rtol=0.05)
+
+
+@pytest.mark.parametrize("key", ["lora-zero2", "qlora-zero2-paged8bit"])
+def test_merged_model_gives_the_adapter_models_logits(runs, key, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster import merge, models
+
+    s = runs(key, **METHOD_RUNS[key], **{"optimizer.lr": LR[METHOD_RUNS[key]["method"]]})
+    final = Path(s["final_model"])
+    cfg = merge.run_config_of(final)
+    adapter_model = PeftModel.from_pretrained(models.build_base_model(cfg, torch.device("cpu")), final).eval()
+    out = merge.merge(final, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = adapter_model(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
+    assert (got - want).norm() / want.norm() < 0.02
+    with pytest.raises(C.ConfigError, match="not empty"):
+        merge.merge(final, out)  # never overwrites
+
+
+# --- interruption ------------------------------------------------------------------------------------------------
+
+INTERRUPT = {"method": "lora", "optimizer.lr": LR["lora"], "training.max_steps": 8, "training.save_every": 3,
+             "training.log_every": 1, "training.eval_batches": 2}
+
+
+def _wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _checkpointed_step(run_dir: Path):
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    saved = [r["step"] for r in records(run_dir) if "checkpoint" in r]
+    return saved[0] if saved else None
+
+
+def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, ray_local, tiny_model, storage):
+    reference = losses_by_step(Path(runs("uninterrupted", **INTERRUPT)["run_dir"]))
+    cfg = tiny_cfg(tiny_model, storage, "killed", **INTERRUPT)
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, storage, "killed", **{"model.random_init": False,
+                                                             "model.config_overrides": "{}", **INTERRUPT}),
+           f"ray.address={address}"]
+    driver = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        saved = _wait_for(lambda: _checkpointed_step(cfg.run_dir), what="the first checkpoint")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert saved == 3
+    assert not (cfg.run_dir / "summary.json").exists()  # it really died mid-run
+    # Ray reaps the dead driver's workers; then the same command resumes.
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    after = [r for r in records(cfg.run_dir) if "loss" in r]
+    restart = next(i for i, r in enumerate(after) if i and r["pid"] != after[0]["pid"])
+    assert after[restart]["step"] == saved + 1
+    for step in range(saved + 1, 9):
+        assert losses_by_step(cfg.run_dir)[step] == pytest.approx(reference[step], rel=1e-3), step
+
+
+def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_run(runs, tiny_model, storage):
+    reference = runs("uninterrupted", **INTERRUPT)
+    cfg = tiny_cfg(tiny_model, storage, "worker-killed", **INTERRUPT, **{"ray.max_failures": 1})
+    killed = {}
+
+    def kill_after_first_checkpoint():
+        _wait_for(lambda: _checkpointed_step(cfg.run_dir), what="the first checkpoint")
+        pid = records(cfg.run_dir)[-1]["pid_per_worker"][1]
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = launch.run(cfg)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert summary["final_step"] == reference["final_step"] == 8
+    pids = {r["pid_per_worker"][1] for r in records(cfg.run_dir) if "pid_per_worker" in r}
+    assert killed["pid"] in pids and len(pids) == 2  # a second worker group finished the run
+    assert summary["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-3)
