@@ -32,7 +32,8 @@ class ModelConfig(Section):
     tokenizer: str | None = None
     """Where the tokenizer lives when it is not next to the weights."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """``auto``: PyTorch's varlen flash kernel for packed rows on CUDA (see ftcluster/attention.py), else sdpa."""
     gradient_checkpointing: bool = False
     random_init: bool = False
     """Build the architecture from its config with random weights (speed and memory do not depend on values)."""
@@ -185,6 +186,11 @@ class RunConfig(Section):
                 f"quantization.quant_storage={q.quant_storage} with method=qlora and deepspeed.zero_stage=3: ZeRO-3 "
                 "shards parameters of a floating dtype, so the 4-bit weights must be stored in the compute dtype. "
                 f"Set quantization.quant_storage={q.compute_dtype} (or auto)."
+            )
+        if self.model.attn_implementation == "varlen" and not self.data.packing:
+            raise ValueError(
+                "model.attn_implementation=varlen needs data.packing=true: it takes sequence boundaries from packed "
+                "rows and applies no padding mask. Use auto or sdpa for unpacked data."
             )
         if self.method == "qlora" and self.model.dtype == "float32":
             raise ValueError("method=qlora with model.dtype=float32: 4-bit training computes in 16 bits; use bfloat16.")

@@ -169,9 +169,24 @@ def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = No
              "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
     if packed:
         batch["position_ids"] = torch.tensor(pos)
+        batch.update(_cumulative_lengths(pos))
     else:
         batch["attention_mask"] = torch.tensor(mask)
     return batch
+
+
+def _cumulative_lengths(position_rows: list[list[int]]) -> dict:
+    """Boundaries of every example (and padding run) across the flattened batch, for varlen attention:
+    ``cu_seq_lens`` (int32, starts at 0) and the longest example. Plain ints stay on the host (no device sync)."""
+    bounds, offset, longest = [0], 0, 0
+    for row in position_rows:
+        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+        for a, b in zip(starts, starts[1:]):
+            bounds.append(offset + b)
+            longest = max(longest, b - a)
+        offset += len(row)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass

@@ -150,6 +150,10 @@ class Window:
     step_times: list = field(default_factory=list)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def evaluate(engine, batches: ShardedBatches, device, max_batches: int | None) -> dict:
     """Token-weighted loss over this worker's eval shard, reduced over all workers."""
     import torch.distributed as dist
@@ -162,7 +166,7 @@ def evaluate(engine, batches: ShardedBatches, device, max_batches: int | None) -
             if max_batches is not None and i >= max_batches:
                 break
             batch.pop("num_tokens")
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             n = (batch["labels"][:, 1:] != IGNORE).sum()
             loss_sum += engine(**batch).loss.double() * n
             count += n
@@ -199,7 +203,7 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
     while progress.step < total_steps:
         for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
             window.tokens += int(batch.pop("num_tokens"))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()

@@ -102,8 +102,8 @@ def run(cfg: RunConfig) -> dict:
 
     from ftcluster.worker import train_loop_per_worker
 
+    preflight(cfg)  # before the run directory exists: a refused config leaves nothing behind
     run_dir = prepare_run_dir(cfg)
-    preflight(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, log_to_driver=True)
     s = cfg.scaling

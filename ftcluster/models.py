@@ -122,13 +122,25 @@ def quantize_linears_(model: nn.Module, cfg: RunConfig, device: torch.device) ->
     model.is_loaded_in_4bit = True
 
 
+def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
+    from ftcluster import attention
+
+    choice = cfg.model.attn_implementation
+    if choice == "auto":
+        choice = attention.NAME if device.type == "cuda" and cfg.data.packing and attention.available() else "sdpa"
+    if choice == attention.NAME:
+        attention.register()
+    return choice
+
+
 def build_base_model(cfg: RunConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
     hf = load_hf_config(m)
     dtype = DTYPES[m.dtype]
-    common = dict(dtype=dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    common = dict(dtype=dtype, attn_implementation=attn_implementation(cfg, device),
+                  trust_remote_code=m.trust_remote_code)
     if m.random_init:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(hf, **common)

@@ -89,6 +89,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     torch.testing.assert_close(packed[:7], alone_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed[7:12], alone_b, atol=1e-4, rtol=1e-4)
     assert int(batch["num_tokens"]) == 12
+    # The same boundaries as cumulative lengths for varlen attention; the padding run is its own sequence.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 12, 16] and batch["max_length_q"] == 7
 
 
 def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():

@@ -75,3 +75,12 @@ def test_random_init_qlora_quantizes_every_linear_but_lm_head(tiny_model):
 def test_config_overrides_must_name_real_fields(tiny_model):
     with pytest.raises(C.ConfigError, match="model.config_overrides.num_layerz"):
         models.load_hf_config(cfg_for(tiny_model, "model.config_overrides={num_layerz: 2}").model)
+
+
+def test_a_refused_config_leaves_no_run_directory_behind(tiny_model, tmp_path):
+    from ftcluster import launch
+
+    cfg = cfg_for(tiny_model, "lora.target_modules=[nope]", f"output.storage_path={tmp_path}", "output.name=r")
+    with pytest.raises(C.ConfigError, match="nope"):
+        launch.run(cfg)
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from ftcluster import attention, data
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.skipif(not attention.available(), reason="torch has no varlen attention")
+def test_varlen_attention_gives_the_logits_of_each_example_alone(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cuda"})
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="varlen", **kw).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (37, 5, 80, 21)]
+    rows = data.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=128)
+    batch = data.collate(rows, pad_id=0, packed=True, pad_to=128)
+    batch.pop("num_tokens")
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        packed = varlen(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        offset_row = [(0, 0), (0, 37), (0, 42), (1, 0)]
+        for s, (row, start) in zip(seqs, offset_row):
+            alone = sdpa(input_ids=torch.tensor([s], device="cuda")).logits[0]
+            got = packed[row, start:start + len(s)]
+            assert (got.float() - alone.float()).norm() / alone.float().norm() < 1e-2
