@@ -135,6 +135,9 @@ class TrainingConfig(Section):
     save_every: int = Field(0, ge=0)
     """Optimizer steps between checkpoints; 0 checkpoints only at the end."""
     seed: int = 42
+    profile_steps: int = Field(0, ge=0)
+    """Profile this many optimizer steps (after 3 warm-up steps) with torch.profiler; each rank writes its
+    table of operators by device time to ``<run_dir>/profile_rank<r>.txt``."""
 
 
 class OutputConfig(Section):

@@ -188,6 +188,30 @@ def _mean_over_workers(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def step_profiler(cfg: RunConfig, device: torch.device):
+    """A torch.profiler over ``training.profile_steps`` optimizer steps, or None."""
+    n = cfg.training.profile_steps
+    if not n:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = cfg.run_dir / f"profile_rank{rank}.txt"
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def write(prof):
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        out.write_text(table)
+        if rank == 0:
+            print(f"profile of {n} steps ({out}):\n{table}", flush=True)
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities, schedule=schedule(wait=0, warmup=3, active=n, repeat=1),
+                   on_trace_ready=write)
+    prof.start()
+    return prof
+
+
 def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batches: ShardedBatches | None,
           device: torch.device, progress: Progress, total_steps: int, flops_per_token: float, peak_flops: float,
           report: Callable[[dict, str | None], None]) -> Progress:
@@ -199,6 +223,7 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
     gas = t.gradient_accumulation_steps
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     window, loss_acc = Window(), torch.zeros((), device=device)
+    profiler = step_profiler(cfg, device)
     step_started = time.perf_counter()
     while progress.step < total_steps:
         for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
@@ -213,6 +238,11 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
             if progress.batch_in_epoch % gas:
                 continue
             progress.step += 1
+            if profiler is not None:
+                profiler.step()
+                if progress.step >= cfg.training.profile_steps + 3:
+                    profiler.stop()
+                    profiler = None
             now = time.perf_counter()
             window.step_times.append(now - step_started)
             step_started = now

@@ -113,7 +113,9 @@ def run(cfg: RunConfig) -> dict:
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        # Workers run in Ray's own working directories: hand them the run directory as an absolute path.
+        train_loop_config=cfg.model_copy(update={"output": cfg.output.model_copy(
+            update={"storage_path": str(run_dir.parent)})}).model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

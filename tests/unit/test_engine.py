@@ -54,3 +54,18 @@ def test_flops_per_token_full_is_6n_and_lora_about_4n():
     attention = 12 * layers * s * d
     assert metrics.train_flops_per_token(n, layers, d, s, "full", False) == 6 * n + attention
     assert metrics.train_flops_per_token(n, layers, d, s, "lora", True, 4_194_304) == 4 * n + 2 * 4_194_304 + attention
+
+
+def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):
+    import torch
+
+    cfg = C.load(None, ["training.profile_steps=2", f"output.storage_path={tmp_path}", "output.name=p"])
+    cfg.run_dir.mkdir(parents=True)
+    prof = engine.step_profiler(cfg, torch.device("cpu"))
+    x = torch.randn(64, 64)
+    for _ in range(5):
+        (x @ x).sum()
+        prof.step()
+    prof.stop()
+    table = (cfg.run_dir / "profile_rank0.txt").read_text()
+    assert "aten::mm" in table
