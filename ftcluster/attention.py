@@ -10,6 +10,7 @@ Registered under the name ``varlen``; transformers then builds no mask for it.
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 
 import torch
 
@@ -24,6 +25,7 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+@lru_cache(maxsize=1)
 def _kernel_options():
     from torch.nn.attention.varlen import varlen_attn
 

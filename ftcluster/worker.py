@@ -5,11 +5,24 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from typing import NamedTuple
 
 import torch
 
 from ftcluster import checkpoint, data, engine, metrics, models
-from ftcluster.config import from_dict
+from ftcluster.config import RunConfig, from_dict
+
+
+class Setup(NamedTuple):
+    tokenizer: object
+    batches: data.ShardedBatches
+    eval_batches: data.ShardedBatches | None
+    total_steps: int
+    engine: object
+    scheduler: object
+    flops_per_token: float
+    peak: float | None
+    static: dict
 
 
 def fp32_module_patterns(model) -> list[str]:
@@ -17,14 +30,8 @@ def fp32_module_patterns(model) -> list[str]:
     return sorted({name for name, p in model.named_parameters() if p.dtype == torch.float32})
 
 
-def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    cfg = from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
+    """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # DeepSpeed's op builder reads this; unset, it derives "9.0a" on Hopper and fails to parse it
@@ -55,32 +62,43 @@ def train_loop_per_worker(config: dict) -> None:
         cfg.model.gradient_checkpointing, trainable)
     # MFU is a GPU notion (a share of the matmul units' rate); on CPU it is left out rather than made up.
     peak = metrics.matmul_peak_flops(device) if device.type == "cuda" else None
-
     fp32 = fp32_module_patterns(model) if cfg.quantization.upcast_non_quantized else None
     ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps, fp32)
+    static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
+              "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
+              "peak_matmul_tflops": peak / 1e12 if peak else None, "flops_per_token": flops_per_token}
+    return Setup(tokenizer, batches, eval_batches, total_steps, ds_engine, scheduler, flops_per_token, peak, static)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    s = setup(cfg, rank, world, device)
 
     progress = engine.Progress()
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
-            progress = checkpoint.restore(ds_engine, cfg, d)
+            progress = checkpoint.restore(s.engine, cfg, d)
         if rank == 0:
             print(f"resumed from {resume_from.path} at step {progress.step}", flush=True)
     metrics.reset_peaks(device)
 
-    static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
-              "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
-              "peak_matmul_tflops": peak / 1e12 if peak else None, "flops_per_token": flops_per_token}
-
     def report(m: dict, save: str | None) -> None:
-        m = {**static, **m}
+        m = {**s.static, **m}
         if save is None:
             ray.train.report(m)
             return
         with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(ds_engine, cfg, progress, d, final=save == "final", tokenizer=tokenizer)
+            checkpoint.save(s.engine, cfg, progress, d, final=save == "final", tokenizer=s.tokenizer)
             ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
 
-    engine.train(cfg, ds_engine, scheduler, batches, eval_batches, device, progress, total_steps,
-                 flops_per_token, peak, report)
+    engine.train(cfg, s.engine, s.scheduler, s.batches, s.eval_batches, device, progress, s.total_steps,
+                 s.flops_per_token, s.peak, report)
