@@ -78,12 +78,17 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Everything that can be checked without a GPU: the model's config loads and, for adapters, the requested
-    target modules exist (on a weightless meta-device copy)."""
+    """Everything that can be checked without a GPU: the data loads and has the fields its format needs, the
+    model's config loads and, for adapters, the requested target modules exist (on a weightless meta-device copy)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcluster import models
+    from ftcluster import data, models
+
+    try:
+        data.load_examples(cfg.data, cfg.training.seed)
+    except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
+        raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
 
     if cfg.model.name_or_path == EMBEDDED_MODEL:
         embedded.checkpoint_dir()  # convert once here rather than in every worker

@@ -24,12 +24,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
+        from ray.train import TrainingFailedError
+
         from ftcluster import launch
 
         summary = launch.run(cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailedError as e:
+        print(f"error: training failed: {e}\nIts checkpoints are kept in {cfg.run_dir}; run the same command again "
+              "to resume from the latest one.", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -84,3 +84,14 @@ def test_a_refused_config_leaves_no_run_directory_behind(tiny_model, tmp_path):
     with pytest.raises(C.ConfigError, match="nope"):
         launch.run(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_data_without_the_formats_fields_is_refused_before_ray_starts(tiny_model, tmp_path):
+    from ftcluster import launch
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "a", "answer": "b"}\n' * 8)
+    cfg = cfg_for(tiny_model, f"data.source={f}", f"output.storage_path={tmp_path}", "output.name=r")
+    with pytest.raises(C.ConfigError, match=r"data.source: .*needs fields \['instruction', 'output'\]"):
+        launch.run(cfg)
+    assert not (tmp_path / "r").exists()
