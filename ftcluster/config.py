@@ -65,8 +65,9 @@ class QuantizationConfig(Section):
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """``auto`` stores the packed 4-bit weights in the compute dtype under ZeRO-3 (so ZeRO can shard them), else uint8."""
     upcast_non_quantized: bool = False
-    """PEFT's ``prepare_model_for_kbit_training`` upcast of embeddings, norms and lm_head to float32. Off: it
-    makes QLoRA 1.8-2.8x slower and heavier for no measurable gain in loss (see docs/design.md)."""
+    """PEFT's ``prepare_model_for_kbit_training`` upcast of embeddings, norms and lm_head to float32 (adapters in
+    fp32 too, DeepSpeed's 16-bit mode off so nothing is cast back). Off by default: it makes QLoRA 1.8-2.8x slower
+    and heavier (see docs/design.md)."""
 
 
 class DataConfig(Section):

@@ -22,7 +22,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, fp32_modules: list[str] | None = None) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
     t, d = cfg.training, cfg.deepspeed
     zero: dict = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0, "contiguous_gradients": True}
@@ -33,21 +33,22 @@ def deepspeed_config(cfg: RunConfig, world_size: int, fp32_modules: list[str] | 
     if d.zero_stage == 3:
         # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+    # DeepSpeed's bf16/fp16 modes cast every parameter to 16 bits (keep_in_fp32_modules spares buffers only), which
+    # would silently undo PEFT's fp32 upcast; with the upcast on, the model keeps the dtypes PEFT gave it.
+    mixed = cfg.method == "qlora" and cfg.quantization.upcast_non_quantized
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         "gradient_clipping": t.max_grad_norm,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16" and not mixed},
+        "fp16": {"enabled": cfg.model.dtype == "float16" and not mixed},
         "zero_optimization": zero,
         # bitsandbytes and torch optimizers are passed in as client optimizers.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if fp32_modules:
-        ds["data_types"] = {"keep_in_fp32_modules": fp32_modules}
     if d.offload_optimizer == "cpu":
         o = cfg.optimizer
         # Offload steps on the host with DeepSpeed's CPU Adam, which it builds from this section.
@@ -110,13 +111,12 @@ def total_optimizer_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     return cfg.training.max_steps or per_epoch * cfg.training.epochs
 
 
-def initialize(cfg: RunConfig, model, device: torch.device, world_size: int, total_steps: int,
-               fp32_modules: list[str] | None = None):
+def initialize(cfg: RunConfig, model, device: torch.device, world_size: int, total_steps: int):
     """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
     (Ray Train made it), so DeepSpeed joins it instead of making its own."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, world_size, fp32_modules)
+    ds_config = deepspeed_config(cfg, world_size)
     optimizer = build_optimizer(cfg, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = lr_lambda(cfg, total_steps)
@@ -143,7 +143,6 @@ class Progress:
 @dataclass
 class Window:
     """Sums since the last log line."""
-    loss_sum: float = 0.0
     loss_count: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)

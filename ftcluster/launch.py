@@ -14,10 +14,7 @@ import yaml
 from ftcluster import embedded
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig, save_resolved
 
-try:
-    from ray.train import UserCallback
-except ImportError:  # Ray Train V1 API
-    UserCallback = object
+from ray.train import UserCallback
 
 
 class ProgressLog(UserCallback):

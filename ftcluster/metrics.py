@@ -12,16 +12,14 @@ _peak_cache: dict[str, float] = {}
 
 
 def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, method: str,
-                          grad_ckpt: bool, n_trainable: int = 0) -> float:
+                          n_trainable: int = 0) -> float:
     """Model FLOPs of one training token (the PaLM appendix B convention, which ignores recomputation).
 
     Dense matmuls: forward 2N; the backward computes activation gradients (2N) always, and weight gradients (2N)
     only for trained weights, so full fine-tuning costs 6N and LoRA ~4N + 2·N_lora. Attention scores add
     12·L·s·d for full training (forward 4·L·s·d, backward twice that; the causal half is not discounted, as in
-    PaLM). Gradient checkpointing repeats the forward, but MFU counts useful work, so it is left out by design;
-    ``grad_ckpt`` is accepted to make that choice explicit at call sites.
+    PaLM). Gradient checkpointing repeats the forward, but MFU counts useful work, so recomputation is left out.
     """
-    del grad_ckpt
     attention = 12 * n_layers * seq_len * hidden
     if method == "full":
         return 6 * n_params + attention

@@ -25,11 +25,6 @@ class Setup(NamedTuple):
     static: dict
 
 
-def fp32_module_patterns(model) -> list[str]:
-    """Names of parameters a k-bit 'upcast' left in float32, which DeepSpeed must then not cast back to bf16."""
-    return sorted({name for name, p in model.named_parameters() if p.dtype == torch.float32})
-
-
 def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine."""
     if device.type == "cuda":
@@ -58,12 +53,10 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     trainable, total = models.parameter_counts(model)
     hf = model.config
     flops_per_token = metrics.train_flops_per_token(
-        total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method,
-        cfg.model.gradient_checkpointing, trainable)
+        total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method, trainable)
     # MFU is a GPU notion (a share of the matmul units' rate); on CPU it is left out rather than made up.
     peak = metrics.matmul_peak_flops(device) if device.type == "cuda" else None
-    fp32 = fp32_module_patterns(model) if cfg.quantization.upcast_non_quantized else None
-    ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps, fp32)
+    ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps)
     static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
               "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
               "peak_matmul_tflops": peak / 1e12 if peak else None, "flops_per_token": flops_per_token}

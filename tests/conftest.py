@@ -5,7 +5,7 @@ import pytest
 
 from tests import tiny
 
-# Ray's local clusters must not fight over the 2 cores of a CI machine with leftover ones.
+# Every worker's lines in the test log (Ray folds repeated lines by default), and no tokenizer thread pools.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

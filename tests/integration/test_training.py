@@ -63,6 +63,8 @@ METHOD_RUNS = {
     "lora-zero3": dict(method="lora", **{"deepspeed.zero_stage": 3, "training.log_every": 1}),
     "qlora-zero2-paged8bit": dict(method="qlora", **{"deepspeed.zero_stage": 2, "optimizer.name": "paged_adamw_8bit"}),
     "qlora-zero3-8bit": dict(method="qlora", **{"deepspeed.zero_stage": 3, "optimizer.name": "adamw_8bit"}),
+    # PEFT's fp32 upcast of norms/embeddings/lm_head, kept in fp32 by DeepSpeed's keep_in_fp32_modules.
+    "qlora-zero2-upcast": dict(method="qlora", **{"deepspeed.zero_stage": 2, "quantization.upcast_non_quantized": True}),
 }
 
 

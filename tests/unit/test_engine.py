@@ -52,8 +52,8 @@ def test_total_steps_from_epochs_or_max_steps():
 def test_flops_per_token_full_is_6n_and_lora_about_4n():
     n, layers, d, s = 6_738_415_616, 32, 4096, 2048
     attention = 12 * layers * s * d
-    assert metrics.train_flops_per_token(n, layers, d, s, "full", False) == 6 * n + attention
-    assert metrics.train_flops_per_token(n, layers, d, s, "lora", True, 4_194_304) == 4 * n + 2 * 4_194_304 + attention
+    assert metrics.train_flops_per_token(n, layers, d, s, "full") == 6 * n + attention
+    assert metrics.train_flops_per_token(n, layers, d, s, "lora", 4_194_304) == 4 * n + 2 * 4_194_304 + attention
 
 
 def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):
@@ -69,3 +69,9 @@ def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):
     prof.stop()
     table = (cfg.run_dir / "profile_rank0.txt").read_text()
     assert "aten::mm" in table
+
+
+def test_the_fp32_upcast_turns_off_deepspeeds_16bit_cast():
+    assert engine.deepspeed_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
+    ds = engine.deepspeed_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False

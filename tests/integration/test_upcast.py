@@ -1,0 +1,44 @@
+"""PEFT's fp32 upcast must survive DeepSpeed's engine: its bf16 mode casts every parameter to bf16."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ftcluster import config as C
+from ftcluster import engine, models
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One process group for the module: DeepSpeed caches its groups globally across engines."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model, process_group, upcast):
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "deepspeed.zero_stage=2",
+                        f"quantization.upcast_non_quantized={upcast}", "training.micro_batch_size=2"])
+    model = models.build_model(cfg, "cpu")
+    ds, _, _ = engine.initialize(cfg, model, torch.device("cpu"), 1, total_steps=5)
+    norm = ds.module.base_model.model.model.norm.weight
+    assert norm.dtype == (torch.float32 if upcast else torch.bfloat16)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        loss = ds(input_ids=ids, labels=ids).loss
+        ds.backward(loss)
+        ds.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
