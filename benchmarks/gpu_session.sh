@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   >/dev/null 2>&1 || true
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
-[ -d /root/tok ] || python3 -c "from pathlib import Path; from tests.tiny import build_tokenizer; build_tokenizer(Path('/root/tok'))"
+[ -d /root/tok ] || python3 -c "from pathlib import Path; from benchmarks.shapes import build_tokenizer; build_tokenizer(Path('/root/tok'))"
 for spec in "$@"; do
   IFS=: read -r shape method attn extra <<<"$spec"
   [ -d "/root/shapes/$shape" ] || python3 -m benchmarks.shapes "$shape" "/root/shapes/$shape" --tokenizer /root/tok >/dev/null

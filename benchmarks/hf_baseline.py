@@ -1,8 +1,12 @@
-"""The plain Hugging Face recipe most tutorials give, timed the same way as ftcluster: transformers + PEFT
-(+ bitsandbytes with ``prepare_model_for_kbit_training`` for QLoRA), gradient checkpointing, SDPA, full-length
-unpacked rows, a plain loop; no Ray, no DeepSpeed.
+"""The plain Hugging Face recipe most tutorials give, run on a recipe's model, data shape and optimizer and timed
+like ftcluster, so ``benchmarks.compare --baseline hf`` can put the two side by side.
 
-    python -m benchmarks.hf_baseline --model /root/shapes/llama-3.2-1b --method lora --steps 30
+The recipe: ``from_pretrained`` (with ``BitsAndBytesConfig`` and ``prepare_model_for_kbit_training`` for QLoRA),
+``get_peft_model``, SDPA attention, the examples tokenized with labels = inputs and concatenated into full rows
+of ``data.max_seq_len`` (run_clm's ``group_texts``: no padding waste, so the baseline is not handicapped),
+gradient checkpointing as the recipe sets it, and a plain loop; no Ray, no DeepSpeed.
+
+    python -m benchmarks.hf_baseline --config CONFIG [overrides ...] --steps 30 --out FILE.json
 """
 
 from __future__ import annotations
@@ -10,69 +14,118 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
+from ftcluster import config as C
+from ftcluster import data, metrics, models
 
-def build(model_dir: str, method: str, r: int, targets: list[str]):
+
+def build(cfg: C.RunConfig, device: torch.device):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from ftcluster.models import quantize_linears_  # the same in-place NF4 quantizer random-init QLoRA uses
-    from ftcluster import config as C
-
-    hf = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16, attn_implementation="sdpa")
-    if method == "qlora":
-        quantize_linears_(model, C.load(None, ["method=qlora"]), torch.device("cuda"))
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    m = cfg.model
+    dtype = models.DTYPES[m.dtype]
+    hf = models.load_hf_config(m)
+    if m.random_init:  # no weights to load: the same in-place NF4 quantizer random-init QLoRA uses
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="sdpa")
+        if cfg.method == "qlora":
+            models.quantize_linears_(model, cfg, device)
     else:
+        src, kw = models.resolve_source(m)
+        if cfg.method == "qlora":
+            kw["quantization_config"] = models.bnb_config(cfg)
+        model = AutoModelForCausalLM.from_pretrained(src, config=hf, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map={"": device}, **kw)
+    model.config.use_cache = False
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
+    elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type="CAUSAL_LM"))
-    return model
+    if cfg.method == "full":
+        return model
+    lc = cfg.lora
+    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                            target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+
+
+def optimizer(cfg: C.RunConfig, params, device: torch.device):
+    o = cfg.optimizer
+    kw = dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+    import bitsandbytes as bnb
+
+    return {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[o.name](params, **kw)
+
+
+def grouped_rows(cfg: C.RunConfig, tokenizer, n_rows: int) -> torch.Tensor:
+    """run_clm's ``group_texts``: every example's tokens end to end, cut into rows of ``max_seq_len``."""
+    train, _ = data.load_examples(cfg.data, cfg.training.seed)
+    stream: list[int] = []
+    need = n_rows * cfg.data.max_seq_len
+    while len(stream) < need:
+        for ex in train:
+            stream += data.tokenize_example(tokenizer, ex, cfg.data)["input_ids"]
+            if len(stream) >= need:
+                break
+    return torch.tensor(stream[:need]).view(n_rows, cfg.data.max_seq_len)
+
+
+def run(cfg: C.RunConfig, steps: int, warmup: int) -> dict:
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    metrics.start_device_sampler(device)
+    torch.manual_seed(cfg.training.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    mb, gas = cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps
+    rows = grouped_rows(cfg, tokenizer, mb * gas * 4)
+    model = build(cfg, device)
+    opt = optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
+    trainable, total = models.parameter_counts(model)
+    metrics.reset_peaks(device)
+    times, losses, micro = [], [], 0
+    for step in range(warmup + steps):
+        metrics.sync(device)
+        started = time.perf_counter()
+        for _ in range(gas):
+            ids = rows[(micro * mb) % len(rows):][:mb].to(device)
+            micro += 1
+            loss = model(input_ids=ids, labels=ids).loss / gas
+            loss.backward()
+        if cfg.training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                           cfg.training.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+            losses.append(loss.item() * gas)
+    step_time = sorted(times)[len(times) // 2]
+    tokens_per_step = mb * gas * cfg.data.max_seq_len
+    return {"recipe": "hf", "method": cfg.method, "device": str(device), "steps_timed": steps,
+            "step_time_s": step_time, "tokens_per_s_total": tokens_per_step / step_time,
+            "trainable_params": trainable, "total_params": total, "final_loss": losses[-1],
+            **metrics.memory(device)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a model directory (weights unused: random init)")
-    p.add_argument("--method", choices=["lora", "qlora"], required=True)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after --warmup untimed ones)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path)
+    p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    torch.manual_seed(0)
-    model = build(args.model, args.method, args.r, args.targets.split(","))
-    params = [p for p in model.parameters() if p.requires_grad]
-    if args.method == "qlora":
-        import bitsandbytes as bnb
-
-        opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-    else:
-        opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), device="cuda")
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for step in range(args.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    steady = sorted(times[5:])[len(times[5:]) // 2]
-    print(json.dumps({"recipe": "hf", "method": args.method, "model": args.model, "seq_len": args.seq_len,
-                      "micro_batch": args.micro_batch, "median_step_s": steady,
-                      "tokens_per_s": args.micro_batch * args.seq_len / steady,
-                      "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                      "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}))
+    result = run(C.load(args.config, args.overrides), args.steps, args.warmup)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+BUILTIN_DATASETS = ("builtin:pydoc", "builtin:required-args")  # made by ftcluster/pydoc_data.py
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,8 @@ class QuantizationConfig(Section):
 
 class DataConfig(Section):
     source: str = "builtin:pydoc"
-    """A hub dataset name, a local .json/.jsonl/.parquet/.csv file or directory, or ``builtin:pydoc``."""
+    """A hub dataset name, a local .json/.jsonl/.parquet/.csv file or directory, ``builtin:pydoc`` or
+    ``builtin:required-args`` (see ftcluster/pydoc_data.py)."""
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     split: str = "train"
     eval_split: str | None = None
@@ -148,6 +150,9 @@ class OutputConfig(Section):
     checkpoint. None: derived from the recipe and method."""
     keep_checkpoints: int = Field(2, gt=0)
     save_final_model: bool = True
+    checkpoint_at_end: bool = True
+    """False: the run ends without a checkpoint (and so without final/); for speed and memory benchmarks of
+    shapes whose optimizer state would fill the disk."""
 
 
 class RayConfig(Section):
@@ -196,8 +201,12 @@ class RunConfig(Section):
                 "model.attn_implementation=varlen needs data.packing=true: it takes sequence boundaries from packed "
                 "rows and applies no padding mask. Use auto or sdpa for unpacked data."
             )
-        if self.method == "qlora" and self.model.dtype == "float32":
-            raise ValueError("method=qlora with model.dtype=float32: 4-bit training computes in 16 bits; use bfloat16.")
+        if self.method == "qlora" and self.model.dtype == "float32" and q.compute_dtype != "float32":
+            raise ValueError(
+                f"method=qlora with model.dtype=float32 and quantization.compute_dtype={q.compute_dtype}: the 4-bit "
+                "layers would compute in 16 bits next to a float32 model. Use model.dtype=bfloat16 (GPUs), or "
+                "quantization.compute_dtype=float32 too (CPUs without native bf16)."
+            )
         if self.method == "qlora" and ds.offload_param == "cpu":
             raise ValueError(
                 "deepspeed.offload_param=cpu with method=qlora: bitsandbytes 4-bit weights cannot be offloaded by "
@@ -321,8 +330,9 @@ def check_paths(cfg: RunConfig) -> None:
     src = cfg.data.source
     if not src.startswith("builtin:") and _looks_local(src) and not Path(src).expanduser().exists():
         raise ConfigError(f"data.source: {src} does not exist (a hub dataset name, a local file or directory, or builtin:pydoc)")
-    if src.startswith("builtin:") and src != "builtin:pydoc":
-        raise ConfigError(f"data.source: unknown builtin dataset {src!r}; the builtin dataset is builtin:pydoc")
+    if src.startswith("builtin:") and src not in BUILTIN_DATASETS:
+        raise ConfigError(f"data.source: unknown builtin dataset {src!r}; the builtin datasets are "
+                          f"{', '.join(BUILTIN_DATASETS)}")
     f = cfg.deepspeed.config_file
     if f is not None:
         if not Path(f).expanduser().is_file():

@@ -42,10 +42,10 @@ def _load_split(cfg: DataConfig, split: str):
 
 def load_examples(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval) raw examples as lists of dicts."""
-    if cfg.source == "builtin:pydoc":
+    if cfg.source.startswith("builtin:"):
         from ftcluster import pydoc_data
 
-        train, evaluation = pydoc_data.build(eval_fraction=cfg.eval_fraction or 0.1)
+        train, evaluation = pydoc_data.BUILDERS[cfg.source](eval_fraction=cfg.eval_fraction or 0.1)
     else:
         ds = _load_split(cfg, cfg.split)
         if cfg.eval_split:

@@ -223,6 +223,7 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     window, loss_acc = Window(), torch.zeros((), device=device)
     profiler = step_profiler(cfg, device)
+    first_step_unix = None  # wall clock at the end of this process's first step: the harness's time to first step
     step_started = time.perf_counter()
     while progress.step < total_steps:
         for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
@@ -243,15 +244,17 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
                     profiler.stop()
                     profiler = None
             now = time.perf_counter()
+            first_step_unix = first_step_unix or time.time()
             window.step_times.append(now - step_started)
             step_started = now
             last = progress.step >= total_steps
             log = progress.step % t.log_every == 0 or last
             do_eval = eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0) or last)
-            save = "final" if last else ("resume" if t.save_every and progress.step % t.save_every == 0 else None)
+            periodic = t.save_every and progress.step % t.save_every == 0
+            save = ("final" if cfg.output.checkpoint_at_end else None) if last else ("resume" if periodic else None)
             if log or do_eval or save:
                 paused = time.perf_counter()
-                metrics = {"step": progress.step, "epoch": progress.epoch}
+                metrics = {"step": progress.step, "epoch": progress.epoch, "first_step_unix": first_step_unix}
                 if log:
                     M.sync(device)
                     elapsed = time.perf_counter() - window.started

@@ -26,7 +26,8 @@ class ProgressLog(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = dict(metrics[0])
-        per_worker = ("peak_allocated_gib", "peak_reserved_gib", "peak_rss_gib", "tokens_per_s", "pid")
+        per_worker = ("peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib", "peak_rss_gib",
+                      "tokens_per_s", "pid")
         for key in per_worker:
             if key in m:
                 m[f"{key}_per_worker"] = [w.get(key) for w in metrics]
@@ -130,10 +131,19 @@ def run(cfg: RunConfig) -> dict:
     )
     started = time.time()
     result = trainer.fit()
-    return summarize(cfg, run_dir, result, time.time() - started)
+    return summarize(cfg, run_dir, result, time.time() - started, started)
 
 
-def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float) -> dict:
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float, started_unix: float) -> dict:
     final = None
     if result.checkpoint is not None:
         hf_dir = Path(result.checkpoint.path) / "hf"
@@ -147,20 +157,35 @@ def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float) -> dict:
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").exists() else []
     logged = [r for r in records if "loss" in r]
+    last = logged[-1] if logged else {}
+    peak = lambda key: max((v for r in logged for v in r.get(f"{key}_per_worker") or [r.get(key)] if v is not None),
+                           default=None)
+    first_step = min((r["first_step_unix"] for r in records if r.get("first_step_unix")), default=None)
     summary = {
         "run_dir": str(run_dir), "method": cfg.method, "wall_time_s": round(wall_s, 1),
+        "time_to_first_step_s": round(first_step - started_unix, 1) if first_step else None,
         "final_step": (result.metrics or {}).get("step"),
+        "world_size": last.get("world_size"), "device": last.get("device"),
         "first_loss": logged[0]["loss"] if logged else None,
-        "final_loss": logged[-1]["loss"] if logged else None,
+        "final_loss": last.get("loss"),
+        "losses": [[r["step"], r["loss"]] for r in logged],
         "eval_loss": next((r["eval_loss"] for r in reversed(records) if "eval_loss" in r), None),
-        "tokens_per_s_total": logged[-1]["tokens_per_s_total"] if logged else None,
-        "mfu": logged[-1].get("mfu") if logged else None,
-        "peak_allocated_gib": max((r.get("peak_allocated_gib", 0) for r in logged), default=None),
-        "peak_rss_gib": max((r.get("peak_rss_gib", 0) for r in logged), default=None),
+        "eval_perplexity": next((r["eval_perplexity"] for r in reversed(records) if "eval_loss" in r), None),
+        # Later windows only: the first one carries compilation, allocator growth and warm-up.
+        "step_time_s": _median([r["step_time_s"] for r in logged[1:] or logged]),
+        "tokens_per_s_total": _median([r["tokens_per_s_total"] for r in logged[1:] or logged]),
+        "mfu": _median([r["mfu"] for r in logged[1:] or logged if r.get("mfu") is not None]),
+        "peak_matmul_tflops": last.get("peak_matmul_tflops"), "compute_dtype": last.get("compute_dtype"),
+        "flops_per_token": last.get("flops_per_token"),
+        # The largest over workers and over the run: the figure that must fit on every device.
+        "peak_allocated_gib": peak("peak_allocated_gib"), "peak_reserved_gib": peak("peak_reserved_gib"),
+        "peak_device_used_gib": peak("peak_device_used_gib"), "peak_rss_gib": peak("peak_rss_gib"),
         "trainable_params": (result.metrics or {}).get("trainable_params"),
         "total_params": (result.metrics or {}).get("total_params"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "final_model": str(final) if final else None,
+        "final_model_bytes": _dir_bytes(final) if final else None,
+        "checkpoint_bytes": _dir_bytes(Path(result.checkpoint.path)) if result.checkpoint else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 
 import torch
 
 _peak_cache: dict[str, float] = {}
+
+
+FLOP_FORMULA = (
+    "Model FLOPs per trained token, PaLM appendix B convention: full fine-tuning 6·N + 12·L·s·d; LoRA and QLoRA "
+    "4·N + 2·N_trainable + 12·L·s·d (frozen weights get no weight gradient), with N all parameters (a 4-bit "
+    "weight counted as its unpacked values), L layers, s the sequence length, d the hidden size; recomputation "
+    "by gradient checkpointing is not counted. MFU = tokens/s per device × FLOPs per token ÷ the matmul rate "
+    "measured on that device in the compute dtype at start-up."
+)
 
 
 def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, method: str,
@@ -26,19 +36,18 @@ def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: in
     return 4 * n_params + 2 * n_trainable + attention
 
 
-def matmul_peak_flops(device: torch.device) -> float:
-    """The bf16 matmul rate this device really reaches (FLOP/s), measured once per process: MFU against a
-    measured ceiling, not a datasheet one."""
-    key = str(device)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The matmul rate this device really reaches in ``dtype`` (FLOP/s), measured once per process: MFU against
+    a measured ceiling, not a datasheet one."""
+    key = f"{device}:{dtype}"
     if key in _peak_cache:
         return _peak_cache[key]
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
-    reps = 20
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -58,12 +67,56 @@ def peak_rss_gib() -> float:
     return kib / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
+class DeviceMemorySampler:
+    """Samples, in a background thread, the memory in use on one GPU as NVML reports it: what nvidia-smi shows,
+    so the CUDA context, NCCL buffers, bitsandbytes' paged buffers and the caching allocator's slack all count.
+    It is the whole device's figure; benchmarks run one job per GPU, so it is the job's."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05):
+        import pynvml
+
+        pynvml.nvmlInit()
+        props = torch.cuda.get_device_properties(device)
+        # Ray narrows CUDA_VISIBLE_DEVICES, so torch's index is not NVML's: find the device by its UUID.
+        self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}")
+        self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        self.peak_bytes = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True, name="nvml-sampler")
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.peak_bytes = max(self.peak_bytes, self._read())
+
+    def peak_gib(self) -> float:
+        self.peak_bytes = max(self.peak_bytes, self._read())
+        return self.peak_bytes / 2**30
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+_sampler: DeviceMemorySampler | None = None
+
+
+def start_device_sampler(device: torch.device) -> None:
+    """Start sampling ``device``'s memory for :func:`memory` (GPUs only; once per process)."""
+    global _sampler
+    if device.type == "cuda" and _sampler is None:
+        _sampler = DeviceMemorySampler(device)
+
+
 def memory(device: torch.device) -> dict:
-    """Peak memory since the last reset: allocated/reserved on a GPU, process RSS everywhere."""
+    """Peak memory since the last reset: allocated/reserved on a GPU, process RSS everywhere, and the device
+    memory NVML saw in use since the sampler started."""
     out = {"peak_rss_gib": round(peak_rss_gib(), 3)}
     if device.type == "cuda":
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+        if _sampler is not None:
+            out["peak_device_used_gib"] = round(_sampler.peak_gib(), 3)
     return out
 
 

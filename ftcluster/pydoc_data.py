@@ -1,10 +1,16 @@
-"""``builtin:pydoc``: an offline instruction dataset made from the Python standard library's own documentation.
+"""Offline instruction datasets made from the Python standard library's own documentation and signatures.
 
-Each example asks what a public function or class of a stdlib module does, given its signature, and the answer
+``builtin:pydoc``: each example asks what a public function or class of a stdlib module does, given its signature, and the answer
 is the first sentence of its docstring. It is deterministic for a given Python version, needs no download, and a
 small pretrained model answers it poorly before fine-tuning (it must recall the docstring's exact wording).
 The held-out split is chosen by a hash of the qualified name, and answers are deduplicated across the whole set,
 so no eval answer is also a train answer.
+
+``builtin:required-args``: each example shows a public callable's signature and asks which parameters every
+call must pass (no default, not ``*args``/``**kwargs``); the answer is their names in order, comma-separated, or
+``none``. The answer follows from the prompt, so a model can learn the task and be scored by exact match on
+held-out callables it never saw; before fine-tuning a small instruct model answers in prose and scores ~0.
+Split by the same hash; a name + signature seen under two modules is kept once, so no eval prompt is in train.
 """
 
 from __future__ import annotations
@@ -82,3 +88,45 @@ def build(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
             seen.add(ex["output"])
             (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
     return train, evaluation
+
+
+def _required_args_examples(module_name: str):
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return
+    public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+    for name in sorted(set(public)):
+        obj = getattr(module, name, None)
+        if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+            continue
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError):
+            continue
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        required = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind not in variadic]
+        yield {
+            "id": f"{module_name}.{name}",
+            "instruction": f"Which parameters must every call to `{module_name}.{name}{sig}` pass? Answer with "
+                           "their names separated by commas, or none.",
+            "input": "",
+            "output": ", ".join(required) or "none",
+        }
+
+
+def build_required_args(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(train, eval) examples of the required-arguments task; a callable reachable under two names is kept once."""
+    seen: set[str] = set()
+    train, evaluation = [], []
+    for module_name in MODULES:
+        for ex in _required_args_examples(module_name):
+            key = ex["instruction"].split("`")[1].split(".")[-1]  # name + signature, without the module
+            if key in seen:
+                continue
+            seen.add(key)
+            (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
+    return train, evaluation
+
+
+BUILDERS = {"builtin:pydoc": build, "builtin:required-args": build_required_args}

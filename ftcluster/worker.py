@@ -54,12 +54,12 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     hf = model.config
     flops_per_token = metrics.train_flops_per_token(
         total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method, trainable)
-    # MFU is a GPU notion (a share of the matmul units' rate); on CPU it is left out rather than made up.
-    peak = metrics.matmul_peak_flops(device) if device.type == "cuda" else None
+    compute_dtype = cfg.quantization.compute_dtype if cfg.method == "qlora" else cfg.model.dtype
+    peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype])
     ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps)
     static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
               "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
-              "peak_matmul_tflops": peak / 1e12 if peak else None, "flops_per_token": flops_per_token}
+              "peak_matmul_tflops": peak / 1e12, "compute_dtype": compute_dtype, "flops_per_token": flops_per_token}
     return Setup(tokenizer, batches, eval_batches, total_steps, ds_engine, scheduler, flops_per_token, peak, static)
 
 
@@ -72,6 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
     s = setup(cfg, rank, world, device)
 
     progress = engine.Progress()

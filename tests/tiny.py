@@ -4,34 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def corpus() -> list[str]:
-    from ftcluster import pydoc_data
-
-    train, evaluation = pydoc_data.build(0.1)
-    return [e["instruction"] + " " + e["output"] for e in train + evaluation]
-
-
-def build_tokenizer(out: Path, vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
-    fast.chat_template = CHATML
-    fast.save_pretrained(out)
-    return fast
+from benchmarks.shapes import build_tokenizer
 
 
 def build_model(out: Path, tokenizer) -> Path:

@@ -1,0 +1,253 @@
+"""Full fine-tuning, LoRA and QLoRA on the same model and data, through the real framework, side by side:
+memory, time and quality, written to ``reports/<suite>/<date>-<hardware>/``.
+
+    python -m benchmarks.compare                                   # the default suite, all three methods
+    python -m benchmarks.compare --suite llama-7b --methods lora,qlora --baseline hf
+    python -m benchmarks.compare --from reports/default/<dir>/results.json     # re-render only
+
+Every run is its own process (``python -m ftcluster.train``, the command users run), so memory accounting
+starts clean; then the trained model is scored in another (``benchmarks.quality``), and with ``--baseline hf``
+the plain Hugging Face recipe runs the same shapes (``benchmarks.hf_baseline``). ``results.json`` is rewritten
+after every run: a failure is recorded with its error, and nothing measured before it is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import report, suites
+
+PROGRESS = re.compile(r"\[[#.]+\] step \d+/\d+.*")
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def hardware_slug() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0).lower()
+        short = next((w for w in re.split(r"[\s_-]+", name) if re.fullmatch(r"[a-z]?\d{2,4}[a-z]?", w)), "gpu")
+        return f"{gpu_count()}x{short}"
+    return f"cpu{os.cpu_count()}"
+
+
+def provenance(argv: list[str]) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "ray", "datasets", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    out = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.compare", *argv]),
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "versions": versions,
+        "cuda": torch.version.cuda, "gpus": [],
+    }
+    if torch.cuda.is_available():
+        import pynvml
+
+        pynvml.nvmlInit()
+        out["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            out["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+    return out
+
+
+def stream(cmd: list[str], log: Path, label: str) -> tuple[int, str]:
+    """Run ``cmd`` with its output in ``log``; echo its progress lines under ``label``. (exit code, output tail)"""
+    tail: list[str] = []
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            fh.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            m = PROGRESS.search(line)
+            if m:
+                print(f"  {label}  {m.group(0)}", flush=True)
+        code = proc.wait()
+    return code, "\n".join(tail)
+
+
+def error_of(tail: str) -> str:
+    """The line of a failed run's output that says what went wrong (a Python exception, else the last line)."""
+    lines = [l for l in tail.splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(r"(Error|Exception|error:|Killed|OutOfMemory)", l)]
+    return (errors[-1] if errors else lines[-1] if lines else "no output").strip()[:500]
+
+
+class Harness:
+    def __init__(self, suite: suites.Suite, work: Path, user_sets: list[str], results_path: Path, meta: dict):
+        self.suite, self.work, self.results_path = suite, work, results_path
+        self.user_sets = user_sets
+        self.results = {"suite": {"name": suite.name, "description": suite.description, "recipe": suite.recipe,
+                                  "quality": suite.quality}, "provenance": meta, "records": []}
+
+    def overrides(self, method: str) -> list[str]:
+        mine = [s.split(":", 1)[1] for s in self.user_sets if s.startswith(f"{method}:")]
+        common = [s for s in self.user_sets if not re.match(r"^(full|lora|qlora|base):", s)]
+        return [*self.suite.overrides(method), *common, *mine]
+
+    def record(self, rec: dict) -> dict:
+        self.results["records"].append(rec)
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2))
+        tmp.replace(self.results_path)
+        return rec
+
+    def execute(self, kind: str, method: str, seed: int | None, cmd: list[str], label: str,
+                result_file: Path | None) -> dict:
+        log = self.work / (re.sub(r"[^\w.]+", "-", label.split("] ", 1)[-1]).strip("-") + ".log")
+        started = time.time()
+        code, tail = stream(cmd, log, label)
+        rec = {"kind": kind, "method": method, "seed": seed, "command": " ".join(shlex.quote(c) for c in cmd),
+               "log": str(log), "process_wall_s": round(time.time() - started, 1)}
+        if code == 0 and (result_file is None or result_file.exists()):
+            rec["status"] = "ok"
+            rec["metrics"] = json.loads(result_file.read_text()) if result_file else {}
+        else:
+            rec.update(status="failed", exit_code=code, error=error_of(tail))
+            print(f"  {label}  FAILED (exit {code}): {rec['error']}", flush=True)
+        return rec
+
+    def config_hash(self, method: str, seed: int) -> str | None:
+        from ftcluster import config as C
+
+        try:
+            return C.load(self.suite.recipe, [*self.overrides(method), f"training.seed={seed}"]).fingerprint()
+        except C.ConfigError:
+            return None
+
+    def train(self, method: str, seed: int, label: str) -> dict:
+        name = f"{method}-seed{seed}"
+        cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method),
+               f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
+        rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json")
+        rec["config_hash"] = self.config_hash(method, seed)
+        if rec["status"] == "ok":
+            run_dir = self.work / "runs" / name
+            rec["metrics"]["losses"] = rec["metrics"].get("losses") or []
+            rec["metrics"]["eval_loss_in_training"] = rec["metrics"].pop("eval_loss", None)
+            rec["metrics"].pop("eval_perplexity", None)
+            if self.suite.quality and rec["metrics"].get("final_model"):
+                q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality")
+                rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
+            rec["run_dir"] = str(run_dir)
+        return rec
+
+    def quality(self, method: str, seed: int, trained: Path | None, label: str) -> dict:
+        out = self.work / f"quality-{method}-seed{seed}.json"
+        cmd = [sys.executable, "-m", "benchmarks.quality", "--config", self.suite.recipe, "--out", str(out)]
+        if trained is not None:
+            cmd += ["--trained", str(trained)]
+        if self.suite.eval_examples:
+            cmd += ["--max-examples", str(self.suite.eval_examples)]
+        cmd += [*self.overrides(method), f"training.seed={seed}"]
+        return self.execute("quality", method, seed, cmd, label, out)
+
+    def hf_baseline(self, method: str, label: str) -> dict:
+        out = self.work / f"hf-{method}.json"
+        cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", self.suite.recipe,
+               "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method)]
+        return self.execute("hf", method, None, cmd, label, out)
+
+
+def run(args, argv: list[str]) -> Path:
+    gpus = gpu_count()
+    suite = suites.get(args.suite, gpu=gpus > 0)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in suites.METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(suites.METHODS)}")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    out = Path(args.out or f"reports/{suite.name}/{stamp}-{hardware_slug()}")
+    work = Path(args.work or f"runs/bench/{suite.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    h = Harness(suite, work, args.set, out / "results.json", provenance(argv))
+    h.results["settings"] = {"methods": methods, "repeats": args.repeats, "baseline": args.baseline,
+                             "sets": args.set, "work_dir": str(work)}
+    seeds = [42 + i for i in range(args.repeats)]
+    plan = []
+    if suite.quality and not args.skip_base:
+        plan.append(("base", None, None))
+    for method in methods:
+        plan += [("train", method, s) for s in seeds]
+        if args.baseline == "hf" and method in ("full", "lora", "qlora"):
+            plan.append(("hf", method, None))
+    print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
+          flush=True)
+    for i, (kind, method, seed) in enumerate(plan, 1):
+        label = " ".join(str(x) for x in (f"[{i}/{len(plan)}]", kind, method, seed and f"seed {seed}") if x)
+        print(label, flush=True)
+        need = suite.gpus.get(method, 1) if method else 1
+        if kind != "base" and need > 1 and gpus < need:
+            h.record({"kind": kind, "method": method, "seed": seed, "status": "skipped",
+                      "error": f"needs {need} GPUs, this machine has {gpus}"})
+            continue
+        if kind == "base":
+            rec = h.quality("lora", seeds[0], None, label)
+            rec.update(kind="base", method="base")
+        elif kind == "train":
+            rec = h.train(method, seed, label)
+        else:
+            rec = h.hf_baseline(method, label)
+        h.record(rec)
+    report.render(h.results, out)
+    print(f"report: {out / 'report.md'}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="default", help=f"one of {', '.join(suites.SUITES)}")
+    p.add_argument("--methods", default="full,lora,qlora")
+    p.add_argument("--repeats", type=int, default=1, help="seeds per method (mean ± std in the report)")
+    p.add_argument("--baseline", choices=["none", "hf"], default="none",
+                   help="hf: also time the plain transformers + PEFT + bitsandbytes recipe on the same shapes")
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                   help="a config override for every run, or for one method's runs (e.g. qlora:lora.r=8)")
+    p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")
+    p.add_argument("--out", help="report directory (default reports/<suite>/<date>-<hardware>)")
+    p.add_argument("--work", help="where runs, logs and checkpoints go (default runs/bench/<suite>-<time>)")
+    p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")
+    args = p.parse_args(argv)
+    if args.from_:
+        if not args.from_.is_file():
+            raise SystemExit(f"--from {args.from_}: no such file")
+        out = Path(args.out) if args.out else args.from_.parent
+        report.render(json.loads(args.from_.read_text()), out)
+        print(f"report: {out / 'report.md'}")
+        return
+    run(args, argv)
+
+
+if __name__ == "__main__":
+    main()

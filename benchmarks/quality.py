@@ -1,0 +1,122 @@
+"""Quality of one model on a recipe's held-out split: the loss and perplexity of the reference answers, and the
+exact-match accuracy of greedy answers (the task score).
+
+    python -m benchmarks.quality --config CONFIG [overrides ...] [--trained RUN/final] --out FILE.json
+
+Without ``--trained`` it scores the recipe's base model before fine-tuning. With it, the trained model is
+rebuilt as it was trained: the full model from its directory, or the base (4-bit for QLoRA, built by the same
+code as training) with the adapter on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ftcluster import config as C
+from ftcluster import data, models
+
+
+def normalize(answer: str) -> str:
+    """Exact match forgives surrounding whitespace, a trailing full stop and backticks; nothing else."""
+    return " ".join(answer.replace("`", "").strip().rstrip(".").split())
+
+
+def load_model(cfg: C.RunConfig, trained: Path | None, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    if trained is not None and cfg.method == "full":
+        model = AutoModelForCausalLM.from_pretrained(trained, dtype=models.DTYPES[cfg.model.dtype],
+                                                     device_map={"": device})
+    else:
+        base_cfg = cfg if trained is not None else cfg.model_copy(update={"method": "full"})
+        model = models.build_base_model(base_cfg, device)
+        if trained is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, trained)
+    model.config.use_cache = True
+    return model.eval()
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples: list[dict], cfg: C.RunConfig, device, batch_size: int) -> float:
+    """Token-weighted cross-entropy of the reference answers given their prompts, one unpacked row each."""
+    total, count = 0.0, 0
+    rows = [data.tokenize_example(tokenizer, ex, cfg.data) for ex in examples]
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), data.IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        target = labels[:, 1:].to(device)
+        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=data.IGNORE,
+                                 reduction="sum").item()
+        count += int((target != data.IGNORE).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, device, batch_size: int) -> list[str]:
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every prompt
+    prompts = [data.prompt_text(tokenizer, ex, cfg.data) for ex in examples]
+    longest = max(len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in examples)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        gen = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batch_size: int) -> dict:
+    started = time.perf_counter()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    tokenizer = models.load_tokenizer(cfg.model)
+    _, examples = data.load_examples(cfg.data, cfg.training.seed)
+    examples = examples[:max_examples] if max_examples else examples
+    if not examples:
+        raise SystemExit(f"data.source {cfg.data.source} has no held-out examples to score")
+    torch.manual_seed(cfg.training.seed)  # a random-init base comes out as the worker built it
+    model = load_model(cfg, trained, device)
+    loss = answer_loss(model, tokenizer, examples, cfg, device, batch_size)
+    answers = greedy_answers(model, tokenizer, examples, cfg, device, batch_size)
+    hits = [normalize(a) == normalize(ex["output"]) for a, ex in zip(answers, examples)]
+    return {
+        "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "task_score": sum(hits) / len(hits),
+        "eval_examples": len(examples), "quality_time_s": round(time.perf_counter() - started, 1),
+        "samples": [{"prompt": ex["instruction"], "reference": ex["output"], "answer": a, "match": h}
+                    for ex, a, h in list(zip(examples, answers, hits))[:5]],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--trained", type=Path, help="a run's final/ directory; without it, the base model is scored")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = C.load(args.config, args.overrides)
+    result = score(cfg, args.trained, args.max_examples, args.batch_size)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Renderings of a ``results.json``: ``report.md``, ``results.csv`` and PNG plots. Pure functions of the records,
+so ``benchmarks.compare --from results.json`` reproduces a report exactly."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from ftcluster.metrics import FLOP_FORMULA
+
+METHOD_ORDER = ("base", "full", "lora", "qlora")
+LABELS = {"base": "Base model (no fine-tuning)", "full": "Full fine-tuning", "lora": "LoRA (16-bit base)",
+          "qlora": "QLoRA (4-bit NF4 base)"}
+
+
+# --- figures per record ------------------------------------------------------------------------------------------
+
+_PEAK_KEYS = {"peak_device_used_gib": "GPU memory in use (NVML), largest over workers",
+              "peak_allocated_gib": "torch peak allocated", "peak_rss_gib": "process peak RSS (CPU run)"}
+
+
+def peak_memory_gib(m: dict) -> float | None:
+    """The peak that must fit: the device memory NVML saw in use on a GPU (context, NCCL and paged buffers
+    included), else torch's peak allocation, else (CPU) the process's peak RSS."""
+    return next((m[k] for k in _PEAK_KEYS if m.get(k) is not None), None)
+
+
+def memory_basis(m: dict) -> str:
+    return next((label for k, label in _PEAK_KEYS.items() if m.get(k) is not None), "n/a")
+
+
+def figures(rec: dict) -> dict:
+    """The report's numbers for one ok training or baseline record."""
+    m, q = rec.get("metrics") or {}, rec.get("quality") or {}
+    world = m.get("world_size") or 1
+    trainable, total = m.get("trainable_params"), m.get("total_params")
+    out = {
+        "peak_memory_gib": peak_memory_gib(m), "peak_allocated_gib": m.get("peak_allocated_gib"),
+        "peak_reserved_gib": m.get("peak_reserved_gib"), "peak_rss_gib": m.get("peak_rss_gib"),
+        "wall_time_s": rec.get("process_wall_s"), "train_time_s": m.get("wall_time_s"),
+        "time_to_first_step_s": m.get("time_to_first_step_s"), "step_time_s": m.get("step_time_s"),
+        "tokens_per_s": m.get("tokens_per_s_total"),
+        "tokens_per_s_per_device": m["tokens_per_s_total"] / world if m.get("tokens_per_s_total") else None,
+        "mfu_pct": 100 * m["mfu"] if m.get("mfu") is not None else None,
+        "trainable_params": trainable, "total_params": total,
+        "trainable_pct": 100 * trainable / total if trainable and total else None,
+        "checkpoint_mb": m["checkpoint_bytes"] / 1e6 if m.get("checkpoint_bytes") else None,
+        "final_model_mb": m["final_model_bytes"] / 1e6 if m.get("final_model_bytes") else None,
+        "eval_loss": q.get("eval_loss", m.get("eval_loss")),
+        "eval_perplexity": q.get("eval_perplexity", m.get("eval_perplexity")),
+        "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else (
+            100 * m["task_score"] if m.get("task_score") is not None else None),
+    }
+    return out
+
+
+def _stats(values: list) -> tuple[float | None, float | None, int]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, 0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per method (the base model first), mean and std over its successful seeds."""
+    rows = []
+    records = results["records"]
+    for method in METHOD_ORDER:
+        kind = "base" if method == "base" else "train"
+        mine = [r for r in records if r["kind"] == kind and r["method"] == method]
+        if not mine:
+            continue
+        ok = [r for r in mine if r["status"] == "ok"]
+        per_run = []
+        for r in ok:
+            f = figures(r)
+            if kind == "base":
+                f = {k: f[k] for k in ("eval_loss", "eval_perplexity", "task_score_pct")}
+                q = r["metrics"]
+                f.update(eval_loss=q["eval_loss"], eval_perplexity=q["eval_perplexity"],
+                         task_score_pct=100 * q["task_score"])
+            per_run.append(f)
+        row = {"method": method, "runs": len(mine), "ok": len(ok),
+               "errors": [f"{r.get('seed')}: {r.get('error')}" for r in mine if r["status"] != "ok"]}
+        for key in (per_run[0] if per_run else {}):
+            row[key], row[f"{key}_std"], _ = _stats([f[key] for f in per_run])
+        rows.append(row)
+    _quality_vs_full(rows)
+    return rows
+
+
+def _quality_vs_full(rows: list[dict]) -> None:
+    """Quality as % of full fine-tuning: the task score ratio, or, when full fine-tuning scores 0 (or was not
+    run), the inverse perplexity ratio, so a row never compares against nothing."""
+    full = next((r for r in rows if r["method"] == "full" and r["ok"]), None)
+    for r in rows:
+        r["quality_pct_of_full"], r["quality_basis"] = None, None
+        if full is None or not r["ok"]:
+            continue
+        if full.get("task_score_pct"):
+            if r.get("task_score_pct") is not None:
+                r["quality_pct_of_full"] = 100 * r["task_score_pct"] / full["task_score_pct"]
+                r["quality_basis"] = "task score"
+        elif full.get("eval_perplexity") and r.get("eval_perplexity"):
+            r["quality_pct_of_full"] = 100 * full["eval_perplexity"] / r["eval_perplexity"]
+            r["quality_basis"] = "perplexity"
+
+
+def baseline_rows(results: dict, rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        hf = next((x for x in results["records"] if x["kind"] == "hf" and x["method"] == r["method"]), None)
+        if hf is None:
+            continue
+        row = {"method": r["method"], "ftcluster_tokens_per_s": r.get("tokens_per_s"),
+               "ftcluster_peak_gib": r.get("peak_memory_gib"), "hf_status": hf["status"],
+               "hf_error": hf.get("error")}
+        if hf["status"] == "ok":
+            m = hf["metrics"]
+            row.update(hf_tokens_per_s=m["tokens_per_s_total"], hf_peak_gib=peak_memory_gib(m),
+                       hf_step_time_s=m["step_time_s"])
+            if row["ftcluster_tokens_per_s"]:
+                row["speedup"] = row["ftcluster_tokens_per_s"] / m["tokens_per_s_total"]
+            if row["ftcluster_peak_gib"] and row["hf_peak_gib"]:
+                row["memory_ratio"] = row["ftcluster_peak_gib"] / row["hf_peak_gib"]
+        out.append(row)
+    return out
+
+
+# --- text ------------------------------------------------------------------------------------------------------------
+
+def fmt(v, std=None, digits: int = 2, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and abs(v) >= 1000:
+        text = f"{v:,.0f}"
+    else:
+        text = f"{v:.{digits}f}"
+    if std is not None:
+        text += f" ± {std:,.0f}" if abs(std) >= 1000 else f" ± {std:.{digits}f}"
+    return text + unit
+
+
+def _count(n) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _duration(s) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(row) + " |" for row in body]]
+
+
+def markdown(results: dict) -> str:
+    suite, prov, settings = results["suite"], results["provenance"], results.get("settings", {})
+    rows = summary_rows(results)
+    quality = suite.get("quality", True)
+    q = (lambda text: text) if quality else (lambda text: "n/a")
+    trained = [r for r in rows if r["method"] != "base"]
+    gpus = prov.get("gpus") or []
+    hardware = (f"{len(gpus)}× {gpus[0]['name']} ({gpus[0]['memory_gib']} GiB), driver {prov.get('driver')}, "
+                f"CUDA {prov.get('cuda')}" if gpus else f"CPU only ({prov.get('cpu')}, {prov.get('cpu_count')} cores)")
+    v = prov.get("versions", {})
+    lines = [
+        f"# {suite['name']}: full fine-tuning vs LoRA vs QLoRA",
+        "",
+        f"{suite['description']}. Recipe `{suite['recipe']}`.",
+        "",
+        f"- **Hardware**: {hardware}",
+        f"- **Date**: {prov.get('date')}",
+        f"- **Command**: `{prov.get('command')}`",
+        f"- **Commit**: `{prov.get('git_commit')}`{' (with uncommitted changes)' if prov.get('git_dirty') else ''}",
+        "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- **Runs**: {settings.get('repeats', 1)} seed(s) per method; mean ± std where more than one succeeded.",
+        "",
+        "## Summary",
+        "",
+    ]
+    body = []
+    for r in rows:
+        base = r["method"] == "base"
+        body.append([
+            LABELS[r["method"]] + ("" if r["ok"] else " — **failed**"),
+            "—" if base else fmt(r.get("peak_memory_gib"), r.get("peak_memory_gib_std")),
+            "—" if base else _duration(r.get("wall_time_s")),
+            "—" if base else fmt(r.get("tokens_per_s"), r.get("tokens_per_s_std"), 0),
+            "—" if base else fmt(r.get("mfu_pct"), None, 1, "%"),
+            "—" if base else (f"{_count(r.get('trainable_params'))} ({fmt(r.get('trainable_pct'), None, 2, '%')})"
+                              if r.get("trainable_params") else "n/a"),
+            q(fmt(r.get("eval_loss"), r.get("eval_loss_std"), 3)),
+            q(fmt(r.get("task_score_pct"), r.get("task_score_pct_std"), 1, "%")),
+            q(fmt(r.get("quality_pct_of_full"), None, 0, "%")),
+        ])
+    lines += _table(["Method", "Peak memory (GiB)", "Wall time", "Tokens/s", "MFU", "Trainable params", "Eval loss",
+                     "Task score", "Quality % of full"], body)
+    basis = next((memory_basis(r["metrics"]) for r in results["records"]
+                  if r["kind"] == "train" and r["status"] == "ok"), "n/a")
+    qb = next((r["quality_basis"] for r in rows if r.get("quality_basis")), None)
+    lines += [
+        "",
+        f"Peak memory: {basis}. Wall time: the whole `python -m ftcluster.train` process (Ray start-up, model "
+        "load, training, final checkpoint). Tokens/s: tokens in packed rows (padding excluded) per second over "
+        "all workers, median of the logging windows after the first.",
+    ]
+    if quality:
+        lines += [
+            "Eval loss: mean cross-entropy of the reference answers of the held-out split given their prompts "
+            "(`benchmarks/quality.py`). Task score: exact match of greedy answers on held-out prompts. "
+            f"Quality % of full: {'the task score' if qb == 'task score' else 'the inverse perplexity'} "
+            "relative to full fine-tuning.",
+        ]
+    else:
+        lines.append("Quality columns are n/a: the weights are random, so loss and task score mean nothing here.")
+    lines += ["", "## Details", ""]
+    body = [[LABELS[r["method"]], f"{r['ok']}/{r['runs']}", fmt(r.get("peak_allocated_gib"), None),
+             fmt(r.get("peak_reserved_gib"), None), fmt(r.get("peak_rss_gib"), None),
+             fmt(r.get("time_to_first_step_s"), None, 1, " s"), fmt(r.get("step_time_s"), None, 3, " s"),
+             fmt(r.get("tokens_per_s_per_device"), None, 0), _count(r.get("total_params")),
+             fmt(r.get("checkpoint_mb"), None, 1, " MB"), q(fmt(r.get("eval_perplexity"), None, 2))]
+            for r in trained]
+    lines += _table(["Method", "Runs ok", "Peak allocated (GiB)", "Peak reserved (GiB)", "Peak RSS (GiB)",
+                     "Time to first step", "Step time", "Tokens/s per device", "Total params",
+                     "Checkpoint on disk", "Eval perplexity"], body)
+    lines += ["", f"**FLOPs and MFU.** {FLOP_FORMULA}"]
+    baseline = baseline_rows(results, rows)
+    if baseline:
+        lines += ["", "## Against the plain Hugging Face recipe", "",
+                  "transformers + PEFT + bitsandbytes as tutorials write it (`benchmarks/hf_baseline.py`): same "
+                  "model, sequence length, micro batch, LoRA settings, optimizer and gradient checkpointing; rows "
+                  "of concatenated examples (no padding); no Ray, no DeepSpeed. Ratios above 1 mean ftcluster is "
+                  "faster / heavier.", ""]
+        body = [[LABELS[b["method"]], fmt(b.get("ftcluster_tokens_per_s"), None, 0),
+                 fmt(b.get("hf_tokens_per_s"), None, 0) if b["hf_status"] == "ok" else f"failed: {b['hf_error']}",
+                 fmt(b.get("speedup"), None, 2, "×"), fmt(b.get("ftcluster_peak_gib")), fmt(b.get("hf_peak_gib")),
+                 fmt(b.get("memory_ratio"), None, 2, "×")] for b in baseline]
+        lines += _table(["Method", "ftcluster tokens/s", "HF recipe tokens/s", "Speed ratio",
+                         "ftcluster peak (GiB)", "HF peak (GiB)", "Memory ratio"], body)
+    problems = [r for r in results["records"] if r["status"] != "ok"]
+    if problems:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [f"- {r['kind']} {r['method']} seed {r.get('seed')}: **{r['status']}** — {r.get('error')}"
+                  + (f" (log: `{r['log']}`)" if r.get("log") else "") for r in problems]
+    samples = [(r["method"], r.get("quality", r.get("metrics") if r["kind"] == "base" else None))
+               for r in results["records"] if r["status"] == "ok" and r["kind"] in ("base", "train")]
+    samples = [(m, q_["samples"]) for m, q_ in samples if q and q_ and q_.get("samples")]
+    if quality and samples:
+        lines += ["", "## Sample answers (first held-out prompts)", ""]
+        seen = set()
+        for method, ss in samples:
+            if method in seen:
+                continue
+            seen.add(method)
+            s = ss[0]
+            lines.append(f"- {LABELS[method]}: `{s['answer'].strip()[:120]}` "
+                         f"({'match' if s['match'] else 'reference: `' + s['reference'] + '`'})")
+        lines.append(f"  (prompt: {samples[0][1][0]['prompt']})")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({name}.png)" for name in plot_names(results)]
+    return "\n".join(lines) + "\n"
+
+
+# --- files -----------------------------------------------------------------------------------------------------------
+
+def flat_records(results: dict) -> list[dict]:
+    rows = []
+    for r in results["records"]:
+        row = {k: v for k, v in r.items() if k not in ("metrics", "quality")}
+        for section in ("metrics", "quality"):
+            for k, v in (r.get(section) or {}).items():
+                if k not in ("losses", "samples"):
+                    row[f"{section}.{k}"] = v
+        rows.append(row)
+    return rows
+
+
+def plot_names(results: dict) -> list[str]:
+    names = ["memory", "throughput"]
+    if any(r.get("metrics", {}).get("losses") for r in results["records"] if r["status"] == "ok"):
+        names.append("loss")
+    if results["suite"].get("quality", True):
+        names.append("quality")
+    return names
+
+
+def plots(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary_rows(results) if r["method"] != "base" and r["ok"]]
+    names = [r["method"] for r in rows]
+    save = lambda fig, name: (fig.tight_layout(), fig.savefig(out / f"{name}.png", dpi=110,
+                                                                metadata={"Software": None}), plt.close(fig))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(names, [r.get("peak_memory_gib") or 0 for r in rows], color="#4c72b0")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title("Peak memory by method")
+    save(fig, "memory")
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    base = {b["method"]: b.get("hf_tokens_per_s") for b in baseline_rows(results, rows)}
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [r.get("tokens_per_s") or 0 for r in rows], width=0.4, label="ftcluster")
+    if base:
+        ax.bar([i + 0.2 for i in x], [base.get(n) or 0 for n in names], width=0.4, label="HF recipe")
+        ax.legend()
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Training throughput")
+    save(fig, "throughput")
+
+    if "loss" in plot_names(results):
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for r in results["records"]:
+            losses = (r.get("metrics") or {}).get("losses") if r["status"] == "ok" and r["kind"] == "train" else None
+            if losses:
+                ax.plot([s for s, _ in losses], [l for _, l in losses], marker=".",
+                        label=f"{r['method']} (seed {r['seed']})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=8)
+        ax.set_title("Loss curves")
+        save(fig, "loss")
+
+    if "quality" in plot_names(results):
+        allrows = [r for r in summary_rows(results) if r["ok"]]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(7, 3.2))
+        a1.bar([r["method"] for r in allrows], [r.get("eval_loss") or 0 for r in allrows], color="#dd8452")
+        a1.set_title("held-out answer loss")
+        a2.bar([r["method"] for r in allrows], [r.get("task_score_pct") or 0 for r in allrows], color="#55a868")
+        a2.set_title("task score (exact match %)")
+        save(fig, "quality")
+
+
+def render(results: dict, out: Path) -> None:
+    """Write results.json, results.csv, report.md and the plots into ``out``."""
+    import pandas as pd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    pd.DataFrame(flat_records(results)).to_csv(out / "results.csv", index=False)
+    plots(results, out)
+    (out / "report.md").write_text(markdown(results))

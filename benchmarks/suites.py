@@ -1,0 +1,94 @@
+"""Benchmark suites: which recipe each method runs, with what overrides, on how many workers, and whether its
+quality can be scored. Suites are data; ``benchmarks.compare`` runs them and ``benchmarks.report`` renders them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import shapes
+
+METHODS = ("full", "lora", "qlora")
+SHAPES_ROOT = Path(os.environ.get("FTCLUSTER_CACHE", Path.home() / ".cache" / "ftcluster")) / "shapes"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    recipe: str
+    """The YAML every run starts from; ``common`` and then the method's overrides go over it."""
+    description: str
+    common: list[str] = field(default_factory=list)
+    methods: dict[str, list[str]] = field(default_factory=dict)
+    gpus: dict[str, int] = field(default_factory=dict)
+    """GPUs a method needs (1 when absent); a method needing more than the machine has is recorded as skipped."""
+    quality: bool = True
+    """False for random-init models: their loss and task score mean nothing, and the report says n/a."""
+    eval_examples: int | None = None
+    """Held-out examples the task score uses (None: all)."""
+    hf_steps: int = 20
+
+    def overrides(self, method: str) -> list[str]:
+        return [*self.common, f"method={method}", *self.methods.get(method, [])]
+
+
+# Per-method optimizer settings shared by the real-weight suites: full fine-tuning takes a 10x smaller learning
+# rate (all weights move); QLoRA takes the paged 8-bit AdamW the QLoRA paper pairs it with.
+_REAL = {
+    "full": ["optimizer.lr=5.0e-5"],
+    "lora": [],
+    "qlora": ["optimizer.name=paged_adamw_8bit"],
+}
+
+
+def _default(gpu: bool) -> Suite:
+    if gpu:
+        return Suite("default", "configs/bench/default_gpu.yaml",
+                     "SmolLM2-135M-Instruct (real weights), builtin:required-args, 8 epochs, one GPU",
+                     methods=_REAL)
+    # On CPU there are no paged optimizers (they page GPU memory): QLoRA keeps torch AdamW there.
+    return Suite("default", "configs/bench/default_cpu.yaml",
+                 "SmolLM2-135M-Instruct (real weights), builtin:required-args, 12 steps, CPU (float32)",
+                 methods={**_REAL, "qlora": []}, eval_examples=48, hf_steps=4)
+
+
+def _llama_7b() -> Suite:
+    model = shapes.ensure("llama-2-7b", SHAPES_ROOT)
+    return Suite(
+        "llama-7b", "configs/bench/llama2_7b.yaml",
+        "Llama-2-7B architecture, random init, seq 2048, micro batch 2, gradient checkpointing, LoRA r=8 q,v",
+        common=[f"model.name_or_path={model}"],
+        methods={"full": ["deepspeed.zero_stage=3", "scaling.num_workers=2", "optimizer.lr=2.0e-5"],
+                 "lora": [], "qlora": ["optimizer.name=paged_adamw_8bit"]},
+        gpus={"full": 2}, quality=False)
+
+
+def _tiny() -> Suite:
+    return Suite("tiny", "configs/bench/tiny.yaml", "2-layer random-init SmolLM2 architecture, 4 CPU steps",
+                 methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2)
+
+
+def _sizes(size: str) -> Suite:
+    shape = {"7b": "llama-2-7b", "13b": "llama-2-13b", "33b": "llama-1-33b", "70b": "llama-3-70b"}[size]
+    model = shapes.ensure(shape, SHAPES_ROOT)
+    return Suite(f"sizes-{size}", "configs/bench/llama2_7b.yaml",
+                 f"{shape} architecture, random init, seq 2048, micro batch 2, gradient checkpointing, 8 steps",
+                 common=[f"model.name_or_path={model}", "training.max_steps=8", "training.log_every=4"],
+                 methods={"full": ["deepspeed.zero_stage=3"], "lora": [],
+                          "qlora": ["optimizer.name=paged_adamw_8bit"]}, quality=False)
+
+
+SUITES = ("default", "llama-7b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b")
+
+
+def get(name: str, gpu: bool) -> Suite:
+    if name == "default":
+        return _default(gpu)
+    if name == "llama-7b":
+        return _llama_7b()
+    if name == "tiny":
+        return _tiny()
+    if name.startswith("sizes-"):
+        return _sizes(name.removeprefix("sizes-"))
+    raise SystemExit(f"--suite {name}: unknown suite; choose one of {', '.join(SUITES)}")
