@@ -193,6 +193,14 @@ def run(args, argv: list[str]) -> Path:
     h = Harness(suite, work, args.set, out / "results.json", provenance(argv))
     h.results["settings"] = {"methods": methods, "repeats": args.repeats, "baseline": args.baseline,
                              "sets": args.set, "work_dir": str(work)}
+    done = set()
+    if args.resume and (out / "results.json").exists():
+        # Keep what an interrupted invocation of the same command measured; run only what is missing.
+        previous = json.loads((out / "results.json").read_text())
+        kept = [r for r in previous["records"] if r["status"] == "ok"]
+        h.results["records"] = kept
+        h.results["provenance"]["resumed_from"] = previous["provenance"]
+        done = {(r["kind"], r["method"], r.get("seed")) for r in kept}
     seeds = [42 + i for i in range(args.repeats)]
     plan = []
     if suite.quality and not args.skip_base:
@@ -206,6 +214,9 @@ def run(args, argv: list[str]) -> Path:
     for i, (kind, method, seed) in enumerate(plan, 1):
         label = " ".join(str(x) for x in (f"[{i}/{len(plan)}]", kind, method, seed and f"seed {seed}") if x)
         print(label, flush=True)
+        if (kind, method or "base", seed if kind == "train" else (seeds[0] if kind == "base" else None)) in done:
+            print("  measured by the interrupted run: kept", flush=True)
+            continue
         need = suite.gpus.get(method, 1) if method else 1
         if kind != "base" and need > 1 and gpus < need:
             h.record({"kind": kind, "method": method, "seed": seed, "status": "skipped",
@@ -237,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")
     p.add_argument("--out", help="report directory (default reports/<suite>/<date>-<hardware>)")
     p.add_argument("--work", help="where runs, logs and checkpoints go (default runs/bench/<suite>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the successful runs already in <out>/results.json and run only the rest")
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")
     args = p.parse_args(argv)
     if args.from_:

@@ -76,10 +76,19 @@ def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, dev
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
+        # Stop at any special token: chat models end a turn with their own marker (SmolLM2: <|im_end|>), which
+        # need not be the tokenizer's eos; without this the model runs on into an imagined next turn.
         gen = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                             eos_token_id=sorted(set(tokenizer.all_special_ids)))
+        out += [first_turn(tokenizer, text) for text in
+                tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)]
     return out
+
+
+def first_turn(tokenizer, text: str) -> str:
+    """The answer up to the first special token (end of turn, end of text, padding)."""
+    cut = min((i for i in (text.find(t) for t in tokenizer.all_special_tokens) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batch_size: int) -> dict:

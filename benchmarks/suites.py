@@ -45,7 +45,7 @@ _REAL = {
 def _default(gpu: bool) -> Suite:
     if gpu:
         return Suite("default", "configs/bench/default_gpu.yaml",
-                     "SmolLM2-135M-Instruct (real weights), builtin:required-args, 8 epochs, one GPU",
+                     "SmolLM2-135M-Instruct (real weights), builtin:required-args, 5 epochs, one GPU",
                      methods=_REAL)
     # On CPU there are no paged optimizers (they page GPU memory): QLoRA keeps torch AdamW there.
     return Suite("default", "configs/bench/default_cpu.yaml",
