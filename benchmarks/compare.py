@@ -61,8 +61,10 @@ def provenance(argv: list[str]) -> dict:
     out = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.compare", *argv]),
-        "git_commit": git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # A host that receives a copy of the tree without its history (the GPU host) is told the commit.
+        "git_commit": os.environ.get("FTCLUSTER_COMMIT") or git("rev-parse", "HEAD") or None,
+        "git_dirty": False if os.environ.get("FTCLUSTER_COMMIT") else
+        bool(git("status", "--porcelain", "--untracked-files=no")),
         "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "versions": versions,
         "cuda": torch.version.cuda, "gpus": [],

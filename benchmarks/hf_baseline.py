@@ -87,7 +87,7 @@ def run(cfg: C.RunConfig, steps: int, warmup: int) -> dict:
     model = build(cfg, device)
     opt = optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     trainable, total = models.parameter_counts(model)
-    metrics.reset_peaks(device)
+    metrics.reset_peaks(device)  # the same window as ftcluster's: training, after the model is built
     times, losses, micro = [], [], 0
     for step in range(warmup + steps):
         metrics.sync(device)

@@ -79,15 +79,26 @@ def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, dev
         # Stop at any special token: chat models end a turn with their own marker (SmolLM2: <|im_end|>), which
         # need not be the tokenizer's eos; without this the model runs on into an imagined next turn.
         gen = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=sorted(set(tokenizer.all_special_ids)))
+                             eos_token_id=sorted(special_tokens(tokenizer).values()))
         out += [first_turn(tokenizer, text) for text in
                 tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)]
     return out
 
 
+def special_tokens(tokenizer) -> dict[str, int]:
+    """Every special token, by text. Read from the added-token table, because ``all_special_tokens`` leaves out
+    chat markers in some transformers versions (seen with 5.17: SmolLM2's <|im_end|> missing)."""
+    out = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for name in ("eos_token", "pad_token"):
+        token = getattr(tokenizer, name, None)
+        if token:
+            out[token] = tokenizer.convert_tokens_to_ids(token)
+    return out
+
+
 def first_turn(tokenizer, text: str) -> str:
     """The answer up to the first special token (end of turn, end of text, padding)."""
-    cut = min((i for i in (text.find(t) for t in tokenizer.all_special_tokens) if i >= 0), default=len(text))
+    cut = min((i for i in (text.find(t) for t in special_tokens(tokenizer)) if i >= 0), default=len(text))
     return text[:cut]
 
 

@@ -180,8 +180,7 @@ def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float, started_unix
         # The largest over workers and over the run: the figure that must fit on every device.
         "peak_allocated_gib": peak("peak_allocated_gib"), "peak_reserved_gib": peak("peak_reserved_gib"),
         "peak_device_used_gib": peak("peak_device_used_gib"), "peak_rss_gib": peak("peak_rss_gib"),
-        "trainable_params": (result.metrics or {}).get("trainable_params"),
-        "total_params": (result.metrics or {}).get("total_params"),
+        "trainable_params": last.get("trainable_params"), "total_params": last.get("total_params"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "final_model": str(final) if final else None,
         "final_model_bytes": _dir_bytes(final) if final else None,

@@ -89,6 +89,9 @@ class DeviceMemorySampler:
         while not self._stop.wait(interval_s):
             self.peak_bytes = max(self.peak_bytes, self._read())
 
+    def reset(self) -> None:
+        self.peak_bytes = self._read()
+
     def peak_gib(self) -> float:
         self.peak_bytes = max(self.peak_bytes, self._read())
         return self.peak_bytes / 2**30
@@ -109,8 +112,8 @@ def start_device_sampler(device: torch.device) -> None:
 
 
 def memory(device: torch.device) -> dict:
-    """Peak memory since the last reset: allocated/reserved on a GPU, process RSS everywhere, and the device
-    memory NVML saw in use since the sampler started."""
+    """Peak memory since the last reset: allocated/reserved on a GPU and the device memory NVML saw in use;
+    process RSS (a whole-process peak) everywhere."""
     out = {"peak_rss_gib": round(peak_rss_gib(), 3)}
     if device.type == "cuda":
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -121,5 +124,10 @@ def memory(device: torch.device) -> dict:
 
 
 def reset_peaks(device: torch.device) -> None:
+    """Start the peak window (training, after the model is built): torch's peaks, and NVML's after the caching
+    allocator returns what building the model left cached (a random-init QLoRA model passes through 16 bits)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        if _sampler is not None:
+            _sampler.reset()
