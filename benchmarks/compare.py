@@ -28,6 +28,7 @@ from pathlib import Path
 from benchmarks import report, suites
 
 PROGRESS = re.compile(r"\[[#.]+\] step \d+/\d+.*")
+ROOT = Path(__file__).resolve().parents[1]  # recipes are named relative to the repository
 
 
 def gpu_count() -> int:
@@ -85,7 +86,7 @@ def stream(cmd: list[str], log: Path, label: str) -> tuple[int, str]:
     tail: list[str] = []
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             fh.write(line)
@@ -143,7 +144,7 @@ class Harness:
         from ftcluster import config as C
 
         try:
-            return C.load(self.suite.recipe, [*self.overrides(method), f"training.seed={seed}"]).fingerprint()
+            return C.load(ROOT / self.suite.recipe, [*self.overrides(method), f"training.seed={seed}"]).fingerprint()
         except C.ConfigError:
             return None
 

@@ -164,7 +164,8 @@ def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float, started_unix
     summary = {
         "run_dir": str(run_dir), "method": cfg.method, "wall_time_s": round(wall_s, 1),
         "time_to_first_step_s": round(first_step - started_unix, 1) if first_step else None,
-        "final_step": (result.metrics or {}).get("step"),
+        # Ray attaches metrics to the result only with a checkpoint: the records are the source.
+        "final_step": max((r["step"] for r in records if "step" in r), default=None),
         "world_size": last.get("world_size"), "device": last.get("device"),
         "first_loss": logged[0]["loss"] if logged else None,
         "final_loss": last.get("loss"),

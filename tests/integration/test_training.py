@@ -68,6 +68,13 @@ METHOD_RUNS = {
 }
 
 
+def test_a_run_without_a_final_checkpoint_still_reports_its_figures(runs):
+    s = runs("no-final-checkpoint", **{"output.checkpoint_at_end": False, "training.max_steps": 4})
+    assert s["final_step"] == 4 and s["checkpoint"] is None and s["final_model"] is None
+    assert not list(Path(s["run_dir"]).glob("checkpoint_*"))
+    assert s["trainable_params"] > 0 and s["tokens_per_s_total"] > 0 and s["peak_rss_gib"] > 0
+
+
 @pytest.mark.parametrize("key", list(METHOD_RUNS))
 def test_each_method_and_zero_stage_trains_and_its_loss_falls(runs, key):
     extra = METHOD_RUNS[key]

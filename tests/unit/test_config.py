@@ -6,7 +6,7 @@ import yaml
 from ftcluster import config as C
 from ftcluster.launch import prepare_run_dir
 
-RECIPES = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 
 
 def test_defaults_are_a_valid_lora_run_on_the_embedded_model():
@@ -103,3 +103,10 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = C.load(None, ["method=qlora", "lora.r=4"])
     C.save_resolved(cfg, tmp_path / "c.yaml")
     assert C.load(tmp_path / "c.yaml") == cfg
+
+
+def test_qlora_in_float32_needs_float32_compute_too():
+    with pytest.raises(C.ConfigError, match="quantization.compute_dtype=bfloat16"):
+        C.load(None, ["method=qlora", "model.dtype=float32"])
+    cfg = C.load(None, ["method=qlora", "model.dtype=float32", "quantization.compute_dtype=float32"])
+    assert cfg.quantization.compute_dtype == "float32"

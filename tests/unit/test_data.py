@@ -118,3 +118,15 @@ def test_batches_per_epoch_are_whole_accumulation_groups():
 def test_too_little_data_names_the_fix():
     with pytest.raises(ValueError, match="micro_batch_size"):
         data.ShardedBatches([{"input_ids": [1], "labels": [1]}] * 3, 2, 0, 2, 0, 0, False)
+
+
+def test_required_args_task_answers_from_the_signature_and_holds_out_unseen_prompts():
+    from ftcluster import pydoc_data
+
+    train, evaluation = pydoc_data.build_required_args(0.1)
+    assert len(train) > 500 and len(evaluation) > 40
+    assert not {e["instruction"] for e in train} & {e["instruction"] for e in evaluation}
+    by_id = {e["id"]: e for e in train + evaluation}
+    assert by_id["os.path.join"]["output"] == "a"  # join(a, *p): *p is optional
+    assert by_id["shutil.copyfile"]["output"] == "src, dst"
+    assert sum(e["output"] == "none" for e in train) < len(train) / 2

@@ -1,0 +1,92 @@
+"""The benchmark harness end to end on the tiny suite: real ftcluster.train processes (Ray, DeepSpeed, the
+bitsandbytes CPU backend), real quality scoring and the real HF-recipe baseline, then the renderings."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--suite", "tiny", *args],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def summary_table(report: str) -> dict[str, list[str]]:
+    section = report.split("## Summary", 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def tiny_sets(model: Path) -> list[str]:
+    # ray.address=local: each run starts its own cluster, whatever cluster this test session holds.
+    sets = [f"model.name_or_path={model}", "data.max_examples=96", "ray.address=local"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def full_report(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    compare("--methods", "full,lora,qlora", "--baseline", "hf", "--out", str(out),
+            "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
+    return out
+
+
+def test_compare_writes_every_file_with_every_column_filled(full_report):
+    for name in ("report.md", "results.json", "results.csv", "memory.png", "throughput.png", "loss.png",
+                 "quality.png"):
+        assert (full_report / name).stat().st_size > 0, name
+    results = json.loads((full_report / "results.json").read_text())
+    assert [(r["kind"], r["method"], r["status"]) for r in results["records"]] == [
+        ("base", "base", "ok"), ("train", "full", "ok"), ("hf", "full", "ok"), ("train", "lora", "ok"),
+        ("hf", "lora", "ok"), ("train", "qlora", "ok"), ("hf", "qlora", "ok")]
+    assert results["provenance"]["git_commit"] and results["provenance"]["versions"]["deepspeed"]
+
+    report = (full_report / "report.md").read_text()
+    table = summary_table(report)
+    for method in ("Full fine-tuning", "LoRA (16-bit base)", "QLoRA (4-bit NF4 base)"):
+        assert "n/a" not in table[method], (method, table[method])
+    base = table["Base model (no fine-tuning)"]
+    assert all(cell != "n/a" for cell in base[-3:]), base
+    assert table["Full fine-tuning"][-1] == "100%"
+    # Adapters train a small fraction of the parameters; full fine-tuning all of them.
+    assert "(100.00%)" in table["Full fine-tuning"][4] and "(100.00%)" not in table["LoRA (16-bit base)"][4]
+    baseline = report.split("## Against the plain Hugging Face recipe", 1)[1]
+    assert len(re.findall(r"\d\.\d\d×", baseline)) == 6  # a speed and a memory ratio per method
+    csv = (full_report / "results.csv").read_text()
+    assert "metrics.tokens_per_s_total" in csv and "quality.task_score" in csv
+
+
+def test_compare_from_results_rerenders_identically(full_report, tmp_path):
+    (tmp_path / "results.json").write_bytes((full_report / "results.json").read_bytes())
+    subprocess.run([sys.executable, "-m", "benchmarks.compare", "--from", str(tmp_path / "results.json")],
+                   check=True, capture_output=True)
+    for name in ("report.md", "results.csv", "results.json", "memory.png", "loss.png"):
+        assert (tmp_path / name).read_bytes() == (full_report / name).read_bytes(), name
+
+
+def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    compare("--methods", "lora,qlora", "--skip-base", "--out", str(out), "--work", str(work),
+            *tiny_sets(tiny_model), "--set", "qlora:deepspeed.config_file=/nonexistent/ds.json")
+    records = json.loads((out / "results.json").read_text())["records"]
+    lora, qlora = records
+    assert lora["status"] == "ok" and lora["metrics"]["tokens_per_s_total"] > 0
+    assert qlora["status"] == "failed" and "deepspeed.config_file" in qlora["error"]
+    report = (out / "report.md").read_text()
+    assert "## Runs that did not finish" in report and "QLoRA (4-bit NF4 base) — **failed**" in report
+    assert "n/a" not in summary_table(report)["LoRA (16-bit base)"][:-1]  # no full run to compare quality with
+
+    # The same command again, fixed and with --resume: the LoRA run is kept as measured, QLoRA runs now.
+    compare("--methods", "lora,qlora", "--skip-base", "--out", str(out), "--work", str(work), "--resume",
+            *tiny_sets(tiny_model))
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert [(r["method"], r["status"]) for r in records] == [("lora", "ok"), ("qlora", "ok")]
+    assert records[0] == lora

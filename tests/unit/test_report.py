@@ -1,0 +1,36 @@
+"""Report renderings are pure functions of records: quality relative to full fine-tuning, and the summary rows."""
+
+from benchmarks import report
+
+
+def _train(method, seed, task_score, ppl, tok_s=100.0):
+    return {"kind": "train", "method": method, "seed": seed, "status": "ok", "process_wall_s": 10.0,
+            "metrics": {"tokens_per_s_total": tok_s, "world_size": 1, "peak_rss_gib": 1.0, "trainable_params": 10,
+                        "total_params": 100, "losses": [[1, 2.0], [2, 1.5]]},
+            "quality": {"eval_loss": 0.1, "eval_perplexity": ppl, "task_score": task_score}}
+
+
+def _results(records):
+    return {"suite": {"name": "t", "description": "d", "recipe": "r", "quality": True},
+            "provenance": {"date": "x", "versions": {}}, "records": records}
+
+
+def test_quality_is_task_score_relative_to_full_with_mean_over_seeds():
+    rows = report.summary_rows(_results([_train("full", 1, 0.8, 2.0), _train("full", 2, 0.6, 2.0),
+                                         _train("lora", 1, 0.35, 3.0)]))
+    full, lora = rows
+    assert full["task_score_pct"] == 70.0 and round(full["task_score_pct_std"], 3) == round(100 * 0.1414214, 3)
+    assert lora["quality_pct_of_full"] == 50.0 and lora["quality_basis"] == "task score"
+
+
+def test_quality_falls_back_to_perplexity_when_full_scores_zero():
+    rows = report.summary_rows(_results([_train("full", 1, 0.0, 2.0), _train("lora", 1, 0.0, 4.0)]))
+    assert rows[1]["quality_pct_of_full"] == 50.0 and rows[1]["quality_basis"] == "perplexity"
+
+
+def test_failed_runs_are_counted_and_named_but_do_not_enter_the_means():
+    failed = {"kind": "train", "method": "lora", "seed": 2, "status": "failed", "error": "boom"}
+    rows = report.summary_rows(_results([_train("lora", 1, 0.5, 2.0, tok_s=300.0), failed]))
+    assert rows[0]["runs"] == 2 and rows[0]["ok"] == 1 and rows[0]["tokens_per_s"] == 300.0
+    assert rows[0]["errors"] == ["2: boom"]
+    assert "boom" in report.markdown(_results([_train("lora", 1, 0.5, 2.0), failed]))
