@@ -90,7 +90,7 @@ def stream(cmd: list[str], log: Path, label: str) -> tuple[int, str]:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             fh.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
+            tail = (tail + [line.rstrip()])[-300:]
             m = PROGRESS.search(line)
             if m:
                 print(f"  {label}  {m.group(0)}", flush=True)
@@ -98,11 +98,18 @@ def stream(cmd: list[str], log: Path, label: str) -> tuple[int, str]:
     return code, "\n".join(tail)
 
 
+WRAPPERS = re.compile(r"(WorkerGroupError|RayTaskError|TrainingFailedError|ControllerError|RayActorError)")
+
+
 def error_of(tail: str) -> str:
-    """The line of a failed run's output that says what went wrong (a Python exception, else the last line)."""
-    lines = [l for l in tail.splitlines() if l.strip()]
-    errors = [l for l in lines if re.search(r"(Error|Exception|error:|Killed|OutOfMemory)", l)]
-    return (errors[-1] if errors else lines[-1] if lines else "no output").strip()[:500]
+    """The line of a failed run's output that says what went wrong: the last Python exception line
+    (``torch.OutOfMemoryError: CUDA out of memory...``), else the last line that mentions an error."""
+    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    exceptions = [l for l in lines if re.search(r"^(\S+ )?[\w.]*(Error|Exception|Exit|Interrupt)\b: \S", l)]
+    # Ray wraps a worker's exception in its own; the worker's is the cause.
+    exceptions = [l for l in exceptions if not WRAPPERS.search(l)] or exceptions
+    mentions = [l for l in lines if re.search(r"(Error|Exception|error:|Killed|OutOfMemory)", l)]
+    return next(iter(exceptions[::-1] or mentions[::-1] or lines[::-1]), "no output")[:500]
 
 
 class Harness:

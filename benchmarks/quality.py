@@ -78,7 +78,7 @@ def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, dev
                         add_special_tokens=False).to(device)
         # Stop at any special token: chat models end a turn with their own marker (SmolLM2: <|im_end|>), which
         # need not be the tokenizer's eos; without this the model runs on into an imagined next turn.
-        gen = model.generate(**enc, do_sample=False, max_new_tokens=longest + 8, pad_token_id=tokenizer.pad_token_id,
+        gen = model.generate(**enc, do_sample=False, max_new_tokens=longest + 2, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=sorted(special_tokens(tokenizer).values()))
         out += [first_turn(tokenizer, text) for text in
                 tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)]

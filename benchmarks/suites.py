@@ -49,8 +49,8 @@ def _default(gpu: bool) -> Suite:
                      methods=_REAL)
     # On CPU there are no paged optimizers (they page GPU memory): QLoRA keeps torch AdamW there.
     return Suite("default", "configs/bench/default_cpu.yaml",
-                 "SmolLM2-135M-Instruct (real weights), builtin:required-args, 12 steps, CPU (float32)",
-                 methods={**_REAL, "qlora": []}, eval_examples=48, hf_steps=4)
+                 "SmolLM2-135M-Instruct (real weights), builtin:required-args, 6 steps, CPU (float32)",
+                 methods={**_REAL, "qlora": []}, eval_examples=32, hf_steps=4)
 
 
 def _llama_7b() -> Suite:

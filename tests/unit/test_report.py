@@ -34,3 +34,18 @@ def test_failed_runs_are_counted_and_named_but_do_not_enter_the_means():
     assert rows[0]["runs"] == 2 and rows[0]["ok"] == 1 and rows[0]["tokens_per_s"] == 300.0
     assert rows[0]["errors"] == ["2: boom"]
     assert "boom" in report.markdown(_results([_train("lora", 1, 0.5, 2.0), failed]))
+
+
+def test_a_failed_runs_error_is_its_exception_line_not_the_banner_around_it():
+    from benchmarks.compare import error_of
+
+    tail = "\n".join([
+        "(RayTrainWorker pid=1) [Rank 0 Error Snippet]:",
+        "Traceback (most recent call last):",
+        '  File "ftcluster/engine.py", line 88, in initialize',
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 96.00 GiB.",
+        "ray.train.WorkerGroupError: Training failed due to worker errors:",
+        "[Rank 0 Error Snippet]:",
+    ])
+    assert error_of(tail) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 96.00 GiB."
+    assert error_of("loading\nKilled") == "Killed"
