@@ -217,7 +217,7 @@ def run(args, argv: list[str]) -> Path:
         plan.append(("base", None, None))
     for method in methods:
         plan += [("train", method, s) for s in seeds]
-        if args.baseline == "hf" and method in ("full", "lora", "qlora"):
+        if args.baseline == "hf":
             plan.append(("hf", method, None))
     print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
           flush=True)

@@ -32,7 +32,8 @@ def memory_basis(m: dict) -> str:
 
 def figures(rec: dict) -> dict:
     """The report's numbers for one ok training or baseline record."""
-    m, q = rec.get("metrics") or {}, rec.get("quality") or {}
+    m = rec.get("metrics") or {}
+    q = rec.get("quality") or (m if rec["kind"] == "base" else {})  # a base record's metrics are its quality
     world = m.get("world_size") or 1
     trainable, total = m.get("trainable_params"), m.get("total_params")
     out = {
@@ -49,8 +50,7 @@ def figures(rec: dict) -> dict:
         "final_model_mb": m["final_model_bytes"] / 1e6 if m.get("final_model_bytes") else None,
         "eval_loss": q.get("eval_loss", m.get("eval_loss")),
         "eval_perplexity": q.get("eval_perplexity", m.get("eval_perplexity")),
-        "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else (
-            100 * m["task_score"] if m.get("task_score") is not None else None),
+        "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
     }
     return out
 
@@ -77,9 +77,6 @@ def summary_rows(results: dict) -> list[dict]:
             f = figures(r)
             if kind == "base":
                 f = {k: f[k] for k in ("eval_loss", "eval_perplexity", "task_score_pct")}
-                q = r["metrics"]
-                f.update(eval_loss=q["eval_loss"], eval_perplexity=q["eval_perplexity"],
-                         task_score_pct=100 * q["task_score"])
             per_run.append(f)
         row = {"method": method, "runs": len(mine), "ok": len(ok),
                "errors": [f"{r.get('seed')}: {r.get('error')}" for r in mine if r["status"] != "ok"]}

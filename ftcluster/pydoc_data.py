@@ -41,14 +41,24 @@ def _first_sentence(doc: str) -> str | None:
     return text
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _signature_text(sig: inspect.Signature) -> str:
+    """The signature as text, without the memory addresses of default objects (``<function f at 0x7f...>``),
+    which change from process to process and would make the prompts differ between runs."""
+    return _ADDRESS.sub("", str(sig))
+
+
 def _signature(obj) -> str:
     try:
-        return str(inspect.signature(obj))
+        return _signature_text(inspect.signature(obj))
     except (TypeError, ValueError):
         return "(...)"
 
 
-def _examples_of(module_name: str):
+def _public_callables(module_name: str):
+    """(name, object) for each public function, builtin or class of a stdlib module, in name order."""
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -56,8 +66,24 @@ def _examples_of(module_name: str):
     public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
     for name in sorted(set(public)):
         obj = getattr(module, name, None)
-        if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+        if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj):
+            yield name, obj
+
+
+def _split(examples, key, eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, eval) by a hash of each example's id, keeping the first example of each ``key(example)``."""
+    seen: set[str] = set()
+    train, evaluation = [], []
+    for ex in examples:
+        if key(ex) in seen:
             continue
+        seen.add(key(ex))
+        (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
+    return train, evaluation
+
+
+def _examples_of(module_name: str):
+    for name, obj in _public_callables(module_name):
         doc = getattr(obj, "__doc__", None)
         answer = _first_sentence(doc) if isinstance(doc, str) else None
         if answer is None:
@@ -79,27 +105,12 @@ def held_out(example_id: str, eval_fraction: float) -> bool:
 
 def build(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples. Answers shared by several names (aliases, re-exports) are kept once."""
-    seen: set[str] = set()
-    train, evaluation = [], []
-    for module_name in MODULES:
-        for ex in _examples_of(module_name):
-            if ex["output"] in seen:
-                continue
-            seen.add(ex["output"])
-            (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
-    return train, evaluation
+    examples = (ex for module_name in MODULES for ex in _examples_of(module_name))
+    return _split(examples, lambda ex: ex["output"], eval_fraction)
 
 
 def _required_args_examples(module_name: str):
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return
-    public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-    for name in sorted(set(public)):
-        obj = getattr(module, name, None)
-        if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
-            continue
+    for name, obj in _public_callables(module_name):
         try:
             sig = inspect.signature(obj)
         except (TypeError, ValueError):
@@ -108,7 +119,7 @@ def _required_args_examples(module_name: str):
         required = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind not in variadic]
         yield {
             "id": f"{module_name}.{name}",
-            "instruction": f"Which parameters must every call to `{module_name}.{name}{sig}` pass? Answer with "
+            "instruction": f"Which parameters must every call to `{module_name}.{name}{_signature_text(sig)}` pass? Answer with "
                            "their names separated by commas, or none.",
             "input": "",
             "output": ", ".join(required) or "none",
@@ -117,16 +128,9 @@ def _required_args_examples(module_name: str):
 
 def build_required_args(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
     """(train, eval) examples of the required-arguments task; a callable reachable under two names is kept once."""
-    seen: set[str] = set()
-    train, evaluation = [], []
-    for module_name in MODULES:
-        for ex in _required_args_examples(module_name):
-            key = ex["instruction"].split("`")[1].split(".")[-1]  # name + signature, without the module
-            if key in seen:
-                continue
-            seen.add(key)
-            (evaluation if held_out(ex["id"], eval_fraction) else train).append(ex)
-    return train, evaluation
+    examples = (ex for module_name in MODULES for ex in _required_args_examples(module_name))
+    # name + signature, without the module: the same callable re-exported elsewhere is one example
+    return _split(examples, lambda ex: ex["instruction"].split("`")[1].split(".")[-1], eval_fraction)
 
 
 BUILDERS = {"builtin:pydoc": build, "builtin:required-args": build_required_args}

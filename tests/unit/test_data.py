@@ -130,3 +130,15 @@ def test_required_args_task_answers_from_the_signature_and_holds_out_unseen_prom
     assert by_id["os.path.join"]["output"] == "a"  # join(a, *p): *p is optional
     assert by_id["shutil.copyfile"]["output"] == "src, dst"
     assert sum(e["output"] == "none" for e in train) < len(train) / 2
+
+
+def test_builtin_datasets_are_identical_in_every_process():
+    # Defaults such as `<function f at 0x7f...>` carry a per-process address; prompts must not.
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from ftcluster import pydoc_data as P; "
+            "print(hashlib.sha1(json.dumps([P.build(0.1), P.build_required_args(0.1)]).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(2)}
+    assert len(digests) == 1
