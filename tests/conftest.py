@@ -35,6 +35,8 @@ def tiny_model(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=True)
+    # address="local": always a fresh cluster for the session, never one a `ray start` left on the host
+    # (ray.init() otherwise joins the cluster named in /tmp/ray/ray_current_cluster, even a dead one).
+    ray.init(address="local", num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
