@@ -54,7 +54,14 @@ teardown() {
   for pid in "${STEPS[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap teardown EXIT
-trap 'echo "ray_slurm: SIGTERM, stopping the driver"; kill -TERM "${DRIVER:-0}" 2>/dev/null || true' TERM INT
+on_term() {
+  if [ -z "${DRIVER:-}" ]; then echo "ray_slurm: SIGTERM before the driver started"; exit 143; fi
+  echo "ray_slurm: SIGTERM, stopping the driver"
+  kill -TERM "$DRIVER" 2>/dev/null || true
+}
+trap on_term TERM INT
+# bash runs a trap only between commands: run long ones in the background and `wait`, which a signal interrupts.
+run() { "$@" & wait $!; }
 
 start_node() {  # index node address extra-args...
   local i=$1 node=$2 addr=$3; shift 3
@@ -66,13 +73,13 @@ start_node() {  # index node address extra-args...
 
 echo "ray_slurm: head $HEAD ($HEAD_ADDR:$HEAD_PORT), ${#NODES[@]} node(s), $FTC_GPUS_PER_NODE GPU(s) each"
 start_node 0 "$HEAD" "$HEAD_ADDR" --head --port="$HEAD_PORT" --dashboard-host="$HEAD_ADDR" \
-  --dashboard-port=$((FTC_PORT_BASE + 86)) --ray-client-server-port=$((FTC_PORT_BASE + 87))
+  --dashboard-port=$((FTC_PORT_BASE + 7))
 eval "$FTC_ACTIVATE"
-python3 -m launchers.wait_for_cluster --address "$HEAD_ADDR:$HEAD_PORT" --nodes "$HEAD" --timeout "$FTC_WAIT_S"
+run python3 -m launchers.wait_for_cluster --address "$HEAD_ADDR:$HEAD_PORT" --nodes "$HEAD" --timeout "$FTC_WAIT_S"
 for i in $(seq 1 $((${#NODES[@]} - 1))); do
   start_node "$i" "${NODES[$i]}" "$(node_addr "${NODES[$i]}")" --address="$HEAD_ADDR:$HEAD_PORT"
 done
-python3 -m launchers.wait_for_cluster --address "$HEAD_ADDR:$HEAD_PORT" --nodes "${NODES[@]}" \
+run python3 -m launchers.wait_for_cluster --address "$HEAD_ADDR:$HEAD_PORT" --nodes "${NODES[@]}" \
   --gpus-per-node "$FTC_GPUS_PER_NODE" --timeout "$FTC_WAIT_S"
 
 python3 -m ftcluster.train --config "$FTC_CONFIG" \
