@@ -213,9 +213,12 @@ def step_profiler(cfg: RunConfig, device: torch.device):
 
 def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batches: ShardedBatches | None,
           device: torch.device, progress: Progress, total_steps: int, flops_per_token: float, peak_flops: float,
-          report: Callable[[dict, str | None], None]) -> Progress:
-    """Run optimizer steps until ``total_steps``. ``report(metrics, checkpoint)`` is called on every worker at the
-    same steps, with checkpoint None, "resume" or "final"."""
+          report: Callable[[dict, str | None], None],
+          should_stop: Callable[[], str | None] | None = None) -> Progress:
+    """Run optimizer steps until ``total_steps``, or until ``should_stop()`` (called on every worker after every
+    step, and agreed between them) gives a reason: then a resume checkpoint is saved and the loop ends early.
+    ``report(metrics, checkpoint)`` is called on every worker at the same steps, with checkpoint None, "resume" or
+    "final"."""
     from ftcluster import metrics as M
 
     t = cfg.training
@@ -248,13 +251,17 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
             window.step_times.append(now - step_started)
             step_started = now
             last = progress.step >= total_steps
-            log = progress.step % t.log_every == 0 or last
+            stopped = None if last or should_stop is None else should_stop()
+            log = progress.step % t.log_every == 0 or last or stopped
             do_eval = eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0) or last)
             periodic = t.save_every and progress.step % t.save_every == 0
-            save = ("final" if cfg.output.checkpoint_at_end else None) if last else ("resume" if periodic else None)
+            save = ("final" if cfg.output.checkpoint_at_end else None) if last else \
+                ("resume" if periodic or stopped else None)
             if log or do_eval or save:
                 paused = time.perf_counter()
                 metrics = {"step": progress.step, "epoch": progress.epoch, "first_step_unix": first_step_unix}
+                if stopped:
+                    metrics["stopped"] = stopped
                 if log:
                     M.sync(device)
                     elapsed = time.perf_counter() - window.started
@@ -279,7 +286,7 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
                 # Evaluation and checkpointing are not training: keep them out of step times and tokens/s.
                 step_started = time.perf_counter()
                 window.started += step_started - paused
-            if last:
+            if last or stopped:
                 return progress
         progress.epoch += 1
         progress.batch_in_epoch = 0

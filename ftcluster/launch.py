@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from ftcluster import embedded
+from ftcluster import embedded, stop
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig, save_resolved
 
 from ray.train import UserCallback
@@ -49,6 +51,8 @@ def progress_line(m: dict) -> str:
             parts.append(f"MFU {100 * m['mfu']:.1f}%")
     if "eval_loss" in m:
         parts.append(f"eval_loss {m['eval_loss']:.4f}  ppl {m['eval_perplexity']:.2f}")
+    if "stopped" in m:
+        parts.append(f"stopped early ({m['stopped']}), checkpoint saved")
     return "  ".join(parts)
 
 
@@ -72,6 +76,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, record)
+    stop.clear(run_dir)
     return run_dir
 
 
@@ -130,7 +135,15 @@ def run(cfg: RunConfig) -> dict:
         ),
     )
     started = time.time()
-    result = trainer.fit()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    if in_main:
+        stop.on_signals(run_dir)
+    try:
+        result = trainer.fit()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return summarize(cfg, run_dir, result, time.time() - started, started)
 
 
@@ -166,6 +179,8 @@ def summarize(cfg: RunConfig, run_dir: Path, result, wall_s: float, started_unix
         "time_to_first_step_s": round(first_step - started_unix, 1) if first_step else None,
         # Ray attaches metrics to the result only with a checkpoint: the records are the source.
         "final_step": max((r["step"] for r in records if "step" in r), default=None),
+        # The records span every attempt of the run: only this attempt's last one says how it ended.
+        "stopped": records[-1].get("stopped") if records else None,
         "world_size": last.get("world_size"), "device": last.get("device"),
         "first_loss": logged[0]["loss"] if logged else None,
         "final_loss": last.get("loss"),

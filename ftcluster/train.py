@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ftcluster import config as C
+from ftcluster import config as C, stop
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
               "to resume from the latest one.", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
+    if summary.get("stopped"):
+        print(f"stopped early at step {summary['final_step']} ({summary['stopped']}); checkpoint: "
+              f"{summary['checkpoint']}. Run the same command again to resume.", file=sys.stderr)
+        return stop.EXIT_STOPPED
     return 0
 
 

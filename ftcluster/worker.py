@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ftcluster import checkpoint, data, engine, metrics, models
+from ftcluster import checkpoint, data, engine, metrics, models, stop
 from ftcluster.config import RunConfig, from_dict
 
 
@@ -95,4 +95,4 @@ def train_loop_per_worker(config: dict) -> None:
                              checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
 
     engine.train(cfg, s.engine, s.scheduler, s.batches, s.eval_batches, device, progress, s.total_steps,
-                 s.flops_per_token, s.peak, report)
+                 s.flops_per_token, s.peak, report, should_stop=stop.StopCheck(cfg.run_dir, device))

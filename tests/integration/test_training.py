@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ftcluster import config as C
-from ftcluster import launch
+from ftcluster import launch, stop
 from tests.tiny import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -180,6 +180,35 @@ def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, 
     assert after[restart]["step"] == saved + 1
     for step in range(saved + 1, 9):
         assert losses_by_step(cfg.run_dir)[step] == pytest.approx(reference[step], rel=1e-3), step
+
+
+def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command_resumes(ray_local, tiny_model,
+                                                                                           storage):
+    """What sbatch's --signal, scancel and `ray job stop` do to a run: it must end resumable, not lost."""
+    extra = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
+             "training.save_every": 0, "training.log_every": 1, "training.eval_batches": 2}
+    cfg = tiny_cfg(tiny_model, storage, "sigterm", **extra)
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, storage, "sigterm", **extra),
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first step")
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == stop.EXIT_STOPPED, out[-3000:]
+    last = records(cfg.run_dir)[-1]
+    assert last["stopped"] == "stop requested" and "checkpoint" in last
+    assert last["step"] < 20 and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
+    assert "Run the same command again to resume" in out
+    assert not (cfg.run_dir / "final").exists()
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {last['step']}" in resumed.stdout + resumed.stderr
+    after = records(cfg.run_dir)
+    assert after[after.index(last) + 1]["step"] == last["step"] + 1  # not one step lost or repeated
+    assert json.loads((cfg.run_dir / "summary.json").read_text())["stopped"] is None
+    assert (cfg.run_dir / "final").is_dir()
 
 
 def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_run(runs, tiny_model, storage):
