@@ -29,7 +29,7 @@ class ProgressLog(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         m = dict(metrics[0])
         per_worker = ("peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib", "peak_rss_gib",
-                      "tokens_per_s", "pid")
+                      "tokens_per_s", "pid", "node_id")
         for key in per_worker:
             if key in m:
                 m[f"{key}_per_worker"] = [w.get(key) for w in metrics]

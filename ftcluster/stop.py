@@ -20,8 +20,6 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-
 STOP_FILE = "STOP"
 EXIT_STOPPED = 75
 """The driver's exit code for a run that stopped early with a checkpoint (EX_TEMPFAIL: run it again to resume)."""
@@ -67,7 +65,9 @@ class StopCheck:
 
     REASONS = ("", "stop requested", "node preempted")
 
-    def __init__(self, run_dir: Path, device: torch.device, poll_s: float = 1.0):
+    def __init__(self, run_dir: Path, device, poll_s: float = 1.0):
+        import torch
+
         self.path = Path(run_dir) / STOP_FILE
         self.device = device
         self.poll_s = poll_s
@@ -76,6 +76,8 @@ class StopCheck:
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     def __call__(self) -> str | None:
+        import torch
+
         flag = 0
         if self.rank == 0 and not self._file_seen and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll_s  # a stat per second, not per step, on shared storage

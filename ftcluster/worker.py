@@ -65,6 +65,7 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -74,6 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
     s = setup(cfg, rank, world, device)
+    s.static["node_id"] = ray.get_runtime_context().get_node_id()
 
     progress = engine.Progress()
     resume_from = ray.train.get_checkpoint()
