@@ -46,8 +46,9 @@ start() {
   munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
     --pid-file="$dir/munged.pid" --log-file="$dir/munged.log" --seed-file="$dir/munge/seed"
   # Ray advertises the host's routable address even when told 127.0.0.1; the nodes must carry the same one.
-  addr=$(hostname -I 2>/dev/null | awk '{print $1}')
-  addr=${addr:-127.0.0.1}
+  addr=$(hostname -I 2>/dev/null | awk '{print $1}') || true
+  [ -n "$addr" ] || addr=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("192.0.2.1", 9)); print(s.getsockname()[0])' 2>/dev/null) || addr=127.0.0.1
   cpus=$(nproc)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
   names=$(seq -s, -f 'n%g' 1 "$nodes")
