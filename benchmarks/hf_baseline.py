@@ -29,11 +29,8 @@ def build(cfg: C.RunConfig, device: torch.device):
     m = cfg.model
     dtype = models.DTYPES[m.dtype]
     hf = models.load_hf_config(m)
-    if m.random_init:  # no weights to load: the same in-place NF4 quantizer random-init QLoRA uses
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation="sdpa")
-        if cfg.method == "qlora":
-            models.quantize_linears_(model, cfg, device)
+    if m.random_init:  # no weights to load: the same layer-by-layer builder random-init runs use
+        model = models.build_random_model(cfg, hf, device, dtype=dtype, attn_implementation="sdpa")
     else:
         src, kw = models.resolve_source(m)
         if cfg.method == "qlora":

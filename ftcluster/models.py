@@ -95,31 +95,61 @@ def bnb_config(cfg: RunConfig):
     )
 
 
-def quantize_linears_(model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
-    """Swap every nn.Linear but lm_head for a bitsandbytes Linear4bit holding the same weights, one layer at a
-    time, so a randomly initialised model never needs its 16-bit copy whole on top of the 4-bit one."""
+def linear_to_4bit(linear: nn.Linear, q, device: torch.device) -> nn.Module:
+    """A bitsandbytes Linear4bit holding ``linear``'s weights, quantized on ``device``."""
     import bitsandbytes as bnb
 
-    q = bnb_config(cfg)
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child_name == "lm_head":
-                continue
-            layer = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
-                quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, device="meta",
-            )
-            layer.weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, compress_statistics=q.bnb_4bit_use_double_quant,
-                quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, module=layer,
-            ).to(device)
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data.to(device), requires_grad=False)
-            setattr(parent, child_name, layer)
-            del child
-    model.config.quantization_config = q
-    model.is_loaded_in_4bit = True
+    layer = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=q.bnb_4bit_compute_dtype, compress_statistics=q.bnb_4bit_use_double_quant,
+        quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.data, requires_grad=False, compress_statistics=q.bnb_4bit_use_double_quant,
+        quant_type=q.bnb_4bit_quant_type, quant_storage=q.bnb_4bit_quant_storage, module=layer,
+    ).to(device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    return layer
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+
+
+def build_random_model(cfg: RunConfig, hf, device: torch.device, **from_config) -> nn.Module:
+    """A randomly initialised model built one module at a time: made weightless on the meta device, then each
+    module is given memory on ``device`` and initialised by the model's own ``_init_weights``; for QLoRA each linear
+    layer is quantized to NF4 as soon as it exists. The peak is the finished model plus one 16-bit layer, so a 70B
+    QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, **from_config)
+    q = bnb_config(cfg) if cfg.method == "qlora" else None
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not _is_meta(child):
+                    continue
+                if any(b.is_meta for b in child.buffers(recurse=False)):
+                    # Buffers computed in __init__ (rotary inverse frequencies): construct the module again there.
+                    if not hasattr(child, "config"):
+                        raise ConfigError(f"model.random_init: cannot build {type(child).__name__} ({name}) of "
+                                          f"{hf.model_type} one module at a time; use a checkpoint instead")
+                    with torch.device(device):
+                        setattr(parent, name, type(child)(config=child.config))
+                    continue
+                child.to_empty(device=device, recurse=False)
+                model._init_weights(child)
+                if q is not None and isinstance(child, nn.Linear) and name != "lm_head":
+                    setattr(parent, name, linear_to_4bit(child, q, device))
+    if getattr(hf, "tie_word_embeddings", False):
+        model.tie_weights()  # each side was given its own memory above
+    if q is not None:
+        model.config.quantization_config = q
+        model.is_loaded_in_4bit = True
+    return model
 
 
 def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
@@ -142,11 +172,7 @@ def build_base_model(cfg: RunConfig, device: torch.device):
     common = dict(dtype=dtype, attn_implementation=attn_implementation(cfg, device),
                   trust_remote_code=m.trust_remote_code)
     if m.random_init:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf, **common)
-        if cfg.method == "qlora":
-            quantize_linears_(model, cfg, device)
-        return model
+        return build_random_model(cfg, hf, device, **common)
     src, kw = resolve_source(m)
     if cfg.method == "qlora":
         kw["quantization_config"] = bnb_config(cfg)

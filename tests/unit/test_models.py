@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -70,6 +72,30 @@ def test_random_init_qlora_quantizes_every_linear_but_lm_head(tiny_model):
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears if m is not model.lm_head)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert len([m for m in linears if isinstance(m, bnb.nn.Linear4bit)]) == 2 * 7
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_random_init_built_module_by_module_matches_a_whole_from_config_build(tiny_model, method):
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for(tiny_model, f"method={method}", "model.random_init=true",
+                  "model.config_overrides={tie_word_embeddings: true}")
+    model = models.build_base_model(cfg, torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_config(models.load_hf_config(cfg.model), dtype=torch.bfloat16)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after each got memory
+    rotary, want = model.model.rotary_emb, reference.model.rotary_emb
+    assert torch.equal(rotary.inv_freq, want.inv_freq) and rotary.attention_scaling == want.attention_scaling
+    assert all(torch.all(m.weight == 1) for n, m in model.named_modules() if "RMSNorm" in type(m).__name__)
+    std = models.load_hf_config(cfg.model).initializer_range
+    weight = model.model.embed_tokens.weight.float()
+    assert abs(weight.std().item() - std) < 0.1 * std and abs(weight.mean().item()) < 0.1 * std
+    if method == "lora":  # same module tree, shapes and dtypes as the whole build
+        assert {n: (p.shape, p.dtype) for n, p in model.named_parameters()} == \
+               {n: (p.shape, p.dtype) for n, p in reference.named_parameters()}
+    ids = torch.randint(0, 500, (2, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(model.config.vocab_size)) < 1.0  # random init
 
 
 def test_config_overrides_must_name_real_fields(tiny_model):
