@@ -79,7 +79,15 @@ def _sizes(size: str) -> Suite:
                           "qlora": ["optimizer.name=paged_adamw_8bit"]}, quality=False)
 
 
-SUITES = ("default", "llama-7b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b")
+def _qlora_70b() -> Suite:
+    model = shapes.ensure("llama-3-70b", SHAPES_ROOT)
+    return Suite("qlora-70b", "configs/bench/llama3_70b_qlora.yaml",
+                 "llama-3-70b architecture, random init quantized layer by layer, seq 1024, micro batch 1, gradient "
+                 "checkpointing, LoRA r=16 all-linear, paged 8-bit AdamW",
+                 common=[f"model.name_or_path={model}"], methods={"qlora": []}, quality=False)
+
+
+SUITES = ("default", "llama-7b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b", "qlora-70b")
 
 
 def get(name: str, gpu: bool) -> Suite:
@@ -89,6 +97,8 @@ def get(name: str, gpu: bool) -> Suite:
         return _llama_7b()
     if name == "tiny":
         return _tiny()
+    if name == "qlora-70b":
+        return _qlora_70b()
     if name.startswith("sizes-"):
         return _sizes(name.removeprefix("sizes-"))
     raise SystemExit(f"--suite {name}: unknown suite; choose one of {', '.join(SUITES)}")
