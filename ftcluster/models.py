@@ -144,6 +144,7 @@ def build_random_model(cfg: RunConfig, hf, device: torch.device, **from_config) 
                 model._init_weights(child)
                 if q is not None and isinstance(child, nn.Linear) and name != "lm_head":
                     setattr(parent, name, linear_to_4bit(child, q, device))
+                    child.to("meta")  # free its 16-bit weight now: the list above still holds the module
     if getattr(hf, "tie_word_embeddings", False):
         model.tie_weights()  # each side was given its own memory above
     if q is not None:
