@@ -25,10 +25,22 @@ class Setup(NamedTuple):
     static: dict
 
 
+def use_expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place instead of keeping many fixed-size blocks: the gap
+    between reserved and allocated memory shrinks (1.7 GiB of 43.8 reserved on the 70B QLoRA run without it),
+    which is what decides whether a run fits a 48 GB card. A user's own PYTORCH_CUDA_ALLOC_CONF wins."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    # The allocator may already be running (Ray set the device up): apply the setting to it too.
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
 def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        use_expandable_segments()
         # DeepSpeed's op builder reads this; unset, it derives "9.0a" on Hopper and fails to parse it
         # (ValueError: invalid literal for int() with base 10: '0a'), seen with deepspeed 0.19 on H100/H200.
         major, minor = torch.cuda.get_device_capability(device)
