@@ -86,7 +86,7 @@ class StopCheck:
             flag = 1
         elif _preempted():
             flag = 2
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             t = torch.tensor([flag], dtype=torch.int32, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = int(t.item())
