@@ -1,10 +1,10 @@
-"""``python -m ftcluster {train,merge} ...``"""
+"""``python -m ftcluster {train,merge,estimate} ...``"""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "ftcluster.train", "merge": "ftcluster.merge"}
+COMMANDS = {"train": "ftcluster.train", "merge": "ftcluster.merge", "estimate": "ftcluster.estimate"}
 
 
 def main(argv: list[str] | None = None) -> int:

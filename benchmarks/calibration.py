@@ -1,0 +1,83 @@
+"""The memory estimator's calibration table: the measured peak memory of every GPU run in the committed reports,
+with the run's settings resolved from the very command that made it.
+
+    python -m benchmarks.calibration > benchmarks/calibration.json
+
+tests/unit/test_estimate.py holds ``ftcluster.estimate`` to within ±10% of each row.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from ftcluster import config as C
+from ftcluster.estimate import Run
+from ftcluster.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPANDABLE_SINCE = "322eb5a"
+"""The commit from which workers run the CUDA allocator with expandable segments: NVML peaks of earlier runs carry
+1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
+
+
+def shape_name(model: str) -> str:
+    if model.startswith("embedded:smollm2-135m"):
+        return "smollm2-135m"
+    name = Path(model).name
+    if name not in PRESETS:
+        raise ValueError(f"{model}: no preset for this shape")
+    return name
+
+
+def run_of(cfg: C.RunConfig) -> Run:
+    targets = cfg.lora.target_modules
+    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=cfg.deepspeed.zero_stage,
+               offload="optimizer" if cfg.deepspeed.offload_optimizer == "cpu" else "none",
+               seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
+               grad_ckpt=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+               lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
+               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant)
+
+
+def expandable(commit: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", EXPANDABLE_SINCE, commit], cwd=ROOT,
+                          capture_output=True).returncode == 0
+
+
+def rows() -> list[dict]:
+    out = []
+    for results in sorted(ROOT.glob("reports/*/*/results.json")):
+        doc = json.loads(results.read_text())
+        prov = doc["provenance"]
+        if not prov.get("gpus"):
+            continue  # CPU runs: no device memory to calibrate against
+        for r in doc["records"]:
+            m = r.get("metrics") or {}
+            if r.get("kind") != "train" or r.get("status") != "ok" or not m.get("peak_allocated_gib"):
+                continue
+            argv = shlex.split(r["command"]) if isinstance(r["command"], str) else r["command"]
+            recipe = argv[argv.index("--config") + 1]
+            overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+            # The model paths were on the GPU host: resolve the settings without checking files exist here.
+            raw = yaml.safe_load((ROOT / recipe).read_text())
+            cfg = C.from_dict(C.apply_overrides(raw, overrides), recipe)
+            out.append({
+                "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
+                "commit": prov["git_commit"], "expandable_segments": expandable(prov["git_commit"]),
+                "shape": shape_name(cfg.model.name_or_path), "run": asdict(run_of(cfg)),
+                "measured_gib": {"allocated": m["peak_allocated_gib"], "reserved": m["peak_reserved_gib"],
+                                 "device": m["peak_device_used_gib"]},
+            })
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(rows(), sys.stdout, indent=1)
+    print()

@@ -1,0 +1,333 @@
+"""Per-GPU memory of a fine-tuning run, term by term, before any GPU is touched.
+
+    python -m ftcluster estimate --model llama-3-70b --method qlora --seq-len 1024 --micro-batch 1 --grad-ckpt \\
+        --optimizer paged_adamw_8bit --gpu-memory 48
+
+A model of what the code allocates, not a rule of thumb. Every term below names where its bytes come from; the
+calibration table (``benchmarks/calibration.json``, measured runs) holds it to within ±10% (tests/unit/test_estimate.py).
+
+Notation: P parameters of the model, T trainable parameters, N data-parallel GPUs, t = micro batch x sequence
+length tokens per step per GPU, L layers, H hidden size, I MLP size, kv = key/value width, V vocabulary.
+
+Memory is used in two phases, and the peak is the larger:
+* backward start: what persists (weights, trainable copies, optimizer states) + the activations saved by the
+  forward pass + the loss's logits buffers + one recomputed layer under gradient checkpointing;
+* optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ftcluster.presets import PRESETS
+
+GiB = 2**30
+BLOCK = 64
+"""bitsandbytes NF4 block size: one absmax per 64 weights (bitsandbytes/functional.py quantize_4bit)."""
+DQ_BLOCK = 256
+"""Double quantization: the absmax values are themselves quantized to 8 bits in blocks of 256, with an fp32
+absmax per block (QLoRA paper §3; bitsandbytes quantize_blockwise)."""
+CUDA_OVERHEAD_GIB = 2.3
+"""Device memory outside PyTorch's allocator: the CUDA context, cuBLAS/cuDNN workspaces, NCCL and the loaded
+kernels of torch and bitsandbytes. Measured as NVML used minus torch reserved on every calibration run on one
+H100 (CUDA 13, torch 2.11): 2.1 to 2.6 GiB (benchmarks/calibration.json)."""
+FRAGMENTATION = 0.02
+"""Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
+on the calibration runs; 2% assumed."""
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+"""Bytes per trainable parameter of optimizer state: Adam's two moments, in fp32 or in 8 bits (bitsandbytes
+8-bit optimizers; their quantization maps are a few KB)."""
+PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
+"""Paged optimizers keep their state in CUDA unified memory (cudaMallocManaged), outside torch's allocator: it
+counts on the device while resident, and can be evicted to the host under pressure."""
+GPUS_GIB = {"a100-40": 40, "a100-80": 80, "h100": 80, "h200": 141, "l40s": 48, "a6000": 48, "rtx4090": 24, "a10": 24}
+"""Nominal memory of common GPUs (decimal GB as sold; the usable GiB is a little lower)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one decoder layer (Llama: q, k, v, o, gate, up, down)."""
+        h, i, kv = self.hidden, self.intermediate, self.kv
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, lm_head (unless tied) and the RMSNorm weights: never quantized."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def shape_of(model: str) -> Shape:
+    """A preset name, or a Hugging Face config: a model directory or its config.json."""
+    if model in PRESETS:
+        c = PRESETS[model]
+    else:
+        path = Path(model).expanduser()
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise SystemExit(f"--model {model}: neither a preset ({', '.join(PRESETS)}) nor a config.json or a "
+                             "directory holding one")
+        c = json.loads(path.read_text())
+    try:
+        return Shape(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+                     heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                     vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise SystemExit(f"--model {model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str = "lora"  # full | lora | qlora
+    gpus: int = 1
+    zero: int = 2
+    offload: str = "none"  # none | optimizer | optimizer+param
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_ckpt: bool = True
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    optimizer: str = "adamw"
+    double_quant: bool = True
+
+
+def trainable_params(shape: Shape, run: Run) -> int:
+    if run.method == "full":
+        return shape.params
+    targets = shape.linear_shapes()
+    if "all-linear" not in run.lora_targets:
+        unknown = [t for t in run.lora_targets if t not in targets]
+        if unknown:
+            raise SystemExit(f"--lora-targets: {unknown} are not linear layers of a Llama decoder ({', '.join(targets)})")
+        targets = {k: v for k, v in targets.items() if k in run.lora_targets}
+    return shape.layers * sum(run.lora_r * (a + b) for a, b in targets.values())
+
+
+def terms(shape: Shape, run: Run) -> dict[str, float]:
+    """Bytes per GPU of each term. Keys are the rows ``explain`` prints."""
+    n, T, t = run.gpus, trainable_params(shape, run), run.seq_len * run.micro_batch
+    shard_params = run.zero == 3 and n > 1
+    shard_grads = run.zero >= 2 and n > 1
+    shard_optim = run.zero >= 1 and n > 1
+    offload_opt = "optimizer" in run.offload
+    offload_par = "param" in run.offload
+    out: dict[str, float] = {}
+
+    # Weights: bf16 (2 bytes), or NF4 (half a byte) + its absmax constants for the linear layers under QLoRA.
+    if run.method == "qlora":
+        absmax = 1 / BLOCK + 4 / (BLOCK * DQ_BLOCK) if run.double_quant else 4 / BLOCK
+        base = shape.linear_params * (0.5 + absmax) + shape.other_params * 2
+    else:
+        base = shape.params * 2
+    if shard_params:
+        base /= n  # ZeRO-3 partitions every parameter, 4-bit storage included (stored as bf16 so it can split)
+    if offload_par:
+        base = 0.0
+    out["weights"] = base
+    if run.method != "full":
+        out["lora weights (bf16)"] = 2 * T / (n if shard_params else 1)
+
+    # fp32 master weights and optimizer states: DeepSpeed's bf16 mode keeps an fp32 copy of what trains.
+    opt_div = n if shard_optim else 1
+    master = 0.0 if offload_opt else 4 * T / opt_div
+    state = 0.0 if offload_opt else OPTIMIZER_BYTES[run.optimizer] * T / opt_div
+    out["fp32 master weights"] = master
+    out["optimizer states" + (" (paged, outside torch)" if run.optimizer in PAGED else "")] = state
+
+    # Gradients: bf16 as backward produces them (ZeRO-2/3 keep only this GPU's partition), then the fp32
+    # partition the optimizer steps on (DeepSpeed converts one partition at a time).
+    # ZeRO-3 reduces each bucket of bf16 gradients straight into its fp32 partition buffer (stage3.py,
+    # __reduce_and_partition_ipg_grads): no bf16 copy persists there.
+    out["gradients (bf16)"] = 0.0 if run.zero == 3 else 2 * T / (n if shard_grads else 1)
+    out["gradients (fp32 partition, at the step)"] = 0.0 if offload_opt else 4 * T / opt_div
+
+    # Activations saved for backward, per token of one decoder layer (bf16 = 2 bytes, fp32 = 4):
+    #   RMSNorm x2: its fp32 upcast input (4H) and normalized output (2H)       -> 12H
+    #   attention: q, k, v after RoPE and the output, kept by SDPA/flash          ->  4H + 4kv
+    #   SwiGLU MLP: gate and up outputs, SiLU output, their product (down's input) ->  8I
+    # (transformers' LlamaRMSNorm, LlamaMLP; torch SDPA). LoRA adds r values per target, negligible.
+    per_token_layer = 16 * shape.hidden + 4 * shape.kv + 8 * shape.intermediate
+    if run.grad_ckpt:
+        # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward.
+        out["activations (checkpoints)"] = shape.layers * 2 * shape.hidden * t
+        out["activations (one recomputed layer)"] = per_token_layer * t
+    else:
+        out["activations"] = shape.layers * per_token_layer * t
+    # The loss (transformers ForCausalLMLoss): bf16 logits (2V, alive to the end), their fp32 copy's log-softmax
+    # (4V, saved), and at the start of backward its incoming and outgoing fp32 gradients (4V + 4V).
+    out["logits and loss"] = 14 * shape.vocab * t
+    if run.method == "qlora":
+        # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
+        out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
+    if shard_params:
+        # ZeRO-3 gathers full layers ahead of use (stage3_prefetch_bucket_size, 5e7 elements by default).
+        out["ZeRO-3 gathered parameters"] = 2 * 5e7
+    return out
+
+
+PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")
+BACKWARD = ("activations", "activations (checkpoints)", "activations (one recomputed layer)", "logits and loss",
+            "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
+STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    terms: dict
+    allocated: float
+    """Peak of torch's allocator (bytes): what torch.cuda.max_memory_allocated reports."""
+    device: float
+    """Peak device memory in use (bytes), as NVML reports it: allocated + slack + what lives outside torch."""
+    trainable: int
+
+
+def estimate(shape: Shape, run: Run) -> Estimate:
+    t = terms(shape, run)
+    outside = sum(v for k, v in t.items() if "paged" in k)
+    persistent = sum(v for k, v in t.items() if k.startswith(PERSISTENT) and "paged" not in k)
+    backward = persistent + sum(t.get(k, 0.0) for k in BACKWARD)
+    step = persistent + sum(t.get(k, 0.0) for k in STEP)
+    allocated = max(backward, step)
+    device = allocated * (1 + FRAGMENTATION) + outside + CUDA_OVERHEAD_GIB * GiB
+    return Estimate(t, allocated, device, trainable_params(shape, run))
+
+
+def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float]]:
+    """Changes that make the run fit, cheapest first: those that keep the method, the data and the hardware, then
+    the method, then the data, then more GPUs."""
+    candidates: list[tuple[str, Run]] = []
+    if not run.grad_ckpt:
+        candidates.append(("turn on gradient checkpointing (--grad-ckpt): ~30% more compute", replace(run, grad_ckpt=True)))
+    if run.gpus > 1:
+        for z in range(run.zero + 1, 4):
+            candidates.append((f"ZeRO stage {z} (--zero {z})", replace(run, zero=z)))
+    if run.optimizer in ("adamw", "paged_adamw_32bit"):
+        candidates.append(("8-bit paged AdamW (--optimizer paged_adamw_8bit)", replace(run, optimizer="paged_adamw_8bit")))
+    if run.offload == "none" and run.zero >= 1:
+        candidates.append(("offload the optimizer to CPU memory (--offload optimizer): slower steps",
+                           replace(run, offload="optimizer", optimizer="adamw")))
+    if run.method == "full":
+        candidates.append(("LoRA instead of full fine-tuning (--method lora)", replace(run, method="lora")))
+    if run.method != "qlora":
+        candidates.append(("QLoRA: a 4-bit base (--method qlora)", replace(run, method="qlora", optimizer="paged_adamw_8bit")))
+    for seq in (run.seq_len // 2, run.seq_len // 4):
+        if seq >= 128:
+            candidates.append((f"shorter sequences (--seq-len {seq})", replace(run, seq_len=seq)))
+    if run.micro_batch > 1:
+        candidates.append(("micro batch 1 with gradient accumulation (--micro-batch 1)", replace(run, micro_batch=1)))
+    for gpus in (run.gpus * 2, run.gpus * 4, run.gpus * 8):
+        candidates.append((f"{gpus} GPUs with ZeRO-3 (--gpus {gpus} --zero 3)", replace(run, gpus=gpus, zero=3)))
+    fits = []
+    for why, changed in candidates:
+        need = estimate(shape, changed).device / GiB
+        if need <= budget_gib:
+            fits.append((why, need))
+    return fits
+
+
+def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str:
+    e = estimate(shape, run)
+    lines = [f"{model}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
+             f"vocab {shape.vocab}); {run.method}, {run.gpus} GPU(s), ZeRO-{run.zero}, offload {run.offload}, "
+             f"seq {run.seq_len} x micro batch {run.micro_batch}, gradient checkpointing "
+             f"{'on' if run.grad_ckpt else 'off'}, {run.optimizer}; trainable {e.trainable / 1e6:,.1f}M", "",
+             "per GPU                                       GiB"]
+    for k, v in e.terms.items():
+        if v:
+            lines.append(f"  {k:<42} {v / GiB:7.2f}")
+    lines += [f"  {'peak allocated by torch':<42} {e.allocated / GiB:7.2f}",
+              f"  {'allocator slack (2%)':<42} {e.allocated * FRAGMENTATION / GiB:7.2f}",
+              f"  {'CUDA context, libraries, NCCL':<42} {CUDA_OVERHEAD_GIB:7.2f}",
+              f"  {'peak device memory (what must fit)':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
+    if budget_gib is not None:
+        if e.device / GiB <= budget_gib:
+            lines.append(f"fits a {budget_gib:.1f} GiB GPU, {budget_gib - e.device / GiB:.1f} GiB to spare")
+        else:
+            fixes = suggestions(shape, run, budget_gib)
+            lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {e.device / GiB - budget_gib:.1f} GiB)")
+            if fixes:
+                lines.append("cheapest change that fits: " + fixes[0][0] + f" -> {fixes[0][1]:.1f} GiB")
+                lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need in fixes[1:4]]
+            else:
+                lines.append("no single change makes it fit; combine them (e.g. QLoRA on more GPUs)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ftcluster estimate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), a model directory or config.json")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
+    p.add_argument("--offload", choices=["none", "optimizer", "optimizer+param"], default="none")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear, or a comma list: q_proj,v_proj")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
+                   help="default: paged_adamw_8bit for qlora, adamw otherwise")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(GPUS_GIB)}): say whether it fits")
+    p.add_argument("--json", action="store_true", help="print the terms as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.gpus < 1 or a.seq_len < 1 or a.micro_batch < 1:
+        raise SystemExit("--gpus, --seq-len and --micro-batch must be positive")
+    if a.offload == "optimizer+param" and a.zero != 3:
+        raise SystemExit("--offload optimizer+param needs --zero 3 (only ZeRO-3 partitions parameters)")
+    if a.offload != "none" and a.zero == 0:
+        raise SystemExit("--offload needs --zero 1, 2 or 3")
+    optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" else "adamw")
+    run = Run(method=a.method, gpus=a.gpus, zero=a.zero, offload=a.offload, seq_len=a.seq_len,
+              micro_batch=a.micro_batch, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r,
+              lora_targets=tuple(a.lora_targets.split(",")), optimizer=optimizer, double_quant=not a.no_double_quant)
+    budget = None
+    if a.gpu_memory:
+        try:
+            budget = float(a.gpu_memory)
+        except ValueError:
+            if a.gpu_memory not in GPUS_GIB:
+                raise SystemExit(f"--gpu-memory {a.gpu_memory}: a number of GiB or one of {', '.join(GPUS_GIB)}")
+            budget = GPUS_GIB[a.gpu_memory] * 1e9 / GiB
+    shape = shape_of(a.model)
+    if a.json:
+        e = estimate(shape, run)
+        print(json.dumps({"run": asdict(run), "terms_gib": {k: v / GiB for k, v in e.terms.items()},
+                          "allocated_gib": e.allocated / GiB, "device_gib": e.device / GiB}, indent=2))
+    else:
+        print(explain(a.model, shape, run, budget))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The memory estimator against the measured runs of benchmarks/calibration.json, and its arithmetic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftcluster import estimate as E
+
+ROOT = Path(__file__).parents[2]
+ROWS = json.loads((ROOT / "benchmarks" / "calibration.json").read_text())
+
+
+def run_of(row) -> E.Run:
+    return E.Run(**{**row["run"], "lora_targets": tuple(row["run"]["lora_targets"])})
+
+
+def test_the_calibration_table_is_the_committed_reports():
+    from benchmarks import calibration
+
+    assert json.loads(json.dumps(calibration.rows())) == ROWS  # regenerated from reports/*/results.json, not edited by hand
+    assert len(ROWS) >= 10 and {r["run"]["method"] for r in ROWS} == {"full", "lora", "qlora"}
+    assert any(r["run"]["zero"] == 3 and r["run"]["gpus"] == 2 for r in ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['shape']}-{r['run']['method']}-{r['source'].split('/')[2]}")
+def test_estimate_is_within_10_percent_of_each_measured_peak(row):
+    e = E.estimate(E.shape_of(row["shape"]), run_of(row))
+    measured = row["measured_gib"]
+    assert e.allocated / E.GiB == pytest.approx(measured["allocated"], rel=0.10)
+    if row["expandable_segments"]:  # the allocator setting the estimator models (see benchmarks/calibration.py)
+        assert e.device / E.GiB == pytest.approx(measured["device"], rel=0.10)
+
+
+def test_weight_terms_follow_the_storage_formats():
+    shape = E.shape_of("llama-2-7b")
+    assert shape.params == 6_738_415_616  # Llama-2-7B's published parameter count
+    lora = E.terms(shape, E.Run(method="lora"))["weights"]
+    qlora = E.terms(shape, E.Run(method="qlora"))["weights"]
+    assert lora == 2 * shape.params
+    # NF4: half a byte per linear weight + 8-bit absmax per 64 + fp32 per 256 absmax blocks; the rest in bf16.
+    assert qlora == pytest.approx(shape.linear_params * (0.5 + 1 / 64 + 4 / 16384) + shape.other_params * 2)
+    sharded = E.terms(shape, E.Run(method="full", gpus=4, zero=3))
+    assert sharded["weights"] == pytest.approx(2 * shape.params / 4)
+    assert E.terms(shape, E.Run(method="full", gpus=4, zero=3, offload="optimizer"))["fp32 master weights"] == 0
+
+
+def test_lora_trainable_parameters_match_peft():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    small = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**small))
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    want = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    shape = E.Shape(layers=2, hidden=256, intermediate=688, heads=8, kv_heads=2, vocab=1000, tied=False)
+    assert E.trainable_params(shape, E.Run(lora_r=8, lora_targets=("q_proj", "v_proj", "down_proj"))) == want
+
+
+def test_a_run_that_does_not_fit_gets_the_cheapest_change_that_does():
+    shape = E.shape_of("llama-3-70b")
+    run = E.Run(method="lora", seq_len=1024, grad_ckpt=True)
+    assert E.estimate(shape, run).device / E.GiB > 80
+    fixes = E.suggestions(shape, run, budget_gib=80)
+    assert fixes and all(need <= 80 for _, need in fixes)
+    assert fixes[0][0].startswith("QLoRA")  # on one GPU nothing short of a 4-bit base fits a 70B model
+
+
+def test_cli_prints_every_term_and_the_verdict(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)))
+    out = subprocess.run([sys.executable, "-m", "ftcluster", "estimate", "--model", str(tmp_path), "--method", "qlora",
+                          "--grad-ckpt", "--gpu-memory", "rtx4090"], capture_output=True, text=True, check=True).stdout
+    for term in ("weights", "fp32 master weights", "optimizer states (paged", "activations (checkpoints)",
+                 "logits and loss", "CUDA context", "peak device memory"):
+        assert term in out
+    assert "fits a 22.4 GiB GPU" in out
+    bad = subprocess.run([sys.executable, "-m", "ftcluster", "estimate", "--model", "llama-9b"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--model llama-9b" in bad.stderr and "llama-2-7b" in bad.stderr
