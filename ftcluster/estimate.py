@@ -9,10 +9,13 @@ calibration table (``benchmarks/calibration.json``, measured runs) holds it to w
 Notation: P parameters of the model, T trainable parameters, N data-parallel GPUs, t = micro batch x sequence
 length tokens per step per GPU, L layers, H hidden size, I MLP size, kv = key/value width, V vocabulary.
 
-Memory is used in two phases, and the peak is the larger:
+Memory is used in three phases, and the peak is the largest:
 * backward start: what persists (weights, trainable copies, optimizer states) + the activations saved by the
-  forward pass + the loss's logits buffers + one recomputed layer under gradient checkpointing;
-* optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads.
+  forward pass (and one recomputed layer under gradient checkpointing) + the loss's logits buffers;
+* through the layers: the same without the logits, with ZeRO's gradient buckets (taken at the first gradient)
+  and the 16-bit gradients as they arrive;
+* optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads (and
+  ZeRO's buckets, which stay allocated until the next backward).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ BLOCK = 64
 DQ_BLOCK = 256
 """Double quantization: the absmax values are themselves quantized to 8 bits in blocks of 256, with an fp32
 absmax per block (QLoRA paper §3; bitsandbytes quantize_blockwise)."""
-CUDA_OVERHEAD_GIB = 2.3
+CUDA_OVERHEAD_GIB = 2.2
 """Device memory outside PyTorch's allocator: the CUDA context, cuBLAS/cuDNN workspaces, NCCL and the loaded
-kernels of torch and bitsandbytes. Measured as NVML used minus torch reserved on every calibration run on one
-H100 (CUDA 13, torch 2.11): 2.1 to 2.6 GiB (benchmarks/calibration.json)."""
+kernels of torch and bitsandbytes. Measured as NVML used minus torch reserved (minus paged optimizer state) on
+every calibration run on one H100 (CUDA 13, torch 2.11): 2.13 GiB, 2.26 with bitsandbytes' 4-bit kernels
+(benchmarks/calibration.json)."""
 FRAGMENTATION = 0.02
 """Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
 on the calibration runs; 2% assumed."""
@@ -129,6 +133,15 @@ def trainable_params(shape: Shape, run: Run) -> int:
     return shape.layers * sum(run.lora_r * (a + b) for a, b in targets.values())
 
 
+def keeps_input(run: Run) -> dict[str, bool]:
+    """Whether the linear layers reading each input keep it for backward (see ``terms``)."""
+    if run.method != "qlora" or "all-linear" in run.lora_targets:
+        return {"qkv": True, "gate_up": True, "down": True}
+    t = set(run.lora_targets)
+    return {"qkv": bool(t & {"q_proj", "k_proj", "v_proj"}), "gate_up": bool(t & {"gate_proj", "up_proj"}),
+            "down": "down_proj" in t}
+
+
 def terms(shape: Shape, run: Run) -> dict[str, float]:
     """Bytes per GPU of each term. Keys are the rows ``explain`` prints."""
     n, T, t = run.gpus, trainable_params(shape, run), run.seq_len * run.micro_batch
@@ -168,11 +181,17 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     out["gradients (fp32 partition, at the step)"] = 0.0 if offload_opt else 4 * T / opt_div
 
     # Activations saved for backward, per token of one decoder layer (bf16 = 2 bytes, fp32 = 4):
-    #   RMSNorm x2: its fp32 upcast input (4H) and normalized output (2H)       -> 12H
-    #   attention: q, k, v after RoPE and the output, kept by SDPA/flash          ->  4H + 4kv
-    #   SwiGLU MLP: gate and up outputs, SiLU output, their product (down's input) ->  8I
-    # (transformers' LlamaRMSNorm, LlamaMLP; torch SDPA). LoRA adds r values per target, negligible.
-    per_token_layer = 16 * shape.hidden + 4 * shape.kv + 8 * shape.intermediate
+    #   RMSNorm x2: its fp32 upcast input, always (transformers' LlamaRMSNorm)               ->  8H
+    #   attention: q, k, v after RoPE and the output, kept by SDPA/flash                     ->  4H + 4kv
+    #   SwiGLU MLP: gate output (for SiLU), SiLU and up outputs (for their product)          ->  6I
+    #   the inputs of the linear layers, each kept only by a layer that needs it: a trained weight (full
+    #   fine-tuning, LoRA's A) or a 16-bit matmul; bitsandbytes' 4-bit matmul keeps only the weight
+    #   (MatMul4Bit.forward: ctx.tensors = (None, B)). The normed inputs of q/k/v and of gate/up (2H each),
+    #   and the product that enters down_proj (2I).
+    kept = keeps_input(run)
+    per_token_layer = (8 * shape.hidden + 4 * shape.hidden + 4 * shape.kv + 6 * shape.intermediate
+                       + 2 * shape.hidden * kept["qkv"] + 2 * shape.hidden * kept["gate_up"]
+                       + 2 * shape.intermediate * kept["down"])
     if run.grad_ckpt:
         # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward.
         out["activations (checkpoints)"] = shape.layers * 2 * shape.hidden * t
@@ -185,6 +204,11 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.method == "qlora":
         # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
+    if run.zero in (1, 2):
+        # With contiguous_gradients and overlap_comm (ftcluster's config) ZeRO-1/2 take two reduce buckets of
+        # reduce_bucket_size (5e8) 16-bit elements when the first gradient arrives (stage_1_and_2.py,
+        # setup_buckets), whatever the model's size.
+        out["ZeRO gradient buckets"] = 2 * 2 * 5e8
     if shard_params:
         # ZeRO-3 gathers full layers ahead of use (stage3_prefetch_bucket_size, 5e7 elements by default).
         out["ZeRO-3 gathered parameters"] = 2 * 5e7
@@ -192,8 +216,8 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
 
 
 PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")
-BACKWARD = ("activations", "activations (checkpoints)", "activations (one recomputed layer)", "logits and loss",
-            "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
+SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
+         "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
 
 
@@ -211,9 +235,12 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     t = terms(shape, run)
     outside = sum(v for k, v in t.items() if "paged" in k)
     persistent = sum(v for k, v in t.items() if k.startswith(PERSISTENT) and "paged" not in k)
-    backward = persistent + sum(t.get(k, 0.0) for k in BACKWARD)
-    step = persistent + sum(t.get(k, 0.0) for k in STEP)
-    allocated = max(backward, step)
+    saved = persistent + sum(t.get(k, 0.0) for k in SAVED)
+    buckets = t.get("ZeRO gradient buckets", 0.0)
+    backward_start = saved + t["logits and loss"]
+    through_layers = saved + buckets + t["gradients (bf16)"]
+    step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
+    allocated = max(backward_start, through_layers, step)
     device = allocated * (1 + FRAGMENTATION) + outside + CUDA_OVERHEAD_GIB * GiB
     return Estimate(t, allocated, device, trainable_params(shape, run))
 
