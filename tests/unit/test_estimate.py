@@ -84,3 +84,17 @@ def test_cli_prints_every_term_and_the_verdict(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ftcluster", "estimate", "--model", "llama-9b"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--model llama-9b" in bad.stderr and "llama-2-7b" in bad.stderr
+
+
+def test_sizes_table_marks_measured_cells_with_their_runs():
+    from benchmarks import sizes_table
+
+    table = sizes_table.cells()
+    assert len(table) == 12
+    measured = [c for c in table if c["measured_gib"] is not None]
+    assert measured, "the llama-7b and sizes-13b reports measured this setting"
+    for c in measured:
+        row = next(r for r in ROWS if r["source"] in c["measured_on"] and r["shape"] == c["shape"]
+                   and r["run"]["method"] == c["method"])
+        assert c["measured_gib"] == row["measured_gib"]["device"]
+    assert sizes_table.render(table).count("| 70B |") == 1
