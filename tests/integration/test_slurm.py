@@ -19,7 +19,6 @@ from tests.tiny import tiny_overrides
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[2]
 SCRIPT = REPO / "slurm" / "qlora_70b.sh"
-RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "ray start", "ftcluster.train", "dashboard")
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +85,22 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def ray_pids() -> dict[int, str]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    pids = {}
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if any(p in args for p in RAY_PROCESSES) and "pytest" not in args:
-            pids[int(pid)] = args
-    return pids
+def job_processes(job: str) -> dict[int, str]:
+    """Live processes started under Slurm job ``job``: every process of its steps, Ray's daemons and workers
+    included, inherits SLURM_JOB_ID (other Ray clusters on the host, such as the test session's, do not)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job}".encode() in env and "State:\tZ" not in status:
+            found[int(proc.name)] = args
+    return found
 
 
 def test_sbatch_qlora_70b_script_trains_across_two_nodes(slurm, tmp_path, tiny_model):
@@ -137,22 +144,16 @@ def test_sigterm_before_the_time_limit_checkpoints_requeues_and_the_job_resumes(
 
 
 def test_scancel_mid_run_leaves_no_ray_process_behind(slurm, tmp_path, tiny_model):
-    before = ray_pids()
+    """Plain scancel signals every step at once, the Ray nodes included, so it does not wait for a checkpoint
+    (scancel --signal=TERM --batch does: the test above); it must still leave nothing running."""
     job, run_dir = submit(slurm, tmp_path, tiny_model, "cancelled", 25000, **{"training.max_steps": 400})
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the first step")
-    started = {pid: args for pid, args in ray_pids().items() if pid not in before}
+    started = job_processes(job)
     assert any("raylet" in a for a in started.values()) and any("ftcluster.train" in a for a in started.values())
+    assert any("RayTrainWorker" in a for a in started.values())
     subprocess.run(["scancel", job], env=slurm, check=True)
     assert wait_done(slurm, job) == "CANCELLED"
-
-    def gone():
-        alive = {pid: args for pid, args in ray_pids().items() if started.get(pid) == args}
-        return not alive or None
-
     try:
-        wait_for(gone, 90, "the job's Ray processes to exit")
+        wait_for(lambda: not job_processes(job) or None, 90, "the job's processes to exit")
     except TimeoutError:
-        alive = {pid: args for pid, args in ray_pids().items() if started.get(pid) == args}
-        pytest.fail(f"left behind: {alive}")
-    # The driver was sent SIGTERM with the rest: the run saved a checkpoint before the job ended.
-    assert any(r.get("stopped") and "checkpoint" in r for r in records(run_dir)), log_of(tmp_path, job)[-5000:]
+        pytest.fail(f"left behind: {job_processes(job)}")
