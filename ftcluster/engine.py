@@ -59,6 +59,38 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return _merge(ds, d.overrides)
 
 
+class Zero3Partition:
+    """ZeRO-3's partitioning, applied to parameters while the model is still being built: each call hands its
+    parameters to ``deepspeed.zero.Init``, which broadcasts rank 0's values and keeps this rank's shard (on the
+    device, or in host memory under ``offload_param``). ``deepspeed.initialize`` then finds a partitioned model and
+    neither moves the whole model to the device nor partitions it again."""
+
+    def __init__(self, ds_config: dict):
+        self.ds_config = ds_config
+        self._first = None  # a partitioned parameter: its converter reuses the first Init's settings
+
+    def __call__(self, params: list[torch.nn.Parameter]) -> None:
+        import deepspeed
+
+        params = [p for p in params if not hasattr(p, "ds_id")]
+        if not params:
+            return
+        if self._first is None:
+            # Joins the torch process group Ray Train made, as deepspeed.initialize does later; the config's batch
+            # check needs the world size.
+            deepspeed.comm.init_distributed(dist_init_required=False)
+            deepspeed.zero.Init(module=torch.nn.ParameterList(params), config_dict_or_path=self.ds_config)
+            self._first = params[0]
+        else:
+            self._first.convert_to_zero_parameters(params)
+
+
+def zero3_partition(cfg: RunConfig, world_size: int) -> Zero3Partition | None:
+    """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides)."""
+    ds = deepspeed_config(cfg, world_size)
+    return Zero3Partition(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():

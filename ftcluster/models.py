@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ftcluster import embedded
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
+
+# Takes parameters that are final (initialised, quantized) and shards them over the ZeRO-3 group.
+Partition = Callable[[list[nn.Parameter]], None]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -117,21 +121,27 @@ def _is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
 
 
-def build_random_model(cfg: RunConfig, hf, device: torch.device, **from_config) -> nn.Module:
+def build_random_model(cfg: RunConfig, hf, device: torch.device, partition: Partition | None = None,
+                       **from_config) -> nn.Module:
     """A randomly initialised model built one module at a time: made weightless on the meta device, then each
     module is given memory on ``device`` and initialised by the model's own ``_init_weights``; for QLoRA each linear
     layer is quantized to NF4 as soon as it exists. The peak is the finished model plus one 16-bit layer, so a 70B
-    QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU."""
+    QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU. With ``partition`` (ZeRO-3), each module's
+    parameters are handed to it as soon as they are final, so a worker holds only its shard plus one module."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, **from_config)
     q = bnb_config(cfg) if cfg.method == "qlora" else None
+    # PEFT's fp32 upcast of the non-quantized parameters would cast a partitioned parameter's empty placeholder and
+    # not its shard: cast them here instead, before they are partitioned, and PEFT finds nothing left to cast.
+    upcast = q is not None and partition is not None and cfg.quantization.upcast_non_quantized
+    tied = model.get_output_embeddings() if getattr(hf, "tie_word_embeddings", False) else None
     with torch.no_grad():
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if not _is_meta(child):
-                    continue
+                if child is tied or not _is_meta(child):
+                    continue  # a tied output layer takes the input embedding's weight below
                 if any(b.is_meta for b in child.buffers(recurse=False)):
                     # Buffers computed in __init__ (rotary inverse frequencies): construct the module again there.
                     if not hasattr(child, "config"):
@@ -139,14 +149,24 @@ def build_random_model(cfg: RunConfig, hf, device: torch.device, **from_config) 
                                           f"{hf.model_type} one module at a time; use a checkpoint instead")
                     with torch.device(device):
                         setattr(parent, name, type(child)(config=child.config))
+                    if partition is not None:
+                        partition(list(getattr(parent, name).parameters()))
                     continue
                 child.to_empty(device=device, recurse=False)
                 model._init_weights(child)
                 if q is not None and isinstance(child, nn.Linear) and name != "lm_head":
-                    setattr(parent, name, linear_to_4bit(child, q, device))
+                    quantized = linear_to_4bit(child, q, device)
+                    setattr(parent, name, quantized)
                     child.to("meta")  # free its 16-bit weight now: the list above still holds the module
-    if getattr(hf, "tie_word_embeddings", False):
-        model.tie_weights()  # each side was given its own memory above
+                    child = quantized
+                if upcast:
+                    for p in child.parameters(recurse=False):
+                        if p.__class__.__name__ != "Params4bit" and p.dtype in (torch.float16, torch.bfloat16):
+                            p.data = p.data.float()
+                if partition is not None:
+                    partition(list(child.parameters(recurse=False)))
+    if tied is not None:
+        model.tie_weights()
     if q is not None:
         model.config.quantization_config = q
         model.is_loaded_in_4bit = True
@@ -164,7 +184,7 @@ def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
     return choice
 
 
-def build_base_model(cfg: RunConfig, device: torch.device):
+def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition | None = None):
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
@@ -173,7 +193,7 @@ def build_base_model(cfg: RunConfig, device: torch.device):
     common = dict(dtype=dtype, attn_implementation=attn_implementation(cfg, device),
                   trust_remote_code=m.trust_remote_code)
     if m.random_init:
-        return build_random_model(cfg, hf, device, **common)
+        return build_random_model(cfg, hf, device, partition, **common)
     src, kw = resolve_source(m)
     if cfg.method == "qlora":
         kw["quantization_config"] = bnb_config(cfg)
@@ -194,10 +214,11 @@ def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
     # inputs that require grad, and norms/embeddings stay in bf16.
 
 
-def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise."""
+def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: Partition | None = None) -> nn.Module:
+    """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise.
+    ``partition`` (ZeRO-3's, from ``engine.zero3_partition``) shards a random-init base model as it is built."""
     device = torch.device(device)
-    model = build_base_model(cfg, device)
+    model = build_base_model(cfg, device, partition)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and with ZeRO-3's parameter hooks.

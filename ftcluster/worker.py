@@ -59,7 +59,7 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = engine.total_optimizer_steps(cfg, len(batches))
 
-    model = models.build_model(cfg, device)
+    model = models.build_model(cfg, device, engine.zero3_partition(cfg, world))
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
     trainable, total = models.parameter_counts(model)
