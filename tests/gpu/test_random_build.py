@@ -27,3 +27,35 @@ def test_random_init_qlora_build_peaks_far_below_the_16_bit_model(tmp_path, tiny
     assert peak < 0.5 * 2 * 8.0e9  # an 8B model in bf16 would be 16 GB
     ids = torch.randint(0, 500, (1, 64), device=device)
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def test_zero3_offload_build_keeps_only_one_module_on_the_gpu(tmp_path, tiny_model, monkeypatch):
+    """ZeRO-3 partitions each module as it is built; with offload_param its shard goes to host memory at once, so
+    the GPU never holds more than a module or two of the model, let alone the 4-bit model."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    from ftcluster import engine
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    LlamaConfig(**PRESETS["llama-3-8b"]).save_pretrained(tmp_path)
+    cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", "method=qlora",
+                        "model.random_init=true", "model.attn_implementation=sdpa", "deepspeed.zero_stage=3",
+                        "deepspeed.offload_param=cpu"])
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        model = models.build_model(cfg, device, engine.zero3_partition(cfg, 1))
+        peak = torch.cuda.max_memory_allocated(device)
+        held = torch.cuda.memory_allocated(device)
+        base = [p for n, p in model.named_parameters() if "lora_" not in n]
+        assert all(p.ds_tensor.device.type == "cpu" for p in base)
+        embedding_bytes = 2 * 128256 * 4096  # the largest single module, held in 16 bits until partitioned
+        assert peak < 1.5 * embedding_bytes  # the 4-bit model alone would be ~5.7 GB
+        assert held < 0.5e9  # what stays: LoRA adapters and the 4-bit quantization statistics
+    finally:
+        dist.destroy_process_group()
