@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -83,6 +84,21 @@ class Zero3Partition:
             self._first = params[0]
         else:
             self._first.convert_to_zero_parameters(params)
+
+    @contextlib.contextmanager
+    def loading(self):
+        """While open, transformers' ``from_pretrained`` builds the model inside ``zero.Init`` and copies each
+        checkpoint tensor into its partitions (rank 0 reads the checkpoint into host memory), so no worker holds the
+        whole 16-bit model on its device. Not for bitsandbytes models: transformers loads those whole."""
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.comm.init_distributed(dist_init_required=False)
+        alive = HfDeepSpeedConfig(self.ds_config)  # transformers holds it by weak reference only
+        try:
+            yield
+        finally:
+            del alive
 
 
 def zero3_partition(cfg: RunConfig, world_size: int) -> Zero3Partition | None:

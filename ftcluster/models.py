@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Callable
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -13,8 +13,14 @@ from torch import nn
 from ftcluster import embedded
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
-# Takes parameters that are final (initialised, quantized) and shards them over the ZeRO-3 group.
-Partition = Callable[[list[nn.Parameter]], None]
+class Partition(Protocol):
+    """ZeRO-3's partitioning during the build (``engine.Zero3Partition``)."""
+
+    def __call__(self, params: list[nn.Parameter]) -> None:
+        """Shard parameters that are final (initialised, quantized) over the ZeRO-3 group."""
+
+    def loading(self) -> ContextManager:
+        """A context in which ``from_pretrained`` loads a checkpoint straight into partitions."""
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -195,7 +201,12 @@ def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition 
     if m.random_init:
         return build_random_model(cfg, hf, device, partition, **common)
     src, kw = resolve_source(m)
+    if partition is not None and cfg.method != "qlora":
+        with partition.loading():  # device placement is zero.Init's: no device_map
+            return AutoModelForCausalLM.from_pretrained(src, config=hf, **common, **kw)
     if cfg.method == "qlora":
+        # Under ZeRO-3 too, transformers loads a 4-bit checkpoint whole onto each device; DeepSpeed partitions it
+        # when the engine starts.
         kw["quantization_config"] = bnb_config(cfg)
     # device_map pins the weights to this worker's device: Ray remaps CUDA_VISIBLE_DEVICES, so "auto" or a bare
     # index would land 4-bit weights on the wrong GPU (accelerate#2713).
@@ -216,7 +227,7 @@ def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
 
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: Partition | None = None) -> nn.Module:
     """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise.
-    ``partition`` (ZeRO-3's, from ``engine.zero3_partition``) shards a random-init base model as it is built."""
+    ``partition`` (ZeRO-3's, from ``engine.zero3_partition``) shards the base model as it is built or loaded."""
     device = torch.device(device)
     model = build_base_model(cfg, device, partition)
     model.config.use_cache = False

@@ -1,5 +1,5 @@
-"""Under ZeRO-3 a random-init model is partitioned while it is built: no worker ever holds the whole model, and the
-partitioned model is the same model an unpartitioned build makes from the same seed."""
+"""Under ZeRO-3 the model is partitioned while it is built (random init) or loaded (a 16-bit checkpoint): no worker
+ever holds the whole model, and the partitioned model is the model an unpartitioned build makes."""
 
 import os
 import socket
@@ -21,19 +21,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(tiny_model, method: str):
+def _cfg(tiny_model, case: str):
+    source, method = case.split("-")
     method, _, upcast = method.partition("+")
-    return C.load(None, [f"model.name_or_path={tiny_model}", f"method={method}", "model.random_init=true",
-                         f"quantization.upcast_non_quantized={bool(upcast)}",
-                         "model.config_overrides={tie_word_embeddings: true}", "deepspeed.zero_stage=3",
+    random = ["model.random_init=true", "model.config_overrides={tie_word_embeddings: true}"]
+    return C.load(None, [f"model.name_or_path={tiny_model}", f"method={method}", *(random if source == "random" else []),
+                         f"quantization.upcast_non_quantized={bool(upcast)}", "deepspeed.zero_stage=3",
                          "training.micro_batch_size=2", "optimizer.lr=3e-3", "scheduler.warmup_steps=0"])
 
 
-def _rank_main(rank: int, tiny_model, method: str, port: int, out: dict) -> None:
+def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    cfg = _cfg(tiny_model, method)
+    cfg = _cfg(tiny_model, case)
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(cfg.training.seed)
     reference = models.build_base_model(cfg, torch.device("cpu"))  # unpartitioned, same seed
@@ -48,7 +49,8 @@ def _rank_main(rank: int, tiny_model, method: str, port: int, out: dict) -> None
     full = sum(p.ds_numel for p in base if hasattr(p, "ds_numel"))
     result = {"all_partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in base), "held": held,
               "full": full, "reference_loss": reference_loss,
-              "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+              "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight
+              or not cfg.model.random_init,
               "norm_dtype": str(getattr(model, "get_base_model", lambda: model)().model.norm.weight.ds_tensor.dtype),
               "want_norm_dtype": str(torch.float32 if cfg.quantization.upcast_non_quantized else torch.bfloat16)}
 
@@ -64,11 +66,11 @@ def _rank_main(rank: int, tiny_model, method: str, port: int, out: dict) -> None
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["full", "qlora", "qlora+upcast"])
-def test_zero3_random_init_is_partitioned_as_built_and_is_the_unpartitioned_model(tiny_model, method):
+@pytest.mark.parametrize("case", ["random-full", "random-qlora", "random-qlora+upcast", "checkpoint-lora"])
+def test_zero3_model_is_partitioned_as_built_and_is_the_unpartitioned_model(tiny_model, case):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(tiny_model, method, _free_port(), out), nprocs=WORLD)
+        mp.spawn(_rank_main, args=(tiny_model, case, _free_port(), out), nprocs=WORLD)
         results = dict(out)
     for r in results.values():
         assert r["all_partitioned"] and r["tied"] and r["norm_dtype"] == r["want_norm_dtype"]
