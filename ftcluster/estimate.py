@@ -16,6 +16,8 @@ Memory is used in three phases, and the peak is the largest:
   and the 16-bit gradients as they arrive;
 * optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads (and
   ZeRO's buckets, which stay allocated until the next backward).
+Before them, loading: under ZeRO-3 a random-init model and a 16-bit checkpoint are partitioned as they are built
+(ftcluster.models), but transformers loads a 4-bit checkpoint whole onto each GPU before DeepSpeed partitions it.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class Run:
     lora_targets: tuple[str, ...] = ("all-linear",)
     optimizer: str = "adamw"
     double_quant: bool = True
+    random_init: bool = False  # built module by module (model.random_init), not loaded from a checkpoint
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -226,8 +229,25 @@ class Estimate:
     allocated: float
     """Peak of torch's allocator (bytes): what torch.cuda.max_memory_allocated reports."""
     device: float
-    """Peak device memory in use (bytes), as NVML reports it: allocated + slack + what lives outside torch."""
+    """Peak device memory in use while training (bytes), as NVML reports it: allocated + slack + what lives outside
+    torch."""
     trainable: int
+    loading: float = 0.0
+    """Device memory while the model loads, where that is more than its share of the training weights (bytes)."""
+
+    @property
+    def need(self) -> float:
+        """What must fit: the larger of loading and training."""
+        return max(self.device, self.loading)
+
+
+def loading_peak(shape: Shape, run: Run) -> float:
+    """A 4-bit checkpoint under ZeRO-3 on several GPUs: transformers does not load quantized models inside
+    zero.Init (modeling_utils: ``is_deepspeed_zero3_enabled() and not is_quantized``), so each GPU holds the whole
+    4-bit model until deepspeed.initialize partitions it."""
+    if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and not run.random_init:
+        return terms(shape, replace(run, gpus=1))["weights"] * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GiB
+    return 0.0
 
 
 def estimate(shape: Shape, run: Run) -> Estimate:
@@ -241,7 +261,7 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)
     device = allocated * (1 + FRAGMENTATION) + outside + CUDA_OVERHEAD_GIB * GiB
-    return Estimate(t, allocated, device, trainable_params(shape, run))
+    return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run))
 
 
 def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float]]:
@@ -271,7 +291,7 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
         candidates.append((f"{gpus} GPUs with ZeRO-3 (--gpus {gpus} --zero 3)", replace(run, gpus=gpus, zero=3)))
     fits = []
     for why, changed in candidates:
-        need = estimate(shape, changed).device / GiB
+        need = estimate(shape, changed).need / GiB
         if need <= budget_gib:
             fits.append((why, need))
     return fits
@@ -290,14 +310,23 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
     lines += [f"  {'peak allocated by torch':<42} {e.allocated / GiB:7.2f}",
               f"  {'allocator slack (2%)':<42} {e.allocated * FRAGMENTATION / GiB:7.2f}",
               f"  {'CUDA context, libraries, NCCL':<42} {CUDA_OVERHEAD_GIB:7.2f}",
-              f"  {'peak device memory (what must fit)':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
+              f"  {'peak device memory in training':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
+    if e.loading > e.device:
+        lines += [f"  {'peak device memory while loading':<42} {e.loading / GiB:7.2f}  ({e.loading / 1e9:.1f} GB)",
+                  "    (a 4-bit checkpoint loads whole onto each GPU before ZeRO-3 partitions it; a random-init model "
+                  "does not: --random-init)"]
+    need = e.need / GiB
+    lines.append(f"  {'what must fit':<42} {need:7.2f}")
     if budget_gib is not None:
-        if e.device / GiB <= budget_gib:
-            lines.append(f"fits a {budget_gib:.1f} GiB GPU, {budget_gib - e.device / GiB:.1f} GiB to spare")
+        if need <= budget_gib:
+            lines.append(f"fits a {budget_gib:.1f} GiB GPU, {budget_gib - need:.1f} GiB to spare")
         else:
             fixes = suggestions(shape, run, budget_gib)
-            lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {e.device / GiB - budget_gib:.1f} GiB)")
-            if fixes:
+            lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {need - budget_gib:.1f} GiB)")
+            if e.loading > budget_gib * GiB:
+                lines.append("the whole 4-bit model must fit one GPU while it loads, whatever the GPU count: use GPUs "
+                             f"with at least {e.loading / GiB:.1f} GiB, or a smaller model")
+            elif fixes:
                 lines.append("cheapest change that fits: " + fixes[0][0] + f" -> {fixes[0][1]:.1f} GiB")
                 lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need in fixes[1:4]]
             else:
@@ -320,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
                    help="default: paged_adamw_8bit for qlora, adamw otherwise")
     p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--random-init", action="store_true",
+                   help="the model is built with random weights (model.random_init), not loaded from a checkpoint")
     p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(GPUS_GIB)}): say whether it fits")
     p.add_argument("--json", action="store_true", help="print the terms as JSON")
     return p
@@ -336,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" else "adamw")
     run = Run(method=a.method, gpus=a.gpus, zero=a.zero, offload=a.offload, seq_len=a.seq_len,
               micro_batch=a.micro_batch, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r,
-              lora_targets=tuple(a.lora_targets.split(",")), optimizer=optimizer, double_quant=not a.no_double_quant)
+              lora_targets=tuple(a.lora_targets.split(",")), optimizer=optimizer, double_quant=not a.no_double_quant,
+              random_init=a.random_init)
     budget = None
     if a.gpu_memory:
         try:
@@ -349,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         e = estimate(shape, run)
         print(json.dumps({"run": asdict(run), "terms_gib": {k: v / GiB for k, v in e.terms.items()},
-                          "allocated_gib": e.allocated / GiB, "device_gib": e.device / GiB}, indent=2))
+                          "allocated_gib": e.allocated / GiB, "device_gib": e.device / GiB,
+                          "loading_gib": e.loading / GiB, "need_gib": e.need / GiB}, indent=2))
     else:
         print(explain(a.model, shape, run, budget))
     return 0
