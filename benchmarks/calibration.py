@@ -43,8 +43,7 @@ def run_of(cfg: C.RunConfig) -> Run:
                seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
                grad_ckpt=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
-               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant,
-               random_init=cfg.model.random_init)
+               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant)
 
 
 def expandable(commit: str) -> bool:

@@ -30,7 +30,7 @@ def build(cfg: C.RunConfig, device: torch.device):
     dtype = models.DTYPES[m.dtype]
     hf = models.load_hf_config(m)
     if m.random_init:  # no weights to load: the same layer-by-layer builder random-init runs use
-        model = models.build_random_model(cfg, hf, device, dtype=dtype, attn_implementation="sdpa")
+        model = models.build_module_by_module(cfg, hf, device, dtype=dtype, attn_implementation="sdpa")
     else:
         src, kw = models.resolve_source(m)
         if cfg.method == "qlora":

@@ -26,13 +26,9 @@ METHODS = {"full": dict(method="full", zero=2, optimizer="adamw"),
            "qlora": dict(method="qlora", zero=2, optimizer="paged_adamw_8bit")}
 
 
-def _training_setting(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k != "random_init"}  # random or loaded weights train in the same memory
-
-
 def measured(rows: list[dict], shape: str, run: Run) -> dict | None:
-    want = _training_setting(json.loads(json.dumps(asdict(run))))
-    return next((r for r in rows if r["shape"] == shape and _training_setting(r["run"]) == want), None)
+    want = json.loads(json.dumps(asdict(run)))
+    return next((r for r in rows if r["shape"] == shape and r["run"] == want), None)
 
 
 def cells() -> list[dict]:

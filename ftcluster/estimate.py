@@ -16,8 +16,9 @@ Memory is used in three phases, and the peak is the largest:
   and the 16-bit gradients as they arrive;
 * optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads (and
   ZeRO's buckets, which stay allocated until the next backward).
-Before them, loading: under ZeRO-3 a random-init model and a 16-bit checkpoint are partitioned as they are built
-(ftcluster.models), but transformers loads a 4-bit checkpoint whole onto each GPU before DeepSpeed partitions it.
+Before them, loading: under ZeRO-3 the model is partitioned as it is built or loaded (ftcluster.models), except a
+4-bit model from a hub id or a GGUF file, which transformers loads whole onto each GPU before DeepSpeed partitions
+it.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class Run:
     lora_targets: tuple[str, ...] = ("all-linear",)
     optimizer: str = "adamw"
     double_quant: bool = True
-    random_init: bool = False  # built module by module (model.random_init), not loaded from a checkpoint
+    hub_checkpoint: bool = False  # loaded from a hub id or GGUF file, not a local safetensors checkpoint
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -242,10 +243,11 @@ class Estimate:
 
 
 def loading_peak(shape: Shape, run: Run) -> float:
-    """A 4-bit checkpoint under ZeRO-3 on several GPUs: transformers does not load quantized models inside
-    zero.Init (modeling_utils: ``is_deepspeed_zero3_enabled() and not is_quantized``), so each GPU holds the whole
-    4-bit model until deepspeed.initialize partitions it."""
-    if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and not run.random_init:
+    """A 4-bit model from a hub id or GGUF file under ZeRO-3 on several GPUs: transformers does not load quantized
+    models inside zero.Init (modeling_utils: ``is_deepspeed_zero3_enabled() and not is_quantized``), so each GPU
+    holds the whole 4-bit model until deepspeed.initialize partitions it. A local safetensors checkpoint is read
+    module by module by ftcluster.models instead."""
+    if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and run.hub_checkpoint:
         return terms(shape, replace(run, gpus=1))["weights"] * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GiB
     return 0.0
 
@@ -313,8 +315,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
               f"  {'peak device memory in training':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
     if e.loading > e.device:
         lines += [f"  {'peak device memory while loading':<42} {e.loading / GiB:7.2f}  ({e.loading / 1e9:.1f} GB)",
-                  "    (a 4-bit checkpoint loads whole onto each GPU before ZeRO-3 partitions it; a random-init model "
-                  "does not: --random-init)"]
+                  "    (a 4-bit model from a hub id or GGUF file loads whole onto each GPU before ZeRO-3 partitions "
+                  "it; download the checkpoint to a directory and it loads partitioned)"]
     need = e.need / GiB
     lines.append(f"  {'what must fit':<42} {need:7.2f}")
     if budget_gib is not None:
@@ -324,8 +326,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
             fixes = suggestions(shape, run, budget_gib)
             lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {need - budget_gib:.1f} GiB)")
             if e.loading > budget_gib * GiB:
-                lines.append("the whole 4-bit model must fit one GPU while it loads, whatever the GPU count: use GPUs "
-                             f"with at least {e.loading / GiB:.1f} GiB, or a smaller model")
+                lines.append("the whole 4-bit model must fit one GPU while it loads from the hub, whatever the GPU "
+                             "count: load it from a local directory instead (drop --hub-checkpoint)")
             elif fixes:
                 lines.append("cheapest change that fits: " + fixes[0][0] + f" -> {fixes[0][1]:.1f} GiB")
                 lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need in fixes[1:4]]
@@ -349,8 +351,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
                    help="default: paged_adamw_8bit for qlora, adamw otherwise")
     p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--random-init", action="store_true",
-                   help="the model is built with random weights (model.random_init), not loaded from a checkpoint")
+    p.add_argument("--hub-checkpoint", action="store_true",
+                   help="the model loads from a hub id or GGUF file, not a local safetensors checkpoint")
     p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(GPUS_GIB)}): say whether it fits")
     p.add_argument("--json", action="store_true", help="print the terms as JSON")
     return p
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(method=a.method, gpus=a.gpus, zero=a.zero, offload=a.offload, seq_len=a.seq_len,
               micro_batch=a.micro_batch, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r,
               lora_targets=tuple(a.lora_targets.split(",")), optimizer=optimizer, double_quant=not a.no_double_quant,
-              random_init=a.random_init)
+              hub_checkpoint=a.hub_checkpoint)
     budget = None
     if a.gpu_memory:
         try:

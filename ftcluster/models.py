@@ -4,6 +4,7 @@ from bitsandbytes + LoRA). Plain functions from the config to an ``nn.Module``; 
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 from typing import ContextManager, Protocol
 
@@ -127,13 +128,47 @@ def _is_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
 
 
-def build_random_model(cfg: RunConfig, hf, device: torch.device, partition: Partition | None = None,
-                       **from_config) -> nn.Module:
-    """A randomly initialised model built one module at a time: made weightless on the meta device, then each
-    module is given memory on ``device`` and initialised by the model's own ``_init_weights``; for QLoRA each linear
-    layer is quantized to NF4 as soon as it exists. The peak is the finished model plus one 16-bit layer, so a 70B
-    QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU. With ``partition`` (ZeRO-3), each module's
-    parameters are handed to it as soon as they are final, so a worker holds only its shard plus one module."""
+class SafetensorsCheckpoint:
+    """The tensors of a local safetensors checkpoint (one file, or shards named by model.safetensors.index.json),
+    read one at a time by name."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self._open, self._handles = safe_open, {}
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            self.files = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            with safe_open(directory / "model.safetensors", "pt") as f:
+                self.files = dict.fromkeys(f.keys(), directory / "model.safetensors")
+
+    @staticmethod
+    def found(directory: Path) -> bool:
+        return (directory / "model.safetensors.index.json").exists() or (directory / "model.safetensors").exists()
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = self._open(path, "pt")
+        return self._handles[path].get_tensor(name)
+
+    def fill(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
+        """Copy the checkpoint's tensors into ``module``'s parameters and persistent buffers (cast to their dtype)."""
+        for name, t in (*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)):
+            key = f"{prefix}.{name}"
+            if key in self.files:
+                t.copy_(self.get(key))
+
+
+def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: Partition | None = None,
+                           checkpoint: SafetensorsCheckpoint | None = None, **from_config) -> nn.Module:
+    """The model built one module at a time: made weightless on the meta device, then each module is given memory
+    on ``device`` and filled, from ``checkpoint`` or else by the model's own ``_init_weights`` (random init); for
+    QLoRA each linear layer is quantized to NF4 as soon as it is filled. The peak is the finished model plus one
+    16-bit layer, so a 70B QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU. With ``partition``
+    (ZeRO-3) each module's parameters are handed to it as soon as they are final, so a worker holds only its shard
+    plus one module."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -144,22 +179,29 @@ def build_random_model(cfg: RunConfig, hf, device: torch.device, partition: Part
     upcast = q is not None and partition is not None and cfg.quantization.upcast_non_quantized
     tied = model.get_output_embeddings() if getattr(hf, "tie_word_embeddings", False) else None
     with torch.no_grad():
-        for parent in list(model.modules()):
+        for parent_name, parent in list(model.named_modules()):
             for name, child in list(parent.named_children()):
                 if child is tied or not _is_meta(child):
                     continue  # a tied output layer takes the input embedding's weight below
+                qualified = f"{parent_name}.{name}" if parent_name else name
                 if any(b.is_meta for b in child.buffers(recurse=False)):
                     # Buffers computed in __init__ (rotary inverse frequencies): construct the module again there.
                     if not hasattr(child, "config"):
-                        raise ConfigError(f"model.random_init: cannot build {type(child).__name__} ({name}) of "
-                                          f"{hf.model_type} one module at a time; use a checkpoint instead")
+                        raise ConfigError(f"model: cannot build {type(child).__name__} ({qualified}) of "
+                                          f"{hf.model_type} one module at a time (model.random_init, or 4-bit "
+                                          "under ZeRO-3); load it whole instead")
                     with torch.device(device):
                         setattr(parent, name, type(child)(config=child.config))
+                    if checkpoint is not None:
+                        checkpoint.fill(getattr(parent, name), qualified)
                     if partition is not None:
                         partition(list(getattr(parent, name).parameters()))
                     continue
                 child.to_empty(device=device, recurse=False)
-                model._init_weights(child)
+                if checkpoint is None:
+                    model._init_weights(child)
+                else:
+                    checkpoint.fill(child, qualified, recurse=False)
                 if q is not None and isinstance(child, nn.Linear) and name != "lm_head":
                     quantized = linear_to_4bit(child, q, device)
                     setattr(parent, name, quantized)
@@ -177,6 +219,20 @@ def build_random_model(cfg: RunConfig, hf, device: torch.device, partition: Part
         model.config.quantization_config = q
         model.is_loaded_in_4bit = True
     return model
+
+
+def checkpoint_for_module_build(src: str, kw: dict, meta_model: nn.Module) -> SafetensorsCheckpoint | None:
+    """The checkpoint, when it can be read one module at a time: a local safetensors checkpoint that holds every
+    tensor of the model under the model's own names (a tied output layer may be absent) and nothing else."""
+    directory = Path(src).expanduser()
+    if kw or not directory.is_dir() or not SafetensorsCheckpoint.found(directory):
+        return None
+    ckpt = SafetensorsCheckpoint(directory)
+    keys = set(meta_model.state_dict())
+    if getattr(meta_model.config, "tie_word_embeddings", False):
+        out = meta_model.get_output_embeddings()
+        keys -= {f"{n}.weight" for n, m in meta_model.named_modules() if m is out}
+    return ckpt if keys <= set(ckpt.files) <= set(meta_model.state_dict()) else None
 
 
 def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
@@ -199,14 +255,22 @@ def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition 
     common = dict(dtype=dtype, attn_implementation=attn_implementation(cfg, device),
                   trust_remote_code=m.trust_remote_code)
     if m.random_init:
-        return build_random_model(cfg, hf, device, partition, **common)
+        return build_module_by_module(cfg, hf, device, partition, **common)
     src, kw = resolve_source(m)
     if partition is not None and cfg.method != "qlora":
         with partition.loading():  # device placement is zero.Init's: no device_map
             return AutoModelForCausalLM.from_pretrained(src, config=hf, **common, **kw)
+    if partition is not None:
+        # transformers does not load a quantized model inside zero.Init: it would put the whole 4-bit model on each
+        # device. Read a local checkpoint module by module instead, quantizing and partitioning as it goes.
+        with torch.device("meta"):
+            checkpoint = checkpoint_for_module_build(src, kw, AutoModelForCausalLM.from_config(hf, **common))
+        if checkpoint is not None:
+            return build_module_by_module(cfg, hf, device, partition, checkpoint, **common)
+        print(f"model.name_or_path={src}: not a local safetensors checkpoint with this model's tensor names; "
+              "each GPU loads the whole 4-bit model before ZeRO-3 partitions it (download it to a directory to "
+              "load it partitioned)", flush=True)
     if cfg.method == "qlora":
-        # Under ZeRO-3 too, transformers loads a 4-bit checkpoint whole onto each device; DeepSpeed partitions it
-        # when the engine starts.
         kw["quantization_config"] = bnb_config(cfg)
     # device_map pins the weights to this worker's device: Ray remaps CUDA_VISIBLE_DEVICES, so "auto" or a bare
     # index would land 4-bit weights on the wrong GPU (accelerate#2713).

@@ -66,7 +66,8 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["random-full", "random-qlora", "random-qlora+upcast", "checkpoint-lora"])
+@pytest.mark.parametrize("case", ["random-full", "random-qlora", "random-qlora+upcast", "checkpoint-lora",
+                                  "checkpoint-qlora"])
 def test_zero3_model_is_partitioned_as_built_and_is_the_unpartitioned_model(tiny_model, case):
     with mp.Manager() as manager:
         out = manager.dict()

@@ -71,16 +71,17 @@ def test_a_run_that_does_not_fit_gets_the_cheapest_change_that_does():
     assert fixes[0][0].startswith("QLoRA")  # on one GPU nothing short of a 4-bit base fits a 70B model
 
 
-def test_a_4bit_checkpoint_under_zero3_must_fit_whole_while_it_loads():
+def test_a_4bit_model_from_the_hub_under_zero3_must_fit_whole_while_it_loads():
     from dataclasses import replace
 
     shape = E.shape_of("llama-3-70b")
-    run = E.Run(method="qlora", gpus=16, zero=3, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit")
+    run = E.Run(method="qlora", gpus=16, zero=3, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit",
+                hub_checkpoint=True)
     e = E.estimate(shape, run)
     whole = E.terms(shape, replace(run, gpus=1))["weights"]
     assert e.device < whole / 2 and e.need == e.loading > whole  # 12 GiB per GPU in training, 40 while loading
-    assert E.estimate(shape, replace(run, random_init=True)).need == e.device  # partitioned as it is built
-    assert E.estimate(shape, replace(run, method="lora")).loading == 0  # 16-bit checkpoints load partitioned
+    assert E.estimate(shape, replace(run, hub_checkpoint=False)).need == e.device  # read module by module
+    assert E.estimate(shape, replace(run, method="lora")).loading == 0  # 16-bit models load partitioned
     out = E.explain("llama-3-70b", shape, run, budget_gib=37.3)
     assert "does not fit" in out and "while it loads" in out and "more GPUs" not in out
 
