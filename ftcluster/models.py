@@ -14,6 +14,7 @@ from torch import nn
 from ftcluster import embedded
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
+
 class Partition(Protocol):
     """ZeRO-3's partitioning during the build (``engine.Zero3Partition``)."""
 
@@ -22,6 +23,7 @@ class Partition(Protocol):
 
     def loading(self) -> ContextManager:
         """A context in which ``from_pretrained`` loads a checkpoint straight into partitions."""
+
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -228,11 +230,12 @@ def checkpoint_for_module_build(src: str, kw: dict, meta_model: nn.Module) -> Sa
     if kw or not directory.is_dir() or not SafetensorsCheckpoint.found(directory):
         return None
     ckpt = SafetensorsCheckpoint(directory)
-    keys = set(meta_model.state_dict())
+    names = set(meta_model.state_dict())
+    required = names
     if getattr(meta_model.config, "tie_word_embeddings", False):
         out = meta_model.get_output_embeddings()
-        keys -= {f"{n}.weight" for n, m in meta_model.named_modules() if m is out}
-    return ckpt if keys <= set(ckpt.files) <= set(meta_model.state_dict()) else None
+        required = names - {f"{n}.weight" for n, m in meta_model.named_modules() if m is out}
+    return ckpt if required <= set(ckpt.files) <= names else None
 
 
 def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
