@@ -207,11 +207,6 @@ class RunConfig(Section):
                 "layers would compute in 16 bits next to a float32 model. Use model.dtype=bfloat16 (GPUs), or "
                 "quantization.compute_dtype=float32 too (CPUs without native bf16)."
             )
-        if self.method == "qlora" and ds.offload_param == "cpu":
-            raise ValueError(
-                "deepspeed.offload_param=cpu with method=qlora: bitsandbytes 4-bit weights cannot be offloaded by "
-                "ZeRO; the 4-bit base is already small. Set deepspeed.offload_param=none."
-            )
         return self
 
     # --- derived facts, one place each ---

@@ -1,13 +1,10 @@
-"""DeepSpeed: the engine config generated from ours, the optimizer and schedule, and the step loop."""
+"""The step loop: optimizer steps over this worker's batches, with logging, evaluation, checkpoints and stops."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,169 +12,6 @@ import torch
 from ftcluster.config import RunConfig
 from ftcluster.data import IGNORE, ShardedBatches
 
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
-    t, d = cfg.training, cfg.deepspeed
-    zero: dict = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0, "contiguous_gradients": True}
-    if d.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if d.offload_param == "cpu":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if d.zero_stage == 3:
-        # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    # DeepSpeed's bf16/fp16 modes cast every parameter to 16 bits (keep_in_fp32_modules spares buffers only), which
-    # would silently undo PEFT's fp32 upcast; with the upcast on, the model keeps the dtypes PEFT gave it.
-    mixed = cfg.method == "qlora" and cfg.quantization.upcast_non_quantized
-    ds = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-        "gradient_clipping": t.max_grad_norm,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16" and not mixed},
-        "fp16": {"enabled": cfg.model.dtype == "float16" and not mixed},
-        "zero_optimization": zero,
-        # bitsandbytes and torch optimizers are passed in as client optimizers.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if d.offload_optimizer == "cpu":
-        o = cfg.optimizer
-        # Offload steps on the host with DeepSpeed's CPU Adam, which it builds from this section.
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
-                                                       "weight_decay": o.weight_decay}}
-    if d.config_file:
-        ds = _merge(ds, json.loads(Path(d.config_file).expanduser().read_text()))
-    return _merge(ds, d.overrides)
-
-
-class Zero3Partition:
-    """ZeRO-3's partitioning, applied to parameters while the model is still being built: each call hands its
-    parameters to ``deepspeed.zero.Init``, which broadcasts rank 0's values and keeps this rank's shard (on the
-    device, or in host memory under ``offload_param``). ``deepspeed.initialize`` then finds a partitioned model and
-    neither moves the whole model to the device nor partitions it again."""
-
-    def __init__(self, ds_config: dict):
-        self.ds_config = ds_config
-        self._first = None  # a partitioned parameter: its converter reuses the first Init's settings
-
-    def __call__(self, params: list[torch.nn.Parameter]) -> None:
-        import deepspeed
-
-        params = [p for p in params if not hasattr(p, "ds_id")]
-        if not params:
-            return
-        if self._first is None:
-            # Joins the torch process group Ray Train made, as deepspeed.initialize does later; the config's batch
-            # check needs the world size.
-            deepspeed.comm.init_distributed(dist_init_required=False)
-            deepspeed.zero.Init(module=torch.nn.ParameterList(params), config_dict_or_path=self.ds_config)
-            self._first = params[0]
-        else:
-            self._first.convert_to_zero_parameters(params)
-
-    @contextlib.contextmanager
-    def loading(self):
-        """While open, transformers' ``from_pretrained`` builds the model inside ``zero.Init`` and copies each
-        checkpoint tensor into its partitions (rank 0 reads the checkpoint into host memory), so no worker holds the
-        whole 16-bit model on its device. Not for bitsandbytes models: transformers loads those whole."""
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        deepspeed.comm.init_distributed(dist_init_required=False)
-        alive = HfDeepSpeedConfig(self.ds_config)  # transformers holds it by weak reference only
-        try:
-            yield
-        finally:
-            del alive
-
-
-def zero3_partition(cfg: RunConfig, world_size: int) -> Zero3Partition | None:
-    """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides)."""
-    ds = deepspeed_config(cfg, world_size)
-    return Zero3Partition(ds) if ds.get("zero_optimization", {}).get("stage") == 3 else None
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
-    if cfg.deepspeed.offload_optimizer == "cpu":
-        return None  # DeepSpeed builds its CPU Adam from the config
-    o = cfg.optimizer
-    groups = param_groups(model, o.weight_decay)
-    kw = dict(lr=o.lr, betas=o.betas, eps=o.eps)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[o.name]
-    return cls(groups, **kw)
-
-
-def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
-    s = cfg.scheduler
-    warmup = s.warmup_steps or int(s.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if s.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.name == "cosine" else 1.0 - progress
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
-
-    return factor
-
-
-def total_optimizer_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
-    per_epoch = batches_per_epoch // cfg.training.gradient_accumulation_steps
-    if per_epoch == 0:
-        raise ValueError(
-            f"one epoch gives {batches_per_epoch} micro batches per worker, fewer than "
-            f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps}; lower it or add data"
-        )
-    return cfg.training.max_steps or per_epoch * cfg.training.epochs
-
-
-def initialize(cfg: RunConfig, model, device: torch.device, world_size: int, total_steps: int):
-    """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
-    (Ray Train made it), so DeepSpeed joins it instead of making its own."""
-    import deepspeed
-
-    ds_config = deepspeed_config(cfg, world_size)
-    optimizer = build_optimizer(cfg, model, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    schedule = lr_lambda(cfg, total_steps)
-    # Handing the schedule to DeepSpeed makes it step at accumulation boundaries and live in its checkpoints.
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable if optimizer is None else None, optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config, dist_init_required=False,
-    )
-    return engine, scheduler, ds_config
-
-
-# --- the loop ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class Progress:
@@ -218,6 +52,9 @@ def evaluate(engine, batches: ShardedBatches, device, max_batches: int | None) -
             loss_sum += engine(**batch).loss.double() * n
             count += n
     engine.train()
+    if engine.zero_optimization_partition_weights():
+        # Under ZeRO-3 evaluation ends with the last layers still gathered, kept for a backward that never comes.
+        engine.empty_partition_cache()
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)

@@ -11,12 +11,12 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from ftcluster import embedded
+from ftcluster import activations, embedded
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
 
 class Partition(Protocol):
-    """ZeRO-3's partitioning during the build (``engine.Zero3Partition``)."""
+    """ZeRO-3's partitioning during the build (``deepspeed_setup.Zero3Partition``)."""
 
     def __call__(self, params: list[nn.Parameter]) -> None:
         """Shard parameters that are final (initialised, quantized) over the ZeRO-3 group."""
@@ -281,26 +281,27 @@ def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition 
 
 
 def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
+    from ftcluster import linear4bit
+
+    linear4bit.adopt(model)
     if cfg.quantization.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # Checkpointing is ours (activations.checkpoint_layers); PEFT's would checkpoint each layer a second time.
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # Without the upcast, the frozen 4-bit base needs nothing else: non-reentrant checkpointing does not need
     # inputs that require grad, and norms/embeddings stay in bf16.
 
 
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: Partition | None = None) -> nn.Module:
     """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise.
-    ``partition`` (ZeRO-3's, from ``engine.zero3_partition``) shards the base model as it is built or loaded."""
+    ``partition`` (ZeRO-3's, from ``deepspeed_setup.zero3_partition``) shards the base model as it is built or loaded."""
     device = torch.device(device)
     model = build_base_model(cfg, device, partition)
     model.config.use_cache = False
+    activations.use_chunked_loss(model)
     if cfg.model.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs and with ZeRO-3's parameter hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        activations.checkpoint_layers(model)
     if cfg.method == "full":
         model.requires_grad_(True)
         return model

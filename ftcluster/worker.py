@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ftcluster import checkpoint, data, engine, metrics, models, stop
+from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, stop
 from ftcluster.config import RunConfig, from_dict
 
 
@@ -57,9 +57,10 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
                     cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
     eval_rows = data.build_rows(tokenizer, eval_examples, cfg.data, cfg.training.seed) if eval_examples else []
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
-    total_steps = engine.total_optimizer_steps(cfg, len(batches))
+    total_steps = optim.total_optimizer_steps(cfg, len(batches))
 
-    model = models.build_model(cfg, device, engine.zero3_partition(cfg, world))
+    ds_config = deepspeed_setup.deepspeed_config(cfg, world)
+    model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(ds_config))
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
     trainable, total = models.parameter_counts(model)
@@ -68,7 +69,7 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
         total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method, trainable)
     compute_dtype = cfg.quantization.compute_dtype if cfg.method == "qlora" else cfg.model.dtype
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype])
-    ds_engine, scheduler, _ = engine.initialize(cfg, model, device, world, total_steps)
+    ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
     static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
               "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
               "peak_matmul_tflops": peak / 1e12, "compute_dtype": compute_dtype, "flops_per_token": flops_per_token}

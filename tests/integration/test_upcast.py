@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ftcluster import config as C
-from ftcluster import engine, models
+from ftcluster import deepspeed_setup, models
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model,
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "deepspeed.zero_stage=2",
                         f"quantization.upcast_non_quantized={upcast}", "training.micro_batch_size=2"])
     model = models.build_model(cfg, "cpu")
-    ds, _, _ = engine.initialize(cfg, model, torch.device("cpu"), 1, total_steps=5)
+    ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
+    ds, _, _ = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
     norm = ds.module.base_model.model.model.norm.weight
     assert norm.dtype == (torch.float32 if upcast else torch.bfloat16)
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ftcluster import config as C
-from ftcluster import engine, models
+from ftcluster import deepspeed_setup, models
 
 WORLD = 2
 
@@ -43,7 +43,8 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
     del reference
 
     torch.manual_seed(cfg.training.seed)
-    model = models.build_model(cfg, torch.device("cpu"), engine.zero3_partition(cfg, WORLD))
+    ds_config = deepspeed_setup.deepspeed_config(cfg, WORLD)
+    model = models.build_model(cfg, torch.device("cpu"), deepspeed_setup.zero3_partition(ds_config))
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     held = sum(p.ds_tensor.numel() for p in base if hasattr(p, "ds_tensor"))
     full = sum(p.ds_numel for p in base if hasattr(p, "ds_numel"))
@@ -54,7 +55,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
               "norm_dtype": str(getattr(model, "get_base_model", lambda: model)().model.norm.weight.ds_tensor.dtype),
               "want_norm_dtype": str(torch.float32 if cfg.quantization.upcast_non_quantized else torch.bfloat16)}
 
-    ds, _, _ = engine.initialize(cfg, model, torch.device("cpu"), WORLD, total_steps=6)
+    ds, _, _ = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=6)
     losses = []
     for _ in range(6):
         loss = ds(input_ids=ids, labels=ids).loss

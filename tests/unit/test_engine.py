@@ -3,14 +3,14 @@ import json
 import pytest
 
 from ftcluster import config as C
-from ftcluster import engine, metrics
+from ftcluster import deepspeed_setup, engine, metrics, optim
 
 
 def test_deepspeed_config_follows_ours():
     cfg = C.load(None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
                         "training.micro_batch_size=4", "training.gradient_accumulation_steps=8",
                         "training.max_grad_norm=0.5"])
-    ds = engine.deepspeed_config(cfg, world_size=16)
+    ds = deepspeed_setup.deepspeed_config(cfg, world_size=16)
     assert ds["train_batch_size"] == 4 * 8 * 16 and ds["gradient_clipping"] == 0.5
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
@@ -23,7 +23,7 @@ def test_user_json_then_overrides_are_merged_over_the_generated_config(tmp_path)
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "wall_clock_breakdown": True}))
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.overrides={zero_optimization: {stage: 1}}"])
-    ds = engine.deepspeed_config(cfg, 1)
+    ds = deepspeed_setup.deepspeed_config(cfg, 1)
     z = ds["zero_optimization"]
     assert z["reduce_bucket_size"] == 1000 and z["stage"] == 1 and z["contiguous_gradients"] is True
     assert ds["wall_clock_breakdown"] is True
@@ -32,7 +32,7 @@ def test_user_json_then_overrides_are_merged_over_the_generated_config(tmp_path)
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
 def test_schedule_warms_up_then_decays_to_the_floor(name):
     cfg = C.load(None, [f"scheduler.name={name}", "scheduler.warmup_steps=10", "scheduler.min_lr_ratio=0.1"])
-    f = engine.lr_lambda(cfg, total_steps=110)
+    f = optim.lr_lambda(cfg, total_steps=110)
     assert f(0) < f(5) < f(10) == 1.0
     if name == "constant":
         assert f(109) == 1.0
@@ -42,11 +42,11 @@ def test_schedule_warms_up_then_decays_to_the_floor(name):
 
 def test_total_steps_from_epochs_or_max_steps():
     cfg = C.load(None, ["training.epochs=3", "training.gradient_accumulation_steps=4"])
-    assert engine.total_optimizer_steps(cfg, batches_per_epoch=40) == 30
+    assert optim.total_optimizer_steps(cfg, batches_per_epoch=40) == 30
     cfg = C.load(None, ["training.max_steps=7"])
-    assert engine.total_optimizer_steps(cfg, batches_per_epoch=2) == 7
+    assert optim.total_optimizer_steps(cfg, batches_per_epoch=2) == 7
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        engine.total_optimizer_steps(C.load(None, ["training.gradient_accumulation_steps=8"]), 4)
+        optim.total_optimizer_steps(C.load(None, ["training.gradient_accumulation_steps=8"]), 4)
 
 
 def test_flops_per_token_full_is_6n_and_lora_about_4n():
@@ -72,6 +72,6 @@ def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):
 
 
 def test_the_fp32_upcast_turns_off_deepspeeds_16bit_cast():
-    assert engine.deepspeed_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
-    ds = engine.deepspeed_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
+    assert deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
+    ds = deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False

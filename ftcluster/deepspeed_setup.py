@@ -1,0 +1,175 @@
+"""DeepSpeed set-up: the engine config generated from ours, ZeRO-3's partitioning while the model is built, ZeRO-3's
+gather schedule derived from the built model's shape, and ``deepspeed.initialize``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ftcluster import activations, optim
+from ftcluster.config import RunConfig
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _user_config(cfg: RunConfig) -> dict:
+    """``deepspeed.config_file`` with ``deepspeed.overrides`` merged over it: what the user set, which wins."""
+    d = cfg.deepspeed
+    user = json.loads(Path(d.config_file).expanduser().read_text()) if d.config_file else {}
+    return _merge(user, d.overrides)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
+    t, d = cfg.training, cfg.deepspeed
+    zero: dict = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0, "contiguous_gradients": True}
+    if d.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if d.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if d.zero_stage == 3:
+        # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    # DeepSpeed's bf16/fp16 modes cast every parameter to 16 bits (keep_in_fp32_modules spares buffers only), which
+    # would silently undo PEFT's fp32 upcast; with the upcast on, the model keeps the dtypes PEFT gave it.
+    mixed = cfg.method == "qlora" and cfg.quantization.upcast_non_quantized
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16" and not mixed},
+        "fp16": {"enabled": cfg.model.dtype == "float16" and not mixed},
+        "zero_optimization": zero,
+        # bitsandbytes and torch optimizers are passed in as client optimizers.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if d.offload_optimizer == "cpu":
+        o = cfg.optimizer
+        # Offload steps on the host with DeepSpeed's CPU Adam, which it builds from this section.
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                       "weight_decay": o.weight_decay}}
+    return _merge(ds, _user_config(cfg))
+
+
+def is_zero3(ds_config: dict) -> bool:
+    return ds_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def zero3_schedule(model: torch.nn.Module) -> dict:
+    """ZeRO-3's gather schedule, derived from the built model: a decoder layer is the unit that is gathered,
+    prefetched and released. DeepSpeed's defaults are fixed element counts (a 5e7 prefetch bucket, 1e9 live
+    parameters and reuse distance) that fit no model in particular: at 7B they keep about 2 GB of gathered weights
+    on every GPU whatever the GPU count, and they gather module by module, dozens of hooks and collectives a layer.
+
+    - ``leaf_module``: each decoder layer is one ZeRO-3 leaf, gathered by one collective before its forward (and
+      again before its backward and recompute) and released after; no hooks inside it.
+    - ``stage3_prefetch_bucket_size`` = one layer: the next layer's gather overlaps this layer's compute.
+    - ``stage3_max_live_parameters`` = three layers: the one computing, the one prefetched, and the embedding or
+      output layer that joins them at either end.
+    - ``stage3_max_reuse_distance`` = one layer: a layer is kept only if it is needed again right away; forward's
+      layers are released rather than kept for a backward that is a whole model away.
+    - ``stage3_param_persistence_threshold`` = the hidden size: norms and biases stay whole on every GPU (they are
+      tiny and would cost a collective each); every matrix is partitioned.
+    Sizes are in the parameters' stored elements (a 4-bit weight stored in 16 bits counts a quarter of its values).
+    """
+    layers = activations.decoder_layers(model)
+    if not layers:
+        return {}
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    layer = max(sum(numel(p) for p in m.parameters()) for m in layers)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or int(1e5)
+    return {
+        "leaf_module": {"classes": sorted({type(m).__name__ for m in layers})},
+        "stage3_prefetch_bucket_size": layer,
+        "stage3_max_live_parameters": 3 * layer,
+        "stage3_max_reuse_distance": layer,
+        "stage3_param_persistence_threshold": hidden,
+    }
+
+
+def tuned_config(cfg: RunConfig, ds_config: dict, model: torch.nn.Module) -> dict:
+    """``ds_config`` with the ZeRO-3 schedule of ``model`` filled in; what the user set still wins."""
+    if not is_zero3(ds_config):
+        return ds_config
+    return _merge(_merge(ds_config, {"zero_optimization": zero3_schedule(model)}), _user_config(cfg))
+
+
+class Zero3Partition:
+    """ZeRO-3's partitioning, applied to parameters while the model is still being built: each call hands its
+    parameters to ``deepspeed.zero.Init``, which broadcasts rank 0's values and keeps this rank's shard (on the
+    device, or in host memory under ``offload_param``). ``deepspeed.initialize`` then finds a partitioned model and
+    neither moves the whole model to the device nor partitions it again."""
+
+    def __init__(self, ds_config: dict):
+        self.ds_config = ds_config
+        self._first = None  # a partitioned parameter: its converter reuses the first Init's settings
+
+    def __call__(self, params: list[torch.nn.Parameter]) -> None:
+        import deepspeed
+
+        params = [p for p in params if not hasattr(p, "ds_id")]
+        if not params:
+            return
+        if self._first is None:
+            # Joins the torch process group Ray Train made, as deepspeed.initialize does later; the config's batch
+            # check needs the world size.
+            deepspeed.comm.init_distributed(dist_init_required=False)
+            deepspeed.zero.Init(module=torch.nn.ParameterList(params), config_dict_or_path=self.ds_config)
+            self._first = params[0]
+        else:
+            self._first.convert_to_zero_parameters(params)
+
+    @contextlib.contextmanager
+    def loading(self):
+        """While open, transformers' ``from_pretrained`` builds the model inside ``zero.Init`` and copies each
+        checkpoint tensor into its partitions (rank 0 reads the checkpoint into host memory), so no worker holds the
+        whole 16-bit model on its device. Not for bitsandbytes models: transformers loads those whole."""
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.comm.init_distributed(dist_init_required=False)
+        alive = HfDeepSpeedConfig(self.ds_config)  # transformers holds it by weak reference only
+        try:
+            yield
+        finally:
+            del alive
+
+
+def zero3_partition(ds_config: dict) -> Zero3Partition | None:
+    """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides)."""
+    return Zero3Partition(ds_config) if is_zero3(ds_config) else None
+
+
+def initialize(cfg: RunConfig, model, device: torch.device, ds_config: dict, total_steps: int):
+    """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
+    (Ray Train made it), so DeepSpeed joins it instead of making its own. Returns (engine, scheduler, the final
+    DeepSpeed config)."""
+    import deepspeed
+
+    ds_config = tuned_config(cfg, ds_config, model)
+    if ds_config["zero_optimization"].get("leaf_module", {}).get("classes") and cfg.trains_adapter:
+        # ZeRO-3 reduces a leaf layer's gradients in the layer's full backward hook, which torch fires as soon as
+        # the output's gradient arrives when no input requires grad: the first layer's, behind a frozen embedding,
+        # would be reduced before they exist ("size of tensor a (0) must match ... (16)" in AccumulateGrad).
+        model.enable_input_require_grads()
+    optimizer = optim.build_optimizer(cfg, model, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    schedule = optim.lr_lambda(cfg, total_steps)
+    # Handing the schedule to DeepSpeed makes it step at accumulation boundaries and live in its checkpoints.
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable if optimizer is None else None, optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config, dist_init_required=False,
+    )
+    return engine, scheduler, ds_config

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from ftcluster import activations, models
+from ftcluster.config import load
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_chunked_loss_equals_transformers_loss_and_gradient(monkeypatch, num_items):
+    monkeypatch.setattr(activations, "LOSS_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows a chunk: several chunks, a ragged end
+    logits = torch.randn(3, 11, 50, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = -100
+    results = []
+    for fn in (ForCausalLMLoss, activations.chunked_causal_lm_loss):
+        x = logits.clone().requires_grad_(True)
+        loss = fn(x, labels, vocab_size=50, num_items_in_batch=num_items)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (ref, ref_grad), (ours, grad) = results
+    assert ours.dtype == torch.float32 and torch.allclose(ours, ref, rtol=1e-6)
+    assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), ref_grad.float(), atol=1e-6)
+
+
+def test_checkpointed_layers_give_the_same_loss_and_gradients(tiny_model):
+    cfg = load(None, [f"model.name_or_path={tiny_model}", "method=lora", "model.dtype=float32"])
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads, mlp_calls = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"gradient_checkpointing": ckpt})}), "cpu")
+        calls = []
+        activations.decoder_layers(model)[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        mlp_calls.append(len(calls))
+    assert mlp_calls == [1, 2]  # checkpointed: the layer's forward runs again in backward
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_checkpointing_a_model_without_decoder_layers_names_the_field():
+    with pytest.raises(Exception, match="model.gradient_checkpointing"):
+        activations.checkpoint_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,0 +1,66 @@
+import gc
+import weakref
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from ftcluster import linear4bit, models
+from ftcluster.config import load
+
+
+def _layer(cls, seed: int = 0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(128, 64, bias=True, dtype=torch.bfloat16)
+    q = models.bnb_config(load(None, ["method=qlora", "deepspeed.zero_stage=3"]))  # 4 bits stored as bf16
+    layer = models.linear_to_4bit(dense, q, torch.device("cpu"))
+    layer.__class__ = cls
+    layer.bias.requires_grad_(True)
+    return layer
+
+
+def _release_and_regather(layer, out):
+    """What ZeRO-3 does between a layer's forward and its backward: the parameter's data is swapped for an empty
+    tensor (released) and later for a fresh gathered copy. Returns whether the released copy stayed alive."""
+    gathered = layer.weight.data
+    regathered = gathered.clone()
+    storage = weakref.ref(gathered.untyped_storage())
+    layer.weight.data = torch.empty(0, dtype=gathered.dtype)
+    del gathered
+    gc.collect()
+    kept_alive = storage() is not None
+    layer.weight.data = regathered
+    out.float().square().sum().backward()
+    return kept_alive
+
+
+@pytest.mark.parametrize("cls", [bnb.nn.Linear4bit, linear4bit.Linear4bit])
+def test_a_released_weight_is_freed_only_by_ours(cls):
+    layer = _layer(cls)
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16, requires_grad=True)
+    kept_alive = _release_and_regather(layer, layer(x))
+    # bitsandbytes' matmul keeps a view of the weight's data until backward: under ZeRO-3 that is every gathered
+    # layer of the model at once. Ours keeps the parameter, so the released copy is freed.
+    assert kept_alive is (cls is bnb.nn.Linear4bit)
+    assert x.grad is not None and layer.bias.grad is not None
+
+
+def test_same_outputs_and_gradients_as_bitsandbytes():
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
+    results = []
+    for cls in (bnb.nn.Linear4bit, linear4bit.Linear4bit):
+        layer = _layer(cls)
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        _release_and_regather(layer, out)
+        results.append((out.detach().float(), xi.grad.float(), layer.bias.grad.float()))
+    for ours, theirs in zip(results[1], results[0]):
+        # bf16 rounding of the same dequantized weights (bitsandbytes' CPU kernel rounds in other places).
+        assert (ours - theirs).norm() / theirs.norm() < 1e-2
+
+
+def test_adopt_changes_only_bitsandbytes_4bit_layers():
+    model = torch.nn.Sequential(_layer(bnb.nn.Linear4bit), torch.nn.Linear(4, 4))
+    assert linear4bit.adopt(model) == 1
+    assert type(model[0]) is linear4bit.Linear4bit and type(model[1]) is torch.nn.Linear
+    assert isinstance(model[0], bnb.nn.Linear4bit)  # PEFT still wraps it as a 4-bit layer
