@@ -46,6 +46,16 @@ def run_of(cfg: C.RunConfig) -> Run:
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant)
 
 
+def config_of(command: str | list[str]) -> C.RunConfig:
+    """The config of a recorded ``python -m ftcluster.train --config ...`` command. The model paths were on the GPU
+    host: the settings are resolved without checking that files exist here."""
+    argv = shlex.split(command) if isinstance(command, str) else command
+    recipe = argv[argv.index("--config") + 1]
+    overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
+    raw = yaml.safe_load((ROOT / recipe).read_text())
+    return C.from_dict(C.apply_overrides(raw, overrides), recipe)
+
+
 def expandable(commit: str) -> bool:
     return subprocess.run(["git", "merge-base", "--is-ancestor", EXPANDABLE_SINCE, commit], cwd=ROOT,
                           capture_output=True).returncode == 0
@@ -62,12 +72,7 @@ def rows() -> list[dict]:
             m = r.get("metrics") or {}
             if r.get("kind") != "train" or r.get("status") != "ok" or not m.get("peak_allocated_gib"):
                 continue
-            argv = shlex.split(r["command"]) if isinstance(r["command"], str) else r["command"]
-            recipe = argv[argv.index("--config") + 1]
-            overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
-            # The model paths were on the GPU host: resolve the settings without checking files exist here.
-            raw = yaml.safe_load((ROOT / recipe).read_text())
-            cfg = C.from_dict(C.apply_overrides(raw, overrides), recipe)
+            cfg = config_of(r["command"])
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": expandable(prov["git_commit"]),

@@ -47,7 +47,7 @@ def hardware_slug() -> str:
     return f"cpu{os.cpu_count()}"
 
 
-def provenance(argv: list[str]) -> dict:
+def provenance(argv: list[str], module: str = "benchmarks.compare") -> dict:
     import importlib.metadata as md
 
     import torch
@@ -61,7 +61,7 @@ def provenance(argv: list[str]) -> dict:
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
     out = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.compare", *argv]),
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", module, *argv]),
         # A host that receives a copy of the tree without its history (the GPU host) is told the commit.
         "git_commit": os.environ.get("FTCLUSTER_COMMIT") or git("rev-parse", "HEAD") or None,
         "git_dirty": False if os.environ.get("FTCLUSTER_COMMIT") else
@@ -147,20 +147,22 @@ class Harness:
             print(f"  {label}  FAILED (exit {code}): {rec['error']}", flush=True)
         return rec
 
-    def config_hash(self, method: str, seed: int) -> str | None:
+    def config_hash(self, method: str, seed: int, extra: tuple[str, ...] = ()) -> str | None:
         from ftcluster import config as C
 
         try:
-            return C.load(ROOT / self.suite.recipe, [*self.overrides(method), f"training.seed={seed}"]).fingerprint()
+            return C.load(ROOT / self.suite.recipe, [*self.overrides(method), *extra,
+                                                     f"training.seed={seed}"]).fingerprint()
         except C.ConfigError:
             return None
 
-    def train(self, method: str, seed: int, label: str) -> dict:
-        name = f"{method}-seed{seed}"
+    def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
+        """One training run of ``method`` (``extra`` overrides go last; ``name`` tells runs of one method apart)."""
+        name = name or f"{method}-seed{seed}"
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method),
-               f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
+               *extra, f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json")
-        rec["config_hash"] = self.config_hash(method, seed)
+        rec["config_hash"] = self.config_hash(method, seed, extra)
         if rec["status"] == "ok":
             run_dir = self.work / "runs" / name
             rec["metrics"]["losses"] = rec["metrics"].get("losses") or []

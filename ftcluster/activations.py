@@ -12,10 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ftcluster.config import ConfigError
 
-# Float32 logits held at once by the loss: a chunk of rows of this size, upcast, reduced, and recomputed in
-# backward. At a 128k vocabulary a whole micro batch of 4096 tokens would hold 2 GiB of them, twice (the upcast and
-# cross_entropy's log-softmax), next to their gradient.
-LOSS_CHUNK_BYTES = 256 * 2**20
+# Float32 logits held at once by the loss, in rows of this many bytes. At a 128k vocabulary a micro batch of 4096
+# tokens holds 2 GiB of float32 logits whole, and cross_entropy keeps a second copy (its log-softmax) for backward.
+LOSS_CHUNK_BYTES = 64 * 2**20
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -46,25 +45,47 @@ def checkpoint_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of 2-D logits, computed ``rows`` at a time in float32. Forward keeps no float32
+    tensor; backward writes softmax - one-hot into one gradient in the logits' dtype, chunk by chunk. Peak: the
+    logits, their gradient, and one chunk in float32."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, rows: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, labels.numel(), rows):
+            chunk, target = logits[start:start + rows].float(), labels[start:start + rows]
+            valid = target != ignore_index
+            picked = chunk.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
+            total += ((torch.logsumexp(chunk, dim=1) - picked) * valid).sum()
+        ctx.save_for_backward(logits, labels)
+        ctx.ignore_index, ctx.rows = ignore_index, rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, labels.numel(), ctx.rows):
+            target = labels[start:start + ctx.rows]
+            valid = target != ctx.ignore_index
+            p = torch.softmax(logits[start:start + ctx.rows].float(), dim=1)
+            p[torch.arange(len(target), device=p.device), torch.where(valid, target, 0)] -= 1
+            grad[start:start + ctx.rows] = p.mul_((valid * grad_total)[:, None])
+        return grad, None, None, None
 
 
 def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
                            num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
                            shift_labels: torch.Tensor | None = None, **_) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss`` (same arguments, same value), computed over chunks of rows: each chunk's
-    float32 logits live only while it is reduced, and again in its backward."""
+    """transformers' ``ForCausalLMLoss`` (same arguments, same value and gradient) without its whole-batch float32
+    copies of the logits: transformers upcasts all of them, and cross_entropy keeps a float32 log-softmax of all
+    of them for backward."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    flat_logits = logits.reshape(-1, vocab_size)
     flat_labels = shift_labels.reshape(-1).to(logits.device)
     rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
-    total = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.numel(), rows):
-        chunk = (flat_logits[start:start + rows], flat_labels[start:start + rows], ignore_index)
-        total = total + (checkpoint(_summed_cross_entropy, *chunk, use_reentrant=False)
-                         if flat_logits.requires_grad else _summed_cross_entropy(*chunk))
+    total = _ChunkedCrossEntropy.apply(logits.reshape(-1, vocab_size), flat_labels, ignore_index, rows)
     if num_items_in_batch is None:
         num_items_in_batch = (flat_labels != ignore_index).sum()
     elif torch.is_tensor(num_items_in_batch):
