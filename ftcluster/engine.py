@@ -81,10 +81,12 @@ def step_profiler(cfg: RunConfig, device: torch.device):
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     out = cfg.run_dir / f"profile_rank{rank}.txt"
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # Device time says which kernels cost; host time shows Python and launch overhead (hooks, small kernels).
+    sorts = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
 
     def write(prof):
-        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        averages = prof.key_averages()
+        table = "\n".join(f"sorted by {s}:\n" + averages.table(sort_by=s, row_limit=40) for s in sorts)
         out.write_text(table)
         if rank == 0:
             print(f"profile of {n} steps ({out}):\n{table}", flush=True)
