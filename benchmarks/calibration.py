@@ -22,6 +22,9 @@ from ftcluster.estimate import Run
 from ftcluster.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
+CHUNKED_LOSS_SINCE = "ccfb9c9"
+"""The commit from which the loss is ftcluster.activations' and ZeRO-3 gathers a decoder layer at a time: the
+estimator models earlier runs with transformers' loss and DeepSpeed's default gather schedule."""
 EXPANDABLE_SINCE = "322eb5a"
 """The commit from which workers run the CUDA allocator with expandable segments: NVML peaks of earlier runs carry
 1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
@@ -36,10 +39,15 @@ def shape_name(model: str) -> str:
     return name
 
 
-def run_of(cfg: C.RunConfig) -> Run:
+def run_of(cfg: C.RunConfig, commit: str | None = None) -> Run:
+    """The estimator's view of a run; ``commit``, where the run was measured, says which loss and ZeRO-3 gather
+    schedule its code had (None: today's)."""
     targets = cfg.lora.target_modules
-    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=cfg.deepspeed.zero_stage,
-               offload="optimizer" if cfg.deepspeed.offload_optimizer == "cpu" else "none",
+    d = cfg.deepspeed
+    offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
+    current = commit is None or since(CHUNKED_LOSS_SINCE, commit)
+    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
+               chunked_loss=current, layer_gather=current,
                seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
                grad_ckpt=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
@@ -56,8 +64,8 @@ def config_of(command: str | list[str]) -> C.RunConfig:
     return C.from_dict(C.apply_overrides(raw, overrides), recipe)
 
 
-def expandable(commit: str) -> bool:
-    return subprocess.run(["git", "merge-base", "--is-ancestor", EXPANDABLE_SINCE, commit], cwd=ROOT,
+def since(ancestor: str, commit: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=ROOT,
                           capture_output=True).returncode == 0
 
 
@@ -75,8 +83,8 @@ def rows() -> list[dict]:
             cfg = config_of(r["command"])
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
-                "commit": prov["git_commit"], "expandable_segments": expandable(prov["git_commit"]),
-                "shape": shape_name(cfg.model.name_or_path), "run": asdict(run_of(cfg)),
+                "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
+                "shape": shape_name(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
                 "measured_gib": {"allocated": m["peak_allocated_gib"], "reserved": m["peak_reserved_gib"],
                                  "device": m["peak_device_used_gib"]},
             })

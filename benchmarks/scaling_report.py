@@ -8,19 +8,22 @@ from pathlib import Path
 
 from benchmarks.report import _table, flat_records, fmt
 
-EFFICIENCY = ("Scaling efficiency: tokens/s on N GPUs ÷ (N × tokens/s on one GPU) of the same run; 1.00 is "
-              "perfect. Tokens/s: tokens in packed rows per second over all GPUs, median of the logging windows "
-              "after the first.")
+EFFICIENCY = ("Scaling efficiency: tokens/s per GPU on N GPUs ÷ tokens/s per GPU on the fewest GPUs the same run "
+              "was measured on (one GPU where it was; the count is in brackets); 1.00 is perfect. Step-time "
+              "efficiency: the same ratio from the median step time, which every GPU spends on the same padded shape "
+              "(micro batch × sequence length). Tokens/s: real tokens in packed rows per second over all GPUs, over "
+              "the logging windows after the first.")
 
 
-def estimated(rec: dict) -> tuple[float | None, float | None]:
-    """The memory estimator's (allocated, device) GiB per GPU for the run's own config."""
+def estimated(rec: dict, commit: str | None) -> tuple[float | None, float | None]:
+    """The memory estimator's (allocated, device) GiB per GPU for the run's own config, as the code of ``commit``
+    (where it was measured) ran it."""
     from benchmarks import calibration
     from ftcluster import estimate as E
 
     try:
         cfg = calibration.config_of(rec["command"])
-        e = E.estimate(E.shape_of(calibration.shape_name(cfg.model.name_or_path)), calibration.run_of(cfg))
+        e = E.estimate(E.shape_of(calibration.shape_name(cfg.model.name_or_path)), calibration.run_of(cfg, commit))
     except (ValueError, SystemExit, KeyError):
         return None, None
     return e.allocated / E.GiB, e.device / E.GiB
@@ -32,7 +35,8 @@ def rows(results: dict) -> list[dict]:
     for r in results["records"]:
         m = r.get("metrics") or {}
         tok = m.get("tokens_per_s_total") if r["status"] == "ok" else None
-        est_alloc, est_device = estimated(r) if r["status"] == "ok" else (None, None)
+        est_alloc, est_device = estimated(r, results["provenance"].get("git_commit")) if r["status"] == "ok" \
+            else (None, None)
         out.append({"variant": r["variant"], "gpus": r["gpus"], "status": r["status"], "error": r.get("error"),
                     "tokens_per_s": tok, "tokens_per_s_per_gpu": tok / r["gpus"] if tok else None,
                     "peak_allocated_gib": m.get("peak_allocated_gib"),
@@ -40,10 +44,13 @@ def rows(results: dict) -> list[dict]:
                     "estimated_allocated_gib": est_alloc, "estimated_device_gib": est_device,
                     "step_time_s": m.get("step_time_s"), "time_to_first_step_s": m.get("time_to_first_step_s"),
                     "mfu_pct": 100 * m["mfu"] if m.get("mfu") is not None else None})
-    one = {r["variant"]: r["tokens_per_s"] for r in out if r["gpus"] == 1 and r["tokens_per_s"]}
     for r in out:
-        base = one.get(r["variant"])
-        r["efficiency"] = r["tokens_per_s"] / (r["gpus"] * base) if base and r["tokens_per_s"] else None
+        base = min((b for b in out if b["variant"] == r["variant"] and b["tokens_per_s"]), key=lambda b: b["gpus"],
+                   default=None)
+        ok = base is not None and r["tokens_per_s"] and base["gpus"] < r["gpus"] or base is r
+        r["base_gpus"] = base["gpus"] if ok else None
+        r["efficiency"] = (r["tokens_per_s"] / r["gpus"]) / (base["tokens_per_s"] / base["gpus"]) if ok else None
+        r["step_efficiency"] = base["step_time_s"] / r["step_time_s"] if ok and r["step_time_s"] else None
     return out
 
 
@@ -57,6 +64,7 @@ def stage_ratios(table: list[dict]) -> list[dict]:
         if stage == "zero3" and z2:
             out.append({"method": method, "gpus": n, "zero3": z3["tokens_per_s"], "zero2": z2["tokens_per_s"],
                         "ratio": z3["tokens_per_s"] / z2["tokens_per_s"],
+                        "step_ratio": z2["step_time_s"] / z3["step_time_s"] if z3["step_time_s"] else None,
                         "zero3_gib": z3["peak_allocated_gib"], "zero2_gib": z2["peak_allocated_gib"]})
     return out
 
@@ -71,14 +79,21 @@ def markdown(results: dict) -> str:
     lines = [f"# {suite['name']}: scaling over GPUs", "", f"{suite['description']}. Recipe `{suite['recipe']}`.", "",
              f"- **Hardware**: {hardware}", f"- **Date**: {prov.get('date')}", f"- **Command**: `{prov.get('command')}`",
              f"- **Commit**: `{prov.get('git_commit')}`{' (with uncommitted changes)' if prov.get('git_dirty') else ''}",
-             "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), "", "## Runs", ""]
+             "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)]
+    for more in prov.get("more_invocations", []):
+        lines.append(f"- **Also**: `{more['command']}` ({more['date']}, commit `{more['git_commit']}`)")
+    lines += [f"- **Note**: {note}" for note in prov.get("notes", [])]
+    lines += ["", "## Runs", ""]
     body = [[r["variant"], str(r["gpus"]),
              fmt(r["tokens_per_s"], None, 0) if r["status"] == "ok" else f"**{r['status']}**: {r['error']}",
-             fmt(r["tokens_per_s_per_gpu"], None, 0), fmt(r["efficiency"], None, 2),
+             fmt(r["tokens_per_s_per_gpu"], None, 0),
+             fmt(r["efficiency"], None, 2) + (f" ({r['base_gpus']})" if r["base_gpus"] else ""),
+             fmt(r["step_efficiency"], None, 2),
              fmt(r["peak_allocated_gib"]), fmt(r["estimated_allocated_gib"]), fmt(r["peak_device_gib"]),
              fmt(r["estimated_device_gib"]), fmt(r["step_time_s"], None, 3, " s"),
              fmt(r["time_to_first_step_s"], None, 1, " s"), fmt(r["mfu_pct"], None, 1, "%")] for r in table]
     lines += _table(["Run", "GPUs", "Tokens/s (all GPUs)", "Tokens/s per GPU", "Scaling efficiency",
+                     "Step-time efficiency",
                      "Peak allocated per GPU (GiB)", "Estimated", "Peak NVML per GPU (GiB)", "Estimated",
                      "Step time", "Time to first step", "MFU"], body)
     lines += ["", EFFICIENCY + " Peak allocated: torch's peak allocation, largest over the GPUs; NVML: device "
@@ -87,10 +102,13 @@ def markdown(results: dict) -> str:
     ratios = stage_ratios(table)
     if ratios:
         lines += ["", "## ZeRO-3 against ZeRO-2", ""]
-        lines += _table(["Method", "GPUs", "ZeRO-3 tokens/s", "ZeRO-2 tokens/s", "ZeRO-3 ÷ ZeRO-2",
-                         "ZeRO-3 peak allocated (GiB)", "ZeRO-2 peak allocated (GiB)"],
+        lines += _table(["Method", "GPUs", "ZeRO-3 tokens/s", "ZeRO-2 tokens/s", "ZeRO-3 ÷ ZeRO-2 (tokens/s)",
+                         "ZeRO-3 ÷ ZeRO-2 (step time)", "ZeRO-3 peak allocated (GiB)", "ZeRO-2 peak allocated (GiB)"],
                         [[x["method"], str(x["gpus"]), fmt(x["zero3"], None, 0), fmt(x["zero2"], None, 0),
-                          fmt(x["ratio"], None, 2, "×"), fmt(x["zero3_gib"]), fmt(x["zero2_gib"])] for x in ratios])
+                          fmt(x["ratio"], None, 2, "×"), fmt(x["step_ratio"], None, 2, "×"), fmt(x["zero3_gib"]),
+                          fmt(x["zero2_gib"])] for x in ratios])
+        lines += ["", "Both stages draw the same rows at the same steps (same seed and GPU count), so the two ratios "
+                  "differ only by how each run's step times spread around their median."]
     lines += ["", "## Plots", "", "![scaling](scaling.png)"]
     return "\n".join(lines) + "\n"
 

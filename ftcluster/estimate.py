@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ftcluster.activations import LOSS_CHUNK_BYTES
 from ftcluster.presets import PRESETS
 
 GiB = 2**30
@@ -42,6 +43,10 @@ CUDA_OVERHEAD_GIB = 2.2
 kernels of torch and bitsandbytes. Measured as NVML used minus torch reserved (minus paged optimizer state) on
 every calibration run on one H100 (CUDA 13, torch 2.11): 2.13 GiB, 2.26 with bitsandbytes' 4-bit kernels
 (benchmarks/calibration.json)."""
+GATHER_SLACK = 1.6
+"""Allocator slack that ZeRO-3's gathered buffers leave, over their own size: DeepSpeed allocates a flat buffer
+per gathered layer and frees it after use, and the reserved memory grows past the allocated peak by 1.5-1.7x the
+gathered bytes (Llama-2-7B and Llama-3-70B shapes on 2 and 4 H200s, reports/scaling-*/2026-11-26-4xh200)."""
 FRAGMENTATION = 0.02
 """Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
 on the calibration runs; 2% assumed."""
@@ -113,7 +118,7 @@ class Run:
     method: str = "lora"  # full | lora | qlora
     gpus: int = 1
     zero: int = 2
-    offload: str = "none"  # none | optimizer | optimizer+param
+    offload: str = "none"  # none | optimizer | param | optimizer+param
     seq_len: int = 2048
     micro_batch: int = 1
     grad_ckpt: bool = True
@@ -122,6 +127,12 @@ class Run:
     optimizer: str = "adamw"
     double_quant: bool = True
     hub_checkpoint: bool = False  # loaded from a hub id or GGUF file, not a local safetensors checkpoint
+    chunked_loss: bool = True
+    """ftcluster.activations' loss (bf16 logits and their gradient, float32 one chunk at a time); False: the
+    whole-batch float32 loss of transformers, which runs measured before ccfb9c9 used."""
+    layer_gather: bool = True
+    """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
+    defaults, which runs measured before ccfb9c9 used."""
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -156,16 +167,17 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     out: dict[str, float] = {}
 
     # Weights: bf16 (2 bytes), or NF4 (half a byte) + its absmax constants for the linear layers under QLoRA.
-    if run.method == "qlora":
-        absmax = 1 / BLOCK + 4 / (BLOCK * DQ_BLOCK) if run.double_quant else 4 / BLOCK
-        base = shape.linear_params * (0.5 + absmax) + shape.other_params * 2
-    else:
-        base = shape.params * 2
+    base = shape.linear_params * 0.5 + shape.other_params * 2 if run.method == "qlora" else shape.params * 2
     if shard_params:
         base /= n  # ZeRO-3 partitions every parameter, 4-bit storage included (stored as bf16 so it can split)
     if offload_par:
         base = 0.0
     out["weights"] = base
+    if run.method == "qlora":
+        # The absmax constants live in each layer's quantization state, beside the parameter: ZeRO-3 neither
+        # partitions nor offloads them, so every GPU holds all of them.
+        absmax = 1 / BLOCK + 4 / (BLOCK * DQ_BLOCK) if run.double_quant else 4 / BLOCK
+        out["weights' quantization constants"] = shape.linear_params * absmax
     if run.method != "full":
         out["lora weights (bf16)"] = 2 * T / (n if shard_params else 1)
 
@@ -201,9 +213,14 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations (one recomputed layer)"] = per_token_layer * t
     else:
         out["activations"] = shape.layers * per_token_layer * t
-    # The loss (transformers ForCausalLMLoss): bf16 logits (2V, alive to the end), their fp32 copy's log-softmax
-    # (4V, saved), and at the start of backward its incoming and outgoing fp32 gradients (4V + 4V).
-    out["logits and loss"] = 14 * shape.vocab * t
+    if run.chunked_loss:
+        # ftcluster.activations.chunked_causal_lm_loss: the bf16 logits (2V) and, in backward, their bf16 gradient
+        # (2V); float32 only for one chunk of LOSS_CHUNK_BYTES at a time (the upcast, its softmax and a temporary).
+        out["logits and loss"] = 4 * shape.vocab * t + 3 * LOSS_CHUNK_BYTES
+    else:
+        # transformers' ForCausalLMLoss: bf16 logits (2V, alive to the end), their fp32 copy's log-softmax (4V,
+        # saved), and at the start of backward its incoming and outgoing fp32 gradients (4V + 4V).
+        out["logits and loss"] = 14 * shape.vocab * t
     if run.method == "qlora":
         # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
@@ -212,13 +229,18 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         # reduce_bucket_size (5e8) 16-bit elements when the first gradient arrives (stage_1_and_2.py,
         # setup_buckets), whatever the model's size.
         out["ZeRO gradient buckets"] = 2 * 2 * 5e8
-    if shard_params:
-        # ZeRO-3 gathers full layers ahead of use (stage3_prefetch_bucket_size, 5e7 elements by default).
+    if (shard_params or offload_par) and run.layer_gather:
+        # ftcluster's ZeRO-3 schedule (deepspeed_setup.zero3_schedule) lets three decoder layers be gathered at
+        # once; at the start of backward the output layer (V x H in bf16) is gathered beside them.
+        layer = sum(a * b for a, b in shape.linear_shapes().values()) * (0.5 if run.method == "qlora" else 2)
+        out["ZeRO-3 gathered parameters"] = 3 * layer + 2 * shape.vocab * shape.hidden
+    elif shard_params:
+        # DeepSpeed's default schedule gathers ahead of use (stage3_prefetch_bucket_size, 5e7 elements).
         out["ZeRO-3 gathered parameters"] = 2 * 5e7
     return out
 
 
-PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")
+PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")  # prefixes
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
          "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
@@ -235,6 +257,8 @@ class Estimate:
     trainable: int
     loading: float = 0.0
     """Device memory while the model loads, where that is more than its share of the training weights (bytes)."""
+    gather_slack: float = 0.0
+    """Reserved-but-free memory that ZeRO-3's gathered buffers leave behind (bytes; part of ``device``)."""
 
     @property
     def need(self) -> float:
@@ -248,7 +272,9 @@ def loading_peak(shape: Shape, run: Run) -> float:
     holds the whole 4-bit model until deepspeed.initialize partitions it. A local safetensors checkpoint is read
     module by module by ftcluster.models instead."""
     if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and run.hub_checkpoint:
-        return terms(shape, replace(run, gpus=1))["weights"] * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GiB
+        one = terms(shape, replace(run, gpus=1))
+        whole = one["weights"] + one["weights' quantization constants"]
+        return whole * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GiB
     return 0.0
 
 
@@ -262,8 +288,9 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     through_layers = saved + buckets + t["gradients (bf16)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)
-    device = allocated * (1 + FRAGMENTATION) + outside + CUDA_OVERHEAD_GIB * GiB
-    return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run))
+    slack = GATHER_SLACK * t.get("ZeRO-3 gathered parameters", 0.0) if run.layer_gather else 0.0
+    device = allocated * (1 + FRAGMENTATION) + slack + outside + CUDA_OVERHEAD_GIB * GiB
+    return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run), slack)
 
 
 def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float]]:
@@ -311,6 +338,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
             lines.append(f"  {k:<42} {v / GiB:7.2f}")
     lines += [f"  {'peak allocated by torch':<42} {e.allocated / GiB:7.2f}",
               f"  {'allocator slack (2%)':<42} {e.allocated * FRAGMENTATION / GiB:7.2f}",
+              *([f"  {'allocator slack of ZeRO-3 gathered buffers':<42} {e.gather_slack / GiB:7.2f}"]
+                if e.gather_slack else []),
               f"  {'CUDA context, libraries, NCCL':<42} {CUDA_OVERHEAD_GIB:7.2f}",
               f"  {'peak device memory in training':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
     if e.loading > e.device:
@@ -342,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
-    p.add_argument("--offload", choices=["none", "optimizer", "optimizer+param"], default="none")
+    p.add_argument("--offload", choices=["none", "optimizer", "param", "optimizer+param"], default="none")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
@@ -362,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.gpus < 1 or a.seq_len < 1 or a.micro_batch < 1:
         raise SystemExit("--gpus, --seq-len and --micro-batch must be positive")
-    if a.offload == "optimizer+param" and a.zero != 3:
-        raise SystemExit("--offload optimizer+param needs --zero 3 (only ZeRO-3 partitions parameters)")
+    if "param" in a.offload and a.zero != 3:
+        raise SystemExit(f"--offload {a.offload} needs --zero 3 (only ZeRO-3 partitions parameters)")
     if a.offload != "none" and a.zero == 0:
         raise SystemExit("--offload needs --zero 1, 2 or 3")
     optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" else "adamw")
