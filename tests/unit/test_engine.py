@@ -75,3 +75,30 @@ def test_the_fp32_upcast_turns_off_deepspeeds_16bit_cast():
     assert deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
     ds = deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+
+
+def _meta_llama(**shape):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+
+
+def test_zero3_schedule_is_derived_from_the_layer_size_and_the_users_settings_win():
+    model = _meta_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=1000)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    z = deepspeed_setup.zero3_schedule(model)
+    assert z["leaf_module"] == {"classes": ["LlamaDecoderLayer"]}
+    assert z["stage3_prefetch_bucket_size"] == z["stage3_max_reuse_distance"] == layer
+    assert z["stage3_max_live_parameters"] == 3 * layer and z["stage3_param_persistence_threshold"] == 256
+
+    cfg = C.load(None, ["deepspeed.zero_stage=3", "deepspeed.overrides={zero_optimization: "
+                        "{stage3_max_live_parameters: 123, leaf_module: {classes: []}}}"])
+    tuned = deepspeed_setup.tuned_config(cfg, deepspeed_setup.deepspeed_config(cfg, 2), model)["zero_optimization"]
+    assert tuned["stage3_max_live_parameters"] == 123 and tuned["leaf_module"] == {"classes": []}
+    assert tuned["stage3_prefetch_bucket_size"] == layer
+    cfg2 = C.load(None, ["deepspeed.zero_stage=2"])
+    ds2 = deepspeed_setup.deepspeed_config(cfg2, 2)
+    assert deepspeed_setup.tuned_config(cfg2, ds2, model) == ds2  # nothing to tune without partitioned weights
