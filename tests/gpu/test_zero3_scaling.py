@@ -37,7 +37,15 @@ def _run(tmp_path, gpus: int, *overrides) -> dict:
 
 
 def test_qlora_7b_zero3_per_gpu_peak_falls_with_a_second_gpu(ray_gpu, tmp_path):
+    """A second GPU takes half the 4-bit weights (3.5 GiB on one GPU) off each GPU, less the few layers gathered
+    at a time. What does not shrink with the GPU count (activation checkpoints, a recomputed layer, the loss: about
+    2.3 GiB here) keeps the ratio near 0.8, not the 0.65 issue 12 hoped for; before the fix two GPUs held more than
+    one (11.5 GiB against 7.2)."""
+    from ftcluster import estimate as E
+
     one, two = _run(tmp_path, 1), _run(tmp_path, 2)
     assert one["final_step"] == two["final_step"] == 4
-    assert two["peak_allocated_gib"] < 0.65 * one["peak_allocated_gib"], (one["peak_allocated_gib"],
-                                                                         two["peak_allocated_gib"])
+    half_the_weights = E.terms(E.shape_of("llama-2-7b"), E.Run(method="qlora"))["weights"] / 2 / E.GiB
+    saved = one["peak_allocated_gib"] - two["peak_allocated_gib"]
+    assert saved > 0.6 * half_the_weights, (one["peak_allocated_gib"], two["peak_allocated_gib"])
+    assert two["peak_allocated_gib"] < 0.85 * one["peak_allocated_gib"]
