@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 
 from ftcluster import config as C
+from ftcluster import estimate
 from ftcluster.estimate import Run
-from ftcluster.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNKED_LOSS_SINCE = "ccfb9c9"
@@ -30,28 +30,10 @@ EXPANDABLE_SINCE = "322eb5a"
 1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
 
 
-def shape_name(model: str) -> str:
-    if model.startswith("embedded:smollm2-135m"):
-        return "smollm2-135m"
-    name = Path(model).name
-    if name not in PRESETS:
-        raise ValueError(f"{model}: no preset for this shape")
-    return name
-
-
-def run_of(cfg: C.RunConfig, commit: str | None = None) -> Run:
-    """The estimator's view of a run; ``commit``, where the run was measured, says which loss and ZeRO-3 gather
-    schedule its code had (None: today's)."""
-    targets = cfg.lora.target_modules
-    d = cfg.deepspeed
-    offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
-    current = commit is None or since(CHUNKED_LOSS_SINCE, commit)
-    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
-               chunked_loss=current, layer_gather=current,
-               seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
-               grad_ckpt=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
-               lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
-               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant)
+def run_of(cfg: C.RunConfig, commit: str) -> Run:
+    """The estimator's view of a run measured at ``commit``: which loss and ZeRO-3 gather schedule its code had."""
+    current = since(CHUNKED_LOSS_SINCE, commit)
+    return estimate.run_of(cfg, chunked_loss=current, layer_gather=current)
 
 
 def config_of(command: str | list[str]) -> C.RunConfig:
@@ -84,7 +66,7 @@ def rows() -> list[dict]:
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
-                "shape": shape_name(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
+                "shape": estimate.preset_of(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
                 "measured_gib": {"allocated": m["peak_allocated_gib"], "reserved": m["peak_reserved_gib"],
                                  "device": m["peak_device_used_gib"]},
             })

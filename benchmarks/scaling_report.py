@@ -23,7 +23,8 @@ def estimated(rec: dict, commit: str | None) -> tuple[float | None, float | None
 
     try:
         cfg = calibration.config_of(rec["command"])
-        e = E.estimate(E.shape_of(calibration.shape_name(cfg.model.name_or_path)), calibration.run_of(cfg, commit))
+        run = calibration.run_of(cfg, commit) if commit else E.run_of(cfg)
+        e = E.estimate(E.shape_from(cfg), run)
     except (ValueError, SystemExit, KeyError):
         return None, None
     return e.allocated / E.GiB, e.device / E.GiB

@@ -162,6 +162,14 @@ class RayConfig(Section):
     """Worker-group restarts Ray Train makes after a failure; each restart resumes from the latest checkpoint."""
 
 
+class ResourcesConfig(Section):
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of each worker's GPU. None: what NVML reports for the GPUs the driver can see (on a cluster whose
+    head has none, set it). The driver refuses a run the memory estimator says will not fit."""
+    check_fit: bool = True
+    """False (or ``--force``): start a run the estimator says will not fit."""
+
+
 class RunConfig(Section):
     method: Literal["full", "lora", "qlora"] = "lora"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -175,6 +183,7 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
@@ -234,7 +243,7 @@ class RunConfig(Section):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what is trained (output and ray settings excluded)."""
-        body = self.model_dump(mode="json", exclude={"output", "ray", "scaling"})
+        body = self.model_dump(mode="json", exclude={"output", "ray", "scaling", "resources"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

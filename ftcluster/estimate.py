@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ftcluster.activations import LOSS_CHUNK_BYTES
-from ftcluster.presets import PRESETS
+from ftcluster.presets import HUB_IDS, PRESETS
 
 GiB = 2**30
 BLOCK = 64
@@ -94,8 +94,9 @@ class Shape:
         return self.linear_params + self.other_params
 
 
-def shape_of(model: str) -> Shape:
-    """A preset name, or a Hugging Face config: a model directory or its config.json."""
+def shape_of(model: str, overrides: dict | None = None) -> Shape:
+    """A preset name, or a Hugging Face config: a model directory or its config.json; ``overrides`` are set over
+    its fields (``model.config_overrides``)."""
     if model in PRESETS:
         c = PRESETS[model]
     else:
@@ -105,12 +106,7 @@ def shape_of(model: str) -> Shape:
             raise SystemExit(f"--model {model}: neither a preset ({', '.join(PRESETS)}) nor a config.json or a "
                              "directory holding one")
         c = json.loads(path.read_text())
-    try:
-        return Shape(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-                     heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                     vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        raise SystemExit(f"--model {model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
+    return shape_of_fields({**c, **(overrides or {})}, f"--model {model}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +129,65 @@ class Run:
     layer_gather: bool = True
     """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
     defaults, which runs measured before ccfb9c9 used."""
+
+
+def preset_of(model: str) -> str | None:
+    """The preset a model name stands for: the embedded SmolLM2, or a directory named after a preset (the
+    benchmarks' weightless shape directories, also where they exist only on another host)."""
+    if model.startswith("embedded:smollm2-135m"):
+        return "smollm2-135m"
+    if model in HUB_IDS:
+        return HUB_IDS[model]
+    name = Path(model).name
+    return name if name in PRESETS and not (Path(model).expanduser() / "config.json").is_file() else None
+
+
+def shape_from(cfg) -> Shape:
+    """The architecture a run trains (a ``config.RunConfig``): its preset, its config.json, or the config
+    transformers reads for a hub id or a GGUF file (from the local cache: the estimator never downloads)."""
+    m = cfg.model
+    preset = preset_of(m.name_or_path)
+    path = Path(m.name_or_path).expanduser()
+    if preset or path.is_dir() or path.suffix == ".json":
+        return shape_of(preset or m.name_or_path, m.config_overrides)
+    from transformers import AutoConfig
+
+    from ftcluster import models
+
+    src, kw = models.resolve_source(m)
+    try:
+        fields = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=m.trust_remote_code,
+                                            **kw).to_dict()
+    except Exception as e:  # noqa: BLE001 - any reason the config cannot be read is reported the same way
+        raise SystemExit(f"model.name_or_path={m.name_or_path}: its config is not in the local cache, so its memory "
+                         f"cannot be estimated here ({type(e).__name__})") from None
+    return shape_of_fields({**fields, **m.config_overrides}, m.name_or_path)
+
+
+def shape_of_fields(c: dict, model: str) -> Shape:
+    try:
+        return Shape(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+                     heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                     vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise SystemExit(f"{model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
+
+
+def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True) -> Run:
+    """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
+    loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
+    targets = cfg.lora.target_modules
+    d, m = cfg.deepspeed, cfg.model
+    offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
+    name = m.name_or_path
+    hub_id = not (name.startswith(("embedded:", "/", ".", "~")) or Path(name).expanduser().exists())
+    whole_load = not m.random_init and (name.endswith(".gguf") or hub_id)  # see loading_peak
+    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
+               seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
+               grad_ckpt=m.gradient_checkpointing, lora_r=cfg.lora.r,
+               lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
+               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
+               chunked_loss=chunked_loss, layer_gather=layer_gather)
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -293,7 +348,7 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run), slack)
 
 
-def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float]]:
+def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float, Run]]:
     """Changes that make the run fit, cheapest first: those that keep the method, the data and the hardware, then
     the method, then the data, then more GPUs."""
     candidates: list[tuple[str, Run]] = []
@@ -322,8 +377,23 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
     for why, changed in candidates:
         need = estimate(shape, changed).need / GiB
         if need <= budget_gib:
-            fits.append((why, need))
+            fits.append((why, need, changed))
     return fits
+
+
+CONFIG_KEYS = {"method": "method", "gpus": "scaling.num_workers", "zero": "deepspeed.zero_stage",
+               "seq_len": "data.max_seq_len", "micro_batch": "training.micro_batch_size",
+               "grad_ckpt": "model.gradient_checkpointing", "optimizer": "optimizer.name"}
+
+
+def config_overrides(before: Run, after: Run) -> list[str]:
+    """The trainer's overrides that turn run ``before`` into ``after`` (a suggestion, said in the config's terms)."""
+    out = [f"{key}={str(getattr(after, f)).lower() if isinstance(getattr(after, f), bool) else getattr(after, f)}"
+           for f, key in CONFIG_KEYS.items() if getattr(before, f) != getattr(after, f)]
+    for part, key in (("optimizer", "deepspeed.offload_optimizer"), ("param", "deepspeed.offload_param")):
+        if (part in before.offload) != (part in after.offload):
+            out.append(f"{key}={'cpu' if part in after.offload else 'none'}")
+    return out
 
 
 def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str:
@@ -359,7 +429,7 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
                              "count: load it from a local directory instead (drop --hub-checkpoint)")
             elif fixes:
                 lines.append("cheapest change that fits: " + fixes[0][0] + f" -> {fixes[0][1]:.1f} GiB")
-                lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need in fixes[1:4]]
+                lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need, _ in fixes[1:4]]
             else:
                 lines.append("no single change makes it fit; combine them (e.g. QLoRA on more GPUs)")
     return "\n".join(lines)
@@ -367,7 +437,11 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ftcluster estimate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}), a model directory or config.json")
+    p.add_argument("--config", help="a YAML recipe: estimate the run `python -m ftcluster.train --config` starts "
+                                    "with the same recipe and overrides")
+    p.add_argument("overrides", nargs="*", help="with --config: dotted overrides, e.g. scaling.num_workers=4")
+    p.add_argument("--model", help=f"without --config: a preset ({', '.join(PRESETS)}), a model directory or "
+                                   "config.json; the flags below make the run")
     p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
@@ -378,7 +452,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-targets", default="all-linear", help="all-linear, or a comma list: q_proj,v_proj")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
-                   help="default: paged_adamw_8bit for qlora, adamw otherwise")
+                   help="default: paged_adamw_8bit for qlora, adamw otherwise (and with an offloaded optimizer)")
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--hub-checkpoint", action="store_true",
                    help="the model loads from a hub id or GGUF file, not a local safetensors checkpoint")
@@ -387,35 +461,57 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_of_flags(a: argparse.Namespace):
+    """The run the preset/flag form describes, as the ``RunConfig`` the trainer would take."""
+    from ftcluster import config as C
+
+    optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" and "optimizer" not in a.offload
+                                else "adamw")
+    targets = "all-linear" if a.lora_targets == "all-linear" else a.lora_targets.split(",")
+    return C.from_dict({
+        "method": a.method, "optimizer": {"name": optimizer},
+        "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt},
+        "lora": {"r": a.lora_r, "target_modules": targets},
+        "quantization": {"double_quant": not a.no_double_quant},
+        "data": {"max_seq_len": a.seq_len}, "training": {"micro_batch_size": a.micro_batch},
+        "scaling": {"num_workers": a.gpus},
+        "deepspeed": {"zero_stage": a.zero, "offload_optimizer": "cpu" if "optimizer" in a.offload else "none",
+                      "offload_param": "cpu" if "param" in a.offload else "none"},
+    }, "the estimate flags")
+
+
+def gpu_budget_gib(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        if text not in GPUS_GIB:
+            raise SystemExit(f"--gpu-memory {text}: a number of GiB or one of {', '.join(GPUS_GIB)}") from None
+        return GPUS_GIB[text] * 1e9 / GiB
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ftcluster import config as C
+
     a = parser().parse_args(argv)
-    if a.gpus < 1 or a.seq_len < 1 or a.micro_batch < 1:
+    if (a.config is None) == (a.model is None):
+        raise SystemExit("give --config RECIPE [overrides] (the run the trainer would start) or --model with flags")
+    if a.model is not None and (a.gpus < 1 or a.seq_len < 1 or a.micro_batch < 1):
         raise SystemExit("--gpus, --seq-len and --micro-batch must be positive")
-    if "param" in a.offload and a.zero != 3:
-        raise SystemExit(f"--offload {a.offload} needs --zero 3 (only ZeRO-3 partitions parameters)")
-    if a.offload != "none" and a.zero == 0:
-        raise SystemExit("--offload needs --zero 1, 2 or 3")
-    optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" else "adamw")
-    run = Run(method=a.method, gpus=a.gpus, zero=a.zero, offload=a.offload, seq_len=a.seq_len,
-              micro_batch=a.micro_batch, grad_ckpt=a.grad_ckpt, lora_r=a.lora_r,
-              lora_targets=tuple(a.lora_targets.split(",")), optimizer=optimizer, double_quant=not a.no_double_quant,
-              hub_checkpoint=a.hub_checkpoint)
-    budget = None
-    if a.gpu_memory:
-        try:
-            budget = float(a.gpu_memory)
-        except ValueError:
-            if a.gpu_memory not in GPUS_GIB:
-                raise SystemExit(f"--gpu-memory {a.gpu_memory}: a number of GiB or one of {', '.join(GPUS_GIB)}")
-            budget = GPUS_GIB[a.gpu_memory] * 1e9 / GiB
-    shape = shape_of(a.model)
+    try:
+        cfg = C.load(a.config, a.overrides) if a.config else config_of_flags(a)
+    except C.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    shape, run = (shape_from(cfg) if a.config else shape_of(a.model)), run_of(cfg)
+    if a.hub_checkpoint or not a.config:  # a preset name says nothing about where its weights would come from
+        run = replace(run, hub_checkpoint=a.hub_checkpoint)
+    budget = gpu_budget_gib(a.gpu_memory) if a.gpu_memory else cfg.resources.gpu_memory_gib
     if a.json:
         e = estimate(shape, run)
         print(json.dumps({"run": asdict(run), "terms_gib": {k: v / GiB for k, v in e.terms.items()},
                           "allocated_gib": e.allocated / GiB, "device_gib": e.device / GiB,
                           "loading_gib": e.loading / GiB, "need_gib": e.need / GiB}, indent=2))
     else:
-        print(explain(a.model, shape, run, budget))
+        print(explain(cfg.model.name_or_path, shape, run, budget))
     return 0
 
 

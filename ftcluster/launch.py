@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from ftcluster import embedded, stop
-from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig, save_resolved
+from ftcluster import preflight, stop
+from ftcluster.config import ConfigError, RunConfig, save_resolved
 
 from ray.train import UserCallback
 
@@ -80,37 +80,18 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Everything that can be checked without a GPU: the data loads and has the fields its format needs, the
-    model's config loads and, for adapters, the requested target modules exist (on a weightless meta-device copy)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ftcluster import data, models
-
-    try:
-        data.load_examples(cfg.data, cfg.training.seed)
-    except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
-        raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
-
-    if cfg.model.name_or_path == EMBEDDED_MODEL:
-        embedded.checkpoint_dir()  # convert once here rather than in every worker
-    hf = models.load_hf_config(cfg.model)
-    if cfg.trains_adapter:
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(hf)
-        models.check_target_modules(meta, cfg)
-
-
-def run(cfg: RunConfig) -> dict:
-    """Train; return the summary (also written to ``<run_dir>/summary.json``)."""
+def run(cfg: RunConfig, force: bool = False) -> dict:
+    """Train; return the summary (also written to ``<run_dir>/summary.json``). ``force`` starts a run the memory
+    estimator says will not fit its GPUs."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ftcluster.worker import train_loop_per_worker
 
-    preflight(cfg)  # before the run directory exists: a refused config leaves nothing behind
+    # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
+    preflight.check_inputs(cfg)
+    print(preflight.check_fit(cfg, force), flush=True)
     run_dir = prepare_run_dir(cfg)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, log_to_driver=True)

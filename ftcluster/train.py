@@ -14,6 +14,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a YAML recipe (see configs/); the defaults train the embedded model with LoRA")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20 method=qlora")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true",
+                   help="start even if the memory estimator says the run will not fit its GPUs")
     return p
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from ftcluster import launch
 
-        summary = launch.run(cfg)
+        summary = launch.run(cfg, force=args.force)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -231,3 +231,13 @@ def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_
     pids = {r["pid_per_worker"][1] for r in records(cfg.run_dir) if "pid_per_worker" in r}
     assert killed["pid"] in pids and len(pids) == 2  # a second worker group finished the run
     assert summary["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-3)
+
+
+def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_starts_it(ray_local, tiny_model, storage):
+    cfg = tiny_cfg(tiny_model, storage, "too-big", **{"scaling.use_gpu": "null", "resources.gpu_memory_gib": 0.5,
+                                                         "training.max_steps": 2})
+    with pytest.raises(C.ConfigError, match="GPUs have 0.5.*--force"):
+        launch.run(cfg)
+    assert not cfg.run_dir.exists()  # refused before anything was written
+    s = launch.run(cfg, force=True)
+    assert s["final_step"] == 2

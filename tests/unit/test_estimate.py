@@ -72,7 +72,7 @@ def test_a_run_that_does_not_fit_gets_the_cheapest_change_that_does():
     run = E.Run(method="lora", seq_len=1024, grad_ckpt=True)
     assert E.estimate(shape, run).device / E.GiB > 80
     fixes = E.suggestions(shape, run, budget_gib=80)
-    assert fixes and all(need <= 80 for _, need in fixes)
+    assert fixes and all(need <= 80 for _, need, _ in fixes)
     assert fixes[0][0].startswith("QLoRA")  # on one GPU nothing short of a 4-bit base fits a 70B model
 
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ftcluster import config as C
 from ftcluster import models
-from ftcluster.launch import preflight
+from ftcluster.preflight import check_inputs
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -28,7 +28,7 @@ def test_llama2_7b_with_r8_on_q_and_v_reports_4194304_trainable():
 def test_a_target_module_the_model_lacks_is_an_error_before_training(tiny_model):
     cfg = cfg_for(tiny_model, "lora.target_modules=[q_proj,query_key_value]")
     with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['query_key_value'\] not found in llama.*'v_proj'"):
-        preflight(cfg)
+        check_inputs(cfg)
 
 
 def test_full_trains_everything_and_lora_only_adapters(tiny_model):

@@ -1,0 +1,78 @@
+"""What the driver checks before it joins Ray or takes any GPU: the data, the model's config and LoRA targets, and
+whether the run fits the workers' GPUs by the memory estimator. A run that cannot start is refused here, with the
+field and the fix named, and leaves nothing behind."""
+
+from __future__ import annotations
+
+from ftcluster import embedded, estimate
+from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The data loads and has the fields its format needs; the model's config loads and, for adapters, the
+    requested target modules exist (on a weightless meta-device copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster import data, models
+
+    try:
+        data.load_examples(cfg.data, cfg.training.seed)
+    except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
+        raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
+
+    if cfg.model.name_or_path == EMBEDDED_MODEL:
+        embedded.checkpoint_dir()  # convert once here rather than in every worker
+    hf = models.load_hf_config(cfg.model)
+    if cfg.trains_adapter:
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(hf)
+        models.check_target_modules(meta, cfg)
+
+
+def visible_gpu_memory_gib() -> float | None:
+    """The smallest GPU this host can see, by NVML (None without GPUs or a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(n)]
+    except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the same answer
+        return None
+    return min(sizes) / 2**30 if sizes else None
+
+
+def check_fit(cfg: RunConfig, force: bool = False) -> str:
+    """Estimate the run's memory per GPU against its GPUs (``resources.gpu_memory_gib``, else the GPUs this host
+    sees). Returns the line to print; raises ``ConfigError`` with the cheapest change that fits when it does not
+    fit, unless ``force`` or ``resources.check_fit=false``."""
+    if cfg.scaling.use_gpu is False:
+        return "memory: a CPU run, not estimated"
+    budget = cfg.resources.gpu_memory_gib or visible_gpu_memory_gib()
+    try:
+        shape, run = estimate.shape_from(cfg), estimate.run_of(cfg)
+    except SystemExit as e:
+        return f"memory: not estimated ({e})"
+    e = estimate.estimate(shape, run)
+    need = e.need / estimate.GiB
+    per = f"memory: {need:.1f} GiB per GPU estimated ({e.allocated / estimate.GiB:.1f} allocated by torch"
+    per += f"; {e.loading / estimate.GiB:.1f} while loading)" if e.loading > e.device else ")"
+    if budget is None:
+        return per + "; no GPU visible here and resources.gpu_memory_gib unset: fit not checked"
+    budget *= min(1.0, cfg.scaling.gpus_per_worker)  # workers that share a GPU share its memory
+    if need <= budget:
+        return per + f", of {budget:.1f} GiB: fits"
+    fixes = estimate.suggestions(shape, run, budget)
+    advice = (f"the cheapest change that fits: {fixes[0][0].split(' (--')[0]} "
+              f"({' '.join(estimate.config_overrides(run, fixes[0][2]))}) -> {fixes[0][1]:.1f} GiB" if fixes
+              else "no single change makes it fit; combine them")
+    if e.loading > budget * estimate.GiB:
+        advice = "a 4-bit model from a hub id or GGUF file loads whole onto each GPU under ZeRO-3: download it " \
+                 "to a directory and set model.name_or_path there"
+    message = (f"the run needs about {need:.1f} GiB per GPU and its GPUs have {budget:.1f} "
+               f"(resources.gpu_memory_gib or what NVML reports): {advice}. `python -m ftcluster estimate --config "
+               f"<recipe> [overrides]` shows every term; --force (or resources.check_fit=false) starts it anyway.")
+    if force or not cfg.resources.check_fit:
+        return per + f", of {budget:.1f} GiB: does NOT fit; started anyway (--force). {message}"
+    raise ConfigError(message)

@@ -1,0 +1,51 @@
+"""The driver says whether a run fits its GPUs before taking any: the memory estimator on the run's own config."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ftcluster import config as C
+from ftcluster import estimate, preflight
+
+
+def test_a_run_that_fits_is_let_through_and_says_its_figure():
+    cfg = C.load("configs/llama2_7b_qlora.yaml", ["resources.gpu_memory_gib=80"])
+    line = preflight.check_fit(cfg)
+    need = estimate.estimate(estimate.shape_from(cfg), estimate.run_of(cfg)).need / estimate.GiB
+    assert f"{need:.1f} GiB per GPU" in line and "fits" in line
+
+
+def test_a_run_that_does_not_fit_is_refused_with_the_cheapest_fix_in_config_terms():
+    cfg = C.load("configs/llama2_7b_lora.yaml", ["resources.gpu_memory_gib=14"])
+    with pytest.raises(C.ConfigError, match=r"needs about \d+\.\d GiB per GPU and its GPUs have 14\.0.*cheapest change"
+                                            r".*--force") as e:
+        preflight.check_fit(cfg)
+    # The fix is named as the overrides that make it, and they do make it fit.
+    fix = str(e.value).split("cheapest change that fits: ", 1)[1].split(") -> ")[0].split("(", 1)[1].split()
+    fixed = C.load("configs/llama2_7b_lora.yaml", ["resources.gpu_memory_gib=14", *fix])
+    assert "fits" in preflight.check_fit(fixed)
+    assert "does NOT fit" in preflight.check_fit(cfg, force=True)
+    assert "does NOT fit" in preflight.check_fit(cfg.model_copy(update={"resources": C.ResourcesConfig(
+        gpu_memory_gib=14, check_fit=False)}))
+
+
+def test_a_hub_4bit_model_under_zero3_is_refused_for_its_loading_phase():
+    cfg = C.load("configs/llama3_70b_qlora.yaml", ["resources.gpu_memory_gib=24", "scaling.num_workers=16"])
+    with pytest.raises(C.ConfigError, match="loads whole onto each GPU.*download it to a directory"):
+        preflight.check_fit(cfg)
+
+
+def test_cpu_runs_and_unknown_gpus_are_not_refused(monkeypatch):
+    assert "CPU run" in preflight.check_fit(C.load("configs/tiny_cpu.yaml"))
+    monkeypatch.setattr(preflight, "visible_gpu_memory_gib", lambda: None)  # a driver host without GPUs
+    assert "fit not checked" in preflight.check_fit(C.load("configs/llama2_7b_qlora.yaml"))
+
+
+def test_the_trainer_refuses_before_ray_and_leaves_no_run_directory(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", "configs/smollm2_135m_lora.yaml",
+                           "resources.gpu_memory_gib=1", f"output.storage_path={tmp_path}", "output.name=refused"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "per GPU and its GPUs have 1.0" in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "refused").exists()
