@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from benchmarks import report, suites
+from ftcluster import records
 
-PROGRESS = re.compile(r"\[[#.]+\] step \d+/\d+.*")
 ROOT = Path(__file__).resolve().parents[1]  # recipes are named relative to the repository
 
 
@@ -81,19 +81,23 @@ def provenance(argv: list[str], module: str = "benchmarks.compare") -> dict:
     return out
 
 
-def stream(cmd: list[str], log: Path, label: str) -> tuple[int, str]:
-    """Run ``cmd`` with its output in ``log``; echo its progress lines under ``label``. (exit code, output tail)"""
+def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -> tuple[int, str]:
+    """Run ``cmd`` with its output in ``log``; echo the progress of the training run in ``run_dir`` (its records,
+    as they are written) under ``label``. (exit code, output tail)"""
     tail: list[str] = []
+    shown = len(records.read_lines(run_dir)) if run_dir else 0  # a resumed run's earlier lines
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in proc.stdout:
-            fh.write(line)
-            tail = (tail + [line.rstrip()])[-300:]
-            m = PROGRESS.search(line)
-            if m:
-                print(f"  {label}  {m.group(0)}", flush=True)
+        for text in proc.stdout:
+            fh.write(text)
+            tail = (tail + [text.rstrip()])[-300:]
+            if run_dir and "step" in text:  # the driver prints a line per record: look for new ones then
+                lines = records.read_lines(run_dir)
+                for line in lines[shown:]:
+                    print(f"  {label}  {records.progress_line(line)}", flush=True)
+                shown = len(lines)
         code = proc.wait()
     return code, "\n".join(tail)
 
@@ -136,12 +140,13 @@ class Harness:
                 result_file: Path | None) -> dict:
         log = self.work / (re.sub(r"[^\w.]+", "-", label.split("] ", 1)[-1]).strip("-") + ".log")
         started = time.time()
-        code, tail = stream(cmd, log, label)
+        code, tail = stream(cmd, log, label, result_file.parent if kind == "train" else None)
         rec = {"kind": kind, "method": method, "seed": seed, "command": " ".join(shlex.quote(c) for c in cmd),
                "log": str(log), "process_wall_s": round(time.time() - started, 1)}
         if code == 0 and (result_file is None or result_file.exists()):
             rec["status"] = "ok"
-            rec["metrics"] = json.loads(result_file.read_text()) if result_file else {}
+            rec["metrics"] = records.Summary.read(result_file.parent).to_json() if kind == "train" else \
+                json.loads(result_file.read_text()) if result_file else {}
         else:
             rec.update(status="failed", exit_code=code, error=error_of(tail))
             print(f"  {label}  FAILED (exit {code}): {rec['error']}", flush=True)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ftcluster import config as C
 from ftcluster import engine
+from ftcluster.records import Progress
 from ftcluster.worker import setup
 
 
@@ -29,13 +30,12 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.setdefault("LOCAL_RANK", "0")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    s = setup(cfg, 0, 1, device)
+    loop, _ = setup(cfg, 0, 1, device)
     logged = []
-    engine.train(cfg, s.engine, s.scheduler, s.batches, s.eval_batches, device, engine.Progress(), s.total_steps,
-                 s.flops_per_token, s.peak, lambda m, save: logged.append(m) if "loss" in m else None)
-    for m in logged:
-        print(f"step {m['step']}: {m['tokens_per_s']:,.0f} tok/s  MFU {100 * (m['mfu'] or 0):.1f}%  "
-              f"peak {m.get('peak_allocated_gib')} GiB")
+    engine.train(loop, Progress(), engine.Hooks(lambda r, kind: logged.append(r) if r.logged else None))
+    for r in logged:
+        print(f"step {r.step}: {r.tokens_per_s:,.0f} tok/s  MFU {100 * (r.mfu or 0):.1f}%  "
+              f"peak {r.peak_allocated_gib} GiB")
     dist.destroy_process_group()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ftcluster.config import RunConfig, save_resolved
-from ftcluster.engine import Progress
+from ftcluster.records import CheckpointKind, Progress
 
 TAG = "state"
 
@@ -54,7 +54,7 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
         save_resolved(cfg, out / "run.yaml")
 
 
-def save(engine, cfg: RunConfig, progress: Progress, directory: Path, final: bool, tokenizer=None) -> None:
+def save(engine, cfg: RunConfig, progress: Progress, directory: Path, kind: CheckpointKind, tokenizer=None) -> None:
     """Write this worker's part of a checkpoint into ``directory`` (all workers call it)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory / "deepspeed"), tag=TAG, exclude_frozen_parameters=cfg.trains_adapter)
@@ -65,7 +65,7 @@ def save(engine, cfg: RunConfig, progress: Progress, directory: Path, final: boo
                directory / "rng" / f"rank{rank}.pt")
     if rank == 0:
         (directory / "progress.json").write_text(json.dumps(asdict(progress)))
-    if final and cfg.output.save_final_model:
+    if kind is CheckpointKind.FINAL and cfg.output.save_final_model:
         save_hf(engine, cfg, directory / "hf", tokenizer)
 
 

@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from ftcluster import metrics as M
 from ftcluster.config import RunConfig
 from ftcluster.data import IGNORE, ShardedBatches
+from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
 
 @dataclass
-class Progress:
-    """Where training is: enough to resume exactly (with the data order, which is a function of seed and epoch)."""
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    tokens_seen: int = 0
+class Loop:
+    """What the loop runs on, built once by the worker's set-up: the engine and its schedule, this worker's
+    batches, and the figures its records carry from step to step (``record``: who and what, set at every step)."""
+    cfg: RunConfig
+    engine: object
+    scheduler: object
+    batches: ShardedBatches
+    eval_batches: ShardedBatches | None
+    device: torch.device
+    total_steps: int
+    peak_flops: float | None
+    record: WorkerRecord
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to. ``report(record, checkpoint)`` runs on every worker at the same steps, with the
+    kind of checkpoint to save or None; ``should_stop()`` after every step (agreed between workers) gives a reason
+    to stop early, or None."""
+    report: Callable[[WorkerRecord, CheckpointKind | None], None]
+    should_stop: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -59,7 +76,7 @@ def evaluate(engine, batches: ShardedBatches, device, max_batches: int | None) -
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
     loss = (loss_sum / count.clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}  # exp overflows past ~700
 
 
 def _mean_over_workers(values: list[float], device) -> list[float]:
@@ -98,31 +115,49 @@ def step_profiler(cfg: RunConfig, device: torch.device):
     return prof
 
 
-def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batches: ShardedBatches | None,
-          device: torch.device, progress: Progress, total_steps: int, flops_per_token: float, peak_flops: float,
-          report: Callable[[dict, str | None], None],
-          should_stop: Callable[[], str | None] | None = None) -> Progress:
-    """Run optimizer steps until ``total_steps``, or until ``should_stop()`` (called on every worker after every
-    step, and agreed between them) gives a reason: then a resume checkpoint is saved and the loop ends early.
-    ``report(metrics, checkpoint)`` is called on every worker at the same steps, with checkpoint None, "resume" or
-    "final"."""
-    from ftcluster import metrics as M
+def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress: Progress) -> dict:
+    """The logging window's figures, the same on every worker (loss and tokens are averaged over workers)."""
+    M.sync(loop.device)
+    world = loop.record.world_size
+    elapsed = time.perf_counter() - window.started
+    loss_mean, tok_total = _mean_over_workers([loss_sum.item() / window.loss_count, window.tokens * world],
+                                              loop.device)
+    tok_s = window.tokens / elapsed
+    progress.tokens_seen += int(tok_total)
+    grad_norm = loop.engine.get_global_grad_norm()
+    flops = loop.record.flops_per_token
+    return {"loss": loss_mean, "lr": loop.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_time_s": sorted(window.step_times)[len(window.step_times) // 2],
+            "tokens_per_s": tok_s, "tokens_per_s_total": tok_s * world, "tokens_seen": progress.tokens_seen,
+            "mfu": tok_s * flops / loop.peak_flops if loop.peak_flops and flops else None,
+            **M.memory(loop.device)}
 
-    t = cfg.training
+
+def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, stopped: str | None) -> CheckpointKind | None:
+    if last:
+        return CheckpointKind.FINAL if cfg.output.checkpoint_at_end else None
+    periodic = cfg.training.save_every and step % cfg.training.save_every == 0
+    return CheckpointKind.RESUME if periodic or stopped else None
+
+
+def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
+    """Run optimizer steps until ``loop.total_steps``, or until ``hooks.should_stop()`` gives a reason: then a
+    resume checkpoint is saved and the loop ends early."""
+    cfg, engine, t = loop.cfg, loop.engine, loop.cfg.training
     gas = t.gradient_accumulation_steps
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    window, loss_acc = Window(), torch.zeros((), device=device)
-    profiler = step_profiler(cfg, device)
-    first_step_unix = None  # wall clock at the end of this process's first step: the harness's time to first step
+    window, loss_sum = Window(), torch.zeros((), device=loop.device)
+    profiler = step_profiler(cfg, loop.device)
+    first_step_unix = None
     step_started = time.perf_counter()
-    while progress.step < total_steps:
-        for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
+    while progress.step < loop.total_steps:
+        for batch in loop.batches.epoch(progress.epoch, progress.batch_in_epoch):
             window.tokens += int(batch.pop("num_tokens"))
-            batch = to_device(batch, device)
+            batch = to_device(batch, loop.device)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            loss_acc += loss.detach().float()
+            loss_sum += loss.detach().float()
             window.loss_count += 1
             progress.batch_in_epoch += 1
             if progress.batch_in_epoch % gas:
@@ -130,46 +165,29 @@ def train(cfg: RunConfig, engine, scheduler, batches: ShardedBatches, eval_batch
             progress.step += 1
             if profiler is not None:
                 profiler.step()
-                if progress.step >= cfg.training.profile_steps + 3:
+                if progress.step >= t.profile_steps + 3:
                     profiler.stop()
                     profiler = None
             now = time.perf_counter()
             first_step_unix = first_step_unix or time.time()
             window.step_times.append(now - step_started)
             step_started = now
-            last = progress.step >= total_steps
-            stopped = None if last or should_stop is None else should_stop()
+            last = progress.step >= loop.total_steps
+            stopped = None if last or hooks.should_stop is None else hooks.should_stop()
             log = progress.step % t.log_every == 0 or last or stopped
-            do_eval = eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0) or last)
-            periodic = t.save_every and progress.step % t.save_every == 0
-            save = ("final" if cfg.output.checkpoint_at_end else None) if last else \
-                ("resume" if periodic or stopped else None)
+            do_eval = loop.eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0)
+                                                         or last)
+            save = _checkpoint_kind(cfg, progress.step, last, stopped)
             if log or do_eval or save:
                 paused = time.perf_counter()
-                metrics = {"step": progress.step, "epoch": progress.epoch, "first_step_unix": first_step_unix}
-                if stopped:
-                    metrics["stopped"] = stopped
+                figures = {"step": progress.step, "epoch": progress.epoch, "first_step_unix": first_step_unix,
+                           "stopped": stopped}
                 if log:
-                    M.sync(device)
-                    elapsed = time.perf_counter() - window.started
-                    loss_mean, tok_total = _mean_over_workers([loss_acc.item() / window.loss_count,
-                                                               window.tokens * world], device)
-                    tok_s = window.tokens / elapsed
-                    progress.tokens_seen += int(tok_total)
-                    grad_norm = engine.get_global_grad_norm()
-                    metrics.update({
-                        "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "step_time_s": sorted(window.step_times)[len(window.step_times) // 2],
-                        "tokens_per_s": tok_s, "tokens_per_s_total": tok_s * world,
-                        "tokens_seen": progress.tokens_seen,
-                        "mfu": tok_s * flops_per_token / peak_flops if peak_flops else None,
-                        **M.memory(device),
-                    })
-                    window, loss_acc = Window(), torch.zeros((), device=device)
+                    figures.update(_window_figures(loop, window, loss_sum, progress))
+                    window, loss_sum = Window(), torch.zeros((), device=loop.device)
                 if do_eval:
-                    metrics.update(evaluate(engine, eval_batches, device, t.eval_batches))
-                report(metrics, save)
+                    figures.update(evaluate(engine, loop.eval_batches, loop.device, t.eval_batches))
+                hooks.report(replace(loop.record, **figures), save)
                 # Evaluation and checkpointing are not training: keep them out of step times and tokens/s.
                 step_started = time.perf_counter()
                 window.started += step_started - paused

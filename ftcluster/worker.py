@@ -5,24 +5,12 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import NamedTuple
 
 import torch
 
 from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, stop
 from ftcluster.config import RunConfig, from_dict
-
-
-class Setup(NamedTuple):
-    tokenizer: object
-    batches: data.ShardedBatches
-    eval_batches: data.ShardedBatches | None
-    total_steps: int
-    engine: object
-    scheduler: object
-    flops_per_token: float
-    peak: float | None
-    static: dict
+from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
 
 def use_expandable_segments() -> None:
@@ -36,8 +24,9 @@ def use_expandable_segments() -> None:
     torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
-    """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine."""
+def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[engine.Loop, object]:
+    """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine. Returns the loop's
+    state and the tokenizer (saved beside final models)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         use_expandable_segments()
@@ -70,10 +59,12 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> Setup:
     compute_dtype = cfg.quantization.compute_dtype if cfg.method == "qlora" else cfg.model.dtype
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype])
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
-    static = {"rank": rank, "world_size": world, "trainable_params": trainable, "total_params": total,
-              "total_steps": total_steps, "device": str(device), "pid": os.getpid(),
-              "peak_matmul_tflops": peak / 1e12, "compute_dtype": compute_dtype, "flops_per_token": flops_per_token}
-    return Setup(tokenizer, batches, eval_batches, total_steps, ds_engine, scheduler, flops_per_token, peak, static)
+    record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
+                          total_steps=total_steps, device=str(device), pid=os.getpid(),
+                          peak_matmul_tflops=peak / 1e12, compute_dtype=compute_dtype,
+                          flops_per_token=flops_per_token)
+    loop = engine.Loop(cfg, ds_engine, scheduler, batches, eval_batches, device, total_steps, peak, record)
+    return loop, tokenizer
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -87,27 +78,25 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
-    s = setup(cfg, rank, world, device)
-    s.static["node_id"] = ray.get_runtime_context().get_node_id()
+    loop, tokenizer = setup(cfg, rank, world, device)
+    loop.record.node_id = ray.get_runtime_context().get_node_id()
 
-    progress = engine.Progress()
+    progress = Progress()
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
-            progress = checkpoint.restore(s.engine, cfg, d)
+            progress = checkpoint.restore(loop.engine, cfg, d)
         if rank == 0:
             print(f"resumed from {resume_from.path} at step {progress.step}", flush=True)
     metrics.reset_peaks(device)
 
-    def report(m: dict, save: str | None) -> None:
-        m = {**s.static, **m}
-        if save is None:
-            ray.train.report(m)
+    def report(record: WorkerRecord, kind: CheckpointKind | None) -> None:
+        if kind is None:
+            ray.train.report(record.to_json())
             return
         with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(s.engine, cfg, progress, d, final=save == "final", tokenizer=s.tokenizer)
-            ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
+            ray.train.report(record.to_json(), checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
 
-    engine.train(cfg, s.engine, s.scheduler, s.batches, s.eval_batches, device, progress, s.total_steps,
-                 s.flops_per_token, s.peak, report, should_stop=stop.StopCheck(cfg.run_dir, device))
+    engine.train(loop, progress, engine.Hooks(report, should_stop=stop.StopCheck(cfg.run_dir, device)))

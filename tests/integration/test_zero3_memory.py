@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from ftcluster import checkpoint, engine, worker
 from ftcluster import config as C
+from ftcluster.records import Progress
 
 WORLD = 2
 
@@ -63,8 +64,8 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
         "training.micro_batch_size=2", "training.max_steps=3", "training.log_every=1", "training.eval_batches=2",
         f"output.storage_path={storage}", f"output.name={case}", "optimizer.lr=3e-3"])
     device = torch.device("cpu")
-    s = worker.setup(cfg, rank, WORLD, device)
-    model = s.engine.module
+    loop, tokenizer = worker.setup(cfg, rank, WORLD, device)
+    model = loop.engine.module
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     gathered = GatheredAfterForward(model, base)
     states, losses = {}, []
@@ -78,23 +79,22 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
                 "persistent_numel": sum(p.ds_numel for p in persistent)}
 
     states["build"] = held()
-    progress = engine.Progress()
+    progress = Progress()
 
-    def report(metrics: dict, save: str | None) -> None:
-        losses.append(metrics["loss"])
-        states[f"step {metrics['step']}{' eval' if 'eval_loss' in metrics else ''}"] = held()
-        if save:
+    def report(record, kind) -> None:
+        losses.append(record.loss)
+        states[f"step {record.step}{' eval' if record.eval_loss is not None else ''}"] = held()
+        if kind:
             with tempfile.TemporaryDirectory() as d:
-                checkpoint.save(s.engine, cfg, progress, d, final=save == "final", tokenizer=s.tokenizer)
-            states[f"step {metrics['step']} saved"] = held()
+                checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
+            states[f"step {record.step} saved"] = held()
 
-    engine.train(cfg, s.engine, s.scheduler, s.batches, s.eval_batches, device, progress, s.total_steps,
-                 s.flops_per_token, s.peak, report)
+    engine.train(loop, progress, engine.Hooks(report))
     full = sum(p.ds_numel * p.element_size() for p in base if not p.ds_persist)
     out[rank] = {"states": states, "full": full, "n_base": len(base), "losses": losses,
-                 "offloaded": bool(s.engine.zero_offload_param())
+                 "offloaded": bool(loop.engine.zero_offload_param())
                  and all(p.ds_tensor.device.type == "cpu" for p in base),
-                 "live_budget_bytes": s.engine.zero_max_live_parameters() * 2, "peak_gathered_after_forward": gathered.peak,
+                 "live_budget_bytes": loop.engine.zero_max_live_parameters() * 2, "peak_gathered_after_forward": gathered.peak,
                  "largest_module": max(p.ds_numel * p.element_size() for p in base)}
     dist.destroy_process_group()
 

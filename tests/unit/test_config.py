@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from ftcluster import config as C
-from ftcluster.launch import prepare_run_dir
+from ftcluster.run_dir import prepare as prepare_run_dir
 
 RECIPES = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 

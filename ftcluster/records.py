@@ -1,0 +1,234 @@
+"""What a run records, as types: where training is (``Progress``), what each worker reports (``WorkerRecord``), one
+line of ``metrics.jsonl`` (``Line``: rank 0's record with every worker's figures beside it) and ``summary.json``
+(``Summary``). The files are their JSON; everything that writes or reads them goes through here, and the progress
+line is a rendering of a ``Line``. A new metric is one field."""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class Progress:
+    """Where training is: enough to resume exactly (with the data order, which is a function of seed and epoch)."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+
+
+class CheckpointKind(enum.Enum):
+    RESUME = "resume"
+    """Engine state to continue from (periodic, or when the run is asked to stop)."""
+    FINAL = "final"
+    """The end of the run: engine state, plus the model or adapter in Hugging Face format."""
+
+
+def _json(obj) -> dict:
+    return {k: v for k, v in asdict(obj).items() if v is not None}
+
+
+def _of_json(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class WorkerRecord:
+    """What one worker reports at a step where it logs, evaluates, checkpoints or stops. The first block is the
+    same at every step; the window fields are set at logging steps, the eval fields at evaluation steps."""
+    rank: int = 0
+    world_size: int = 1
+    trainable_params: int = 0
+    total_params: int = 0
+    total_steps: int = 0
+    device: str = "cpu"
+    pid: int = 0
+    node_id: str | None = None
+    peak_matmul_tflops: float | None = None
+    compute_dtype: str | None = None
+    flops_per_token: float | None = None
+
+    step: int = 0
+    epoch: int = 0
+    first_step_unix: float | None = None
+    """Wall clock at the end of this process's first optimizer step (the harness's time to first step)."""
+    stopped: str | None = None
+
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    tokens_per_s_total: float | None = None
+    tokens_seen: int | None = None
+    mfu: float | None = None
+    peak_allocated_gib: float | None = None
+    peak_reserved_gib: float | None = None
+    peak_device_used_gib: float | None = None
+    peak_rss_gib: float | None = None
+
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+
+    def to_json(self) -> dict:
+        return _json(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "WorkerRecord":
+        return _of_json(cls, d)
+
+    @property
+    def logged(self) -> bool:
+        return self.loss is not None
+
+
+PER_WORKER = ("peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib", "peak_rss_gib", "tokens_per_s",
+              "pid", "node_id")
+"""Figures that differ between workers: a ``Line`` keeps every worker's, as ``<name>_per_worker``."""
+
+
+@dataclass
+class Line(WorkerRecord):
+    """One line of metrics.jsonl: rank 0's record, every worker's ``PER_WORKER`` figures, when the driver wrote it
+    and the checkpoint the step saved."""
+    time: float = 0.0
+    checkpoint: str | None = None
+    peak_allocated_gib_per_worker: list | None = None
+    peak_reserved_gib_per_worker: list | None = None
+    peak_device_used_gib_per_worker: list | None = None
+    peak_rss_gib_per_worker: list | None = None
+    tokens_per_s_per_worker: list | None = None
+    pid_per_worker: list | None = None
+    node_id_per_worker: list | None = None
+
+    @classmethod
+    def of_workers(cls, records: list[WorkerRecord], checkpoint: str | None = None) -> "Line":
+        per_worker = {f"{k}_per_worker": [getattr(r, k) for r in records] for k in PER_WORKER
+                      if getattr(records[0], k) is not None}
+        return cls(**asdict(records[0]), **per_worker, time=time.time(), checkpoint=checkpoint)
+
+    def largest(self, key: str) -> float | None:
+        """The largest figure over workers (the one that must fit on every device)."""
+        values = [v for v in getattr(self, f"{key}_per_worker") or [getattr(self, key)] if v is not None]
+        return max(values, default=None)
+
+
+def append_line(run_dir: Path, line: Line) -> None:
+    with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(line.to_json()) + "\n")
+
+
+def read_lines(run_dir: Path) -> list[Line]:
+    """Every line of the run's metrics.jsonl, across its attempts (a resumed run appends)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [Line.from_json(json.loads(text)) for text in path.read_text().splitlines() if text.strip()]
+
+
+def progress_line(line: Line) -> str:
+    """What the driver prints for a line: a bar, loss, lr, grad norm, tokens/s, MFU, eval and how it stopped."""
+    step, total = line.step, line.total_steps or 1
+    filled = int(30 * step / total)
+    parts = [f"[{'#' * filled}{'.' * (30 - filled)}] step {step}/{total}"]
+    if line.logged:
+        grad = f"  grad norm {line.grad_norm:.3g}" if line.grad_norm is not None else ""
+        parts.append(f"loss {line.loss:.4f}  lr {line.lr:.2e}{grad}  {line.tokens_per_s_total:,.0f} tok/s")
+        if line.mfu:
+            parts.append(f"MFU {100 * line.mfu:.1f}%")
+    if line.eval_loss is not None:
+        parts.append(f"eval_loss {line.eval_loss:.4f}  ppl {line.eval_perplexity:.2f}")
+    if line.stopped:
+        parts.append(f"stopped early ({line.stopped}), checkpoint saved")
+    return "  ".join(parts)
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+@dataclass
+class Summary:
+    """summary.json: how the run went, from its metrics.jsonl and Ray's result."""
+    run_dir: str
+    method: str
+    wall_time_s: float
+    time_to_first_step_s: float | None = None
+    final_step: int | None = None
+    stopped: str | None = None
+    """This attempt's last record says how it ended: a reason when asked to stop early, None when it finished."""
+    world_size: int | None = None
+    device: str | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    losses: list = field(default_factory=list)
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    step_time_s: float | None = None
+    """Medians over the logging windows after the first (the first carries compilation, allocator growth and
+    warm-up): step time, tokens/s and MFU."""
+    tokens_per_s_total: float | None = None
+    mfu: float | None = None
+    peak_matmul_tflops: float | None = None
+    compute_dtype: str | None = None
+    flops_per_token: float | None = None
+    peak_allocated_gib: float | None = None
+    """Peaks: the largest over workers and over the run, the figure that must fit on every device."""
+    peak_reserved_gib: float | None = None
+    peak_device_used_gib: float | None = None
+    peak_rss_gib: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    checkpoint: str | None = None
+    final_model: str | None = None
+    final_model_bytes: int | None = None
+    checkpoint_bytes: int | None = None
+
+    @classmethod
+    def of_lines(cls, lines: list[Line], run_dir: Path, method: str, wall_s: float, started_unix: float,
+                 **paths) -> "Summary":
+        logged = [r for r in lines if r.logged]
+        steady = logged[1:] or logged
+        last = logged[-1] if logged else WorkerRecord()
+        first_step = min((r.first_step_unix for r in lines if r.first_step_unix), default=None)
+        evaluated = [r for r in lines if r.eval_loss is not None]
+        peak = lambda key: max((v for r in logged if (v := r.largest(key)) is not None), default=None)
+        return cls(
+            run_dir=str(run_dir), method=method, wall_time_s=round(wall_s, 1),
+            time_to_first_step_s=round(first_step - started_unix, 1) if first_step else None,
+            final_step=max((r.step for r in lines), default=None),
+            stopped=lines[-1].stopped if lines else None,
+            world_size=last.world_size if logged else None, device=last.device if logged else None,
+            first_loss=logged[0].loss if logged else None, final_loss=last.loss,
+            losses=[[r.step, r.loss] for r in logged],
+            eval_loss=evaluated[-1].eval_loss if evaluated else None,
+            eval_perplexity=evaluated[-1].eval_perplexity if evaluated else None,
+            step_time_s=_median([r.step_time_s for r in steady]),
+            tokens_per_s_total=_median([r.tokens_per_s_total for r in steady]),
+            mfu=_median([r.mfu for r in steady if r.mfu is not None]),
+            peak_matmul_tflops=last.peak_matmul_tflops, compute_dtype=last.compute_dtype,
+            flops_per_token=last.flops_per_token,
+            peak_allocated_gib=peak("peak_allocated_gib"), peak_reserved_gib=peak("peak_reserved_gib"),
+            peak_device_used_gib=peak("peak_device_used_gib"), peak_rss_gib=peak("peak_rss_gib"),
+            trainable_params=last.trainable_params if logged else None,
+            total_params=last.total_params if logged else None, **paths)
+
+    def to_json(self) -> dict:
+        return asdict(self)  # every key, None included: readers see the same fields in every summary
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Summary":
+        return _of_json(cls, d)
+
+    def write(self, run_dir: Path) -> None:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "Summary":
+        return cls.from_json(json.loads((Path(run_dir) / "summary.json").read_text()))

@@ -1,0 +1,58 @@
+"""The run directory: claimed for one run's config before it starts, and completed with ``final/`` after it.
+
+    <storage_path>/<name>/config.yaml      the resolved config (the claim)
+                         metrics.jsonl     one Line per report (ftcluster.records)
+                         checkpoint_step*  Ray checkpoints
+                         final/            the model or adapter in Hugging Face format
+                         summary.json      ftcluster.records.Summary
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ftcluster import stop
+from ftcluster.config import ConfigError, RunConfig, from_dict, save_resolved
+
+
+def prepare(cfg: RunConfig) -> Path:
+    """Create the run directory and record the config. A directory that already holds a different run is never
+    reused: resuming it with another config would corrupt it, and overwriting would lose it."""
+    run_dir = cfg.run_dir
+    record = run_dir / "config.yaml"
+    if record.exists():
+        old = yaml.safe_load(record.read_text()) or {}
+        try:
+            old_fp = from_dict(old, str(record)).fingerprint()
+        except ConfigError:
+            old_fp = None
+        if old_fp != cfg.fingerprint():
+            raise ConfigError(
+                f"output.name: {run_dir} already holds a run with a different config (see {record}). Choose "
+                "another output.name (or output.storage_path); to resume that run, use its config unchanged."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, record)
+    stop.clear(run_dir)
+    return run_dir
+
+
+def publish_final(run_dir: Path, checkpoint_path: str | None) -> Path | None:
+    """Copy the last checkpoint's Hugging Face model (``hf/``) to ``final/``, replacing an earlier one only once the
+    new copy is complete. None when the checkpoint holds none (a resume checkpoint, or save_final_model=false)."""
+    hf_dir = Path(checkpoint_path) / "hf" if checkpoint_path else None
+    if hf_dir is None or not hf_dir.is_dir():
+        return None
+    final, tmp = run_dir / "final", run_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(hf_dir, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,40 @@
+import json
+
+from ftcluster import records
+from ftcluster.records import Line, Summary, WorkerRecord
+
+
+def _worker(rank, **kw):
+    base = dict(rank=rank, world_size=2, total_steps=10, step=4, epoch=0, first_step_unix=100.0 + rank,
+                loss=2.5, lr=1e-4, grad_norm=0.75, step_time_s=0.5, tokens_per_s=1000.0 + rank,
+                tokens_per_s_total=2001.0, mfu=0.4, peak_allocated_gib=3.0 + rank, pid=10 + rank)
+    return WorkerRecord(**{**base, **kw})
+
+
+def test_a_line_is_rank_0s_record_with_every_workers_figures_and_round_trips(tmp_path):
+    line = Line.of_workers([_worker(0), _worker(1)], checkpoint="/ckpt/step4")
+    assert line.rank == 0 and line.peak_allocated_gib_per_worker == [3.0, 4.0] and line.pid_per_worker == [10, 11]
+    assert line.largest("peak_allocated_gib") == 4.0 and line.peak_reserved_gib_per_worker is None
+    records.append_line(tmp_path, line)
+    records.append_line(tmp_path, Line.of_workers([_worker(0, step=5, loss=None), _worker(1, step=5, loss=None)]))
+    back = records.read_lines(tmp_path)
+    assert back[0] == line and back[1].step == 5 and not back[1].logged
+    assert "loss" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])  # None is left out
+
+
+def test_the_progress_line_renders_a_line():
+    text = records.progress_line(Line.of_workers([_worker(0, eval_loss=2.0, eval_perplexity=7.39)]))
+    assert text.startswith("[############") and "step 4/10" in text and "loss 2.5000" in text
+    assert "grad norm 0.75" in text and "2,001 tok/s" in text and "MFU 40.0%" in text and "ppl 7.39" in text
+    stopped = records.progress_line(Line.of_workers([_worker(0, loss=None, stopped="SIGTERM")]))
+    assert "stopped early (SIGTERM)" in stopped and "loss" not in stopped
+
+
+def test_the_summary_takes_medians_after_the_first_window_and_peaks_over_workers(tmp_path):
+    lines = [Line.of_workers([_worker(0, step=s, tokens_per_s_total=t, peak_allocated_gib=p), _worker(1, step=s)])
+             for s, t, p in ((2, 10.0, 9.0), (4, 2000.0, 3.0), (6, 2200.0, 3.0), (8, 2100.0, 3.0))]
+    s = Summary.of_lines(lines, tmp_path, "lora", 12.34, 90.0, checkpoint=None)
+    assert s.tokens_per_s_total == 2100.0 and s.final_step == 8 and s.wall_time_s == 12.3
+    assert s.peak_allocated_gib == 9.0 and s.time_to_first_step_s == 10.0 and s.losses[0] == [2, 2.5]
+    s.write(tmp_path)
+    assert Summary.read(tmp_path) == s and json.loads((tmp_path / "summary.json").read_text())["final_model"] is None
