@@ -20,6 +20,7 @@ import yaml
 from ftcluster import config as C
 from ftcluster import estimate
 from ftcluster.estimate import Run
+from ftcluster.records import Summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNKED_LOSS_SINCE = "ccfb9c9"
@@ -59,16 +60,16 @@ def rows() -> list[dict]:
         if not prov.get("gpus"):
             continue  # CPU runs: no device memory to calibrate against
         for r in doc["records"]:
-            m = r.get("metrics") or {}
-            if r.get("kind") != "train" or r.get("status") != "ok" or not m.get("peak_allocated_gib"):
+            m = Summary.from_json(r.get("metrics") or {})
+            if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib:
                 continue
             cfg = config_of(r["command"])
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
                 "shape": estimate.preset_of(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
-                "measured_gib": {"allocated": m["peak_allocated_gib"], "reserved": m["peak_reserved_gib"],
-                                 "device": m["peak_device_used_gib"]},
+                "measured_gib": {"allocated": m.peak_allocated_gib, "reserved": m.peak_reserved_gib,
+                                 "device": m.peak_device_used_gib},
             })
     return out
 

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from ftcluster.metrics import FLOP_FORMULA
+from ftcluster.records import Summary
 
 METHOD_ORDER = ("base", "full", "lora", "qlora")
 LABELS = {"base": "Base model (no fine-tuning)", "full": "Full fine-tuning", "lora": "LoRA (16-bit base)",
@@ -32,24 +33,27 @@ def memory_basis(m: dict) -> str:
 
 def figures(rec: dict) -> dict:
     """The report's numbers for one ok training or baseline record."""
-    m = rec.get("metrics") or {}
-    q = rec.get("quality") or (m if rec["kind"] == "base" else {})  # a base record's metrics are its quality
-    world = m.get("world_size") or 1
-    trainable, total = m.get("trainable_params"), m.get("total_params")
+    raw = rec.get("metrics") or {}
+    m = Summary.from_json(raw)
+    q = rec.get("quality") or (raw if rec["kind"] == "base" else {})  # a base record's metrics are its quality
+    world = m.world_size or 1
+    trainable, total = m.trainable_params, m.total_params
     out = {
-        "peak_memory_gib": peak_memory_gib(m), "peak_allocated_gib": m.get("peak_allocated_gib"),
-        "peak_reserved_gib": m.get("peak_reserved_gib"), "peak_rss_gib": m.get("peak_rss_gib"),
-        "wall_time_s": rec.get("process_wall_s"), "train_time_s": m.get("wall_time_s"),
-        "time_to_first_step_s": m.get("time_to_first_step_s"), "step_time_s": m.get("step_time_s"),
-        "tokens_per_s": m.get("tokens_per_s_total"),
-        "tokens_per_s_per_device": m["tokens_per_s_total"] / world if m.get("tokens_per_s_total") else None,
-        "mfu_pct": 100 * m["mfu"] if m.get("mfu") is not None else None,
+        "peak_memory_gib": peak_memory_gib(raw), "peak_allocated_gib": m.peak_allocated_gib,
+        "peak_reserved_gib": m.peak_reserved_gib, "peak_rss_gib": m.peak_rss_gib,
+        "wall_time_s": rec.get("process_wall_s"), "train_time_s": m.wall_time_s,
+        "time_to_first_step_s": m.time_to_first_step_s, "step_time_s": m.step_time_s,
+        "tokens_per_s": m.tokens_per_s_total,
+        "tokens_per_s_per_device": m.tokens_per_s_total / world if m.tokens_per_s_total else None,
+        "mfu_pct": 100 * m.mfu if m.mfu is not None else None,
         "trainable_params": trainable, "total_params": total,
         "trainable_pct": 100 * trainable / total if trainable and total else None,
-        "checkpoint_mb": m["checkpoint_bytes"] / 1e6 if m.get("checkpoint_bytes") else None,
-        "final_model_mb": m["final_model_bytes"] / 1e6 if m.get("final_model_bytes") else None,
-        "eval_loss": q.get("eval_loss", m.get("eval_loss")),
-        "eval_perplexity": q.get("eval_perplexity", m.get("eval_perplexity")),
+        "checkpoint_mb": m.checkpoint_bytes / 1e6 if m.checkpoint_bytes else None,
+        "final_model_mb": m.final_model_bytes / 1e6 if m.final_model_bytes else None,
+        # A training record's eval loss is under eval_loss_in_training (benchmarks.compare): the quality
+        # scorer's is the one compared.
+        "eval_loss": q.get("eval_loss", m.eval_loss),
+        "eval_perplexity": q.get("eval_perplexity", m.eval_perplexity),
         "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
     }
     return out
@@ -114,11 +118,11 @@ def baseline_rows(results: dict, rows: list[dict]) -> list[dict]:
                "ftcluster_peak_gib": r.get("peak_memory_gib"), "hf_status": hf["status"],
                "hf_error": hf.get("error")}
         if hf["status"] == "ok":
-            m = hf["metrics"]
-            row.update(hf_tokens_per_s=m["tokens_per_s_total"], hf_peak_gib=peak_memory_gib(m),
-                       hf_step_time_s=m["step_time_s"])
+            m = Summary.from_json(hf["metrics"])
+            row.update(hf_tokens_per_s=m.tokens_per_s_total, hf_peak_gib=peak_memory_gib(hf["metrics"]),
+                       hf_step_time_s=m.step_time_s)
             if row["ftcluster_tokens_per_s"]:
-                row["speedup"] = row["ftcluster_tokens_per_s"] / m["tokens_per_s_total"]
+                row["speedup"] = row["ftcluster_tokens_per_s"] / m.tokens_per_s_total
             if row["ftcluster_peak_gib"] and row["hf_peak_gib"]:
                 row["memory_ratio"] = row["ftcluster_peak_gib"] / row["hf_peak_gib"]
         out.append(row)

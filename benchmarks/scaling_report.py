@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from benchmarks.report import _table, flat_records, fmt
+from ftcluster.records import Summary
 
 EFFICIENCY = ("Scaling efficiency: tokens/s per GPU on N GPUs ÷ tokens/s per GPU on the fewest GPUs the same run "
               "was measured on (one GPU where it was; the count is in brackets); 1.00 is perfect. Step-time "
@@ -34,17 +35,16 @@ def rows(results: dict) -> list[dict]:
     """One row per run, in plan order, with its efficiency against the same variant on one GPU."""
     out = []
     for r in results["records"]:
-        m = r.get("metrics") or {}
-        tok = m.get("tokens_per_s_total") if r["status"] == "ok" else None
+        m = Summary.from_json(r.get("metrics") or {})
+        tok = m.tokens_per_s_total if r["status"] == "ok" else None
         est_alloc, est_device = estimated(r, results["provenance"].get("git_commit")) if r["status"] == "ok" \
             else (None, None)
         out.append({"variant": r["variant"], "gpus": r["gpus"], "status": r["status"], "error": r.get("error"),
                     "tokens_per_s": tok, "tokens_per_s_per_gpu": tok / r["gpus"] if tok else None,
-                    "peak_allocated_gib": m.get("peak_allocated_gib"),
-                    "peak_device_gib": m.get("peak_device_used_gib"),
+                    "peak_allocated_gib": m.peak_allocated_gib, "peak_device_gib": m.peak_device_used_gib,
                     "estimated_allocated_gib": est_alloc, "estimated_device_gib": est_device,
-                    "step_time_s": m.get("step_time_s"), "time_to_first_step_s": m.get("time_to_first_step_s"),
-                    "mfu_pct": 100 * m["mfu"] if m.get("mfu") is not None else None})
+                    "step_time_s": m.step_time_s, "time_to_first_step_s": m.time_to_first_step_s,
+                    "mfu_pct": 100 * m.mfu if m.mfu is not None else None})
     for r in out:
         base = min((b for b in out if b["variant"] == r["variant"] and b["tokens_per_s"]), key=lambda b: b["gpus"],
                    default=None)

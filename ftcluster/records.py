@@ -155,10 +155,11 @@ def _median(values: list[float]) -> float | None:
 
 @dataclass
 class Summary:
-    """summary.json: how the run went, from its metrics.jsonl and Ray's result."""
-    run_dir: str
-    method: str
-    wall_time_s: float
+    """summary.json: how the run went, from its metrics.jsonl and Ray's result. The benchmark harness's plain
+    Hugging Face baseline reports its figures under the same names."""
+    run_dir: str | None = None
+    method: str | None = None
+    wall_time_s: float | None = None
     time_to_first_step_s: float | None = None
     final_step: int | None = None
     stopped: str | None = None
