@@ -63,7 +63,7 @@ def optimizer(cfg: C.RunConfig, params, device: torch.device):
 
 def grouped_rows(cfg: C.RunConfig, tokenizer, n_rows: int) -> torch.Tensor:
     """run_clm's ``group_texts``: every example's tokens end to end, cut into rows of ``max_seq_len``."""
-    train, _ = data.load_examples(cfg.data, cfg.training.seed)
+    train = data.load_examples(cfg.data, cfg.training.seed).train
     stream: list[int] = []
     need = n_rows * cfg.data.max_seq_len
     while len(stream) < need:

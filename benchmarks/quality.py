@@ -106,7 +106,7 @@ def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batc
     started = time.perf_counter()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     tokenizer = models.load_tokenizer(cfg.model)
-    _, examples = data.load_examples(cfg.data, cfg.training.seed)
+    examples = data.load_examples(cfg.data, cfg.training.seed).evaluation
     examples = examples[:max_examples] if max_examples else examples
     if not examples:
         raise SystemExit(f"data.source {cfg.data.source} has no held-out examples to score")

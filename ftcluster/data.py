@@ -9,6 +9,7 @@ another example. The first label of every example is -100, so no example is trai
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,60 +19,156 @@ import torch
 from ftcluster.config import DataConfig
 
 IGNORE = -100
-_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
-def _load_split(cfg: DataConfig, split: str):
+def _decoded(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """A JSON array of objects, or JSON lines. Read with Python's json, so every value is exactly as written: the
+    datasets loader would let pyarrow infer types (an answer that looks like a date becomes a timestamp)."""
+    text = _decoded(path)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    for n, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {n}: a JSON {type(row).__name__}, not an object of named fields")
+    return [row for _, row in numbered]
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """Rows of a CSV file with a header, every value the text as written."""
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(_decoded(path), newline="")))
+
+
+_READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows}
+
+
+def _load_split(cfg: DataConfig, split: str) -> list[dict]:
     from datasets import load_dataset
 
     src = cfg.source
     path = Path(src).expanduser()
     if path.is_file():
-        builder = _LOCAL_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"data.source: {src} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
-        return load_dataset(builder, data_files={split: str(path)}, split=split)
+        if path.suffix in _READERS:
+            rows = _READERS[path.suffix](path)
+        elif path.suffix == ".parquet":  # parquet stores its column types: nothing is inferred
+            rows = list(load_dataset("parquet", data_files={split: str(path)}, split=split))
+        else:
+            raise ValueError(f"{src} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
+        if not rows:
+            raise ValueError(f"{src} holds no rows")
+        return rows
     if path.is_dir():
-        return load_dataset(str(path), split=split)
-    return load_dataset(src, split=split)
+        return list(load_dataset(str(path), split=split))
+    return list(load_dataset(src, split=split))
 
 
-def load_examples(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) raw examples as lists of dicts."""
+@dataclass
+class Examples:
+    """The raw examples of a run, and what was left out of them."""
+    train: list[dict]
+    evaluation: list[dict]
+    dropped: dict[str, int]
+    """Examples left out, by reason (e.g. chat rows without an assistant turn): counted, never silently lost."""
+
+
+def load_examples(cfg: DataConfig, seed: int) -> Examples:
+    """The train and eval examples. Every row is checked (its fields present, and text where text is needed):
+    a bad row is an error naming the row and the field."""
+    dropped: dict[str, int] = {}
     if cfg.source.startswith("builtin:"):
         from ftcluster import pydoc_data
 
         train, evaluation = pydoc_data.BUILDERS[cfg.source](eval_fraction=cfg.eval_fraction or 0.1)
     else:
-        ds = _load_split(cfg, cfg.split)
+        rows = _load_split(cfg, cfg.split)
+        _check_rows(cfg, rows, cfg.split)
         if cfg.eval_split:
-            evaluation = list(_load_split(cfg, cfg.eval_split))
-            train = list(ds)
-        elif cfg.eval_fraction > 0 and len(ds) > 1:
-            parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-            train, evaluation = list(parts["train"]), list(parts["test"])
+            evaluation = _load_split(cfg, cfg.eval_split)
+            _check_rows(cfg, evaluation, cfg.eval_split)
+            train = rows
+        elif cfg.eval_fraction > 0 and len(rows) > 1:
+            order = list(range(len(rows)))
+            random.Random(seed).shuffle(order)
+            n_eval = max(1, round(cfg.eval_fraction * len(rows)))
+            evaluation, train = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
         else:
-            train, evaluation = list(ds), []
+            train, evaluation = rows, []
+        if cfg.format == "chat":
+            train, evaluation = _with_answers(cfg, train, dropped), _with_answers(cfg, evaluation, dropped)
     if cfg.max_examples:
         train = train[: cfg.max_examples]
-    _check_fields(cfg, train)
-    return train, evaluation
+    if not train:
+        raise ValueError(f"{cfg.source} has no training examples" + (f" (left out: {dropped})" if dropped else ""))
+    return Examples(train, evaluation, dropped)
 
 
-def _check_fields(cfg: DataConfig, examples: list[dict]) -> None:
-    if not examples:
-        raise ValueError(f"data.source: {cfg.source} has no training examples")
+def _with_answers(cfg: DataConfig, rows: list[dict], dropped: dict[str, int]) -> list[dict]:
+    kept = [r for r in rows if any(m["role"] == "assistant" for m in r[cfg.messages_field])]
+    if len(kept) < len(rows):
+        dropped["chat rows without an assistant turn"] = dropped.get("chat rows without an assistant turn", 0) \
+            + len(rows) - len(kept)
+    return kept
+
+
+def _kind(value) -> str:
+    return "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r}), not text"
+
+
+def _check_rows(cfg: DataConfig, rows: list[dict], split: str) -> None:
+    """Every row has its format's fields, as text. The message names the row (1-based, in file order) and the
+    field, and what to set when the whole source has other fields."""
     need = {"alpaca": ("instruction", "output"), "chat": (cfg.messages_field,), "text": (cfg.text_field,)}[cfg.format]
-    missing = [f for f in need if f not in examples[0]]
+    missing = [f for f in need if f not in rows[0]]
     if missing:
         raise ValueError(
-            f"data.format={cfg.format} needs fields {list(need)}, but {cfg.source} has {sorted(examples[0])}; "
+            f"data.format={cfg.format} needs fields {list(need)}, but {cfg.source} has {sorted(rows[0])}; "
             f"set data.format (alpaca|chat|text) or data.text_field / data.messages_field"
         )
+    where = lambda i: f"{cfg.source} ({split}) row {i}"
+    for i, row in enumerate(rows, 1):
+        if cfg.format == "chat":
+            messages = row.get(cfg.messages_field)
+            if not isinstance(messages, list) or not messages:
+                raise ValueError(f"{where(i)}: field '{cfg.messages_field}' is {_kind(messages)}: a list of "
+                                 "{role, content} messages is needed")
+            for j, m in enumerate(messages, 1):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"{where(i)}: message {j} of '{cfg.messages_field}' needs 'role' and 'content' "
+                                     f"as text, got {m!r:.80}")
+            continue
+        for f in need:
+            if not isinstance(row.get(f), str):
+                raise ValueError(f"{where(i)}: field '{f}' is {_kind(row.get(f))}")
+        if cfg.format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
+            raise ValueError(f"{where(i)}: field 'input' is {_kind(row['input'])}")
 
 
 # --- rendering and tokenizing ------------------------------------------------------------------------------------
@@ -130,9 +227,10 @@ def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
         labels += ids if (target or cfg.train_on_prompt) else [IGNORE] * len(ids)
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         input_ids, labels = [tokenizer.bos_token_id] + input_ids, [IGNORE] + labels
+    length = len(input_ids)
     input_ids, labels = input_ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
     labels[0] = IGNORE  # never predict an example's first token from whatever precedes it in a packed row
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "length": length}
 
 
 # --- packing and batching ----------------------------------------------------------------------------------------
@@ -231,12 +329,36 @@ class ShardedBatches:
             yield collate(rows, self.pad_id, self.packed, self.pad_to)
 
 
-def build_rows(tokenizer, examples: list[dict], cfg: DataConfig, seed: int) -> list[dict]:
-    """Tokenized rows, packed when ``cfg.packing``. Examples are shuffled once before packing so that a row mixes
-    examples from all over the source rather than its neighbours in file order."""
+@dataclass
+class RowStats:
+    """What tokenizing and packing did to the examples."""
+    examples: int
+    truncated: int
+    """Examples longer than data.max_seq_len, cut to it."""
+    no_target: int
+    """Examples dropped because no target token was left after the cut (their prompt alone fills max_seq_len)."""
+    rows: int
+    tokens: int
+    longest: int
+    median: int
+
+    def describe(self, max_seq_len: int) -> str:
+        return (f"{self.examples} examples -> {self.rows} rows, {self.tokens:,} tokens; {self.truncated} cut to "
+                f"data.max_seq_len={max_seq_len}, {self.no_target} dropped with no answer token left (longest "
+                f"example {self.longest} tokens, median {self.median})")
+
+
+def build_rows(tokenizer, examples: list[dict], cfg: DataConfig, seed: int) -> tuple[list[dict], RowStats]:
+    """Tokenized rows, packed when ``cfg.packing``, and what happened on the way. Examples are shuffled once before
+    packing so that a row mixes examples from all over the source rather than its neighbours in file order."""
     tokenized = [tokenize_example(tokenizer, ex, cfg) for ex in examples]
-    tokenized = [t for t in tokenized if any(l != IGNORE for l in t["labels"])]
-    if not cfg.packing:
-        return tokenized
-    random.Random(seed).shuffle(tokenized)
-    return pack(tokenized, cfg.max_seq_len)
+    lengths = sorted(t["length"] for t in tokenized) or [0]
+    kept = [t for t in tokenized if any(l != IGNORE for l in t["labels"])]
+    if cfg.packing:
+        random.Random(seed).shuffle(kept)
+        kept = pack(kept, cfg.max_seq_len)
+    stats = RowStats(examples=len(tokenized), truncated=sum(n > cfg.max_seq_len for n in lengths),
+                     no_target=len(tokenized) - sum(any(l != IGNORE for l in t["labels"]) for t in tokenized),
+                     rows=len(kept), tokens=sum(len(r["input_ids"]) for r in kept), longest=lengths[-1],
+                     median=lengths[len(lengths) // 2])
+    return kept, stats

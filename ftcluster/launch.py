@@ -39,7 +39,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     from ftcluster.worker import train_loop_per_worker
 
     # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
-    preflight.check_inputs(cfg)
+    print(preflight.check_inputs(cfg), flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
     run_dir = rundir.prepare(cfg)
     if not ray.is_initialized():

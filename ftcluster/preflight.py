@@ -8,16 +8,17 @@ from ftcluster import embedded, estimate
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """The data loads and has the fields its format needs; the model's config loads and, for adapters, the
-    requested target modules exist (on a weightless meta-device copy)."""
+def check_inputs(cfg: RunConfig) -> str:
+    """The data loads, every row has the fields its format needs as text, and enough rows survive tokenizing for
+    every worker; the model's config loads and, for adapters, the requested target modules exist (on a weightless
+    meta-device copy). Returns the data line to print: what tokenizing and packing kept, cut and dropped."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ftcluster import data, models
 
     try:
-        data.load_examples(cfg.data, cfg.training.seed)
+        examples = data.load_examples(cfg.data, cfg.training.seed)
     except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
         raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
 
@@ -28,6 +29,19 @@ def check_inputs(cfg: RunConfig) -> None:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf)
         models.check_target_modules(meta, cfg)
+
+    rows, stats = data.build_rows(models.load_tokenizer(cfg.model), examples.train, cfg.data, cfg.training.seed)
+    if not rows:
+        raise ConfigError(
+            f"data.max_seq_len={cfg.data.max_seq_len}: no example has an answer token within it (longest example "
+            f"{stats.longest} tokens, median {stats.median}); raise data.max_seq_len")
+    need = cfg.scaling.num_workers * cfg.training.micro_batch_size
+    if len(rows) < need:
+        raise ConfigError(
+            f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
+            f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
+    dropped = "".join(f"; {n} {why} dropped" for why, n in examples.dropped.items())
+    return f"data: {stats.describe(cfg.data.max_seq_len)}{dropped}"
 
 
 def visible_gpu_memory_gib() -> float | None:

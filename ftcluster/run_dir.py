@@ -23,6 +23,14 @@ def prepare(cfg: RunConfig) -> Path:
     reused: resuming it with another config would corrupt it, and overwriting would lose it."""
     run_dir = cfg.run_dir
     record = run_dir / "config.yaml"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output.storage_path={cfg.output.storage_path}: cannot write the run directory {run_dir} "
+                          f"({e.strerror or e}); point output.storage_path at a writable directory") from None
     if record.exists():
         old = yaml.safe_load(record.read_text()) or {}
         try:
@@ -34,7 +42,6 @@ def prepare(cfg: RunConfig) -> Path:
                 f"output.name: {run_dir} already holds a run with a different config (see {record}). Choose "
                 "another output.name (or output.storage_path); to resume that run, use its config unchanged."
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, record)
     stop.clear(run_dir)
     return run_dir

@@ -38,13 +38,14 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     torch.manual_seed(cfg.training.seed)  # same init of LoRA weights on every rank
 
     tokenizer = models.load_tokenizer(cfg.model)
-    train_examples, eval_examples = data.load_examples(cfg.data, cfg.training.seed)
+    examples = data.load_examples(cfg.data, cfg.training.seed)
     pad_to = cfg.data.max_seq_len if cfg.data.packing else None
     shard = lambda rows, mb, acc: data.ShardedBatches(
         rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
-    batches = shard(data.build_rows(tokenizer, train_examples, cfg.data, cfg.training.seed),
-                    cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
-    eval_rows = data.build_rows(tokenizer, eval_examples, cfg.data, cfg.training.seed) if eval_examples else []
+    train_rows, stats = data.build_rows(tokenizer, examples.train, cfg.data, cfg.training.seed)
+    batches = shard(train_rows, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
+    eval_rows = data.build_rows(tokenizer, examples.evaluation, cfg.data, cfg.training.seed)[0] \
+        if examples.evaluation else []
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = optim.total_optimizer_steps(cfg, len(batches))
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -53,13 +55,15 @@ def test_wrong_fields_name_the_format_and_the_fix(tmp_path):
 def test_local_jsonl_loads_with_a_held_out_split(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(40)))
-    train, evaluation = data.load_examples(DataConfig(source=str(f), eval_fraction=0.25), seed=0)
+    loaded = data.load_examples(DataConfig(source=str(f), eval_fraction=0.25), seed=0)
+    train, evaluation = loaded.train, loaded.evaluation
     assert len(train) == 30 and len(evaluation) == 10
     assert not {e["instruction"] for e in train} & {e["instruction"] for e in evaluation}
 
 
 def test_builtin_pydoc_eval_split_shares_no_answer_with_train():
-    train, evaluation = data.load_examples(DataConfig(source="builtin:pydoc"), seed=0)
+    loaded = data.load_examples(DataConfig(source="builtin:pydoc"), seed=0)
+    train, evaluation = loaded.train, loaded.evaluation
     assert len(train) > 300 and len(evaluation) > 30
     assert not {e["output"] for e in train} & {e["output"] for e in evaluation}
 
@@ -142,3 +146,29 @@ def test_builtin_datasets_are_identical_in_every_process():
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
                for _ in range(2)}
     assert len(digests) == 1
+
+
+def test_answers_that_look_like_dates_or_numbers_reach_the_tokenizer_as_written(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": "2001-05-01", "input": "007"} for i in range(6)]
+    for name, text in (("d.jsonl", "".join(json.dumps(r) + "\n" for r in rows)), ("d.json", json.dumps(rows)),
+                       ("d.csv", "instruction,output,input\n" + "".join(f"q{i},2001-05-01,007\n" for i in range(6)))):
+        f = tmp_path / name
+        f.write_text(text)
+        loaded = data.load_examples(DataConfig(source=str(f), eval_fraction=0.0), seed=0)
+        assert all(r["output"] == "2001-05-01" and r["input"] == "007" for r in loaded.train), name
+
+
+def test_chat_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path):
+    keep = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    drop = {"messages": [{"role": "user", "content": "hi"}]}
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [keep, drop, keep, drop, drop]))
+    loaded = data.load_examples(DataConfig(source=str(f), format="chat", eval_fraction=0.0), seed=0)
+    assert len(loaded.train) == 2 and loaded.dropped == {"chat rows without an assistant turn": 3}
+
+
+def test_rows_say_how_many_examples_were_cut_and_dropped(tok):
+    long_prompt = {"instruction": "word " * 200, "output": "yes"}
+    rows, stats = data.build_rows(tok, [EX, EX, long_prompt], DataConfig(format="alpaca", max_seq_len=64), seed=0)
+    assert stats.examples == 3 and stats.truncated == 1 and stats.no_target == 1 and stats.longest > 64
+    assert stats.rows == len(rows) > 0 and "1 cut to data.max_seq_len=64, 1 dropped" in stats.describe(64)

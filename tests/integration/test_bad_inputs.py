@@ -1,0 +1,63 @@
+"""Bad input, as a user gives it, through the real command: each row is the input, the exit code, a fragment of
+the message, and what must not be lost. The next bad input is one more row. All are refused before Ray starts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+ROW = {"instruction": "What is 2+2?", "output": "4"}
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# (name, file name, file content (str or bytes), extra overrides, exit code, message fragment)
+CASES = [
+    ("a field missing from one row", "d.jsonl", _jsonl([ROW] * 5 + [{"instruction": "x"}] + [ROW] * 5), [], 2,
+     "row 6: field 'output' is missing"),
+    ("a number where text is needed", "d.jsonl", _jsonl([ROW] * 3 + [{"instruction": "x", "output": 4}]), [], 2,
+     "row 4: field 'output' is a int"),
+    ("an empty data file", "d.jsonl", "", [], 2, "holds no rows"),
+    ("a malformed line", "d.jsonl", _jsonl([ROW] * 2) + '{"instruction": "x", "output": }\n', [], 2,
+     "line 3: not valid JSON"),
+    ("bytes that are not UTF-8", "d.jsonl", _jsonl([ROW]).encode() + b'{"instruction": "\xff", "output": "4"}\n', [],
+     2, "line 2: not UTF-8"),
+    ("every example longer than max_seq_len", "d.jsonl",
+     _jsonl([{"instruction": "word " * 300, "output": "4"}] * 8), ["data.max_seq_len=32"], 2, "raise data.max_seq_len"),
+    ("too few rows for the workers", "d.jsonl", _jsonl([ROW] * 3), ["scaling.num_workers=8"], 2,
+     "fewer than scaling.num_workers x training.micro_batch_size"),
+    ("a chat file whose rows have no assistant turn", "d.jsonl",
+     _jsonl([{"messages": [{"role": "user", "content": "hi"}]}] * 3), ["data.format=chat"], 2,
+     "no training examples (left out: {'chat rows without an assistant turn': 3})"),
+    ("storage under a regular file", "d.jsonl", _jsonl([ROW] * 40), ["output.storage_path={tmp}/afile/runs"], 2,
+     "output.storage_path="),
+    ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
+     ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=null"], 2, "--force"),
+]
+
+
+@pytest.mark.parametrize("name,filename,content,extra,code,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_with_the_field_and_the_fix(tiny_model, tmp_path, name, filename, content, extra, code,
+                                                         fragment):
+    data_file = tmp_path / filename
+    data_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (tmp_path / "afile").write_text("a regular file")
+    kept = tmp_path / "runs" / "earlier" / "final"
+    kept.mkdir(parents=True)
+    (kept / "adapter_model.safetensors").write_text("a user's earlier output")
+    overrides = [f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+                 f"data.source={data_file}", "data.eval_fraction=0.1", f"output.storage_path={tmp_path / 'runs'}",
+                 "output.name=bad", "scaling.num_workers=1", "training.micro_batch_size=2",
+                 *[o.format(tmp=tmp_path) for o in extra]]
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+                           *overrides], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert fragment in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written for a refused run
+    assert (kept / "adapter_model.safetensors").read_text() == "a user's earlier output"
