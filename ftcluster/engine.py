@@ -13,6 +13,7 @@ from ftcluster import metrics as M
 from ftcluster.config import RunConfig
 from ftcluster.data import IGNORE, ShardedBatches
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
+from ftcluster.stop import DIVERGED
 
 
 @dataclass
@@ -134,6 +135,32 @@ def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress
             **M.memory(loop.device)}
 
 
+@dataclass
+class DivergenceGuard:
+    """Says when logged figures show training has diverged: a NaN or infinite loss or gradient norm, a loss past
+    ``training.divergence_loss_factor`` times the lowest so far, or a zero gradient norm at
+    ``training.divergence_zero_grad_logs`` logging steps in a row. The figures are the same on every worker (the
+    loss is averaged over them and the norm is global), so every worker stops at the same step without a
+    collective."""
+    loss_factor: float
+    zero_grad_logs: int
+    lowest: float = math.inf
+    zero_grads: int = 0
+
+    def check(self, loss: float, grad_norm: float | None) -> str | None:
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            return f"loss {loss} and gradient norm {grad_norm} are not finite"
+        if self.loss_factor and loss > self.loss_factor * self.lowest:
+            return (f"loss {loss:.4g} is over {self.loss_factor:g}x the lowest so far ({self.lowest:.4g}; "
+                    "training.divergence_loss_factor)")
+        self.lowest = min(self.lowest, loss)
+        self.zero_grads = self.zero_grads + 1 if grad_norm == 0 else 0
+        if self.zero_grad_logs and self.zero_grads >= self.zero_grad_logs:
+            return (f"the gradient norm has been 0 at {self.zero_grads} logging steps in a row "
+                    "(training.divergence_zero_grad_logs): the weights no longer learn")
+        return None
+
+
 def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, stopped: str | None) -> CheckpointKind | None:
     if last:
         return CheckpointKind.FINAL if cfg.output.checkpoint_at_end else None
@@ -149,6 +176,7 @@ def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     window, loss_sum = Window(), torch.zeros((), device=loop.device)
     profiler = step_profiler(cfg, loop.device)
     first_step_unix = None
+    guard = DivergenceGuard(t.divergence_loss_factor, t.divergence_zero_grad_logs)
     step_started = time.perf_counter()
     while progress.step < loop.total_steps:
         for batch in loop.batches.epoch(progress.epoch, progress.batch_in_epoch):
@@ -185,6 +213,13 @@ def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
                 if log:
                     figures.update(_window_figures(loop, window, loss_sum, progress))
                     window, loss_sum = Window(), torch.zeros((), device=loop.device)
+                    diverged = guard.check(figures["loss"], figures["grad_norm"])
+                    if diverged:
+                        # Report it without a checkpoint: the last good one stays the latest, and no final model
+                        # is written from diverged weights.
+                        figures["stopped"] = f"{DIVERGED} at step {progress.step}: {diverged}"
+                        hooks.report(replace(loop.record, **figures), None)
+                        return progress
                 if do_eval:
                     figures.update(evaluate(engine, loop.eval_batches, loop.device, t.eval_batches))
                 hooks.report(replace(loop.record, **figures), save)

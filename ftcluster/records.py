@@ -144,7 +144,7 @@ def progress_line(line: Line) -> str:
     if line.eval_loss is not None:
         parts.append(f"eval_loss {line.eval_loss:.4f}  ppl {line.eval_perplexity:.2f}")
     if line.stopped:
-        parts.append(f"stopped early ({line.stopped}), checkpoint saved")
+        parts.append(f"stopped early ({line.stopped})" + (", checkpoint saved" if line.checkpoint else ""))
     return "  ".join(parts)
 
 

@@ -23,6 +23,11 @@ from pathlib import Path
 STOP_FILE = "STOP"
 EXIT_STOPPED = 75
 """The driver's exit code for a run that stopped early with a checkpoint (EX_TEMPFAIL: run it again to resume)."""
+EXIT_DIVERGED = 3
+"""The driver's exit code for a run stopped because training diverged: its last good checkpoint is kept and no
+final model is written; running it again unchanged would diverge again."""
+DIVERGED = "diverged"
+"""How a record's ``stopped`` reason starts when the divergence guard stopped the run."""
 
 
 def request(run_dir: Path, reason: str) -> None:

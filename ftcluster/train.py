@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
               "to resume from the latest one.", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
+    if (summary.get("stopped") or "").startswith(stop.DIVERGED):
+        kept = f"its last good checkpoint is {summary['checkpoint']}" if summary["checkpoint"] else \
+            "it had saved no checkpoint yet"
+        print(f"error: training {summary['stopped']}. No final model was written; {kept}. Lower optimizer.lr (or "
+              "loosen training.divergence_*) and start under a new output.name.", file=sys.stderr)
+        return stop.EXIT_DIVERGED
     if summary.get("stopped"):
         print(f"stopped early at step {summary['final_step']} ({summary['stopped']}); checkpoint: "
               f"{summary['checkpoint']}. Run the same command again to resume.", file=sys.stderr)

@@ -241,3 +241,20 @@ def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_starts_it(ra
     assert not cfg.run_dir.exists()  # refused before anything was written
     s = launch.run(cfg, force=True)
     assert s["final_step"] == 2
+
+
+def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkpoint_and_writes_no_model(
+        tiny_model, tmp_path):
+    overrides = tiny_overrides(tiny_model, tmp_path, "diverges", **{
+        "model.random_init": False, "model.config_overrides": "{}", "optimizer.lr": 1e6, "training.max_steps": 12,
+        "training.log_every": 2, "training.save_every": 2, "scaling.num_workers": 1, "ray.address": "local"})
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE), *overrides],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == stop.EXIT_DIVERGED, proc.stderr[-3000:]
+    assert "training diverged at step" in proc.stderr and "last good checkpoint is" in proc.stderr
+    run_dir = tmp_path / "diverges"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"].startswith("diverged") and summary["final_model"] is None
+    assert not (run_dir / "final").exists()
+    diverged_at = summary["final_step"]
+    assert diverged_at < 12 and Path(summary["checkpoint"]).name == f"checkpoint_step{diverged_at - 2:07d}"

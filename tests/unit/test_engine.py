@@ -102,3 +102,16 @@ def test_zero3_schedule_is_derived_from_the_layer_size_and_the_users_settings_wi
     cfg2 = C.load(None, ["deepspeed.zero_stage=2"])
     ds2 = deepspeed_setup.deepspeed_config(cfg2, 2)
     assert deepspeed_setup.tuned_config(cfg2, ds2, model) == ds2  # nothing to tune without partitioned weights
+
+
+def test_the_divergence_guard_stops_on_nonfinite_spikes_and_dead_gradients():
+    guard = engine.DivergenceGuard(loss_factor=4.0, zero_grad_logs=2)
+    assert guard.check(3.0, 1.0) is None and guard.check(2.0, 0.5) is None and guard.check(7.9, 0.5) is None
+    assert "over 4x the lowest so far (2;" in guard.check(8.1, 0.5)
+    assert "not finite" in engine.DivergenceGuard(4.0, 2).check(float("nan"), 1.0)
+    assert "not finite" in engine.DivergenceGuard(4.0, 2).check(2.0, float("inf"))
+    dead = engine.DivergenceGuard(4.0, 2)
+    assert dead.check(6.2, 0.0) is None and dead.check(6.2, 0.3) is None and dead.check(6.2, 0.0) is None
+    assert "gradient norm has been 0 at 2" in dead.check(6.2, 0.0)
+    off = engine.DivergenceGuard(0.0, 0)
+    assert off.check(1.0, 0.0) is None and off.check(100.0, 0.0) is None

@@ -26,8 +26,8 @@ def test_the_progress_line_renders_a_line():
     text = records.progress_line(Line.of_workers([_worker(0, eval_loss=2.0, eval_perplexity=7.39)]))
     assert text.startswith("[############") and "step 4/10" in text and "loss 2.5000" in text
     assert "grad norm 0.75" in text and "2,001 tok/s" in text and "MFU 40.0%" in text and "ppl 7.39" in text
-    stopped = records.progress_line(Line.of_workers([_worker(0, loss=None, stopped="SIGTERM")]))
-    assert "stopped early (SIGTERM)" in stopped and "loss" not in stopped
+    stopped = records.progress_line(Line.of_workers([_worker(0, loss=None, stopped="SIGTERM")], "/ckpt"))
+    assert "stopped early (SIGTERM), checkpoint saved" in stopped and "loss" not in stopped
 
 
 def test_the_summary_takes_medians_after_the_first_window_and_peaks_over_workers(tmp_path):
