@@ -29,6 +29,27 @@ class ProgressLog(UserCallback):
         print(records.progress_line(line), flush=True)
 
 
+def _fit_off_the_main_thread(trainer):
+    """``trainer.fit()`` in another thread, the main thread waiting on it. Ray Train installs its own SIGINT handler
+    when fit runs on the main thread (abort, no checkpoint); off it, Ctrl-C reaches ours (stop.on_signals): the
+    first asks for a checkpoint and a resumable stop, as SIGTERM does, the second interrupts at once."""
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # in slices: the main thread must keep running its signal handlers
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     """Train; return the summary (also written to ``<run_dir>/summary.json``). ``force`` starts a run the memory
     estimator says will not fit its GPUs."""
@@ -70,7 +91,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     if in_main:
         stop.on_signals(run_dir)
     try:
-        result = trainer.fit()
+        result = _fit_off_the_main_thread(trainer) if in_main else trainer.fit()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -211,6 +211,24 @@ def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command
     assert (cfg.run_dir / "final").is_dir()
 
 
+def test_ctrl_c_checkpoints_and_stops_resumably_as_sigterm_does(ray_local, tiny_model, storage):
+    """Ray Train's own SIGINT handler would abort the run with no checkpoint: Ctrl-C must save one and exit 75."""
+    extra = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
+             "training.save_every": 0, "training.log_every": 1}
+    cfg = tiny_cfg(tiny_model, storage, "sigint", **extra)
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, storage, "sigint", **extra),
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first step")
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == stop.EXIT_STOPPED, out[-3000:]
+    last = records(cfg.run_dir)[-1]
+    assert last["stopped"] == "stop requested" and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
+    assert "SIGINT: asking the workers to save a checkpoint" in out
+
+
 def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_run(runs, tiny_model, storage):
     reference = runs("uninterrupted", **INTERRUPT)
     cfg = tiny_cfg(tiny_model, storage, "worker-killed", **INTERRUPT, **{"ray.max_failures": 1})
