@@ -166,6 +166,12 @@ class RayConfig(Section):
     """None: join the cluster in RAY_ADDRESS or a running local one, or start a local one."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts Ray Train makes after a failure; each restart resumes from the latest checkpoint."""
+    resources_wait_s: float = Field(60.0, ge=0)
+    """How long the driver waits for a joined cluster to show the resources the workers need (an autoscaler adding
+    nodes) before it refuses the run; a local cluster it started is checked at once."""
+    start_attempts: int = Field(3, ge=0)
+    """Times Ray Train may try to start the worker group (a minute each) before the run fails: bounds the wait when
+    resources vanish mid-run."""
 
 
 class ResourcesConfig(Section):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from ftcluster import preflight, records, run_dir as rundir, stop
+from ftcluster import cluster, preflight, records, run_dir as rundir, stop
 from ftcluster.config import RunConfig
 
 
@@ -62,25 +62,26 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
     print(preflight.check_inputs(cfg), flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
-    run_dir = rundir.prepare(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+    own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
     s = cfg.scaling
     use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    if use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    cluster.wait_for_resources(cfg, use_gpu, own_cluster)
+    run_dir = rundir.prepare(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # Workers run in Ray's own working directories: hand them the run directory as an absolute path.
         train_loop_config=cfg.model_copy(update={"output": cfg.output.model_copy(
             update={"storage_path": str(run_dir.parent)})}).model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=preflight.worker_bundle(cfg, use_gpu),
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=cfg.run_name, storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            # Starting the worker group is a controller failure to Ray Train, retried forever by default (a
+            # minute each): bound it, so resources that vanish mid-run fail the run instead of hanging it.
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
+                                         controller_failure_limit=cfg.ray.start_attempts),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             callbacks=[ProgressLog(str(run_dir))],
         ),

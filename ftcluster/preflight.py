@@ -90,3 +90,28 @@ def check_fit(cfg: RunConfig, force: bool = False) -> str:
     if force or not cfg.resources.check_fit:
         return per + f", of {budget:.1f} GiB: does NOT fit; started anyway (--force). {message}"
     raise ConfigError(message)
+
+
+def worker_bundle(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """The resources one worker asks Ray for."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if use_gpu else {}), **s.resources_per_worker}
+
+
+def check_cluster(cfg: RunConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> str | None:
+    """Why the cluster (each node's total resources) cannot hold the run's workers, or None. Ray would otherwise
+    retry starting the worker group for as long as it is let, a traceback a minute."""
+    bundle, n = worker_bundle(cfg, use_gpu), cfg.scaling.num_workers
+    fields = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
+    have = {k: sum(node.get(k, 0.0) for node in nodes) for k in bundle}
+    for k, per in bundle.items():
+        if per * n > have[k] + 1e-9:
+            field = fields.get(k, f"scaling.resources_per_worker.{k}")
+            return (f"scaling.num_workers={n} x {field}={per:g} needs {per * n:g} {k}, and the Ray cluster has "
+                    f"{have[k]:g} over {len(nodes)} node(s); lower scaling.num_workers or {field}, or add nodes")
+    fits = [node for node in nodes if all(node.get(k, 0.0) + 1e-9 >= per for k, per in bundle.items())]
+    if not fits:
+        return (f"no node of the Ray cluster can hold one worker ({bundle}); its nodes have "
+                f"{[{k: node.get(k, 0.0) for k in bundle} for node in nodes]}: lower scaling.cpus_per_worker, "
+                "scaling.gpus_per_worker or scaling.resources_per_worker")
+    return None

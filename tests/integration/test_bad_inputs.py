@@ -36,6 +36,9 @@ CASES = [
      "no training examples (left out: {'chat rows without an assistant turn': 3})"),
     ("storage under a regular file", "d.jsonl", _jsonl([ROW] * 40), ["output.storage_path={tmp}/afile/runs"], 2,
      "output.storage_path="),
+    ("more workers than the cluster has CPUs", "d.jsonl", _jsonl([ROW] * 400),
+     ["scaling.num_workers=64", "scaling.use_gpu=false", "ray.address=local", "data.packing=false"], 2,
+     "scaling.num_workers=64 x scaling.cpus_per_worker=1 needs 64 CPU"),
     ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
      ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=null"], 2, "--force"),
 ]
@@ -58,6 +61,23 @@ def test_bad_input_is_refused_with_the_field_and_the_fix(tiny_model, tmp_path, n
                            *overrides], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert fragment in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    if "ray.address=local" not in extra:  # refused before Ray starts, unless the cluster itself is the problem
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "runs" / "bad").exists()  # nothing written for a refused run
     assert (kept / "adapter_model.safetensors").read_text() == "a user's earlier output"
+
+
+def test_a_stale_cluster_record_starts_a_local_cluster_in_seconds_not_minutes(tmp_path):
+    """`ray.init()` with no address joins the cluster recorded in /tmp/ray/ray_current_cluster, and waits minutes
+    for it when it has died; the driver probes it first."""
+    record = tmp_path / "ray_current_cluster"
+    record.write_text("127.0.0.1:1\n")  # nothing listens there
+    script = (f"import time; from pathlib import Path; from ftcluster import cluster, config; "
+              f"cluster.CURRENT_CLUSTER_FILE = Path({str(record)!r}); t = time.time(); "
+              f"own = cluster.join(config.load(None, ['scaling.use_gpu=false'])); "
+              f"print('OWN', own, 'SECONDS', round(time.time() - t))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "does not answer; starting a local one" in proc.stdout and "OWN True" in proc.stdout
+    assert int(proc.stdout.split("SECONDS")[1]) < 60

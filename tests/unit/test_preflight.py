@@ -49,3 +49,14 @@ def test_the_trainer_refuses_before_ray_and_leaves_no_run_directory(tmp_path):
     assert proc.returncode == 2 and "per GPU and its GPUs have 1.0" in proc.stderr, proc.stderr[-2000:]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_cluster_too_small_for_the_workers_is_named_with_the_fields_to_change():
+    cfg = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=16", "scaling.resources_per_worker={nvme: 1}"])
+    nodes = [{"CPU": 64.0, "GPU": 8.0, "nvme": 8.0}, {"CPU": 64.0, "GPU": 8.0, "nvme": 8.0}]
+    assert preflight.check_cluster(cfg, True, nodes) is None
+    short = preflight.check_cluster(cfg, True, nodes[:1])
+    assert "scaling.num_workers=16 x scaling.gpus_per_worker=1 needs 16 GPU" in short and "has 8" in short
+    assert "resources_per_worker.nvme" in preflight.check_cluster(cfg, False, [{"CPU": 64.0, "nvme": 1.0}] * 2)
+    huge = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=100"])
+    assert "no node of the Ray cluster can hold one worker" in preflight.check_cluster(huge, True, nodes)
