@@ -54,10 +54,6 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     """Train; return the summary (also written to ``<run_dir>/summary.json``). ``force`` starts a run the memory
     estimator says will not fit its GPUs."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ftcluster.worker import train_loop_per_worker
 
     # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
     print(preflight.check_inputs(cfg), flush=True)
@@ -67,6 +63,20 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     cluster.wait_for_resources(cfg, use_gpu, own_cluster)
     run_dir = rundir.prepare(cfg)
+    try:
+        return _train(cfg, run_dir, use_gpu)
+    finally:
+        rundir.release(run_dir)
+
+
+def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool) -> dict:
+    """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ftcluster.worker import train_loop_per_worker
+
+    s = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         # Workers run in Ray's own working directories: hand them the run directory as an absolute path.

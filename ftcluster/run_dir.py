@@ -9,7 +9,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -42,9 +46,63 @@ def prepare(cfg: RunConfig) -> Path:
                 f"output.name: {run_dir} already holds a run with a different config (see {record}). Choose "
                 "another output.name (or output.storage_path); to resume that run, use its config unchanged."
             )
+    _lock(run_dir)
     save_resolved(cfg, record)
     stop.clear(run_dir)
     return run_dir
+
+
+LOCK = "LOCK"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock(run_dir: Path) -> None:
+    """Claim the run directory for this driver: two runs of one name would interleave their metrics and
+    checkpoints. A claim left by a driver that died on this host is taken over; one from another host can only be
+    removed by hand, once that run is known to be gone."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = run_dir / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+                return  # this driver already holds it
+            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0))):
+                print(f"ftcluster: {path} was left by PID {holder.get('pid')}, which has ended; taking it over",
+                      flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            raise ConfigError(
+                f"output.name: {run_dir} is in use by the run PID {holder.get('pid')} started on "
+                f"{holder.get('host')} at {holder.get('started')}. Wait for it or stop it (SIGTERM checkpoints it), "
+                f"or choose another output.name; if that run is gone, delete {path}.") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        return
+
+
+def release(run_dir: Path) -> None:
+    """Give up this driver's claim on the run directory (at the end of the run, however it ends)."""
+    path = Path(run_dir) / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def publish_final(run_dir: Path, checkpoint_path: str | None) -> Path | None:

@@ -229,6 +229,24 @@ def test_ctrl_c_checkpoints_and_stops_resumably_as_sigterm_does(ray_local, tiny_
     assert "SIGINT: asking the workers to save a checkpoint" in out
 
 
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(ray_local, tiny_model, storage):
+    extra = {"model.random_init": False, "model.config_overrides": "{}", "training.max_steps": 40,
+             "training.log_every": 1}
+    cfg = tiny_cfg(tiny_model, storage, "twice", **extra)
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, storage, "twice", **extra),
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first run's first step")
+        second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"in use by the run PID {first.pid}" in second.stderr, second.stderr[-2000:]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
+    assert first.returncode == stop.EXIT_STOPPED and not (cfg.run_dir / "LOCK").exists()
+
+
 def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_run(runs, tiny_model, storage):
     reference = runs("uninterrupted", **INTERRUPT)
     cfg = tiny_cfg(tiny_model, storage, "worker-killed", **INTERRUPT, **{"ray.max_failures": 1})

@@ -110,3 +110,29 @@ def test_qlora_in_float32_needs_float32_compute_too():
         C.load(None, ["method=qlora", "model.dtype=float32"])
     cfg = C.load(None, ["method=qlora", "model.dtype=float32", "quantization.compute_dtype=float32"])
     assert cfg.quantization.compute_dtype == "float32"
+
+
+def test_a_run_directory_is_claimed_by_one_driver(tmp_path, capsys):
+    import json
+    import os
+    import socket
+
+    from ftcluster import run_dir
+
+    cfg = C.load(None, [f"output.storage_path={tmp_path}", "output.name=claimed"])
+    lock = cfg.run_dir / run_dir.LOCK
+    prepare_run_dir(cfg)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    prepare_run_dir(cfg)  # the same driver again: still its own
+    lock.write_text(json.dumps({"pid": 1, "host": "node-7", "started": "2026-11-26 10:00:00"}))
+    with pytest.raises(C.ConfigError, match=r"in use by the run PID 1 started on node-7.*delete .*LOCK"):
+        prepare_run_dir(cfg)
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    lock.write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "earlier"}))
+    prepare_run_dir(cfg)  # left by a driver that died on this host: taken over
+    assert "taking it over" in capsys.readouterr().out and json.loads(lock.read_text())["pid"] == os.getpid()
+    run_dir.release(cfg.run_dir)
+    assert not lock.exists()
