@@ -5,7 +5,7 @@ Layout of one checkpoint directory (every worker writes its own files into it; R
     deepspeed/state/...        DeepSpeed engine state: trainable weights (frozen base excluded for adapters),
                                optimizer shards per rank, LR schedule
     progress.json              step, epoch, batch within the epoch, tokens seen (rank 0)
-    rng/rank{r}.pt             python / torch RNG state per rank
+    rng/rank{r}.safetensors    torch (and CUDA) RNG state per rank; rng/rank{r}.json, python's
     hf/                        (final checkpoints) the adapter or model in Hugging Face format + run.yaml
 """
 
@@ -54,15 +54,45 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
         save_resolved(cfg, out / "run.yaml")
 
 
+def _save_rng(stem: Path) -> None:
+    """This rank's RNG states in files that hold data only (safetensors and JSON): restoring never runs code
+    from the run directory, as unpickling would."""
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    version, state, gauss = random.getstate()
+    stem.with_suffix(".json").write_text(json.dumps({"python": [version, list(state), gauss]}))
+
+
+def _restore_rng(stem: Path) -> None:
+    from safetensors.torch import load_file
+
+    if stem.with_suffix(".safetensors").exists():
+        tensors = load_file(str(stem.with_suffix(".safetensors")))
+        version, state, gauss = json.loads(stem.with_suffix(".json").read_text())["python"]
+        python, cuda = (version, tuple(state), gauss), [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
+        torch_state = tensors["torch"]
+    elif stem.with_suffix(".pt").exists():  # checkpoints written before 2026-11-26: tensors, tuples and ints only
+        old = torch.load(stem.with_suffix(".pt"), weights_only=True)
+        python, torch_state, cuda = old["python"], old["torch"], old["cuda"] or []
+    else:
+        return
+    random.setstate(python)
+    torch.set_rng_state(torch_state)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save(engine, cfg: RunConfig, progress: Progress, directory: Path, kind: CheckpointKind, tokenizer=None) -> None:
     """Write this worker's part of a checkpoint into ``directory`` (all workers call it)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory / "deepspeed"), tag=TAG, exclude_frozen_parameters=cfg.trains_adapter)
     rank = _rank()
     (directory / "rng").mkdir(exist_ok=True)
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               directory / "rng" / f"rank{rank}.pt")
+    _save_rng(directory / "rng" / f"rank{rank}")
     if rank == 0:
         (directory / "progress.json").write_text(json.dumps(asdict(progress)))
     if kind is CheckpointKind.FINAL and cfg.output.save_final_model:
@@ -78,11 +108,5 @@ def restore(engine, cfg: RunConfig, directory: Path) -> Progress:
                                        load_module_strict=not cfg.trains_adapter)
     if client is None:
         raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state for this run (different ZeRO layout?)")
-    rng_file = directory / "rng" / f"rank{_rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    _restore_rng(directory / "rng" / f"rank{_rank()}")
     return Progress(**json.loads((directory / "progress.json").read_text()))

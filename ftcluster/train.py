@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ftcluster import config as C, stop
 
@@ -17,6 +18,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start even if the memory estimator says the run will not fit its GPUs")
     return p
+
+
+DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "AttributeError", "AssertionError",
+                 "NotImplementedError", "IndexError")
+"""Worker errors that the same data, config and code raise again: resuming would fail the same way."""
+
+
+def after_failure(error: str, run_dir: Path) -> str:
+    """What to do after a worker failed: resume only where a checkpoint exists and the error could pass."""
+    saved = sorted(run_dir.glob("checkpoint_step*"))
+    kept = f"Its checkpoints are kept (latest: {saved[-1]})." if saved else "It saved no checkpoint."
+    if "OutOfMemoryError" in error or "out of memory" in error:
+        return (f"A GPU ran out of memory. {kept} `python -m ftcluster estimate --config <recipe> [overrides]` "
+                "shows what each term needs; lower training.micro_batch_size or data.max_seq_len, turn on "
+                "model.gradient_checkpointing, or use more GPUs with deepspeed.zero_stage=3.")
+    if any(f"{name}:" in error for name in DETERMINISTIC):
+        return (f"The error comes from the run's data, config or code, so running it again fails the same way; "
+                f"fix it first. {kept}")
+    if saved:
+        return f"{kept} Run the same command again to resume from the latest one."
+    return "It saved no checkpoint: running the same command again starts from step 1."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingFailedError as e:
-        print(f"error: training failed: {e}\nIts checkpoints are kept in {cfg.run_dir}; run the same command again "
-              "to resume from the latest one.", file=sys.stderr)
+        print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
     if (summary.get("stopped") or "").startswith(stop.DIVERGED):

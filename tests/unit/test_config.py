@@ -136,3 +136,16 @@ def test_a_run_directory_is_claimed_by_one_driver(tmp_path, capsys):
     assert "taking it over" in capsys.readouterr().out and json.loads(lock.read_text())["pid"] == os.getpid()
     run_dir.release(cfg.run_dir)
     assert not lock.exists()
+
+
+def test_the_advice_after_a_worker_failure_offers_resuming_only_where_it_can_help(tmp_path):
+    from ftcluster.train import after_failure
+
+    assert "saved no checkpoint: running the same command again starts" in after_failure("RayActorError: died",
+                                                                                          tmp_path)
+    (tmp_path / "checkpoint_step0000010").mkdir()
+    assert "Run the same command again to resume" in after_failure("RayActorError: node died", tmp_path)
+    deterministic = after_failure("ValueError: data.source row 3 ...", tmp_path)
+    assert "fails the same way" in deterministic and "resume" not in deterministic
+    oom = after_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", tmp_path)
+    assert "ran out of memory" in oom and "ftcluster estimate" in oom

@@ -115,3 +115,21 @@ def test_the_divergence_guard_stops_on_nonfinite_spikes_and_dead_gradients():
     assert "gradient norm has been 0 at 2" in dead.check(6.2, 0.0)
     off = engine.DivergenceGuard(0.0, 0)
     assert off.check(1.0, 0.0) is None and off.check(100.0, 0.0) is None
+
+
+def test_rng_state_round_trips_through_data_only_files(tmp_path):
+    import random
+
+    import torch
+
+    from ftcluster import checkpoint
+
+    random.seed(7)
+    torch.manual_seed(7)
+    checkpoint._save_rng(tmp_path / "rank0")
+    expected = (random.random(), torch.rand(3))
+    random.seed(0)
+    torch.manual_seed(0)
+    checkpoint._restore_rng(tmp_path / "rank0")
+    assert (random.random(), torch.rand(3)).__repr__() == expected.__repr__()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank0.safetensors"]  # no pickle
