@@ -270,13 +270,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")
     args = p.parse_args(argv)
     if args.from_:
-        if not args.from_.is_file():
-            raise SystemExit(f"--from {args.from_}: no such file")
-        out = Path(args.out) if args.out else args.from_.parent
-        report.render(json.loads(args.from_.read_text()), out)
-        print(f"report: {out / 'report.md'}")
+        rerender(args.from_, args.out, report.render)
         return
     run(args, argv)
+
+
+def rerender(results_file: Path, out: str | None, render) -> None:
+    """``--from``: render a results.json again, into ``out`` or beside it, running nothing."""
+    if not results_file.is_file():
+        raise SystemExit(f"--from {results_file}: no such file")
+    target = Path(out) if out else results_file.parent
+    render(json.loads(results_file.read_text()), target)
+    print(f"report: {target / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -342,13 +342,14 @@ def plots(results: dict, out: Path) -> None:
         save(fig, "quality")
 
 
-def render(results: dict, out: Path) -> None:
-    """Write results.json, results.csv, report.md and the plots into ``out``."""
+def render(results: dict, out: Path, draw=None, write=None) -> None:
+    """Write results.json, results.csv, report.md and the plots into ``out`` (``draw`` and ``write`` render the
+    plots and the markdown: this module's, or another report's over the same records)."""
     import pandas as pd
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     pd.DataFrame(flat_records(results)).to_csv(out / "results.csv", index=False)
-    plots(results, out)
-    (out / "report.md").write_text(markdown(results))
+    (draw or plots)(results, out)
+    (out / "report.md").write_text((write or markdown)(results))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -92,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")
     args = p.parse_args(argv)
     if args.from_:
-        if not args.from_.is_file():
-            raise SystemExit(f"--from {args.from_}: no such file")
-        out = Path(args.out) if args.out else args.from_.parent
-        scaling_report.render(json.loads(args.from_.read_text()), out)
-        print(f"report: {out / 'report.md'}")
+        compare.rerender(args.from_, args.out, scaling_report.render)
         return
     if not args.runs:
         raise SystemExit("--runs: name at least one, e.g. --runs qlora@zero3:1,2,4")

@@ -3,10 +3,10 @@ records (``--from`` reproduces them)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from benchmarks.report import _table, flat_records, fmt
+from benchmarks import report
+from benchmarks.report import _table, fmt
 from ftcluster.records import Summary
 
 EFFICIENCY = ("Scaling efficiency: tokens/s per GPU on N GPUs ÷ tokens/s per GPU on the fewest GPUs the same run "
@@ -143,11 +143,5 @@ def plot(results: dict, out: Path) -> None:
 
 
 def render(results: dict, out: Path) -> None:
-    import pandas as pd
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    pd.DataFrame(flat_records(results)).to_csv(out / "results.csv", index=False)
-    plot(results, out)
-    (out / "report.md").write_text(markdown(results))
+    """Write results.json, results.csv, report.md and scaling.png into ``out``."""
+    report.render(results, out, plot, markdown)
