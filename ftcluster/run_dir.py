@@ -22,19 +22,28 @@ from ftcluster import stop
 from ftcluster.config import ConfigError, RunConfig, from_dict, save_resolved
 
 
+def _writable(directory: Path, field: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".writable-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot write {directory} ({e.strerror or e}); point output.storage_path at a "
+                          "writable directory") from None
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """Whether runs can be written under ``output.storage_path``: checked before anything starts."""
+    _writable(cfg.run_dir.parent, f"output.storage_path={cfg.output.storage_path}")
+
+
 def prepare(cfg: RunConfig) -> Path:
     """Create the run directory and record the config. A directory that already holds a different run is never
     reused: resuming it with another config would corrupt it, and overwriting would lose it."""
     run_dir = cfg.run_dir
     record = run_dir / "config.yaml"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".writable"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output.storage_path={cfg.output.storage_path}: cannot write the run directory {run_dir} "
-                          f"({e.strerror or e}); point output.storage_path at a writable directory") from None
+    _writable(run_dir, f"output.storage_path={cfg.output.storage_path}")
     if record.exists():
         old = yaml.safe_load(record.read_text()) or {}
         try:
