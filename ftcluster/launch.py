@@ -56,7 +56,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     import ray
 
     # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
-    rundir.check_storage(cfg)
+    rundir.check(cfg)
     print(preflight.check_inputs(cfg), flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
     own_cluster = cluster.join(cfg) if not ray.is_initialized() else False

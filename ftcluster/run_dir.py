@@ -33,30 +33,42 @@ def _writable(directory: Path, field: str) -> None:
                           "writable directory") from None
 
 
-def check_storage(cfg: RunConfig) -> None:
-    """Whether runs can be written under ``output.storage_path``: checked before anything starts."""
+def check(cfg: RunConfig) -> None:
+    """What ``prepare`` would refuse, checked before anything starts and without writing the run directory: the
+    storage is writable, the directory holds no other config's run, and no live driver holds it."""
     _writable(cfg.run_dir.parent, f"output.storage_path={cfg.output.storage_path}")
+    _same_run(cfg)
+    holder = _holder(cfg.run_dir / LOCK)
+    if holder is not None and not _ours_or_stale(holder):
+        raise _in_use(cfg.run_dir, holder)
+
+
+def _same_run(cfg: RunConfig) -> None:
+    """A directory that already holds a different run is never reused: resuming it with another config would
+    corrupt it, and overwriting would lose it."""
+    record = cfg.run_dir / "config.yaml"
+    if not record.exists():
+        return
+    old = yaml.safe_load(record.read_text()) or {}
+    try:
+        old_fp = from_dict(old, str(record)).fingerprint()
+    except ConfigError:
+        old_fp = None
+    if old_fp != cfg.fingerprint():
+        raise ConfigError(
+            f"output.name: {cfg.run_dir} already holds a run with a different config (see {record}). Choose "
+            "another output.name (or output.storage_path); to resume that run, use its config unchanged."
+        )
 
 
 def prepare(cfg: RunConfig) -> Path:
-    """Create the run directory and record the config. A directory that already holds a different run is never
-    reused: resuming it with another config would corrupt it, and overwriting would lose it."""
+    """Create the run directory, claim it for this driver and record the config (the checks of ``check`` again,
+    now that nothing else stands between them and the run)."""
     run_dir = cfg.run_dir
-    record = run_dir / "config.yaml"
     _writable(run_dir, f"output.storage_path={cfg.output.storage_path}")
-    if record.exists():
-        old = yaml.safe_load(record.read_text()) or {}
-        try:
-            old_fp = from_dict(old, str(record)).fingerprint()
-        except ConfigError:
-            old_fp = None
-        if old_fp != cfg.fingerprint():
-            raise ConfigError(
-                f"output.name: {run_dir} already holds a run with a different config (see {record}). Choose "
-                "another output.name (or output.storage_path); to resume that run, use its config unchanged."
-            )
+    _same_run(cfg)
     _lock(run_dir)
-    save_resolved(cfg, record)
+    save_resolved(cfg, run_dir / "config.yaml")
     stop.clear(run_dir)
     return run_dir
 
@@ -74,33 +86,52 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _holder(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _ours_or_stale(holder: dict) -> bool:
+    me = _me()
+    return holder.get("host") == me["host"] and (holder.get("pid") == me["pid"]
+                                                  or not _alive(int(holder.get("pid", 0))))
+
+
+def _in_use(run_dir: Path, holder: dict) -> ConfigError:
+    return ConfigError(
+        f"output.name: {run_dir} is in use by the run PID {holder.get('pid')} started on {holder.get('host')} at "
+        f"{holder.get('started')}. Wait for it or stop it (SIGTERM checkpoints it), or choose another output.name; "
+        f"if that run is gone, delete {run_dir / LOCK}.")
+
+
 def _lock(run_dir: Path) -> None:
     """Claim the run directory for this driver: two runs of one name would interleave their metrics and
     checkpoints. A claim left by a driver that died on this host is taken over; one from another host can only be
     removed by hand, once that run is known to be gone."""
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = run_dir / LOCK
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+            holder = _holder(path) or {}
+            if not _ours_or_stale(holder):
+                raise _in_use(run_dir, holder) from None
+            if holder.get("pid") == os.getpid():
                 return  # this driver already holds it
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0))):
-                print(f"ftcluster: {path} was left by PID {holder.get('pid')}, which has ended; taking it over",
-                      flush=True)
-                path.unlink(missing_ok=True)
-                continue
-            raise ConfigError(
-                f"output.name: {run_dir} is in use by the run PID {holder.get('pid')} started on "
-                f"{holder.get('host')} at {holder.get('started')}. Wait for it or stop it (SIGTERM checkpoints it), "
-                f"or choose another output.name; if that run is gone, delete {path}.") from None
+            print(f"ftcluster: {path} was left by PID {holder.get('pid')}, which has ended; taking it over",
+                  flush=True)
+            path.unlink(missing_ok=True)
+            continue
         with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+            json.dump(_me(), fh)
         return
 
 

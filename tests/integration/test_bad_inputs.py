@@ -81,3 +81,27 @@ def test_a_stale_cluster_record_starts_a_local_cluster_in_seconds_not_minutes(tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "does not answer; starting a local one" in proc.stdout and "OWN True" in proc.stdout
     assert int(proc.stdout.split("SECONDS")[1]) < 60
+
+
+@pytest.mark.parametrize("held_by", ["another config", "a live driver elsewhere"])
+def test_a_run_directory_held_by_another_run_is_refused_before_ray(tiny_model, tmp_path, held_by):
+    from ftcluster import config as C
+
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text(_jsonl([ROW] * 40))
+    overrides = [f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+                 f"data.source={data_file}", f"output.storage_path={tmp_path / 'runs'}", "output.name=held",
+                 "scaling.num_workers=1"]
+    run_dir = tmp_path / "runs" / "held"
+    run_dir.mkdir(parents=True)
+    if held_by == "another config":
+        other = C.load(REPO / "configs/tiny_cpu.yaml", [*overrides, "method=full"])
+        C.save_resolved(other, run_dir / "config.yaml")
+        fragment = "already holds a run with a different config"
+    else:
+        (run_dir / "LOCK").write_text(json.dumps({"pid": 4242, "host": "node-9", "started": "earlier"}))
+        fragment = "in use by the run PID 4242 started on node-9"
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+                           *overrides], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr[-2000:]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
