@@ -182,21 +182,34 @@ def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, 
         assert losses_by_step(cfg.run_dir)[step] == pytest.approx(reference[step], rel=1e-3), step
 
 
+SIGNALLED = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
+             "training.save_every": 0, "training.log_every": 1}
+"""A run long enough to be signalled mid-way."""
+
+
+def _driver(ray_local, tiny_model, storage, name: str, **extra):
+    """The config and the command line of a driver started by hand on the test session's cluster."""
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, storage, name, **extra),
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    return tiny_cfg(tiny_model, storage, name, **extra), cmd
+
+
+def _stopped_by(sig, cfg, cmd) -> tuple[str, dict]:
+    """Start the driver, send it ``sig`` after its first step; it must exit resumable. (its output, last record)"""
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first step")
+    driver.send_signal(sig)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == stop.EXIT_STOPPED, out[-3000:]
+    return out, records(cfg.run_dir)[-1]
+
+
 def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command_resumes(ray_local, tiny_model,
                                                                                            storage):
     """What sbatch's --signal, scancel and `ray job stop` do to a run: it must end resumable, not lost."""
-    extra = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
-             "training.save_every": 0, "training.log_every": 1, "training.eval_batches": 2}
-    cfg = tiny_cfg(tiny_model, storage, "sigterm", **extra)
-    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
-           *tiny_overrides(tiny_model, storage, "sigterm", **extra),
-           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first step")
-    driver.send_signal(signal.SIGTERM)
-    out, _ = driver.communicate(timeout=300)
-    assert driver.returncode == stop.EXIT_STOPPED, out[-3000:]
-    last = records(cfg.run_dir)[-1]
+    cfg, cmd = _driver(ray_local, tiny_model, storage, "sigterm", **{**SIGNALLED, "training.eval_batches": 2})
+    out, last = _stopped_by(signal.SIGTERM, cfg, cmd)
     assert last["stopped"] == "stop requested" and "checkpoint" in last
     assert last["step"] < 20 and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
     assert "Run the same command again to resume" in out
@@ -213,29 +226,14 @@ def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command
 
 def test_ctrl_c_checkpoints_and_stops_resumably_as_sigterm_does(ray_local, tiny_model, storage):
     """Ray Train's own SIGINT handler would abort the run with no checkpoint: Ctrl-C must save one and exit 75."""
-    extra = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
-             "training.save_every": 0, "training.log_every": 1}
-    cfg = tiny_cfg(tiny_model, storage, "sigint", **extra)
-    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
-           *tiny_overrides(tiny_model, storage, "sigint", **extra),
-           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first step")
-    driver.send_signal(signal.SIGINT)
-    out, _ = driver.communicate(timeout=300)
-    assert driver.returncode == stop.EXIT_STOPPED, out[-3000:]
-    last = records(cfg.run_dir)[-1]
+    cfg, cmd = _driver(ray_local, tiny_model, storage, "sigint", **SIGNALLED)
+    out, last = _stopped_by(signal.SIGINT, cfg, cmd)
     assert last["stopped"] == "stop requested" and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
     assert "SIGINT: asking the workers to save a checkpoint" in out
 
 
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(ray_local, tiny_model, storage):
-    extra = {"model.random_init": False, "model.config_overrides": "{}", "training.max_steps": 40,
-             "training.log_every": 1}
-    cfg = tiny_cfg(tiny_model, storage, "twice", **extra)
-    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
-           *tiny_overrides(tiny_model, storage, "twice", **extra),
-           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    cfg, cmd = _driver(ray_local, tiny_model, storage, "twice", **{**SIGNALLED, "training.max_steps": 40})
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: (cfg.run_dir / "metrics.jsonl").exists(), what="the first run's first step")
