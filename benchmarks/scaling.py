@@ -3,10 +3,12 @@
 
     python -m benchmarks.scaling --suite llama-7b --runs lora@zero2:1,2,4 --runs qlora@zero3:1,2,4
     python -m benchmarks.scaling --suite qlora-70b --runs qlora@zero3:2,4 --runs qlora@zero3+offload:2
+    python -m benchmarks.scaling --suite qlora-70b --runs qlora@zero3+actoffload:2,4
     python -m benchmarks.scaling --from reports/scaling-llama-7b/<dir>/results.json      # re-render only
 
-A run is ``METHOD@zeroSTAGE[+offload]:GPUS,...``: the suite's recipe for that method, at that ZeRO stage (with
-``deepspeed.offload_param=cpu`` for ``+offload``), once per GPU count. Each run is ``python -m ftcluster.train`` in
+A run is ``METHOD@zeroSTAGE[+offload][+actoffload]:GPUS,...``: the suite's recipe for that method, at that ZeRO
+stage (with ``deepspeed.offload_param=cpu`` for ``+offload``, ``model.activation_offloading=true`` for
+``+actoffload``), once per GPU count. Each run is ``python -m ftcluster.train`` in
 its own process, through ``benchmarks.compare``'s harness; runs that need more GPUs than the machine has are
 recorded as skipped.
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from benchmarks import compare, scaling_report, suites
 
-RUN = re.compile(r"^(full|lora|qlora)@zero([0-3])(\+offload)?:(\d+(?:,\d+)*)$")
+RUN = re.compile(r"^(full|lora|qlora)@zero([0-3])(\+offload)?(\+actoffload)?:(\d+(?:,\d+)*)$")
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,16 @@ class Variant:
     method: str
     zero: int
     offload: bool
+    activation_offload: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.method}@zero{self.zero}" + ("+offload" if self.offload else "")
+        return (f"{self.method}@zero{self.zero}" + ("+offload" if self.offload else "")
+                + ("+actoffload" if self.activation_offload else ""))
 
     def overrides(self, gpus: int) -> tuple[str, ...]:
         return (f"deepspeed.zero_stage={self.zero}", f"deepspeed.offload_param={'cpu' if self.offload else 'none'}",
-                f"scaling.num_workers={gpus}")
+                f"model.activation_offloading={str(self.activation_offload).lower()}", f"scaling.num_workers={gpus}")
 
 
 def parse_runs(specs: list[str]) -> list[tuple[Variant, int]]:
@@ -45,9 +49,10 @@ def parse_runs(specs: list[str]) -> list[tuple[Variant, int]]:
     for spec in specs:
         m = RUN.match(spec)
         if not m:
-            raise SystemExit(f"--runs {spec}: expected METHOD@zeroSTAGE[+offload]:GPUS,... (e.g. qlora@zero3:1,2,4)")
-        variant = Variant(m[1], int(m[2]), bool(m[3]))
-        plan += [(variant, int(n)) for n in m[4].split(",")]
+            raise SystemExit(f"--runs {spec}: expected METHOD@zeroSTAGE[+offload][+actoffload]:GPUS,... "
+                             "(e.g. qlora@zero3:1,2,4)")
+        variant = Variant(m[1], int(m[2]), bool(m[3]), bool(m[4]))
+        plan += [(variant, int(n)) for n in m[5].split(",")]
     return plan
 
 

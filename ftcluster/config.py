@@ -36,6 +36,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """``auto``: PyTorch's varlen flash kernel for packed rows on CUDA (see ftcluster/attention.py), else sdpa."""
     gradient_checkpointing: bool = False
+    activation_offloading: bool = False
+    """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
+    2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
+    gradient_checkpointing."""
     random_init: bool = False
     """Build the architecture from its config with random weights (speed and memory do not depend on values)."""
     config_overrides: dict[str, Any] = Field(default_factory=dict)
@@ -210,6 +214,11 @@ class RunConfig(Section):
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
+        if self.model.activation_offloading and not self.model.gradient_checkpointing:
+            raise ValueError(
+                "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
+                "memory are the layer inputs that checkpointing keeps."
+            )
         q = self.quantization
         if self.method == "qlora" and ds.zero_stage == 3 and q.quant_storage not in ("auto", q.compute_dtype):
             raise ValueError(

@@ -118,6 +118,8 @@ class Run:
     seq_len: int = 2048
     micro_batch: int = 1
     grad_ckpt: bool = True
+    activation_offload: bool = False
+    """The checkpoints (each layer's input) wait for backward in host memory (model.activation_offloading)."""
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("all-linear",)
     optimizer: str = "adamw"
@@ -184,7 +186,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True) -> Run:
     whole_load = not m.random_init and (name.endswith(".gguf") or hub_id)  # see loading_peak
     return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
                seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
-               grad_ckpt=m.gradient_checkpointing, lora_r=cfg.lora.r,
+               grad_ckpt=m.gradient_checkpointing, activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather)
@@ -263,8 +265,10 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
                        + 2 * shape.hidden * kept["qkv"] + 2 * shape.hidden * kept["gate_up"]
                        + 2 * shape.intermediate * kept["down"])
     if run.grad_ckpt:
-        # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward.
-        out["activations (checkpoints)"] = shape.layers * 2 * shape.hidden * t
+        # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward. Offloaded
+        # (ftcluster.activations.HostActivations), they are on the device only while copied: the input of the
+        # layer being recomputed, and the one coming back for the next.
+        out["activations (checkpoints)"] = (2 if run.activation_offload else shape.layers) * 2 * shape.hidden * t
         out["activations (one recomputed layer)"] = per_token_layer * t
     else:
         out["activations"] = shape.layers * per_token_layer * t
@@ -359,6 +363,9 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
             candidates.append((f"ZeRO stage {z} (--zero {z})", replace(run, zero=z)))
     if run.optimizer in ("adamw", "paged_adamw_32bit"):
         candidates.append(("8-bit paged AdamW (--optimizer paged_adamw_8bit)", replace(run, optimizer="paged_adamw_8bit")))
+    if run.grad_ckpt and not run.activation_offload:
+        candidates.append(("keep the checkpoints in host memory (--activation-offloading): two PCIe copies of "
+                           "each layer's input per step", replace(run, activation_offload=True)))
     if run.offload == "none" and run.zero >= 1:
         candidates.append(("offload the optimizer to CPU memory (--offload optimizer): slower steps",
                            replace(run, offload="optimizer", optimizer="adamw")))
@@ -383,7 +390,8 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
 
 CONFIG_KEYS = {"method": "method", "gpus": "scaling.num_workers", "zero": "deepspeed.zero_stage",
                "seq_len": "data.max_seq_len", "micro_batch": "training.micro_batch_size",
-               "grad_ckpt": "model.gradient_checkpointing", "optimizer": "optimizer.name"}
+               "grad_ckpt": "model.gradient_checkpointing", "activation_offload": "model.activation_offloading",
+               "optimizer": "optimizer.name"}
 
 
 def config_overrides(before: Run, after: Run) -> list[str]:
@@ -401,7 +409,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
     lines = [f"{model}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocab {shape.vocab}); {run.method}, {run.gpus} GPU(s), ZeRO-{run.zero}, offload {run.offload}, "
              f"seq {run.seq_len} x micro batch {run.micro_batch}, gradient checkpointing "
-             f"{'on' if run.grad_ckpt else 'off'}, {run.optimizer}; trainable {e.trainable / 1e6:,.1f}M", "",
+             f"{('on, checkpoints in host memory' if run.activation_offload else 'on') if run.grad_ckpt else 'off'}, "
+             f"{run.optimizer}; trainable {e.trainable / 1e6:,.1f}M", "",
              "per GPU                                       GiB"]
     for k, v in e.terms.items():
         if v:
@@ -449,6 +458,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--activation-offloading", action="store_true",
+                   help="with --grad-ckpt: the checkpoints wait for backward in host memory")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-targets", default="all-linear", help="all-linear, or a comma list: q_proj,v_proj")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
@@ -470,7 +481,8 @@ def config_of_flags(a: argparse.Namespace):
     targets = "all-linear" if a.lora_targets == "all-linear" else a.lora_targets.split(",")
     return C.from_dict({
         "method": a.method, "optimizer": {"name": optimizer},
-        "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt},
+        "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt,
+                  "activation_offloading": a.activation_offloading},
         "lora": {"r": a.lora_r, "target_modules": targets},
         "quantization": {"double_quant": not a.no_double_quant},
         "data": {"max_seq_len": a.seq_len}, "training": {"micro_batch_size": a.micro_batch},

@@ -301,7 +301,7 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
     model.config.use_cache = False
     activations.use_chunked_loss(model)
     if cfg.model.gradient_checkpointing:
-        activations.checkpoint_layers(model)
+        activations.checkpoint_layers(model, offload=cfg.model.activation_offloading)
     if cfg.method == "full":
         model.requires_grad_(True)
         return model

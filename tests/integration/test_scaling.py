@@ -13,10 +13,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_runs_are_parsed_and_a_wrong_one_names_the_form():
-    plan = scaling.parse_runs(["qlora@zero3+offload:2,4", "lora@zero2:1"])
+    plan = scaling.parse_runs(["qlora@zero3+offload:2,4", "lora@zero2:1", "qlora@zero3+actoffload:2"])
     assert [(v.name, n) for v, n in plan] == [("qlora@zero3+offload", 2), ("qlora@zero3+offload", 4),
-                                              ("lora@zero2", 1)]
+                                              ("lora@zero2", 1), ("qlora@zero3+actoffload", 2)]
     assert "deepspeed.offload_param=cpu" in plan[0][0].overrides(2)
+    assert "model.activation_offloading=true" in plan[3][0].overrides(2)
+    assert "model.activation_offloading=false" in plan[2][0].overrides(1)
     with pytest.raises(SystemExit, match="METHOD@zeroSTAGE"):
         scaling.parse_runs(["lora:1,2"])
 

@@ -45,3 +45,25 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(tiny_model):
 def test_checkpointing_a_model_without_decoder_layers_names_the_field():
     with pytest.raises(Exception, match="model.gradient_checkpointing"):
         activations.checkpoint_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_offloaded_checkpoints_hold_only_each_layers_input_and_change_no_gradient(tiny_model):
+    cfg = load(None, [f"model.name_or_path={tiny_model}", "method=lora", "model.dtype=float32"])
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model(cfg, "cpu")
+        ckpt = activations.checkpoint_layers(model.get_base_model(), offload=offload)
+        loss = model(input_ids=ids, labels=ids).loss
+        if offload:  # what went to host memory: each layer's input, and nothing else
+            assert ckpt.host.packed_bytes == ckpt.layers * ids.numel() * model.config.hidden_size * 4
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_activation_offloading_needs_checkpointing():
+    with pytest.raises(Exception, match="model.activation_offloading=true needs model.gradient_checkpointing"):
+        load(None, ["model.activation_offloading=true"])

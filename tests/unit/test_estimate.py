@@ -119,3 +119,20 @@ def test_sizes_table_marks_measured_cells_with_their_runs():
                    and r["run"]["method"] == c["method"])
         assert c["measured_gib"] == row["measured_gib"]["device"]
     assert sizes_table.render(table).count("| 70B |") == 1
+
+
+def test_offloaded_checkpoints_leave_the_device_and_are_offered_as_a_fix():
+    from dataclasses import replace
+
+    shape = E.shape_of("llama-3-70b")
+    run = E.Run(method="qlora", gpus=2, zero=3, seq_len=2048, micro_batch=2, grad_ckpt=True, lora_r=8,
+                optimizer="paged_adamw_8bit")
+    kept = E.terms(shape, run)["activations (checkpoints)"]
+    assert kept == shape.layers * 2 * shape.hidden * 4096  # 5 GiB: every layer's input
+    off = replace(run, activation_offload=True)
+    assert E.terms(shape, off)["activations (checkpoints)"] == 2 * 2 * shape.hidden * 4096
+    assert E.estimate(shape, run).allocated - E.estimate(shape, off).allocated == pytest.approx(kept * 78 / 80)
+    budget = E.estimate(shape, off).need / E.GiB + 0.1
+    fixes = E.suggestions(shape, run, budget_gib=budget)
+    assert fixes[0][2] == off and "--activation-offloading" in fixes[0][0]
+    assert E.config_overrides(run, fixes[0][2]) == ["model.activation_offloading=true"]
