@@ -77,7 +77,10 @@ def markdown(results: dict) -> str:
                 f"CUDA {prov.get('cuda')}" if gpus else f"CPU only ({prov.get('cpu_count')} cores)")
     v = prov.get("versions", {})
     table = rows(results)
-    lines = [f"# {suite['name']}: scaling over GPUs", "", f"{suite['description']}. Recipe `{suite['recipe']}`.", "",
+    sets = results.get("settings", {}).get("sets") or []
+    overridden = f" Every run overrides it with `{' '.join(sets)}`." if sets else ""
+    lines = [f"# {suite['name']}: scaling over GPUs", "",
+             f"{suite['description']}. Recipe `{suite['recipe']}`.{overridden}", "",
              f"- **Hardware**: {hardware}", f"- **Date**: {prov.get('date')}", f"- **Command**: `{prov.get('command')}`",
              f"- **Commit**: `{prov.get('git_commit')}`{' (with uncommitted changes)' if prov.get('git_dirty') else ''}",
              "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)]

@@ -3,11 +3,12 @@
 #   sbatch slurm/qlora_70b.sh [override ...]        e.g. sbatch slurm/qlora_70b.sh training.max_steps=200
 # Submit from the ftcluster checkout. Variables a site sets are listed in launchers/ray_slurm.sh; the common ones
 # are below. Near the time limit Slurm sends SIGTERM (--signal): the run checkpoints and the job requeues itself.
-# Memory per GPU: measured on 4 GPUs at micro batch 2 and r=8, 22.0 GiB allocated and 29.4 GiB in use (NVML)
-# (reports/scaling-qlora-70b/2026-11-26-4xh200); estimated for this recipe on its 16 GPUs, 11.7 GiB allocated and
-# 19.2 GiB in use while training (python -m ftcluster estimate --model llama-3-70b --method qlora --gpus 16 --zero 3
-# --grad-ckpt). Its model is a hub id, which loads the whole 4-bit model onto each GPU first (39.7 GiB): download the
-# checkpoint to a directory and point model.name_or_path there, and it loads partitioned.
+# Memory per GPU: measured on 4 GPUs at micro batch 2 and r=8 with the checkpoints in host memory, 18.2 GiB
+# allocated and 25.6 GiB in use (NVML) (reports/scaling-qlora-70b/2026-11-26-4xh100); estimated for this recipe on
+# its 16 GPUs, 9.3 GiB allocated and 16.7 GiB in use while training (python -m ftcluster estimate --config
+# configs/llama3_70b_qlora.yaml scaling.num_workers=16). Its model is a hub id, which loads the whole 4-bit model
+# onto each GPU first (39.7 GiB): download the checkpoint to a directory and point model.name_or_path there, and it
+# loads partitioned.
 #SBATCH --job-name=ftc-qlora_70b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

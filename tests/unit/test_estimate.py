@@ -136,3 +136,12 @@ def test_offloaded_checkpoints_leave_the_device_and_are_offered_as_a_fix():
     fixes = E.suggestions(shape, run, budget_gib=budget)
     assert fixes[0][2] == off and "--activation-offloading" in fixes[0][0]
     assert E.config_overrides(run, fixes[0][2]) == ["model.activation_offloading=true"]
+
+
+def test_a_commit_git_cannot_place_is_rendered_as_recent_code():
+    from benchmarks import calibration
+
+    assert not calibration.since(calibration.CHUNKED_LOSS_SINCE, "c02c3ca")  # measured before the change
+    assert calibration.since(calibration.CHUNKED_LOSS_SINCE, "HEAD")
+    # A report rendered on the GPU host, which has no git history, is estimated as the code that made it.
+    assert calibration.since(calibration.CHUNKED_LOSS_SINCE, "0123456789abcdef0123456789abcdef01234567")
