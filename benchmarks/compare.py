@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import report, suites
@@ -189,11 +190,29 @@ class Harness:
         cmd += [*self.overrides(method), f"training.seed={seed}"]
         return self.execute("quality", method, seed, cmd, label, out)
 
-    def hf_baseline(self, method: str, label: str) -> dict:
-        out = self.work / f"hf-{method}.json"
-        cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", self.suite.recipe,
+    def hf_baseline(self, method: str, label: str, recipe: str = "hf") -> dict:
+        out = self.work / f"{recipe}-{method}.json"
+        cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", self.suite.recipe, "--recipe", recipe,
                "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method)]
-        return self.execute("hf", method, None, cmd, label, out)
+        return {**self.execute("hf", method, None, cmd, label, out), "recipe": recipe}
+
+
+@dataclass(frozen=True)
+class Planned:
+    kind: str  # base | train | hf
+    method: str
+    seed: int | None
+    recipe: str | None = None  # the peer recipe of an hf run
+
+
+def parse_baselines(text: str) -> list[str]:
+    from benchmarks.hf_baseline import RECIPES
+
+    peers = [] if text == "none" else [p for p in text.split(",") if p]
+    unknown = [p for p in peers if p not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--baseline: unknown {unknown}; choose from none, {', '.join(RECIPES)} (comma-separated)")
+    return peers
 
 
 def run(args, argv: list[str]) -> Path:
@@ -217,35 +236,38 @@ def run(args, argv: list[str]) -> Path:
         kept = [r for r in previous["records"] if r["status"] == "ok"]
         h.results["records"] = kept
         h.results["provenance"]["resumed_from"] = previous["provenance"]
-        done = {(r["kind"], r["method"], r.get("seed")) for r in kept}
+        done = {Planned(r["kind"], r["method"], r.get("seed"), r.get("recipe", "hf") if r["kind"] == "hf" else None)
+                for r in kept}
     seeds = [42 + i for i in range(args.repeats)]
+    peers = parse_baselines(args.baseline)
     plan = []
     if suite.quality and not args.skip_base:
-        plan.append(("base", None, None))
+        plan.append(Planned("base", "base", seeds[0]))
     for method in methods:
-        plan += [("train", method, s) for s in seeds]
-        if args.baseline == "hf":
-            plan.append(("hf", method, None))
+        plan += [Planned("train", method, s) for s in seeds]
+        plan += [Planned("hf", method, None, recipe) for recipe in peers
+                 if recipe == "hf" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
     print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
           flush=True)
-    for i, (kind, method, seed) in enumerate(plan, 1):
-        label = " ".join(str(x) for x in (f"[{i}/{len(plan)}]", kind, method, seed and f"seed {seed}") if x)
+    for i, item in enumerate(plan, 1):
+        label = " ".join(x for x in (f"[{i}/{len(plan)}]", item.recipe or item.kind, item.method,
+                                     f"seed {item.seed}" if item.kind == "train" else "") if x)
         print(label, flush=True)
-        if (kind, method or "base", seed if kind == "train" else (seeds[0] if kind == "base" else None)) in done:
+        if item in done:
             print("  measured by the interrupted run: kept", flush=True)
             continue
-        need = suite.gpus.get(method, 1) if method else 1
-        if kind != "base" and need > 1 and gpus < need:
-            h.record({"kind": kind, "method": method, "seed": seed, "status": "skipped",
-                      "error": f"needs {need} GPUs, this machine has {gpus}"})
+        need = suite.gpus.get(item.method, 1)
+        if item.kind != "base" and need > 1 and gpus < need:
+            h.record({"kind": item.kind, "method": item.method, "seed": item.seed, "recipe": item.recipe,
+                      "status": "skipped", "error": f"needs {need} GPUs, this machine has {gpus}"})
             continue
-        if kind == "base":
+        if item.kind == "base":
             rec = h.quality("lora", seeds[0], None, label)
             rec.update(kind="base", method="base")
-        elif kind == "train":
-            rec = h.train(method, seed, label)
+        elif item.kind == "train":
+            rec = h.train(item.method, item.seed, label)
         else:
-            rec = h.hf_baseline(method, label)
+            rec = h.hf_baseline(item.method, label, item.recipe)
         h.record(rec)
     report.render(h.results, out)
     print(f"report: {out / 'report.md'}", flush=True)
@@ -258,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", default="default", help=f"one of {', '.join(suites.SUITES)}")
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--repeats", type=int, default=1, help="seeds per method (mean ± std in the report)")
-    p.add_argument("--baseline", choices=["none", "hf"], default="none",
-                   help="hf: also time the plain transformers + PEFT + bitsandbytes recipe on the same shapes")
+    p.add_argument("--baseline", default="none", metavar="none|hf[,hf-tuned]",
+                   help="peers timed on the same shapes: hf, the plain transformers + PEFT + bitsandbytes recipe; "
+                        "hf-tuned, the same without prepare_model_for_kbit_training's float32 upcast (QLoRA)")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                    help="a config override for every run, or for one method's runs (e.g. qlora:lora.r=8)")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")

@@ -6,7 +6,11 @@ The recipe: ``from_pretrained`` (with ``BitsAndBytesConfig`` and ``prepare_model
 of ``data.max_seq_len`` (run_clm's ``group_texts``: no padding waste, so the baseline is not handicapped),
 gradient checkpointing as the recipe sets it, and a plain loop; no Ray, no DeepSpeed.
 
-    python -m benchmarks.hf_baseline --config CONFIG [overrides ...] --steps 30 --out FILE.json
+``--recipe hf-tuned`` is the same without ``prepare_model_for_kbit_training``, whose float32 upcast of the
+embeddings, norms and output layer makes QLoRA 1.8-2.8x slower: what axolotl and LLaMA-Factory run. Only QLoRA
+differs between the two.
+
+    python -m benchmarks.hf_baseline --config CONFIG [overrides ...] --steps 30 --out FILE.json [--recipe hf-tuned]
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from ftcluster import config as C
 from ftcluster import data, metrics, models
 
 
-def build(cfg: C.RunConfig, device: torch.device):
+RECIPES = ("hf", "hf-tuned")
+
+
+def build(cfg: C.RunConfig, device: torch.device, recipe: str = "hf"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +45,7 @@ def build(cfg: C.RunConfig, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(src, config=hf, dtype=dtype, attn_implementation="sdpa",
                                                      device_map={"": device}, **kw)
     model.config.use_cache = False
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and recipe == "hf":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
     elif m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -74,14 +81,14 @@ def grouped_rows(cfg: C.RunConfig, tokenizer, n_rows: int) -> torch.Tensor:
     return torch.tensor(stream[:need]).view(n_rows, cfg.data.max_seq_len)
 
 
-def run(cfg: C.RunConfig, steps: int, warmup: int) -> dict:
+def run(cfg: C.RunConfig, steps: int, warmup: int, recipe: str = "hf") -> dict:
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     metrics.start_device_sampler(device)
     torch.manual_seed(cfg.training.seed)
     tokenizer = models.load_tokenizer(cfg.model)
     mb, gas = cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps
     rows = grouped_rows(cfg, tokenizer, mb * gas * 4)
-    model = build(cfg, device)
+    model = build(cfg, device, recipe)
     opt = optimizer(cfg, [p for p in model.parameters() if p.requires_grad], device)
     trainable, total = models.parameter_counts(model)
     metrics.reset_peaks(device)  # the same window as ftcluster's: training, after the model is built
@@ -105,7 +112,7 @@ def run(cfg: C.RunConfig, steps: int, warmup: int) -> dict:
             losses.append(loss.item() * gas)
     step_time = sorted(times)[len(times) // 2]
     tokens_per_step = mb * gas * cfg.data.max_seq_len
-    return {"recipe": "hf", "method": cfg.method, "device": str(device), "steps_timed": steps,
+    return {"recipe": recipe, "method": cfg.method, "device": str(device), "steps_timed": steps,
             "step_time_s": step_time, "tokens_per_s_total": tokens_per_step / step_time,
             "trainable_params": trainable, "total_params": total, "final_loss": losses[-1],
             **metrics.memory(device)}
@@ -117,9 +124,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path)
+    p.add_argument("--recipe", choices=RECIPES, default="hf")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    result = run(C.load(args.config, args.overrides), args.steps, args.warmup)
+    result = run(C.load(args.config, args.overrides), args.steps, args.warmup, args.recipe)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -108,25 +108,31 @@ def _quality_vs_full(rows: list[dict]) -> None:
             r["quality_basis"] = "perplexity"
 
 
+PEERS = {"hf": "HF recipe", "hf-tuned": "HF tuned (no fp32 upcast)"}
+
+
 def baseline_rows(results: dict, rows: list[dict]) -> list[dict]:
+    """One row per method and peer recipe timed beside it (records before hf-tuned existed have no recipe: hf)."""
     out = []
     for r in rows:
-        hf = next((x for x in results["records"] if x["kind"] == "hf" and x["method"] == r["method"]), None)
-        if hf is None:
-            continue
-        row = {"method": r["method"], "ftcluster_tokens_per_s": r.get("tokens_per_s"),
-               "ftcluster_peak_gib": r.get("peak_memory_gib"), "hf_status": hf["status"],
-               "hf_error": hf.get("error")}
-        if hf["status"] == "ok":
-            m = Summary.from_json(hf["metrics"])
-            row.update(hf_tokens_per_s=m.tokens_per_s_total, hf_peak_gib=peak_memory_gib(hf["metrics"]),
-                       hf_step_time_s=m.step_time_s)
-            if row["ftcluster_tokens_per_s"]:
-                row["speedup"] = row["ftcluster_tokens_per_s"] / m.tokens_per_s_total
-            if row["ftcluster_peak_gib"] and row["hf_peak_gib"]:
-                row["memory_ratio"] = row["ftcluster_peak_gib"] / row["hf_peak_gib"]
-        out.append(row)
+        for hf in (x for x in results["records"] if x["kind"] == "hf" and x["method"] == r["method"]):
+            out.append(_against(r, hf))
     return out
+
+
+def _against(r: dict, hf: dict) -> dict:
+    row = {"method": r["method"], "peer": hf.get("recipe", "hf"), "ftcluster_tokens_per_s": r.get("tokens_per_s"),
+           "ftcluster_peak_gib": r.get("peak_memory_gib"), "hf_status": hf["status"],
+           "hf_error": hf.get("error")}
+    if hf["status"] == "ok":
+        m = Summary.from_json(hf["metrics"])
+        row.update(hf_tokens_per_s=m.tokens_per_s_total, hf_peak_gib=peak_memory_gib(hf["metrics"]),
+                   hf_step_time_s=m.step_time_s)
+        if row["ftcluster_tokens_per_s"]:
+            row["speedup"] = row["ftcluster_tokens_per_s"] / m.tokens_per_s_total
+        if row["ftcluster_peak_gib"] and row["hf_peak_gib"]:
+            row["memory_ratio"] = row["ftcluster_peak_gib"] / row["hf_peak_gib"]
+    return row
 
 
 # --- text ------------------------------------------------------------------------------------------------------------
@@ -236,14 +242,15 @@ def markdown(results: dict) -> str:
         lines += ["", "## Against the plain Hugging Face recipe", "",
                   "transformers + PEFT + bitsandbytes as tutorials write it (`benchmarks/hf_baseline.py`): same "
                   "model, sequence length, micro batch, LoRA settings, optimizer and gradient checkpointing; rows "
-                  "of concatenated examples (no padding); no Ray, no DeepSpeed. Ratios above 1 mean ftcluster is "
-                  "faster / heavier.", ""]
-        body = [[LABELS[b["method"]], fmt(b.get("ftcluster_tokens_per_s"), None, 0),
+                  "of concatenated examples (no padding); no Ray, no DeepSpeed. HF tuned is the same without "
+                  "`prepare_model_for_kbit_training`'s float32 upcast (QLoRA only). Ratios above 1 mean ftcluster "
+                  "is faster / heavier.", ""]
+        body = [[LABELS[b["method"]], PEERS.get(b["peer"], b["peer"]), fmt(b.get("ftcluster_tokens_per_s"), None, 0),
                  fmt(b.get("hf_tokens_per_s"), None, 0) if b["hf_status"] == "ok" else f"failed: {b['hf_error']}",
                  fmt(b.get("speedup"), None, 2, "×"), fmt(b.get("ftcluster_peak_gib")), fmt(b.get("hf_peak_gib")),
                  fmt(b.get("memory_ratio"), None, 2, "×")] for b in baseline]
-        lines += _table(["Method", "ftcluster tokens/s", "HF recipe tokens/s", "Speed ratio",
-                         "ftcluster peak (GiB)", "HF peak (GiB)", "Memory ratio"], body)
+        lines += _table(["Method", "Peer", "ftcluster tokens/s", "Peer tokens/s", "Speed ratio",
+                         "ftcluster peak (GiB)", "Peer peak (GiB)", "Memory ratio"], body)
     problems = [r for r in results["records"] if r["status"] != "ok"]
     if problems:
         lines += ["", "## Runs that did not finish", ""]
@@ -308,11 +315,17 @@ def plots(results: dict, out: Path) -> None:
     save(fig, "memory")
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    base = {b["method"]: b.get("hf_tokens_per_s") for b in baseline_rows(results, rows)}
+    peers = {}
+    for b in baseline_rows(results, rows):
+        peers.setdefault(b["peer"], {})[b["method"]] = b.get("hf_tokens_per_s")
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [r.get("tokens_per_s") or 0 for r in rows], width=0.4, label="ftcluster")
-    if base:
-        ax.bar([i + 0.2 for i in x], [base.get(n) or 0 for n in names], width=0.4, label="HF recipe")
+    width = 0.8 / (1 + len(peers))
+    ax.bar([i - 0.4 + width / 2 for i in x], [r.get("tokens_per_s") or 0 for r in rows], width=width,
+           label="ftcluster")
+    for k, (peer, by_method) in enumerate(peers.items(), 1):
+        ax.bar([i - 0.4 + width / 2 + k * width for i in x], [by_method.get(n) or 0 for n in names], width=width,
+               label=PEERS.get(peer, peer))
+    if peers:
         ax.legend()
     ax.set_xticks(list(x), names)
     ax.set_ylabel("tokens/s")

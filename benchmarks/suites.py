@@ -64,6 +64,17 @@ def _llama_7b() -> Suite:
         gpus={"full": 2}, quality=False)
 
 
+def _llama_1b() -> Suite:
+    model = shapes.ensure("llama-3.2-1b", SHAPES_ROOT)
+    return Suite(
+        "llama-1b", "configs/bench/llama2_7b.yaml",
+        "Llama-3.2-1B architecture (128k vocabulary), random init, seq 2048, micro batch 2, gradient "
+        "checkpointing, LoRA r=8 q,v; every method on one GPU",
+        common=[f"model.name_or_path={model}"],
+        methods={"full": ["optimizer.lr=2.0e-5"], "lora": [], "qlora": ["optimizer.name=paged_adamw_8bit"]},
+        quality=False)
+
+
 def _tiny() -> Suite:
     return Suite("tiny", "configs/bench/tiny.yaml", "2-layer random-init SmolLM2 architecture, 4 CPU steps",
                  methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2)
@@ -87,7 +98,7 @@ def _qlora_70b() -> Suite:
                  common=[f"model.name_or_path={model}"], methods={"qlora": []}, quality=False)
 
 
-SUITES = ("default", "llama-7b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b", "qlora-70b")
+SUITES = ("default", "llama-7b", "llama-1b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b", "qlora-70b")
 
 
 def get(name: str, gpu: bool) -> Suite:
@@ -95,6 +106,8 @@ def get(name: str, gpu: bool) -> Suite:
         return _default(gpu)
     if name == "llama-7b":
         return _llama_7b()
+    if name == "llama-1b":
+        return _llama_1b()
     if name == "tiny":
         return _tiny()
     if name == "qlora-70b":

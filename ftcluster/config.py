@@ -36,6 +36,9 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """``auto``: PyTorch's varlen flash kernel for packed rows on CUDA (see ftcluster/attention.py), else sdpa."""
     gradient_checkpointing: bool = False
+    liger_kernel: Literal["auto", "on", "off"] = "auto"
+    """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
+    a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
@@ -45,6 +48,11 @@ class ModelConfig(Section):
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     """Fields set on the Hugging Face config before the model is built, e.g. ``num_hidden_layers``."""
     trust_remote_code: bool = False
+
+    @field_validator("liger_kernel", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class LoraConfig(Section):
@@ -214,6 +222,11 @@ class RunConfig(Section):
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
+        if self.model.liger_kernel == "on" and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.liger_kernel=on with scaling.use_gpu=false: Liger's kernels are Triton kernels for CUDA GPUs. "
+                "Set model.liger_kernel=auto (applies them where they can run) or off."
+            )
         if self.model.activation_offloading and not self.model.gradient_checkpointing:
             raise ValueError(
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "

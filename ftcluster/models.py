@@ -11,7 +11,7 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from ftcluster import activations, embedded
+from ftcluster import activations, embedded, kernels
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
 
@@ -299,6 +299,9 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
     device = torch.device(device)
     model = build_base_model(cfg, device, partition)
     model.config.use_cache = False
+    line = kernels.apply(model, cfg, device.type)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
     activations.use_chunked_loss(model)
     if cfg.model.gradient_checkpointing:
         activations.checkpoint_layers(model, offload=cfg.model.activation_offloading)

@@ -4,7 +4,7 @@ field and the fix named, and leaves nothing behind."""
 
 from __future__ import annotations
 
-from ftcluster import embedded, estimate
+from ftcluster import embedded, estimate, kernels
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 
@@ -25,6 +25,7 @@ def check_inputs(cfg: RunConfig) -> str:
     if cfg.model.name_or_path == EMBEDDED_MODEL:
         embedded.checkpoint_dir()  # convert once here rather than in every worker
     hf = models.load_hf_config(cfg.model)
+    kernels.check_driver(cfg, hf.model_type)
     if cfg.trains_adapter:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf)

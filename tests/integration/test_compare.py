@@ -34,7 +34,7 @@ def tiny_sets(model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def full_report(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    compare("--methods", "full,lora,qlora", "--baseline", "hf", "--out", str(out),
+    compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned", "--out", str(out),
             "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
     return out
 
@@ -44,9 +44,12 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
                  "quality.png"):
         assert (full_report / name).stat().st_size > 0, name
     results = json.loads((full_report / "results.json").read_text())
-    assert [(r["kind"], r["method"], r["status"]) for r in results["records"]] == [
-        ("base", "base", "ok"), ("train", "full", "ok"), ("hf", "full", "ok"), ("train", "lora", "ok"),
-        ("hf", "lora", "ok"), ("train", "qlora", "ok"), ("hf", "qlora", "ok")]
+    assert [(r["kind"], r["method"], r.get("recipe"), r["status"]) for r in results["records"]] == [
+        ("base", "base", None, "ok"), ("train", "full", None, "ok"), ("hf", "full", "hf", "ok"),
+        ("train", "lora", None, "ok"), ("hf", "lora", "hf", "ok"), ("train", "qlora", None, "ok"),
+        ("hf", "qlora", "hf", "ok"), ("hf", "qlora", "hf-tuned", "ok")]
+    hf, tuned = (r["metrics"] for r in results["records"][-2:])
+    assert (hf["recipe"], tuned["recipe"]) == ("hf", "hf-tuned")
     assert results["provenance"]["git_commit"] and results["provenance"]["versions"]["deepspeed"]
 
     report = (full_report / "report.md").read_text()
@@ -59,7 +62,8 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     # Adapters train a small fraction of the parameters; full fine-tuning all of them.
     assert "(100.00%)" in table["Full fine-tuning"][4] and "(100.00%)" not in table["LoRA (16-bit base)"][4]
     baseline = report.split("## Against the plain Hugging Face recipe", 1)[1]
-    assert len(re.findall(r"\d\.\d\d×", baseline)) == 6  # a speed and a memory ratio per method
+    assert len(re.findall(r"\d\.\d\d×", baseline)) == 8  # a speed and a memory ratio per method and peer
+    assert "| QLoRA (4-bit NF4 base) | HF tuned (no fp32 upcast) |" in baseline
     csv = (full_report / "results.csv").read_text()
     assert "metrics.tokens_per_s_total" in csv and "quality.task_score" in csv
 
