@@ -175,13 +175,14 @@ class Harness:
             rec["metrics"]["eval_loss_in_training"] = rec["metrics"].pop("eval_loss", None)
             rec["metrics"].pop("eval_perplexity", None)
             if self.suite.quality and rec["metrics"].get("final_model"):
-                q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality")
+                q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name)
                 rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
             rec["run_dir"] = str(run_dir)
         return rec
 
-    def quality(self, method: str, seed: int, trained: Path | None, label: str) -> dict:
-        out = self.work / f"quality-{method}-seed{seed}.json"
+    def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str) -> dict:
+        """Score ``trained`` (None: the base model, with ``method``'s settings) into ``quality-<tag>.json``."""
+        out = self.work / f"quality-{tag}.json"
         cmd = [sys.executable, "-m", "benchmarks.quality", "--config", self.suite.recipe, "--out", str(out)]
         if trained is not None:
             cmd += ["--trained", str(trained)]
@@ -199,10 +200,11 @@ class Harness:
 
 @dataclass(frozen=True)
 class Planned:
-    kind: str  # base | train | hf
+    kind: str  # base | train | hf | ablation
     method: str
     seed: int | None
     recipe: str | None = None  # the peer recipe of an hf run
+    change: str | None = None  # an ablation's override
 
 
 def parse_baselines(text: str) -> list[str]:
@@ -236,8 +238,8 @@ def run(args, argv: list[str]) -> Path:
         kept = [r for r in previous["records"] if r["status"] == "ok"]
         h.results["records"] = kept
         h.results["provenance"]["resumed_from"] = previous["provenance"]
-        done = {Planned(r["kind"], r["method"], r.get("seed"), r.get("recipe", "hf") if r["kind"] == "hf" else None)
-                for r in kept}
+        done = {Planned(r["kind"], r["method"], r.get("seed"), r.get("recipe", "hf") if r["kind"] == "hf" else None,
+                        r.get("change")) for r in kept}
     seeds = [42 + i for i in range(args.repeats)]
     peers = parse_baselines(args.baseline)
     plan = []
@@ -245,13 +247,14 @@ def run(args, argv: list[str]) -> Path:
         plan.append(Planned("base", "base", seeds[0]))
     for method in methods:
         plan += [Planned("train", method, s) for s in seeds]
+        plan += [Planned("ablation", method, seeds[0], change=change) for change in args.ablate]
         plan += [Planned("hf", method, None, recipe) for recipe in peers
                  if recipe == "hf" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
     print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
           flush=True)
     for i, item in enumerate(plan, 1):
         label = " ".join(x for x in (f"[{i}/{len(plan)}]", item.recipe or item.kind, item.method,
-                                     f"seed {item.seed}" if item.kind == "train" else "") if x)
+                                     f"seed {item.seed}" if item.kind == "train" else item.change or "") if x)
         print(label, flush=True)
         if item in done:
             print("  measured by the interrupted run: kept", flush=True)
@@ -262,10 +265,14 @@ def run(args, argv: list[str]) -> Path:
                       "status": "skipped", "error": f"needs {need} GPUs, this machine has {gpus}"})
             continue
         if item.kind == "base":
-            rec = h.quality("lora", seeds[0], None, label)
+            rec = h.quality("lora", seeds[0], None, label, "base")
             rec.update(kind="base", method="base")
         elif item.kind == "train":
             rec = h.train(item.method, item.seed, label)
+        elif item.kind == "ablation":
+            slug = re.sub(r"[^\w]+", "-", item.change).strip("-")
+            rec = {**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}"),
+                   "kind": "ablation", "change": item.change}
         else:
             rec = h.hf_baseline(item.method, label, item.recipe)
         h.record(rec)
@@ -285,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
                         "hf-tuned, the same without prepare_model_for_kbit_training's float32 upcast (QLoRA)")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                    help="a config override for every run, or for one method's runs (e.g. qlora:lora.r=8)")
+    p.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
+                   help="run each method once more with this override (e.g. model.liger_kernel=off): a row of the "
+                        "report's ablation table (repeatable)")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")
     p.add_argument("--out", help="report directory (default reports/<suite>/<date>-<hardware>)")
     p.add_argument("--work", help="where runs, logs and checkpoints go (default runs/bench/<suite>-<time>)")

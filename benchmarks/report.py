@@ -122,17 +122,45 @@ def baseline_rows(results: dict, rows: list[dict]) -> list[dict]:
 
 def _against(r: dict, hf: dict) -> dict:
     row = {"method": r["method"], "peer": hf.get("recipe", "hf"), "ftcluster_tokens_per_s": r.get("tokens_per_s"),
-           "ftcluster_peak_gib": r.get("peak_memory_gib"), "hf_status": hf["status"],
-           "hf_error": hf.get("error")}
+           "ftcluster_peak_gib": r.get("peak_memory_gib"), "ftcluster_allocated_gib": r.get("peak_allocated_gib"),
+           "ftcluster_step_time_s": r.get("step_time_s"), "hf_status": hf["status"], "hf_error": hf.get("error")}
     if hf["status"] == "ok":
         m = Summary.from_json(hf["metrics"])
         row.update(hf_tokens_per_s=m.tokens_per_s_total, hf_peak_gib=peak_memory_gib(hf["metrics"]),
-                   hf_step_time_s=m.step_time_s)
+                   hf_allocated_gib=m.peak_allocated_gib, hf_step_time_s=m.step_time_s)
         if row["ftcluster_tokens_per_s"]:
             row["speedup"] = row["ftcluster_tokens_per_s"] / m.tokens_per_s_total
+        if row["ftcluster_step_time_s"] and m.step_time_s:
+            # The same micro batch x sequence length per step on both sides: a ratio free of how many real tokens
+            # the packed rows of one logging window happen to hold.
+            row["step_speedup"] = m.step_time_s / row["ftcluster_step_time_s"]
         if row["ftcluster_peak_gib"] and row["hf_peak_gib"]:
             row["memory_ratio"] = row["ftcluster_peak_gib"] / row["hf_peak_gib"]
+        if row["ftcluster_allocated_gib"] and row["hf_allocated_gib"]:
+            row["allocated_ratio"] = row["ftcluster_allocated_gib"] / row["hf_allocated_gib"]
     return row
+
+
+def ablation_rows(results: dict, rows: list[dict]) -> list[dict]:
+    """Each ablation run beside its method's own run: what the one changed setting costs or gains."""
+    by_method = {r["method"]: r for r in rows}
+    out = []
+    for rec in results["records"]:
+        if rec["kind"] != "ablation":
+            continue
+        row = {"method": rec["method"], "change": rec["change"], "status": rec["status"], "error": rec.get("error")}
+        main = by_method.get(rec["method"], {})
+        if rec["status"] == "ok":
+            f = figures(rec)
+            row.update(tokens_per_s=f["tokens_per_s"], step_time_s=f["step_time_s"],
+                       peak_allocated_gib=f["peak_allocated_gib"], main_tokens_per_s=main.get("tokens_per_s"),
+                       main_step_time_s=main.get("step_time_s"), main_peak_allocated_gib=main.get("peak_allocated_gib"))
+            if row["main_step_time_s"] and row["step_time_s"]:
+                row["step_speedup"] = row["step_time_s"] / row["main_step_time_s"]
+            if row["main_tokens_per_s"] and row["tokens_per_s"]:
+                row["speedup"] = row["main_tokens_per_s"] / row["tokens_per_s"]
+        out.append(row)
+    return out
 
 
 # --- text ------------------------------------------------------------------------------------------------------------
@@ -187,6 +215,9 @@ def markdown(results: dict) -> str:
         f"- **Commit**: `{prov.get('git_commit')}`{' (with uncommitted changes)' if prov.get('git_dirty') else ''}",
         "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- **Runs**: {settings.get('repeats', 1)} seed(s) per method; mean ± std where more than one succeeded.",
+        *[f"- **Also**: `{more['command']}` ({more['date']}, commit `{more['git_commit']}`)"
+          for more in prov.get("more_invocations", [])],
+        *[f"- **Note**: {note}" for note in prov.get("notes", [])],
         "",
         "## Summary",
         "",
@@ -244,13 +275,33 @@ def markdown(results: dict) -> str:
                   "model, sequence length, micro batch, LoRA settings, optimizer and gradient checkpointing; rows "
                   "of concatenated examples (no padding); no Ray, no DeepSpeed. HF tuned is the same without "
                   "`prepare_model_for_kbit_training`'s float32 upcast (QLoRA only). Ratios above 1 mean ftcluster "
-                  "is faster / heavier.", ""]
+                  "is faster / heavier. Speed by tokens/s (real tokens; the peer's rows hold no padding) and by "
+                  "median step time (the same micro batch × sequence length on both sides); memory as torch's "
+                  "peak allocation and as NVML's device memory in use.", ""]
         body = [[LABELS[b["method"]], PEERS.get(b["peer"], b["peer"]), fmt(b.get("ftcluster_tokens_per_s"), None, 0),
                  fmt(b.get("hf_tokens_per_s"), None, 0) if b["hf_status"] == "ok" else f"failed: {b['hf_error']}",
-                 fmt(b.get("speedup"), None, 2, "×"), fmt(b.get("ftcluster_peak_gib")), fmt(b.get("hf_peak_gib")),
+                 fmt(b.get("speedup"), None, 2, "×"), fmt(b.get("step_speedup"), None, 2, "×"),
+                 fmt(b.get("ftcluster_allocated_gib")), fmt(b.get("hf_allocated_gib")),
+                 fmt(b.get("allocated_ratio"), None, 2, "×"), fmt(b.get("ftcluster_peak_gib")), fmt(b.get("hf_peak_gib")),
                  fmt(b.get("memory_ratio"), None, 2, "×")] for b in baseline]
-        lines += _table(["Method", "Peer", "ftcluster tokens/s", "Peer tokens/s", "Speed ratio",
-                         "ftcluster peak (GiB)", "Peer peak (GiB)", "Memory ratio"], body)
+        lines += _table(["Method", "Peer", "ftcluster tokens/s", "Peer tokens/s", "Speed ratio (tokens/s)",
+                         "Speed ratio (step time)", "ftcluster allocated (GiB)", "Peer allocated (GiB)",
+                         "Allocated ratio", "ftcluster NVML (GiB)", "Peer NVML (GiB)", "NVML ratio"], body)
+    ablations = ablation_rows(results, rows)
+    if ablations:
+        lines += ["", "## Ablation", "",
+                  "Each method run again with one setting changed (`benchmarks.compare --ablate`), same data, shape "
+                  "and seed. Gain: what the setting as run in the rows above buys over the changed one (above 1: "
+                  "the default is faster), by tokens/s and by median step time.", ""]
+        body = [[LABELS[a["method"]], f"`{a['change']}`",
+                 fmt(a.get("main_tokens_per_s"), None, 0), fmt(a.get("tokens_per_s"), None, 0)
+                 if a["status"] == "ok" else f"failed: {a['error']}",
+                 fmt(a.get("speedup"), None, 2, "×"), fmt(a.get("main_step_time_s"), None, 3, " s"),
+                 fmt(a.get("step_time_s"), None, 3, " s"), fmt(a.get("step_speedup"), None, 2, "×"),
+                 fmt(a.get("main_peak_allocated_gib")), fmt(a.get("peak_allocated_gib"))] for a in ablations]
+        lines += _table(["Method", "Changed", "Tokens/s as run", "Tokens/s changed", "Gain (tokens/s)",
+                         "Step time as run", "Step time changed", "Gain (step time)", "Peak allocated as run (GiB)",
+                         "Peak allocated changed (GiB)"], body)
     problems = [r for r in results["records"] if r["status"] != "ok"]
     if problems:
         lines += ["", "## Runs that did not finish", ""]

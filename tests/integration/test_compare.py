@@ -62,10 +62,18 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     # Adapters train a small fraction of the parameters; full fine-tuning all of them.
     assert "(100.00%)" in table["Full fine-tuning"][4] and "(100.00%)" not in table["LoRA (16-bit base)"][4]
     baseline = report.split("## Against the plain Hugging Face recipe", 1)[1]
-    assert len(re.findall(r"\d\.\d\d×", baseline)) == 8  # a speed and a memory ratio per method and peer
-    assert "| QLoRA (4-bit NF4 base) | HF tuned (no fp32 upcast) |" in baseline
+    peer_rows = [[c.strip() for c in line.strip("|").split("|")] for line in baseline.split("\n\n")[2].splitlines()[2:]]
+    assert [r[:2] for r in peer_rows] == [["Full fine-tuning", "HF recipe"], ["LoRA (16-bit base)", "HF recipe"],
+                                          ["QLoRA (4-bit NF4 base)", "HF recipe"],
+                                          ["QLoRA (4-bit NF4 base)", "HF tuned (no fp32 upcast)"]]
+    for r in peer_rows:  # speed by tokens/s and by step time, memory as NVML (CPU: the process's RSS)
+        assert all(re.fullmatch(r"\d+\.\d\d×", r[i]) for i in (4, 5, 11)), r
     csv = (full_report / "results.csv").read_text()
     assert "metrics.tokens_per_s_total" in csv and "quality.task_score" in csv
+    # The base model's score is its own file, not overwritten by the LoRA run's.
+    work = Path(results["settings"]["work_dir"])
+    base_q, lora_q = (json.loads((work / f"quality-{t}.json").read_text()) for t in ("base", "lora-seed42"))
+    assert results["records"][0]["metrics"] == base_q and base_q != lora_q
 
 
 def test_compare_from_results_rerenders_identically(full_report, tmp_path):
@@ -94,3 +102,19 @@ def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, t
     records = json.loads((out / "results.json").read_text())["records"]
     assert [(r["method"], r["status"]) for r in records] == [("lora", "ok"), ("qlora", "ok")]
     assert records[0] == lora
+
+
+def test_an_ablation_runs_each_method_again_with_one_setting_changed(tiny_model, tmp_path):
+    out = tmp_path / "report"
+    compare("--methods", "lora", "--skip-base", "--ablate", "model.attn_implementation=eager", "--out", str(out),
+            "--work", str(tmp_path / "work"), *tiny_sets(tiny_model))
+    results = json.loads((out / "results.json").read_text())
+    main, ablated = results["records"]
+    assert (main["kind"], ablated["kind"], ablated["change"]) == ("train", "ablation", "model.attn_implementation=eager")
+    assert "model.attn_implementation=eager" in ablated["command"] and ablated["status"] == "ok"
+    assert ablated["run_dir"] != main["run_dir"]
+    table = (out / "report.md").read_text().split("## Ablation", 1)[1].split("\n\n")[2]
+    row = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+    assert row[:2] == ["LoRA (16-bit base)", "`model.attn_implementation=eager`"]
+    assert all(re.fullmatch(r"[\d,.]+( s|×)?", c) for c in row[2:8]), row  # tokens/s and step times, both runs
+    assert row[8:] == ["n/a", "n/a"]  # torch's allocator peak is a CUDA figure
