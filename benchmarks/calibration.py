@@ -31,10 +31,16 @@ EXPANDABLE_SINCE = "322eb5a"
 1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
 
 
+SIZED_BUCKETS_SINCE = "HEAD"
+"""The commit from which ZeRO-1/2 buckets hold at most the trainable elements, not DeepSpeed's 5e8."""
+
+
 def run_of(cfg: C.RunConfig, commit: str) -> Run:
-    """The estimator's view of a run measured at ``commit``: which loss and ZeRO-3 gather schedule its code had."""
+    """The estimator's view of a run measured at ``commit``: which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket
+    size its code had."""
     current = since(CHUNKED_LOSS_SINCE, commit)
-    return estimate.run_of(cfg, chunked_loss=current, layer_gather=current)
+    return estimate.run_of(cfg, chunked_loss=current, layer_gather=current,
+                           sized_buckets=since(SIZED_BUCKETS_SINCE, commit))
 
 
 def config_of(command: str | list[str]) -> C.RunConfig:

@@ -98,11 +98,30 @@ def zero3_schedule(model: torch.nn.Module) -> dict:
     }
 
 
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size and allgather_bucket_size, in elements
+
+
+def zero2_buckets(model: torch.nn.Module) -> dict:
+    """ZeRO-1/2 bucket sizes for ``model``: DeepSpeed's 5e8 elements, or all the trainable elements when there are
+    fewer. With contiguous_gradients and overlap_comm it allocates two reduce buckets of that size at the first
+    gradient, 1.9 GiB in bf16 whatever the model; LoRA's few million trainable elements fit one bucket many times
+    over, so the rest is memory for nothing (1.8 GiB of a 7B LoRA run's 16 GiB)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = max(1, min(DEFAULT_BUCKET, trainable))
+    return {"reduce_bucket_size": size, "allgather_bucket_size": size}
+
+
 def tuned_config(cfg: RunConfig, ds_config: dict, model: torch.nn.Module) -> dict:
-    """``ds_config`` with the ZeRO-3 schedule of ``model`` filled in; what the user set still wins."""
-    if not is_zero3(ds_config):
+    """``ds_config`` with settings derived from ``model`` filled in (ZeRO-3's gather schedule, ZeRO-1/2's bucket
+    sizes); what the user set still wins."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        derived = zero3_schedule(model)
+    elif stage in (1, 2):
+        derived = zero2_buckets(model)
+    else:
         return ds_config
-    return _merge(_merge(ds_config, {"zero_optimization": zero3_schedule(model)}), _user_config(cfg))
+    return _merge(_merge(ds_config, {"zero_optimization": derived}), _user_config(cfg))
 
 
 class Zero3Partition:

@@ -128,6 +128,9 @@ class Run:
     chunked_loss: bool = True
     """ftcluster.activations' loss (bf16 logits and their gradient, float32 one chunk at a time); False: the
     whole-batch float32 loss of transformers, which runs measured before ccfb9c9 used."""
+    sized_buckets: bool = True
+    """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.zero2_buckets); False:
+    DeepSpeed's 5e8 whatever the model, which runs measured before that change used."""
     layer_gather: bool = True
     """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
     defaults, which runs measured before ccfb9c9 used."""
@@ -175,7 +178,7 @@ def shape_of_fields(c: dict, model: str) -> Shape:
         raise SystemExit(f"{model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
 
 
-def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True) -> Run:
+def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True) -> Run:
     """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
     loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
     targets = cfg.lora.target_modules
@@ -189,7 +192,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True) -> Run:
                grad_ckpt=m.gradient_checkpointing, activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
-               chunked_loss=chunked_loss, layer_gather=layer_gather)
+               chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets)
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -285,9 +288,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
     if run.zero in (1, 2):
         # With contiguous_gradients and overlap_comm (ftcluster's config) ZeRO-1/2 take two reduce buckets of
-        # reduce_bucket_size (5e8) 16-bit elements when the first gradient arrives (stage_1_and_2.py,
-        # setup_buckets), whatever the model's size.
-        out["ZeRO gradient buckets"] = 2 * 2 * 5e8
+        # reduce_bucket_size 16-bit elements when the first gradient arrives (stage_1_and_2.py, setup_buckets):
+        # DeepSpeed's 5e8, or the trainable elements where fewer (deepspeed_setup.zero2_buckets).
+        out["ZeRO gradient buckets"] = 2 * 2 * (min(5e8, T) if run.sized_buckets else 5e8)
     if (shard_params or offload_par) and run.layer_gather:
         # ftcluster's ZeRO-3 schedule (deepspeed_setup.zero3_schedule) lets three decoder layers be gathered at
         # once; at the start of backward the output layer (V x H in bf16) is gathered beside them.

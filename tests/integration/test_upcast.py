@@ -43,3 +43,17 @@ def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model,
         ds.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_zero2_buckets_hold_the_adapters_not_half_a_billion_elements(tiny_model, process_group):
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=2",
+                        "training.micro_batch_size=2"])
+    model = models.build_model(cfg, "cpu")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), deepspeed_setup.deepspeed_config(cfg, 1),
+                                              total_steps=5)
+    assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
+    assert ds.optimizer.reduce_bucket_size == trainable  # what the engine allocates its two buckets with
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    ds.backward(ds(input_ids=ids, labels=ids).loss)
+    ds.step()

@@ -99,9 +99,25 @@ def test_zero3_schedule_is_derived_from_the_layer_size_and_the_users_settings_wi
     tuned = deepspeed_setup.tuned_config(cfg, deepspeed_setup.deepspeed_config(cfg, 2), model)["zero_optimization"]
     assert tuned["stage3_max_live_parameters"] == 123 and tuned["leaf_module"] == {"classes": []}
     assert tuned["stage3_prefetch_bucket_size"] == layer
-    cfg2 = C.load(None, ["deepspeed.zero_stage=2"])
-    ds2 = deepspeed_setup.deepspeed_config(cfg2, 2)
-    assert deepspeed_setup.tuned_config(cfg2, ds2, model) == ds2  # nothing to tune without partitioned weights
+    cfg0 = C.load(None, ["deepspeed.zero_stage=0"])
+    ds0 = deepspeed_setup.deepspeed_config(cfg0, 2)
+    assert deepspeed_setup.tuned_config(cfg0, ds0, model) == ds0  # no partitioning, nothing to size
+
+
+def test_zero2_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_default():
+    model = _meta_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=1000)
+    cfg = C.load(None, ["deepspeed.zero_stage=2"])
+    ds = deepspeed_setup.deepspeed_config(cfg, 2)
+    everything = sum(p.numel() for p in model.parameters())
+    assert deepspeed_setup.tuned_config(cfg, ds, model)["zero_optimization"]["reduce_bucket_size"] == everything
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    zero = deepspeed_setup.tuned_config(cfg, ds, model)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1000 * 256
+    user = C.load(None, ["deepspeed.zero_stage=2", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 7}}"])
+    zero = deepspeed_setup.tuned_config(user, deepspeed_setup.deepspeed_config(user, 2), model)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 7 and zero["allgather_bucket_size"] == 1000 * 256
 
 
 def test_the_divergence_guard_stops_on_nonfinite_spikes_and_dead_gradients():
