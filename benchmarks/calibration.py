@@ -31,7 +31,7 @@ EXPANDABLE_SINCE = "322eb5a"
 1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
 
 
-SIZED_BUCKETS_SINCE = "HEAD"
+SIZED_BUCKETS_SINCE = "c83b236"
 """The commit from which ZeRO-1/2 buckets hold at most the trainable elements, not DeepSpeed's 5e8."""
 
 
