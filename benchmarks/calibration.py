@@ -31,6 +31,9 @@ EXPANDABLE_SINCE = "322eb5a"
 1.5-2.4 GiB more allocator slack than the estimator assumes, so only their torch peaks are compared."""
 
 
+LIGER_SINCE = "83ee7a0"
+"""The commit from which workers apply Liger's kernels (model.liger_kernel=auto; the GPU host has had liger-kernel
+installed for every run since): the loss is its fused linear + cross-entropy outside ZeRO-3."""
 SIZED_BUCKETS_SINCE = "c83b236"
 """The commit from which ZeRO-1/2 buckets hold at most the trainable elements, not DeepSpeed's 5e8."""
 
@@ -40,7 +43,8 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
     size its code had."""
     current = since(CHUNKED_LOSS_SINCE, commit)
     return estimate.run_of(cfg, chunked_loss=current, layer_gather=current,
-                           sized_buckets=since(SIZED_BUCKETS_SINCE, commit))
+                           sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
+                           fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True))
 
 
 def config_of(command: str | list[str]) -> C.RunConfig:

@@ -19,8 +19,10 @@ OUT = ROOT / "reports" / "sizes"
 SIZES = [("7B", "llama-2-7b"), ("13B", "llama-2-13b"), ("33B", "llama-1-33b"), ("70B", "llama-3-70b")]
 CIRCULATED_GB = {"7B": (16, 6), "13B": (30, 10), "33B": (70, 20), "70B": (150, 40)}
 """LoRA (16-bit) / QLoRA (4-bit) GB as in the widely shared table (no sequence length or batch stated)."""
-SETTING = dict(gpus=1, seq_len=2048, micro_batch=2, grad_ckpt=True, lora_r=8, lora_targets=("q_proj", "v_proj"))
-"""The setting of every cell: the peer recipe's shape (../shared/gpu/README.md), 4096 tokens per step."""
+SETTING = dict(gpus=1, seq_len=2048, micro_batch=2, grad_ckpt=True, lora_r=8, lora_targets=("q_proj", "v_proj"),
+               fused_loss=True)
+"""The setting of every cell: the peer recipe's shape (../shared/gpu/README.md), 4096 tokens per step, with
+Liger's fused loss as ftcluster runs on a GPU with ftcluster[liger] installed."""
 METHODS = {"full": dict(method="full", zero=2, optimizer="adamw"),
            "lora": dict(method="lora", zero=2, optimizer="adamw"),
            "qlora": dict(method="qlora", zero=2, optimizer="paged_adamw_8bit")}

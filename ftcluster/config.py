@@ -222,7 +222,7 @@ class RunConfig(Section):
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
-        if self.model.liger_kernel == "on" and not self.scaling.use_gpu:
+        if self.model.liger_kernel == "on" and self.scaling.use_gpu is False:
             raise ValueError(
                 "model.liger_kernel=on with scaling.use_gpu=false: Liger's kernels are Triton kernels for CUDA GPUs. "
                 "Set model.liger_kernel=auto (applies them where they can run) or off."

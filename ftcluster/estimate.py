@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -128,6 +129,9 @@ class Run:
     chunked_loss: bool = True
     """ftcluster.activations' loss (bf16 logits and their gradient, float32 one chunk at a time); False: the
     whole-batch float32 loss of transformers, which runs measured before ccfb9c9 used."""
+    fused_loss: bool = False
+    """Liger's fused linear + cross-entropy computes the output layer and the loss a chunk of tokens at a time
+    (ftcluster.kernels; on CUDA GPUs with liger-kernel installed, not under ZeRO-3)."""
     sized_buckets: bool = True
     """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.zero2_buckets); False:
     DeepSpeed's 5e8 whatever the model, which runs measured before that change used."""
@@ -178,7 +182,16 @@ def shape_of_fields(c: dict, model: str) -> Shape:
         raise SystemExit(f"{model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
 
 
-def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True) -> Run:
+def fused_loss_of(cfg, liger_installed: bool) -> bool:
+    """Whether the run's workers compute the loss with Liger's fused linear + cross-entropy (ftcluster.kernels)."""
+    m = cfg.model
+    auto = m.liger_kernel == "auto" and liger_installed and cfg.scaling.use_gpu is not False
+    wanted = m.liger_kernel == "on" or auto
+    return wanted and cfg.deepspeed.zero_stage != 3
+
+
+def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
+           fused_loss: bool | None = None) -> Run:
     """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
     loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
     targets = cfg.lora.target_modules
@@ -192,7 +205,14 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                grad_ckpt=m.gradient_checkpointing, activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
-               chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets)
+               chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
+               fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss)
+
+
+def _liger_installed() -> bool:
+    from ftcluster import kernels
+
+    return kernels.installed()
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -275,7 +295,14 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations (one recomputed layer)"] = per_token_layer * t
     else:
         out["activations"] = shape.layers * per_token_layer * t
-    if run.chunked_loss:
+    if run.fused_loss:
+        # Liger's fused linear + cross-entropy: per chunk of rows, their logits in bf16 and float32 (6V a row),
+        # with chunks of next_pow2(tokens / ceil(V / H)) rows; the hidden states' gradient (2H a token); and the
+        # output layer's weight gradient when it is trained (2VH).
+        rows = 2 ** math.ceil(math.log2(max(1, math.ceil(t / math.ceil(shape.vocab / shape.hidden)))))
+        out["logits and loss"] = 6 * shape.vocab * rows + 2 * shape.hidden * t + \
+            (2 * shape.vocab * shape.hidden if run.method == "full" else 0)
+    elif run.chunked_loss:
         # ftcluster.activations.chunked_causal_lm_loss: the bf16 logits (2V) and, in backward, their bf16 gradient
         # (2V); float32 only for one chunk of LOSS_CHUNK_BYTES at a time (the upcast, its softmax and a temporary).
         out["logits and loss"] = 4 * shape.vocab * t + 3 * LOSS_CHUNK_BYTES
