@@ -18,4 +18,4 @@ train: install
 	$(PY) -m ftcluster.train --config $${RECIPE:-$$($(PY) -c '$(PICK_RECIPE)')} $(ARGS)
 
 test: install
-	$(PY) -m pytest tests -p no:cacheprovider --timeout=1200 $(ARGS)
+	$(PY) -m pytest tests -p no:cacheprovider --timeout=1200 --durations=10 $(ARGS)
