@@ -19,13 +19,17 @@ class ProgressLog(UserCallback):
     """On every report: append the workers' records as one line of metrics.jsonl and print its progress line.
     Runs in Ray Train's controller process, on the head node (where the run directory is)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str, started_unix: float):
+        self.run_dir, self.started_unix, self.first_step_said = Path(run_dir), started_unix, False
 
     def after_report(self, run_context, metrics, checkpoint):
         line = records.Line.of_workers([records.WorkerRecord.from_json(m) for m in metrics],
                                        checkpoint.path if checkpoint is not None else None)
         records.append_line(self.run_dir, line)
+        if line.first_step_unix and line.first_step_unix >= self.started_unix and not self.first_step_said:
+            print(f"first step: done {line.first_step_unix - self.started_unix:.1f} s after the command started "
+                  "(summary.json splits it by phase)", flush=True)
+            self.first_step_said = True
         print(records.progress_line(line), flush=True)
 
 
@@ -55,22 +59,29 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     estimator says will not fit its GPUs."""
     import ray
 
+    started = time.time()
     # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
     rundir.check(cfg)
     print(preflight.check_inputs(cfg), flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
+    checked = time.time()
+    print(f"checks: {checked - started:.1f} s", flush=True)
     own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
     s = cfg.scaling
     use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     cluster.wait_for_resources(cfg, use_gpu, own_cluster)
+    ready = time.time()
+    print(f"cluster: {ready - checked:.1f} s, {'started' if own_cluster else 'joined'}; {s.num_workers} worker(s) "
+          f"on {'GPUs' if use_gpu else 'CPUs'}", flush=True)
     run_dir = rundir.prepare(cfg)
     try:
-        return _train(cfg, run_dir, use_gpu)
+        return _train(cfg, run_dir, use_gpu, started,
+                      {"checks": checked - started, "cluster": ready - checked, "ready_unix": ready})
     finally:
         rundir.release(run_dir)
 
 
-def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_phases: dict) -> dict:
     """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -94,10 +105,9 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool) -> dict:
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.start_attempts),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
-            callbacks=[ProgressLog(str(run_dir))],
+            callbacks=[ProgressLog(str(run_dir), started)],
         ),
     )
-    started = time.time()
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     if in_main:
@@ -111,7 +121,8 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool) -> dict:
     final = rundir.publish_final(run_dir, checkpoint)
     # Ray attaches metrics to the result only with a checkpoint: the records are the source.
     summary = records.Summary.of_lines(
-        records.read_lines(run_dir), run_dir, cfg.method, time.time() - started, started, checkpoint=checkpoint,
+        records.read_lines(run_dir), run_dir, cfg.method, time.time() - started, started, driver_phases,
+        checkpoint=checkpoint,
         final_model=str(final) if final else None, final_model_bytes=rundir.dir_bytes(final) if final else None,
         checkpoint_bytes=rundir.dir_bytes(Path(checkpoint)) if checkpoint else None)
     summary.write(run_dir)

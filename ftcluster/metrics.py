@@ -17,7 +17,8 @@ FLOP_FORMULA = (
     "4·N + 2·N_trainable + 12·L·s·d (frozen weights get no weight gradient), with N all parameters (a 4-bit "
     "weight counted as its unpacked values), L layers, s the sequence length, d the hidden size; recomputation "
     "by gradient checkpointing is not counted. MFU = tokens/s per device × FLOPs per token ÷ the matmul rate "
-    "measured on that device in the compute dtype at start-up."
+    "measured on that device in the compute dtype at start-up (GPUs only: on CPUs it is n/a, as no single "
+    "matmul timing stands for the threads a training step gets)."
 )
 
 

@@ -52,6 +52,10 @@ class WorkerRecord:
     peak_matmul_tflops: float | None = None
     compute_dtype: str | None = None
     flops_per_token: float | None = None
+    setup_started_unix: float | None = None
+    """Wall clock when this worker began its setup (after Ray started it)."""
+    setup_s: dict | None = None
+    """Seconds each setup phase took on this worker: data, model, engine."""
 
     step: int = 0
     epoch: int = 0
@@ -148,6 +152,16 @@ def progress_line(line: Line) -> str:
     return "  ".join(parts)
 
 
+def _phases(driver: dict, first: WorkerRecord) -> dict | None:
+    if not first.setup_started_unix or not first.setup_s:
+        return None
+    setup_end = first.setup_started_unix + sum(first.setup_s.values())
+    out = {"checks": driver["checks"], "cluster": driver["cluster"],
+           "workers start": first.setup_started_unix - driver["ready_unix"], **first.setup_s,
+           "first step": first.first_step_unix - setup_end}
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def _median(values: list[float]) -> float | None:
     values = sorted(v for v in values if v is not None)
     return values[len(values) // 2] if values else None
@@ -161,6 +175,9 @@ class Summary:
     method: str | None = None
     wall_time_s: float | None = None
     time_to_first_step_s: float | None = None
+    first_step_phases_s: dict | None = None
+    """Where the time to the first step went, in order: the driver's checks and its cluster, Ray starting the
+    workers, rank 0's data, model and engine setup, and the first optimizer step itself."""
     final_step: int | None = None
     stopped: str | None = None
     """This attempt's last record says how it ended: a reason when asked to stop early, None when it finished."""
@@ -193,16 +210,21 @@ class Summary:
 
     @classmethod
     def of_lines(cls, lines: list[Line], run_dir: Path, method: str, wall_s: float, started_unix: float,
-                 **paths) -> "Summary":
+                 driver_phases: dict | None = None, **paths) -> "Summary":
+        """``driver_phases``: the driver's own phases, ``{"checks": s, "cluster": s, "ready_unix": t}`` (when the
+        cluster was ready); with them the time to first step is split into phases."""
         logged = [r for r in lines if r.logged]
         steady = logged[1:] or logged
         last = logged[-1] if logged else WorkerRecord()
-        first_step = min((r.first_step_unix for r in lines if r.first_step_unix), default=None)
+        # A resumed run's metrics.jsonl holds the earlier attempts' lines too: the first step is this attempt's.
+        this_attempt = [r for r in lines if r.first_step_unix and r.first_step_unix >= started_unix]
+        first_step = min((r.first_step_unix for r in this_attempt), default=None)
         evaluated = [r for r in lines if r.eval_loss is not None]
         peak = lambda key: max((v for r in logged if (v := r.largest(key)) is not None), default=None)
         return cls(
             run_dir=str(run_dir), method=method, wall_time_s=round(wall_s, 1),
             time_to_first_step_s=round(first_step - started_unix, 1) if first_step else None,
+            first_step_phases_s=_phases(driver_phases, this_attempt[0]) if driver_phases and this_attempt else None,
             final_step=max((r.step for r in lines), default=None),
             stopped=lines[-1].stopped if lines else None,
             world_size=last.world_size if logged else None, device=last.device if logged else None,

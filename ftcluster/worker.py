@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 
 import torch
 
@@ -24,6 +25,20 @@ def use_expandable_segments() -> None:
     torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
+class Phases:
+    """Times the worker's setup phases; rank 0 prints one line per phase with its duration."""
+
+    def __init__(self, rank: int):
+        self.rank, self.seconds, self._since = rank, {}, time.perf_counter()
+
+    def done(self, name: str, detail: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._since
+        self._since = now
+        if self.rank == 0:
+            print(f"{name}: {self.seconds[name]:.1f} s, {detail}", flush=True)
+
+
 def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[engine.Loop, object]:
     """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine. Returns the loop's
     state and the tokenizer (saved beside final models)."""
@@ -36,6 +51,8 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     random.seed(cfg.training.seed + rank)
     torch.manual_seed(cfg.training.seed)  # same init of LoRA weights on every rank
+    started = time.time()
+    phases = Phases(rank)
 
     tokenizer = models.load_tokenizer(cfg.model)
     examples = data.load_examples(cfg.data, cfg.training.seed)
@@ -48,22 +65,29 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
         if examples.evaluation else []
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = optim.total_optimizer_steps(cfg, len(batches))
+    phases.done("data", f"{len(train_rows):,} packed rows of {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
+                        f"batches per worker, {len(eval_rows):,} eval rows")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, world)
     model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(ds_config))
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
     trainable, total = models.parameter_counts(model)
+    phases.done("model", f"{total / 1e9:.2f}B parameters ({cfg.method}, {cfg.model.dtype}), {trainable:,} trainable, "
+                         f"on {device}")
     hf = model.config
     flops_per_token = metrics.train_flops_per_token(
         total, hf.num_hidden_layers, hf.hidden_size, cfg.data.max_seq_len, cfg.method, trainable)
     compute_dtype = cfg.quantization.compute_dtype if cfg.method == "qlora" else cfg.model.dtype
-    peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype])
+    # On CPUs no MFU: a matmul timed here runs on however many threads torch has at this moment, not on what the
+    # training step gets, and showed 83% "MFU" against a one-thread peak.
+    peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype]) if device.type == "cuda" else None
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
+    phases.done("engine", f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.optimizer.name}")
     record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
                           total_steps=total_steps, device=str(device), pid=os.getpid(),
-                          peak_matmul_tflops=peak / 1e12, compute_dtype=compute_dtype,
-                          flops_per_token=flops_per_token)
+                          peak_matmul_tflops=peak / 1e12 if peak else None, compute_dtype=compute_dtype,
+                          flops_per_token=flops_per_token, setup_started_unix=started, setup_s=phases.seconds)
     loop = engine.Loop(cfg, ds_engine, scheduler, batches, eval_batches, device, total_steps, peak, record)
     return loop, tokenizer
 
