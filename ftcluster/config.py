@@ -186,6 +186,32 @@ class RayConfig(Section):
     resources vanish mid-run."""
 
 
+class MLflowConfig(Section):
+    enabled: bool = False
+    tracking_uri: str | None = None
+    """None: MLflow's own default (``MLFLOW_TRACKING_URI``, else ./mlruns)."""
+    experiment: str = "ftcluster"
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "ftcluster"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    """``offline`` writes the run under the run directory for ``wandb sync`` later (clusters without internet)."""
+
+
+class TrackingConfig(Section):
+    """Where rank 0 logs every metric record (ftcluster/tracking.py). TensorBoard's event files go to
+    ``<run_dir>/tensorboard``."""
+    tensorboard: bool = True
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    run_name: str | None = None
+    """The tracked run's name (default: output.name)."""
+    tags: list[str] = Field(default_factory=list)
+
+
 class ResourcesConfig(Section):
     gpu_memory_gib: float | None = Field(None, gt=0)
     """Memory of each worker's GPU. None: what NVML reports for the GPUs the driver can see (on a cluster whose
@@ -208,6 +234,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
@@ -276,8 +303,11 @@ class RunConfig(Section):
         return Path(self.output.storage_path).expanduser().resolve() / self.run_name
 
     def fingerprint(self) -> str:
-        """A short hash of everything that changes what is trained (output and ray settings excluded)."""
-        body = self.model_dump(mode="json", exclude={"output", "ray", "scaling", "resources"})
+        """A short hash of everything that changes what is trained: not where it goes, how it is launched, tracked
+        or sized, nor the kernels and activation placement, which change speed and memory but not the result."""
+        body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
+                                                     "tracking": True,
+                                                     "model": {"liger_kernel", "activation_offloading"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

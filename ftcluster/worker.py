@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, stop
+from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, stop, tracking
 from ftcluster.config import RunConfig, from_dict
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
@@ -114,8 +114,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"resumed from {resume_from.path} at step {progress.step}", flush=True)
     metrics.reset_peaks(device)
+    trackers = tracking.Trackers(cfg, rank)
 
     def report(record: WorkerRecord, kind: CheckpointKind | None) -> None:
+        trackers.log(record)
         if kind is None:
             ray.train.report(record.to_json())
             return
@@ -124,4 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(record.to_json(), checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
 
-    engine.train(loop, progress, engine.Hooks(report, should_stop=stop.StopCheck(cfg.run_dir, device)))
+    try:
+        engine.train(loop, progress, engine.Hooks(report, should_stop=stop.StopCheck(cfg.run_dir, device)))
+    finally:
+        trackers.close()

@@ -180,6 +180,13 @@ def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, 
     assert after[restart]["step"] == saved + 1
     for step in range(saved + 1, 9):
         assert losses_by_step(cfg.run_dir)[step] == pytest.approx(reference[step], rel=1e-3), step
+    # TensorBoard (on by default) holds both attempts' loss curve, in the run's one event directory.
+    from tests.unit.test_tracking import _tensorboard_scalars
+
+    tb = _tensorboard_scalars(cfg.run_dir, "train/loss")
+    logged = sorted((r["step"], r["loss"]) for r in records(cfg.run_dir) if r.get("loss") is not None)
+    assert [s for s, _ in tb] == [s for s, _ in logged] and max(s for s, _ in tb) == 8
+    assert [v for _, v in tb] == pytest.approx([v for _, v in logged], rel=1e-6)
 
 
 SIGNALLED = {"model.random_init": False, "model.config_overrides": "{}", "method": "lora", "training.max_steps": 20,
