@@ -4,7 +4,7 @@ field and the fix named, and leaves nothing behind."""
 
 from __future__ import annotations
 
-from ftcluster import embedded, estimate, kernels
+from ftcluster import embedded, estimate, kernels, row_cache
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 
@@ -31,7 +31,9 @@ def check_inputs(cfg: RunConfig) -> str:
             meta = AutoModelForCausalLM.from_config(hf)
         models.check_target_modules(meta, cfg)
 
-    rows, stats = data.build_rows(models.load_tokenizer(cfg.model), examples.train, cfg.data, cfg.training.seed)
+    by_split, stats, where = row_cache.prepared(models.load_tokenizer(cfg.model), examples, cfg.data,
+                                                cfg.training.seed, cfg.output.storage_path)
+    rows = by_split["train"]
     if not rows:
         raise ConfigError(
             f"data.max_seq_len={cfg.data.max_seq_len}: no example has an answer token within it (longest example "
@@ -42,7 +44,7 @@ def check_inputs(cfg: RunConfig) -> str:
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
     dropped = "".join(f"; {n} {why} dropped" for why, n in examples.dropped.items())
-    return f"data: {stats.describe(cfg.data.max_seq_len)}{dropped}"
+    return f"data: {stats.describe(cfg.data.max_seq_len)}{dropped}; {where}"
 
 
 def visible_gpu_memory_gib() -> float | None:

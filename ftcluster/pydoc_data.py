@@ -44,10 +44,17 @@ def _first_sentence(doc: str) -> str | None:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+_LITERALS = (type(None), bool, int, float, complex, str, bytes)
+
+
 def _signature_text(sig: inspect.Signature) -> str:
-    """The signature as text, without the memory addresses of default objects (``<function f at 0x7f...>``),
-    which change from process to process and would make the prompts differ between runs."""
-    return _ADDRESS.sub("", str(sig))
+    """The signature as text, with every default that is not a literal shown as ``...``: the repr of a default
+    object can change from process to process (``<function f at 0x7f...>``; ``logging.shutdown``'s list of the
+    handlers registered so far, which Ray adds to), and would make the prompts, and so the rows, differ between the
+    driver and the workers."""
+    params = [p.replace(default=...) if p.default is not p.empty and not isinstance(p.default, _LITERALS) else p
+              for p in sig.parameters.values()]
+    return _ADDRESS.sub("", str(sig.replace(parameters=params)))
 
 
 def _signature(obj) -> str:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, stop, tracking
+from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, row_cache, stop, tracking
 from ftcluster.config import RunConfig, from_dict
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
@@ -59,14 +59,14 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     pad_to = cfg.data.max_seq_len if cfg.data.packing else None
     shard = lambda rows, mb, acc: data.ShardedBatches(
         rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
-    train_rows, stats = data.build_rows(tokenizer, examples.train, cfg.data, cfg.training.seed)
+    # The driver prepared the rows while checking the data (row_cache): this memory-maps them.
+    rows, _, where = row_cache.prepared(tokenizer, examples, cfg.data, cfg.training.seed, cfg.output.storage_path)
+    train_rows, eval_rows = rows["train"], rows["evaluation"]
     batches = shard(train_rows, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
-    eval_rows = data.build_rows(tokenizer, examples.evaluation, cfg.data, cfg.training.seed)[0] \
-        if examples.evaluation else []
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = optim.total_optimizer_steps(cfg, len(batches))
-    phases.done("data", f"{len(train_rows):,} packed rows of {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
-                        f"batches per worker, {len(eval_rows):,} eval rows")
+    phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
+                        f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, world)
     model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(ds_config))

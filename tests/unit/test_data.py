@@ -137,14 +137,17 @@ def test_required_args_task_answers_from_the_signature_and_holds_out_unseen_prom
 
 
 def test_builtin_datasets_are_identical_in_every_process():
-    # Defaults such as `<function f at 0x7f...>` carry a per-process address; prompts must not.
+    # Defaults such as `<function f at 0x7f...>` carry a per-process address, and logging.shutdown's default lists
+    # the handlers registered so far (a Ray worker has Ray's): prompts must show neither, or the driver and the
+    # workers would build different rows.
     import subprocess
     import sys
 
     code = ("import hashlib, json; from ftcluster import pydoc_data as P; "
             "print(hashlib.sha1(json.dumps([P.build(0.1), P.build_required_args(0.1)]).encode()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-               for _ in range(2)}
+    digests = {subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                              check=True).stdout for prelude in ("", "", "import logging; logging.getLogger('x')"
+                                                                 ".addHandler(logging.StreamHandler()); ")}
     assert len(digests) == 1
 
 
@@ -172,3 +175,36 @@ def test_rows_say_how_many_examples_were_cut_and_dropped(tok):
     rows, stats = data.build_rows(tok, [EX, EX, long_prompt], DataConfig(format="alpaca", max_seq_len=64), seed=0)
     assert stats.examples == 3 and stats.truncated == 1 and stats.no_target == 1 and stats.longest > 64
     assert stats.rows == len(rows) > 0 and "1 cut to data.max_seq_len=64, 1 dropped" in stats.describe(64)
+
+
+def _batches(rows, packed=True):
+    b = data.ShardedBatches(rows, 2, 0, 1, 7, 0, packed, 256 if packed else None)
+    return [{k: v.tolist() if torch.is_tensor(v) else v for k, v in batch.items()} for batch in b.epoch(0)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_are_prepared_once_and_a_second_run_reads_them_without_tokenizing(tok, tmp_path, monkeypatch, packing):
+    from ftcluster import row_cache
+
+    cfg = DataConfig(source="builtin:required-args", max_seq_len=256, packing=packing)
+    examples = data.load_examples(cfg, 3)
+    rows, stats, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    assert line.startswith("rows saved to ") and stats.rows == len(rows["train"]) > 4
+    monkeypatch.setattr(data, "tokenize_example", lambda *a: pytest.fail("the second run tokenized"))
+    again, stats2, line2 = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    assert line2.startswith("rows reused from ") and "no tokenizing" in line2 and stats2 == stats
+    assert len(again["evaluation"]) == len(rows["evaluation"]) > 0
+    assert _batches(again["train"], packing) == _batches(rows["train"], packing)  # the same batches, memory-mapped
+
+
+def test_other_inputs_make_other_rows(tok, tmp_path):
+    from ftcluster import row_cache
+
+    cfg = DataConfig(source="builtin:required-args", max_seq_len=64)
+    examples = data.load_examples(cfg, 3)
+    k = row_cache.key(tok, examples, cfg, 3)
+    assert row_cache.key(tok, examples, cfg.model_copy(update={"max_seq_len": 128}), 3) != k
+    assert row_cache.key(tok, examples, cfg, 4) != k  # the seed shuffles before packing
+    changed = data.Examples(train=[{**examples.train[0], "output": "other"}] + examples.train[1:],
+                            evaluation=examples.evaluation, dropped=examples.dropped)
+    assert row_cache.key(tok, changed, cfg, 3) != k
