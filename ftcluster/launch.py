@@ -60,7 +60,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     import ray
 
     started = time.time()
-    # Before the run directory exists and before Ray: a refused run leaves nothing behind and takes no GPU.
+    # Before the run directory exists and before Ray: a refused run leaves no run directory and takes no GPU (the
+    # data check leaves its prepared rows under the storage path, for the next try).
     rundir.check(cfg)
     print(preflight.check_inputs(cfg), flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
