@@ -96,8 +96,8 @@ def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, t
     assert qlora["status"] == "failed" and "deepspeed.config_file" in qlora["error"]
     report = (out / "report.md").read_text()
     assert "## Runs that did not finish" in report and "QLoRA (4-bit NF4 base) — **failed**" in report
-    lora = summary_table(report)["LoRA (16-bit base)"]
-    assert "n/a" not in lora[:3] + lora[4:-1]  # MFU is n/a on CPUs; no full run to compare quality with
+    lora_row = summary_table(report)["LoRA (16-bit base)"]
+    assert "n/a" not in lora_row[:3] + lora_row[4:-1]  # MFU is n/a on CPUs; no full run to compare quality with
 
     # The same command again, fixed and with --resume: the LoRA run is kept as measured, QLoRA runs now.
     compare("--methods", "lora,qlora", "--skip-base", "--out", str(out), "--work", str(work), "--resume",
