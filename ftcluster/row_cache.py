@@ -53,6 +53,8 @@ def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     for split, split_rows in rows.items():
+        if not split_rows:  # datasets cannot read back a dataset saved with no rows (no Arrow shard is written)
+            continue
         columns = {"input_ids": [r["input_ids"] for r in split_rows], "labels": [r["labels"] for r in split_rows]}
         if split_rows and "position_ids" in split_rows[0]:
             columns["position_ids"] = [r["position_ids"] for r in split_rows]
@@ -70,7 +72,7 @@ def load(path: Path) -> tuple[dict, data.RowStats] | None:
         return None
     from datasets import load_from_disk
 
-    rows = {split: load_from_disk(str(path / split)) for split in SPLITS if (path / split).exists()}
+    rows = {split: load_from_disk(str(path / split)) if (path / split).exists() else [] for split in SPLITS}
     return rows, data.RowStats(**json.loads((path / "stats.json").read_text()))
 
 

@@ -60,7 +60,8 @@ s.connect(("192.0.2.1", 9)); print(s.getsockname()[0])' 2>/dev/null) || addr=127
     echo "SlurmdUser=root"
     echo "AuthType=auth/munge"
     echo "CredType=cred/munge"
-    echo "AuthInfo=socket=$dir/munge/munge.socket"
+    # cred_expire is also how long a requeued job waits before it may start again (120 s by default).
+    echo "AuthInfo=socket=$dir/munge/munge.socket,cred_expire=10"
     echo "StateSaveLocation=$dir/state"
     echo "SlurmdSpoolDir=$dir/spool-%n"
     echo "SlurmctldPidFile=$dir/slurmctld.pid"

@@ -127,8 +127,11 @@ def test_sigterm_before_the_time_limit_checkpoints_requeues_and_the_job_resumes(
                           **{"training.max_steps": 40, "training.save_every": 0})
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the first step")
     subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm, check=True)
-    wait_for(lambda: job_field(slurm, job, "Restarts") == "1", 300, "the job to requeue")
-    # Slurm holds a requeued job back for a while; let it start now.
+    # Restarts counts up when the requeue is asked for; the job is requeued (and its start time set) only once it
+    # has completed, so an earlier StartTime=now would be overwritten.
+    wait_for(lambda: job_field(slurm, job, "Restarts") == "1" and job_field(slurm, job, "JobState") == "PENDING",
+             300, "the job to requeue")
+    # Slurm holds a requeued job back for a while (AuthInfo's cred_expire); let it start now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     state = wait_done(slurm, job)
     log = log_of(tmp_path, job)

@@ -197,6 +197,18 @@ def test_rows_are_prepared_once_and_a_second_run_reads_them_without_tokenizing(t
     assert _batches(again["train"], packing) == _batches(rows["train"], packing)  # the same batches, memory-mapped
 
 
+def test_a_run_without_evaluation_rows_reads_its_cached_rows_back(tok, tmp_path):
+    from ftcluster import row_cache
+
+    cfg = DataConfig(source="builtin:required-args", max_seq_len=256, eval_fraction=0.0)
+    examples = data.load_examples(cfg, 3)
+    examples = data.Examples(train=examples.train, evaluation=[], dropped=examples.dropped)
+    rows, _, _ = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    again, _, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    assert line.startswith("rows reused from ") and len(again["evaluation"]) == 0
+    assert len(again["train"]) == len(rows["train"]) > 0
+
+
 def test_other_inputs_make_other_rows(tok, tmp_path):
     from ftcluster import row_cache
 
