@@ -38,6 +38,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if d.zero_stage == 3:
         # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if cfg.model.gradient_checkpointing:
+            # zero.Init otherwise replaces torch.nn.functional.linear, process-wide, with a Python autograd
+            # function (deepspeed/runtime/zero/linear.py) that saves the weight itself rather than a view of its
+            # gathered data, which would keep every layer gathered until backward. Inside a checkpointed layer
+            # forward saves nothing, and recompute and backward run with the layer gathered, so torch's own linear
+            # is safe there and spares two Python calls per matmul; outside the layers only the output layer's
+            # view lives from its forward to its backward, which come one after the other.
+            zero["memory_efficient_linear"] = False
     # DeepSpeed's bf16/fp16 modes cast every parameter to 16 bits (keep_in_fp32_modules spares buffers only), which
     # would silently undo PEFT's fp32 upcast; with the upcast on, the model keeps the dtypes PEFT gave it.
     mixed = cfg.method == "qlora" and cfg.quantization.upcast_non_quantized
@@ -101,24 +109,26 @@ def zero3_schedule(model: torch.nn.Module) -> dict:
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size and allgather_bucket_size, in elements
 
 
-def zero2_buckets(model: torch.nn.Module) -> dict:
-    """ZeRO-1/2 bucket sizes for ``model``: DeepSpeed's 5e8 elements, or all the trainable elements when there are
-    fewer. With contiguous_gradients and overlap_comm it allocates two reduce buckets of that size at the first
-    gradient, 1.9 GiB in bf16 whatever the model; LoRA's few million trainable elements fit one bucket many times
-    over, so the rest is memory for nothing (1.8 GiB of a 7B LoRA run's 16 GiB)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def bucket_sizes(model: torch.nn.Module) -> dict:
+    """ZeRO's bucket sizes for ``model``: DeepSpeed's 5e8 elements, or all the trainable elements when there are
+    fewer. With contiguous_gradients and overlap_comm, ZeRO-1/2 allocate two reduce buckets of that size at the first
+    gradient (1.9 GiB in bf16 whatever the model) and ZeRO-3 one per gradient dtype when the engine is built; LoRA's
+    few million trainable elements fit one bucket many times over, so the rest is memory for nothing (1.8 GiB of a
+    7B LoRA run's 16 GiB under ZeRO-2)."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     size = max(1, min(DEFAULT_BUCKET, trainable))
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
 def tuned_config(cfg: RunConfig, ds_config: dict, model: torch.nn.Module) -> dict:
-    """``ds_config`` with settings derived from ``model`` filled in (ZeRO-3's gather schedule, ZeRO-1/2's bucket
-    sizes); what the user set still wins."""
+    """``ds_config`` with settings derived from ``model`` filled in (ZeRO-3's gather schedule, the bucket sizes);
+    what the user set still wins."""
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        derived = zero3_schedule(model)
+        # ZeRO-3 allocates its reduce buckets (one per gradient dtype) at this size too.
+        derived = {**zero3_schedule(model), "reduce_bucket_size": bucket_sizes(model)["reduce_bucket_size"]}
     elif stage in (1, 2):
-        derived = zero2_buckets(model)
+        derived = bucket_sizes(model)
     else:
         return ds_config
     return _merge(_merge(ds_config, {"zero_optimization": derived}), _user_config(cfg))

@@ -57,3 +57,25 @@ def test_zero2_buckets_hold_the_adapters_not_half_a_billion_elements(tiny_model,
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     ds.backward(ds(input_ids=ids, labels=ids).loss)
     ds.step()
+
+
+def test_zero3_sizes_its_reduce_bucket_and_keeps_torchs_linear_under_checkpointing(tiny_model, process_group):
+    linear = torch.nn.functional.linear
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=3",
+                        "model.gradient_checkpointing=true", "training.micro_batch_size=2"])
+    ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
+    model = models.build_model(cfg, "cpu", deepspeed_setup.zero3_partition(ds_config))
+    # zero.Init would have replaced torch.nn.functional.linear, process-wide, with DeepSpeed's Python function.
+    assert torch.nn.functional.linear is linear
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
+    assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
+    assert [b.buffer.numel() for b in ds.optimizer.ipg_buckets.values()] == [trainable]  # what it allocated
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        loss = ds(input_ids=ids, labels=ids).loss
+        ds.backward(loss)
+        ds.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -104,7 +104,7 @@ def test_zero3_schedule_is_derived_from_the_layer_size_and_the_users_settings_wi
     assert deepspeed_setup.tuned_config(cfg0, ds0, model) == ds0  # no partitioning, nothing to size
 
 
-def test_zero2_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_default():
+def test_zero_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_default():
     model = _meta_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
                         num_key_value_heads=2, vocab_size=1000)
     cfg = C.load(None, ["deepspeed.zero_stage=2"])
@@ -118,6 +118,9 @@ def test_zero2_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_def
     user = C.load(None, ["deepspeed.zero_stage=2", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 7}}"])
     zero = deepspeed_setup.tuned_config(user, deepspeed_setup.deepspeed_config(user, 2), model)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 7 and zero["allgather_bucket_size"] == 1000 * 256
+    z3 = C.load(None, ["deepspeed.zero_stage=3"])
+    assert deepspeed_setup.tuned_config(z3, deepspeed_setup.deepspeed_config(z3, 2), model)["zero_optimization"][
+        "reduce_bucket_size"] == 1000 * 256
 
 
 def test_the_divergence_guard_stops_on_nonfinite_spikes_and_dead_gradients():
