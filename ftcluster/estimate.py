@@ -133,8 +133,11 @@ class Run:
     """Liger's fused linear + cross-entropy computes the output layer and the loss a chunk of tokens at a time
     (ftcluster.kernels; on CUDA GPUs with liger-kernel installed, not under ZeRO-3)."""
     sized_buckets: bool = True
-    """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.zero2_buckets); False:
+    """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.bucket_sizes); False:
     DeepSpeed's 5e8 whatever the model, which runs measured before that change used."""
+    zero3_buckets: bool = True
+    """ZeRO-3's reduce bucket holds at most the trainable elements (deepspeed_setup.tuned_config); False: DeepSpeed's
+    5e8, which runs measured before af1b04f used."""
     layer_gather: bool = True
     """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
     defaults, which runs measured before ccfb9c9 used."""
@@ -191,7 +194,7 @@ def fused_loss_of(cfg, liger_installed: bool) -> bool:
 
 
 def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
-           fused_loss: bool | None = None) -> Run:
+           fused_loss: bool | None = None, zero3_buckets: bool = True) -> Run:
     """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
     loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
     targets = cfg.lora.target_modules
@@ -206,6 +209,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
+               zero3_buckets=zero3_buckets,
                fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss)
 
 
@@ -316,8 +320,11 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.zero in (1, 2):
         # With contiguous_gradients and overlap_comm (ftcluster's config) ZeRO-1/2 take two reduce buckets of
         # reduce_bucket_size 16-bit elements when the first gradient arrives (stage_1_and_2.py, setup_buckets):
-        # DeepSpeed's 5e8, or the trainable elements where fewer (deepspeed_setup.zero2_buckets).
+        # DeepSpeed's 5e8, or the trainable elements where fewer (deepspeed_setup.bucket_sizes).
         out["ZeRO gradient buckets"] = 2 * 2 * (min(5e8, T) if run.sized_buckets else 5e8)
+    elif run.zero == 3:
+        # ZeRO-3 takes one reduce bucket per gradient dtype when the engine is built (stage3.py).
+        out["ZeRO gradient buckets"] = 2 * (min(5e8, T) if run.zero3_buckets else 5e8)
     if (shard_params or offload_par) and run.layer_gather:
         # ftcluster's ZeRO-3 schedule (deepspeed_setup.zero3_schedule) lets three decoder layers be gathered at
         # once; at the start of backward the output layer (V x H in bf16) is gathered beside them.
@@ -373,7 +380,8 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     persistent = sum(v for k, v in t.items() if k.startswith(PERSISTENT) and "paged" not in k)
     saved = persistent + sum(t.get(k, 0.0) for k in SAVED)
     buckets = t.get("ZeRO gradient buckets", 0.0)
-    backward_start = saved + t["logits and loss"]
+    # When the loss is computed no layer has been recomputed yet.
+    backward_start = saved - t.get("activations (one recomputed layer)", 0.0) + t["logits and loss"]
     through_layers = saved + buckets + t["gradients (bf16)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)
