@@ -39,6 +39,9 @@ class ModelConfig(Section):
     liger_kernel: Literal["auto", "on", "off"] = "auto"
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on a CUDA GPU, except under ZeRO-3 or
+    with activation_offloading; ``on`` refuses to run where it cannot."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
@@ -49,7 +52,7 @@ class ModelConfig(Section):
     """Fields set on the Hugging Face config before the model is built, e.g. ``num_hidden_layers``."""
     trust_remote_code: bool = False
 
-    @field_validator("liger_kernel", mode="before")
+    @field_validator("liger_kernel", "compile", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
@@ -254,6 +257,15 @@ class RunConfig(Section):
                 "model.liger_kernel=on with scaling.use_gpu=false: Liger's kernels are Triton kernels for CUDA GPUs. "
                 "Set model.liger_kernel=auto (applies them where they can run) or off."
             )
+        if self.model.compile == "on":
+            clash = ("scaling.use_gpu=false: compiled layers pay off on GPUs" if self.scaling.use_gpu is False else
+                     "deepspeed.zero_stage=3: ZeRO-3's gather hooks run in each layer's call"
+                     if ds.zero_stage == 3 else
+                     "model.activation_offloading=true: its saved-tensor hooks cannot be traced"
+                     if self.model.activation_offloading else None)
+            if clash:
+                raise ValueError(f"model.compile=on with {clash}. Set model.compile=auto (compiles where it can) "
+                                 "or off.")
         if self.model.activation_offloading and not self.model.gradient_checkpointing:
             raise ValueError(
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
@@ -304,10 +316,11 @@ class RunConfig(Section):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what is trained: not where it goes, how it is launched, tracked
-        or sized, nor the kernels and activation placement, which change speed and memory but not the result."""
+        or sized, nor the kernels, compilation and activation placement, which change speed and memory but not the
+        result."""
         body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
                                                      "tracking": True,
-                                                     "model": {"liger_kernel", "activation_offloading"}})
+                                                     "model": {"liger_kernel", "compile", "activation_offloading"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

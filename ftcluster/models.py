@@ -11,7 +11,7 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from ftcluster import activations, embedded, kernels
+from ftcluster import activations, compiled, embedded, kernels
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
 
@@ -307,7 +307,16 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
         activations.checkpoint_layers(model, offload=cfg.model.activation_offloading)
     if cfg.method == "full":
         model.requires_grad_(True)
-        return model
+    else:
+        model = _with_adapters(model, cfg)
+    line = compiled.apply(model, cfg, device.type)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
+    return model
+
+
+def _with_adapters(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """``model`` frozen, with PEFT's LoRA adapters (on the 4-bit base, prepared, for QLoRA)."""
     check_target_modules(model, cfg)
     model.requires_grad_(False)
     if cfg.method == "qlora":
