@@ -39,9 +39,10 @@ class ModelConfig(Section):
     liger_kernel: Literal["auto", "on", "off"] = "auto"
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
-    compile: Literal["auto", "on", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "off"
     """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on a CUDA GPU, except under ZeRO-3 or
-    with activation_offloading; ``on`` refuses to run where it cannot."""
+    with activation_offloading; ``on`` refuses to run where it cannot. Off by default: measured slower than eager
+    layers at 1B (reports/llama-1b/2026-11-26-1xh100-compile)."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
