@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -94,7 +95,9 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -
         for text in proc.stdout:
             fh.write(text)
             tail = (tail + [text.rstrip()])[-300:]
-            if run_dir and "step" in text:  # the driver prints a line per record: look for new ones then
+            if text.startswith(SCORING):
+                print(f"  {label}  {text.rstrip()}", flush=True)
+            elif run_dir and "step" in text:  # the driver prints a line per record: look for new ones then
                 lines = records.read_lines(run_dir)
                 for line in lines[shown:]:
                     print(f"  {label}  {records.progress_line(line)}", flush=True)
@@ -117,9 +120,24 @@ def error_of(tail: str) -> str:
     return next(iter(exceptions[::-1] or mentions[::-1] or lines[::-1]), "no output")[:500]
 
 
+SCORING = "scoring: "  # benchmarks.quality's progress lines (quality.SAY; that module imports torch, this one not)
+
+
+def trim_run(run_dir: Path) -> int:
+    """Delete a measured run's checkpoints and final weights, which the report needs only the sizes of (a full
+    fine-tuning checkpoint is most of a benchmark's disk use). Returns the bytes freed."""
+    freed = 0
+    for path in [*run_dir.glob("checkpoint_*"), run_dir / "final"]:
+        if path.is_dir():
+            freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path)
+    return freed
+
+
 class Harness:
-    def __init__(self, suite: suites.Suite, work: Path, user_sets: list[str], results_path: Path, meta: dict):
-        self.suite, self.work, self.results_path = suite, work, results_path
+    def __init__(self, suite: suites.Suite, work: Path, user_sets: list[str], results_path: Path, meta: dict,
+                 keep_runs: bool = False):
+        self.suite, self.work, self.results_path, self.keep_runs = suite, work, results_path, keep_runs
         self.user_sets = user_sets
         self.results = {"suite": {"name": suite.name, "description": suite.description, "recipe": suite.recipe,
                                   "quality": suite.quality}, "provenance": meta, "records": []}
@@ -178,6 +196,11 @@ class Harness:
                 q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name)
                 rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
             rec["run_dir"] = str(run_dir)
+            if not self.keep_runs:
+                freed = trim_run(run_dir)
+                if freed:
+                    print(f"  {label}  removed its checkpoints and final weights ({freed / 1e6:,.0f} MB; the report "
+                          "keeps their sizes; --keep-runs keeps them)", flush=True)
         return rec
 
     def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str) -> dict:
@@ -228,7 +251,7 @@ def run(args, argv: list[str]) -> Path:
     out = Path(args.out or f"reports/{suite.name}/{stamp}-{hardware_slug()}")
     work = Path(args.work or f"runs/bench/{suite.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    h = Harness(suite, work, args.set, out / "results.json", provenance(argv))
+    h = Harness(suite, work, args.set, out / "results.json", provenance(argv), keep_runs=args.keep_runs)
     h.results["settings"] = {"methods": methods, "repeats": args.repeats, "baseline": args.baseline,
                              "sets": args.set, "work_dir": str(work)}
     done = set()
@@ -298,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")
     p.add_argument("--out", help="report directory (default reports/<suite>/<date>-<hardware>)")
     p.add_argument("--work", help="where runs, logs and checkpoints go (default runs/bench/<suite>-<time>)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="keep each run's checkpoints and final model under --work (deleted once measured and scored)")
     p.add_argument("--resume", action="store_true",
                    help="keep the successful runs already in <out>/results.json and run only the rest")
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")

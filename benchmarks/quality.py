@@ -23,6 +23,9 @@ from ftcluster import config as C
 from ftcluster import data, models
 
 
+SAY = "scoring: "
+
+
 def normalize(answer: str) -> str:
     """Exact match forgives surrounding whitespace, a trailing full stop and backticks; nothing else."""
     return " ".join(answer.replace("`", "").strip().rstrip(".").split())
@@ -82,7 +85,13 @@ def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, dev
                              eos_token_id=sorted(special_tokens(tokenizer).values()))
         out += [first_turn(tokenizer, text) for text in
                 tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)]
+        say(f"answers {len(out)}/{len(prompts)}")
     return out
+
+
+def say(line: str) -> None:
+    """A progress line; benchmarks.compare echoes the lines that start with ``scoring:``."""
+    print(f"{SAY}{line}", flush=True)
 
 
 def special_tokens(tokenizer) -> dict[str, int]:
@@ -112,9 +121,13 @@ def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batc
         raise SystemExit(f"data.source {cfg.data.source} has no held-out examples to score")
     torch.manual_seed(cfg.training.seed)  # a random-init base comes out as the worker built it
     model = load_model(cfg, trained, device)
+    say(f"{trained or 'the base model'} loaded in {time.perf_counter() - started:.1f} s; {len(examples)} held-out "
+        "examples")
     loss = answer_loss(model, tokenizer, examples, cfg, device, batch_size)
+    say(f"answer loss {loss:.4f} ({time.perf_counter() - started:.1f} s); generating answers")
     answers = greedy_answers(model, tokenizer, examples, cfg, device, batch_size)
     hits = [normalize(a) == normalize(ex["output"]) for a, ex in zip(answers, examples)]
+    say(f"{sum(hits)}/{len(hits)} answers match ({time.perf_counter() - started:.1f} s)")
     return {
         "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "task_score": sum(hits) / len(hits),
         "eval_examples": len(examples), "quality_time_s": round(time.perf_counter() - started, 1),

@@ -34,8 +34,9 @@ def tiny_sets(model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def full_report(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned", "--out", str(out),
-            "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
+    proc = compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned", "--out", str(out),
+                   "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
+    (out.parent / f"{out.name}-console.txt").write_text(proc.stdout)
     return out
 
 
@@ -76,6 +77,14 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     work = Path(results["settings"]["work_dir"])
     base_q, lora_q = (json.loads((work / f"quality-{t}.json").read_text()) for t in ("base", "lora-seed42"))
     assert results["records"][0]["metrics"] == base_q and base_q != lora_q
+    # What it is doing while it scores, and runs trimmed to what the report needs.
+    console = (full_report.parent / f"{full_report.name}-console.txt").read_text()
+    assert re.search(r"\[1/8\] base base .*scoring: answer loss \d", console)
+    assert re.search(r"\[2/8\] train full seed 42 quality .*scoring: \d+/\d+ answers match", console)
+    assert "removed its checkpoints and final weights" in console
+    full = next(r for r in results["records"] if r["kind"] == "train" and r["method"] == "full")
+    assert full["metrics"]["final_model_bytes"] > 0 and not (Path(full["run_dir"]) / "final").exists()
+    assert (Path(full["run_dir"]) / "summary.json").is_file()
 
 
 def test_compare_from_results_rerenders_identically(full_report, tmp_path):
