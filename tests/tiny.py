@@ -41,3 +41,38 @@ def tiny_overrides(model_dir: Path, storage: Path, name: str, **extra) -> list[s
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def fixed_batch(rows: int = 2, length: int = 24):
+    """The same random token ids every call: a batch to overfit for a few steps."""
+    import torch
+
+    return torch.randint(5, 500, (rows, length), generator=torch.Generator().manual_seed(0))
+
+
+def adamw_losses(model, steps: int, lr: float, ids=None) -> list[float]:
+    """Losses of ``steps`` plain AdamW steps on one fixed batch (the trainable parameters only)."""
+    import torch
+
+    ids = fixed_batch() if ids is None else ids
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def engine_losses(engine, steps: int) -> list[float]:
+    """Losses of ``steps`` DeepSpeed engine steps on one fixed batch."""
+    ids = fixed_batch()
+    losses = []
+    for _ in range(steps):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses

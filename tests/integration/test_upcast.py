@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, models
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,7 @@ def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model,
     ds, _, _ = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
     norm = ds.module.base_model.model.model.norm.weight
     assert norm.dtype == (torch.float32 if upcast else torch.bfloat16)
-    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(4):
-        loss = ds(input_ids=ids, labels=ids).loss
-        ds.backward(loss)
-        ds.step()
-        losses.append(loss.item())
+    losses = tiny.engine_losses(ds, 4)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
@@ -71,11 +66,5 @@ def test_zero3_sizes_its_reduce_bucket_and_keeps_torchs_linear_under_checkpointi
     ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
     assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
     assert [b.buffer.numel() for b in ds.optimizer.ipg_buckets.values()] == [trainable]  # what it allocated
-    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(3):
-        loss = ds(input_ids=ids, labels=ids).loss
-        ds.backward(loss)
-        ds.step()
-        losses.append(loss.item())
+    losses = tiny.engine_losses(ds, 3)
     assert losses[-1] < losses[0]

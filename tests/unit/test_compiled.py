@@ -7,6 +7,7 @@ import torch
 
 from ftcluster import compiled, models
 from ftcluster import config as C
+from tests import tiny
 
 
 def test_auto_compiles_on_gpus_only_and_on_is_refused_where_it_cannot_run(tiny_model, capsys):
@@ -48,16 +49,7 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_model, method):
         if backend:
             assert compiled.apply(model, cfg, "cpu", backend=backend).startswith("compiled layers: 3 x LlamaDecoderLayer")
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3 if method == "full" else 1e-2)
-        ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(1))
-        run = []
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            run.append(loss.item())
-        losses[backend] = run
+        losses[backend] = tiny.adamw_losses(model, 3, lr=1e-3 if method == "full" else 1e-2)
     assert losses[aot_eager] == pytest.approx(losses[None], rel=1e-3)
     assert losses[None][-1] < losses[None][0]
     assert len(graphs) == (2 if method == "lora" else 1)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from ftcluster import config as C
 from ftcluster import models
 from ftcluster.preflight import check_inputs
+from tests import tiny
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -52,15 +53,7 @@ def test_qlora_is_4bit_and_trains_with_finite_loss_with_or_without_the_fp32_upca
     norm_dtype = model.base_model.model.model.norm.weight.dtype
     assert norm_dtype == (torch.float32 if upcast else torch.bfloat16)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = tiny.adamw_losses(model, 5, lr=1e-2)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
