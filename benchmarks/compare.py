@@ -14,6 +14,7 @@ after every run: a failure is recorded with its error, and nothing measured befo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -243,6 +244,8 @@ def parse_baselines(text: str) -> list[str]:
 def run(args, argv: list[str]) -> Path:
     gpus = gpu_count()
     suite = suites.get(args.suite, gpu=gpus > 0)
+    if args.skip_quality:
+        suite = dataclasses.replace(suite, quality=False)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in suites.METHODS]
     if unknown:
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="run each method once more with this override (e.g. model.liger_kernel=off): a row of the "
                         "report's ablation table (repeatable)")
     p.add_argument("--skip-base", action="store_true", help="do not score the base model before fine-tuning")
+    p.add_argument("--skip-quality", action="store_true", help="measure speed and memory only: score no model")
     p.add_argument("--out", help="report directory (default reports/<suite>/<date>-<hardware>)")
     p.add_argument("--work", help="where runs, logs and checkpoints go (default runs/bench/<suite>-<time>)")
     p.add_argument("--keep-runs", action="store_true",

@@ -118,13 +118,13 @@ def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, t
 
 def test_an_ablation_runs_each_method_again_with_one_setting_changed(tiny_model, tmp_path):
     out = tmp_path / "report"
-    compare("--methods", "lora", "--skip-base", "--ablate", "model.attn_implementation=eager", "--out", str(out),
+    compare("--methods", "lora", "--skip-quality", "--ablate", "model.attn_implementation=eager", "--out", str(out),
             "--work", str(tmp_path / "work"), *tiny_sets(tiny_model))
     results = json.loads((out / "results.json").read_text())
     main, ablated = results["records"]
     assert (main["kind"], ablated["kind"], ablated["change"]) == ("train", "ablation", "model.attn_implementation=eager")
     assert "model.attn_implementation=eager" in ablated["command"] and ablated["status"] == "ok"
-    assert ablated["run_dir"] != main["run_dir"]
+    assert ablated["run_dir"] != main["run_dir"] and "quality" not in main and "quality" not in ablated
     table = (out / "report.md").read_text().split("## Ablation", 1)[1].split("\n\n")[2]
     row = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
     assert row[:2] == ["LoRA (16-bit base)", "`model.attn_implementation=eager`"]
