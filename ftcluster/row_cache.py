@@ -56,7 +56,7 @@ def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
         if not split_rows:  # datasets cannot read back a dataset saved with no rows (no Arrow shard is written)
             continue
         columns = {"input_ids": [r["input_ids"] for r in split_rows], "labels": [r["labels"] for r in split_rows]}
-        if split_rows and "position_ids" in split_rows[0]:
+        if "position_ids" in split_rows[0]:
             columns["position_ids"] = [r["position_ids"] for r in split_rows]
         Dataset.from_dict(columns).save_to_disk(str(tmp / split))
     (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
