@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, port: int, args) -> None:
         profile.write()
     if rank == 0:
         for r in logged:
-            print(f"step {r.step}: {r.tokens_per_s:,.0f} tok/s  step {r.step_time_s:.3f} s  MFU {100 * (r.mfu or 0):.1f}%  "
+            print(f"step {r.step}: loss {r.loss:.4f}  {r.tokens_per_s:,.0f} tok/s  step {r.step_time_s:.3f} s  MFU {100 * (r.mfu or 0):.1f}%  "
                   f"peak {r.peak_allocated_gib} GiB", flush=True)
     dist.destroy_process_group()
 

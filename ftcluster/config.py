@@ -128,6 +128,10 @@ class DeepSpeedSection(Section):
     """A DeepSpeed JSON merged over the generated config (its keys win)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Keys merged over the generated config after ``config_file``, as nested dicts."""
+    nvtx_ranges: bool = False
+    """DeepSpeed's NVTX ranges, for a profile under Nsight Systems. Off by default: ZeRO-3 opens and closes one
+    around every gather, wait and release of every parameter, host time on every step (DeepSpeed turns them off
+    itself when it compiles)."""
 
 
 class ScalingSection(Section):
@@ -321,7 +325,8 @@ class RunConfig(Section):
         result."""
         body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
                                                      "tracking": True,
-                                                     "model": {"liger_kernel", "compile", "activation_offloading"}})
+                                                     "model": {"liger_kernel", "compile", "activation_offloading"},
+                                                     "deepspeed": {"nvtx_ranges"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -54,9 +54,10 @@ def test_zero2_buckets_hold_the_adapters_not_half_a_billion_elements(tiny_model,
     ds.step()
 
 
-def test_zero3_sizes_its_reduce_bucket_and_keeps_torchs_linear_under_checkpointing(tiny_model, process_group):
+def test_zero3_sizes_its_reduce_bucket_keeps_adapters_whole_and_torchs_linear_under_checkpointing(tiny_model, process_group):
     linear = torch.nn.functional.linear
-    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=3",
+    # r=8: every LoRA matrix of the tiny model is smaller than its smallest base matrix (k_proj, 2048 elements).
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=3", "lora.r=8",
                         "model.gradient_checkpointing=true", "training.micro_batch_size=2"])
     ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
     model = models.build_model(cfg, "cpu", deepspeed_setup.zero3_partition(ds_config))
@@ -66,5 +67,10 @@ def test_zero3_sizes_its_reduce_bucket_and_keeps_torchs_linear_under_checkpointi
     ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
     assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
     assert [b.buffer.numel() for b in ds.optimizer.ipg_buckets.values()] == [trainable]  # what it allocated
+    # LoRA's matrices stay whole on every rank (no gather or release each layer), the base's are partitioned.
+    persistent = {n for n, p in model.named_parameters() if p.ds_persist and p.ds_numel > model.config.hidden_size}
+    assert persistent and persistent == {n for n, p in model.named_parameters() if p.requires_grad}
+    import deepspeed.utils.nvtx
+    assert deepspeed.utils.nvtx.enable_nvtx is False  # no NVTX range around every gather without a profiler
     losses = tiny.engine_losses(ds, 3)
     assert losses[-1] < losses[0]
