@@ -103,6 +103,17 @@ class DataConfig(Section):
     """Loss on prompt tokens too. Off by default: loss on response tokens only."""
     text_field: str = "text"
     messages_field: str = "messages"
+    streaming: Literal["auto", "on", "off"] = "auto"
+    """Prepare rows in one pass over the source, holding ``shuffle_buffer`` examples rather than the corpus.
+    ``auto`` streams sources over 1 GiB (a file's size, a directory's files, a hub dataset's Arrow data); see
+    docs/design.md for what differs (a buffered shuffle, a hashed eval holdout)."""
+    shuffle_buffer: int = Field(10_000, gt=0)
+    """Examples held for the shuffle before packing when streaming."""
+
+    @field_validator("streaming", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class OptimizerConfig(Section):
@@ -271,6 +282,11 @@ class RunConfig(Section):
             if clash:
                 raise ValueError(f"model.compile=on with {clash}. Set model.compile=auto (compiles where it can) "
                                  "or off.")
+        if self.data.streaming == "on" and self.data.source.startswith("builtin:"):
+            raise ValueError(
+                f"data.streaming=on with data.source={self.data.source}: builtin datasets are made in memory. Stream "
+                "a file, directory or hub dataset, or set data.streaming=auto."
+            )
         if self.model.activation_offloading and not self.model.gradient_checkpointing:
             raise ValueError(
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,69 +25,134 @@ ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\
 
 # --- loading -----------------------------------------------------------------------------------------------------
 
-def _decoded(path: Path) -> str:
-    raw = path.read_bytes()
+def _utf8(path: Path, raw: bytes, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
+        line += raw.count(b"\n", 0, e.start)
         raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
 
 
-def _json_rows(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON lines. Read with Python's json, so every value is exactly as written: the
-    datasets loader would let pyarrow infer types (an answer that looks like a date becomes a timestamp)."""
-    text = _decoded(path)
-    if text.lstrip().startswith("["):
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        while head and not head.strip():
+            head = f.read(4096)
+    return head.lstrip().startswith(b"[")
+
+
+def _json_rows(path: Path):
+    """A JSON array of objects, or JSON lines, read line by line. Read with Python's json, so every value is exactly
+    as written: the datasets loader would let pyarrow infer types (an answer that looks like a date becomes a
+    timestamp). A JSON array is one document, read whole."""
+    if _is_json_array(path):
+        text = _utf8(path, path.read_bytes(), 1)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        numbered = list(enumerate(rows, 1))
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, row in enumerate(rows, 1):
+            yield n, _object(path, n, row)
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _utf8(path, raw, n)
             if not line.strip():
                 continue
             try:
-                numbered.append((n, json.loads(line)))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
-    for n, row in numbered:
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {n}: a JSON {type(row).__name__}, not an object of named fields")
-    return [row for _, row in numbered]
+            yield n, _object(path, n, row)
 
 
-def _csv_rows(path: Path) -> list[dict]:
+def _object(path: Path, n: int, row) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path} line {n}: a JSON {type(row).__name__}, not an object of named fields")
+    return row
+
+
+def _csv_rows(path: Path):
     """Rows of a CSV file with a header, every value the text as written."""
     import csv
     import io
 
-    return list(csv.DictReader(io.StringIO(_decoded(path), newline="")))
+    with io.TextIOWrapper(open(path, "rb"), encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} line {reader.line_num + 1}: not UTF-8 (byte 0x{e.object[e.start]:02x}); "
+                             "save the file as UTF-8") from None
 
 
-_READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows}
+def _parquet_rows(path: Path):
+    """Parquet stores its column types: nothing is inferred. Read a batch of rows at a time."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+_READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def _hub_split(cfg: DataConfig, split: str):
+    """A hub dataset or a local dataset directory, through datasets: kept on disk as Arrow files and memory-mapped."""
+    from datasets import load_dataset
+
+    path = Path(cfg.source).expanduser()
+    return load_dataset(str(path) if path.is_dir() else cfg.source, split=split)
+
+
+def iter_rows(cfg: DataConfig, split: str):
+    """(row number, row) for every row of ``split``, one at a time: no more of the source in memory than a line
+    (a JSON array excepted)."""
+    path = Path(cfg.source).expanduser()
+    if path.is_file():
+        if path.suffix not in _READERS:
+            raise ValueError(f"{cfg.source} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
+        yield from _READERS[path.suffix](path)
+        return
+    yield from enumerate(_hub_split(cfg, split), 1)
 
 
 def _load_split(cfg: DataConfig, split: str) -> list[dict]:
-    from datasets import load_dataset
+    rows = [row for _, row in iter_rows(cfg, split)]
+    if not rows and Path(cfg.source).expanduser().is_file():
+        raise ValueError(f"{cfg.source} holds no rows")
+    return rows
 
-    src = cfg.source
-    path = Path(src).expanduser()
+
+STREAM_ABOVE = 2**30
+"""Bytes of source above which ``data.streaming=auto`` streams."""
+
+
+def source_bytes(cfg: DataConfig) -> int:
+    """The source's size: a file's, a directory's files', a hub dataset's Arrow data (downloaded to disk first)."""
+    path = Path(cfg.source).expanduser()
     if path.is_file():
-        if path.suffix in _READERS:
-            rows = _READERS[path.suffix](path)
-        elif path.suffix == ".parquet":  # parquet stores its column types: nothing is inferred
-            rows = list(load_dataset("parquet", data_files={split: str(path)}, split=split))
-        else:
-            raise ValueError(f"{src} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
-        if not rows:
-            raise ValueError(f"{src} holds no rows")
-        return rows
+        return path.stat().st_size
     if path.is_dir():
-        return list(load_dataset(str(path), split=split))
-    return list(load_dataset(src, split=split))
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return _hub_split(cfg, cfg.split).data.nbytes
+
+
+def streams(cfg: DataConfig) -> bool:
+    """Whether rows are prepared in one streaming pass (``data.streaming``; ``auto``: sources over ``STREAM_ABOVE``
+    bytes, except a JSON array, which is one document and read whole either way)."""
+    if cfg.source.startswith("builtin:") or cfg.streaming == "off":
+        return False
+    if cfg.streaming == "on":
+        return True
+    path = Path(cfg.source).expanduser()
+    if path.is_file() and path.suffix == ".json" and _is_json_array(path):
+        return False
+    return source_bytes(cfg) > STREAM_ABOVE
 
 
 @dataclass
@@ -131,10 +196,9 @@ def load_examples(cfg: DataConfig, seed: int) -> Examples:
 
 
 def _with_answers(cfg: DataConfig, rows: list[dict], dropped: dict[str, int]) -> list[dict]:
-    kept = [r for r in rows if any(m["role"] == "assistant" for m in r[cfg.messages_field])]
+    kept = [r for r in rows if has_answer(cfg, r)]
     if len(kept) < len(rows):
-        dropped["chat rows without an assistant turn"] = dropped.get("chat rows without an assistant turn", 0) \
-            + len(rows) - len(kept)
+        dropped[NO_ANSWER] = dropped.get(NO_ANSWER, 0) + len(rows) - len(kept)
     return kept
 
 
@@ -142,33 +206,51 @@ def _kind(value) -> str:
     return "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r}), not text"
 
 
-def _check_rows(cfg: DataConfig, rows: list[dict], split: str) -> None:
-    """Every row has its format's fields, as text. The message names the row (1-based, in file order) and the
-    field, and what to set when the whole source has other fields."""
+def check_fields(cfg: DataConfig, row: dict) -> None:
+    """The first row has the fields its format needs; the message says what to set when the whole source has other
+    fields."""
     need = {"alpaca": ("instruction", "output"), "chat": (cfg.messages_field,), "text": (cfg.text_field,)}[cfg.format]
-    missing = [f for f in need if f not in rows[0]]
+    missing = [f for f in need if f not in row]
     if missing:
         raise ValueError(
-            f"data.format={cfg.format} needs fields {list(need)}, but {cfg.source} has {sorted(rows[0])}; "
+            f"data.format={cfg.format} needs fields {list(need)}, but {cfg.source} has {sorted(row)}; "
             f"set data.format (alpaca|chat|text) or data.text_field / data.messages_field"
         )
-    where = lambda i: f"{cfg.source} ({split}) row {i}"
+
+
+def check_row(cfg: DataConfig, row: dict, i: int, split: str) -> None:
+    """A row has its format's fields, as text. The message names the row (1-based, in file order) and the field."""
+    where = f"{cfg.source} ({split}) row {i}"
+    if cfg.format == "chat":
+        messages = row.get(cfg.messages_field)
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: field '{cfg.messages_field}' is {_kind(messages)}: a list of "
+                             "{role, content} messages is needed")
+        for j, m in enumerate(messages, 1):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: message {j} of '{cfg.messages_field}' needs 'role' and 'content' "
+                                 f"as text, got {m!r:.80}")
+        return
+    need = {"alpaca": ("instruction", "output"), "text": (cfg.text_field,)}[cfg.format]
+    for f in need:
+        if not isinstance(row.get(f), str):
+            raise ValueError(f"{where}: field '{f}' is {_kind(row.get(f))}")
+    if cfg.format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
+        raise ValueError(f"{where}: field 'input' is {_kind(row['input'])}")
+
+
+def _check_rows(cfg: DataConfig, rows: list[dict], split: str) -> None:
+    check_fields(cfg, rows[0])
     for i, row in enumerate(rows, 1):
-        if cfg.format == "chat":
-            messages = row.get(cfg.messages_field)
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where(i)}: field '{cfg.messages_field}' is {_kind(messages)}: a list of "
-                                 "{role, content} messages is needed")
-            for j, m in enumerate(messages, 1):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{where(i)}: message {j} of '{cfg.messages_field}' needs 'role' and 'content' "
-                                     f"as text, got {m!r:.80}")
-            continue
-        for f in need:
-            if not isinstance(row.get(f), str):
-                raise ValueError(f"{where(i)}: field '{f}' is {_kind(row.get(f))}")
-        if cfg.format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
-            raise ValueError(f"{where(i)}: field 'input' is {_kind(row['input'])}")
+        check_row(cfg, row, i, split)
+
+
+def has_answer(cfg: DataConfig, row: dict) -> bool:
+    """Chat rows need an assistant turn to train on; rows without one are dropped and counted."""
+    return cfg.format != "chat" or any(m["role"] == "assistant" for m in row[cfg.messages_field])
+
+
+NO_ANSWER = "chat rows without an assistant turn"
 
 
 # --- rendering and tokenizing ------------------------------------------------------------------------------------
@@ -235,20 +317,36 @@ def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
 
 # --- packing and batching ----------------------------------------------------------------------------------------
 
+class Packer:
+    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens, with per-example position ids:
+    examples go in one at a time, and a row comes out when the next example does not fit beside it."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.row = max_len, self._empty()
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"input_ids": [], "labels": [], "position_ids": []}
+
+    def add(self, ex: dict) -> dict | None:
+        n, full = len(ex["input_ids"]), None
+        if self.row["input_ids"] and len(self.row["input_ids"]) + n > self.max_len:
+            full, self.row = self.row, self._empty()
+        self.row["input_ids"] += ex["input_ids"]
+        self.row["labels"] += ex["labels"]
+        self.row["position_ids"] += range(n)
+        return full
+
+    def flush(self) -> dict | None:
+        last, self.row = self.row, self._empty()
+        return last if last["input_ids"] else None
+
+
 def pack(examples: list[dict], max_len: int) -> list[dict]:
-    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens, with per-example position ids."""
-    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
-    for ex in examples:
-        n = len(ex["input_ids"])
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_len:
-            rows.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] += ex["input_ids"]
-        cur["labels"] += ex["labels"]
-        cur["position_ids"] += list(range(n))
-    if cur["input_ids"]:
-        rows.append(cur)
-    return rows
+    packer = Packer(max_len)
+    rows = [row for ex in examples if (row := packer.add(ex)) is not None]
+    last = packer.flush()
+    return rows + [last] if last is not None else rows
 
 
 def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -341,11 +439,14 @@ class RowStats:
     tokens: int
     longest: int
     median: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Source rows left out before tokenizing, by reason (see ``Examples.dropped``)."""
 
     def describe(self, max_seq_len: int) -> str:
+        left_out = "".join(f"; {n} {why} dropped" for why, n in self.dropped.items())
         return (f"{self.examples} examples -> {self.rows} rows, {self.tokens:,} tokens; {self.truncated} cut to "
                 f"data.max_seq_len={max_seq_len}, {self.no_target} dropped with no answer token left (longest "
-                f"example {self.longest} tokens, median {self.median})")
+                f"example {self.longest} tokens, median {self.median}){left_out}")
 
 
 def build_rows(tokenizer, examples: list[dict], cfg: DataConfig, seed: int) -> tuple[list[dict], RowStats]:

@@ -15,24 +15,21 @@ def check_inputs(cfg: RunConfig) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftcluster import data, models
-
-    try:
-        examples = data.load_examples(cfg.data, cfg.training.seed)
-    except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
-        raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
+    from ftcluster import models
 
     if cfg.model.name_or_path == EMBEDDED_MODEL:
         embedded.checkpoint_dir()  # convert once here rather than in every worker
+    tokenizer = models.load_tokenizer(cfg.model)
+    try:
+        by_split, stats, where = row_cache.rows_for(tokenizer, cfg.data, cfg.training.seed, cfg.output.storage_path)
+    except Exception as e:  # noqa: BLE001 - any failure to read the data is the user's to fix, named here
+        raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
     hf = models.load_hf_config(cfg.model)
     kernels.check_driver(cfg, hf.model_type)
     if cfg.trains_adapter:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf)
         models.check_target_modules(meta, cfg)
-
-    by_split, stats, where = row_cache.prepared(models.load_tokenizer(cfg.model), examples, cfg.data,
-                                                cfg.training.seed, cfg.output.storage_path)
     rows = by_split["train"]
     if not rows:
         raise ConfigError(
@@ -43,8 +40,7 @@ def check_inputs(cfg: RunConfig) -> str:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
-    dropped = "".join(f"; {n} {why} dropped" for why, n in examples.dropped.items())
-    return f"data: {stats.describe(cfg.data.max_seq_len)}{dropped}; {where}"
+    return f"data: {stats.describe(cfg.data.max_seq_len)}; {where}"
 
 
 def visible_gpu_memory_gib() -> float | None:

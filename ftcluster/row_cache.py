@@ -1,11 +1,12 @@
 """Tokenized, packed rows prepared once and kept on disk: the driver tokenizes and packs while it checks the data,
 saves the rows as Arrow files under ``<output.storage_path>/.rows/<key>/`` (storage every node sees), and each
-worker memory-maps them instead of tokenizing the whole corpus again. A later run with the same data config,
+worker memory-maps them instead of tokenizing the whole corpus again. A corpus larger than memory is prepared the
+same way in one streaming pass (``ftcluster/streaming.py``). A later run with the same data config,
 tokenizer and examples finds them and says so.
 
 The key hashes what decides the rows: the data config, the seed (it shuffles before packing), the tokenizer (its
 full serialization and chat template) and the examples' text. Changing any of them makes new rows; nothing is
-ever reused for different inputs. Rows are read with ``datasets.load_from_disk``, which memory-maps the Arrow
+ever reused for different inputs. Rows are read with ``datasets.Dataset.from_file``, which memory-maps the Arrow
 files: a worker holds the pages it touches, not a copy of the corpus.
 """
 
@@ -32,9 +33,15 @@ def _tokenizer_identity(tokenizer) -> str:
                            + str(tokenizer.eos_token)).encode()).hexdigest()
 
 
+FORMAT = 2
+"""How rows are stored (2: one Arrow stream file per split, int32 token lists). In every key, so a cache written
+in another format is never read."""
+
+
 def key(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.model_dump(mode="json"), "seed": seed}, sort_keys=True).encode())
+    h.update(json.dumps({"data": cfg.model_dump(mode="json"), "seed": seed, "format": FORMAT},
+                        sort_keys=True).encode())
     h.update(_tokenizer_identity(tokenizer).encode())
     for split in SPLITS:
         h.update(json.dumps(getattr(examples, split), sort_keys=True, default=str).encode())
@@ -45,20 +52,59 @@ def directory(storage_path: str | Path, k: str) -> Path:
     return Path(storage_path).expanduser().resolve() / ".rows" / k
 
 
-def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
-    """Write each split's rows and the train split's stats, atomically: a directory renamed into place, so a
-    reader never sees half a cache and two writers of the same key leave one."""
-    from datasets import Dataset
+class RowWriter:
+    """Rows appended to one Arrow stream file a batch at a time, so writing holds one batch (about 64k tokens, 4
+    bytes each), never the split. ``datasets.Dataset.from_file`` memory-maps the file back."""
 
+    BATCH_TOKENS = 1 << 16
+
+    def __init__(self, file: Path):
+        self.file, self.rows, self.batch, self.tokens, self.writer = file, 0, [], 0, None
+
+    def add(self, row: dict) -> None:
+        import numpy as np
+
+        self.batch.append({k: np.asarray(v, dtype=np.int32) for k, v in row.items()})
+        self.tokens += len(row["input_ids"])
+        if self.tokens >= self.BATCH_TOKENS:
+            self._write()
+
+    def _write(self) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        if not self.batch:
+            return
+        names = [k for k in ("input_ids", "labels", "position_ids") if k in self.batch[0]]
+        lengths = [0] + [len(r["input_ids"]) for r in self.batch]
+        offsets = pa.array(np.cumsum(lengths, dtype=np.int32))
+        columns = [pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([r[k] for r in self.batch])))
+                   for k in names]
+        table = pa.record_batch(columns, names=names)
+        if self.writer is None:
+            self.writer = pa.ipc.new_stream(str(self.file), table.schema)
+        self.writer.write_batch(table)
+        self.rows += len(self.batch)
+        self.batch, self.tokens = [], 0
+
+    def close(self) -> int:
+        """Write what is left; returns the rows written. A split with no rows leaves no file."""
+        self._write()
+        if self.writer is not None:
+            self.writer.close()
+        return self.rows
+
+
+def new_directory(path: Path) -> Path:
+    """A fresh temporary directory beside ``path``, to fill and then ``publish`` under ``path``."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    for split, split_rows in rows.items():
-        if not split_rows:  # datasets cannot read back a dataset saved with no rows (no Arrow shard is written)
-            continue
-        columns = {"input_ids": [r["input_ids"] for r in split_rows], "labels": [r["labels"] for r in split_rows]}
-        if "position_ids" in split_rows[0]:
-            columns["position_ids"] = [r["position_ids"] for r in split_rows]
-        Dataset.from_dict(columns).save_to_disk(str(tmp / split))
+    return tmp
+
+
+def publish(tmp: Path, path: Path, stats: data.RowStats) -> None:
+    """Write the stats and rename the filled directory into place, atomically: a reader never sees half a cache,
+    and of two writers of the same key one wins and the other's copy is removed."""
     (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
     try:
         os.rename(tmp, path)
@@ -66,13 +112,25 @@ def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
+    """Write each split's rows and the train split's stats, atomically."""
+    tmp = new_directory(path)
+    for split, split_rows in rows.items():
+        writer = RowWriter(tmp / f"{split}.arrow")
+        for row in split_rows:
+            writer.add(row)
+        writer.close()
+    publish(tmp, path, stats)
+
+
 def load(path: Path) -> tuple[dict, data.RowStats] | None:
     """The splits (memory-mapped Arrow datasets, indexable like lists of rows) and the stats, or None."""
     if not (path / "stats.json").exists():
         return None
-    from datasets import load_from_disk
+    from datasets import Dataset
 
-    rows = {split: load_from_disk(str(path / split)) if (path / split).exists() else [] for split in SPLITS}
+    rows = {split: Dataset.from_file(str(path / f"{split}.arrow")) if (path / f"{split}.arrow").exists() else []
+            for split in SPLITS}
     return rows, data.RowStats(**json.loads((path / "stats.json").read_text()))
 
 
@@ -86,6 +144,17 @@ def prepared(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int,
         rows, stats = found
         return rows, stats, f"rows reused from {path} (no tokenizing)"
     train, stats = data.build_rows(tokenizer, examples.train, cfg, seed)
+    stats.dropped = dict(examples.dropped)
     evaluation = data.build_rows(tokenizer, examples.evaluation, cfg, seed)[0] if examples.evaluation else []
     save(path, {"train": train, "evaluation": evaluation}, stats)
     return {"train": train, "evaluation": evaluation}, stats, f"rows saved to {path}"
+
+
+def rows_for(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) -> tuple[dict, data.RowStats, str]:
+    """The run's rows by split, its stats and a line saying where they came from: streamed in one pass over the
+    source when ``data.streams``, else from the examples read whole."""
+    if data.streams(cfg):
+        from ftcluster import streaming
+
+        return streaming.prepared(tokenizer, cfg, seed, storage_path)
+    return prepared(tokenizer, data.load_examples(cfg, seed), cfg, seed, storage_path)

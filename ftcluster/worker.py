@@ -55,12 +55,11 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     phases = Phases(rank)
 
     tokenizer = models.load_tokenizer(cfg.model)
-    examples = data.load_examples(cfg.data, cfg.training.seed)
     pad_to = cfg.data.max_seq_len if cfg.data.packing else None
     shard = lambda rows, mb, acc: data.ShardedBatches(
         rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
     # The driver prepared the rows while checking the data (row_cache): this memory-maps them.
-    rows, _, where = row_cache.prepared(tokenizer, examples, cfg.data, cfg.training.seed, cfg.output.storage_path)
+    rows, _, where = row_cache.rows_for(tokenizer, cfg.data, cfg.training.seed, cfg.output.storage_path)
     train_rows, eval_rows = rows["train"], rows["evaluation"]
     batches = shard(train_rows, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None

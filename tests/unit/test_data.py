@@ -220,3 +220,112 @@ def test_other_inputs_make_other_rows(tok, tmp_path):
     changed = data.Examples(train=[{**examples.train[0], "output": "other"}] + examples.train[1:],
                             evaluation=examples.evaluation, dropped=examples.dropped)
     assert row_cache.key(tok, changed, cfg, 3) != k
+
+
+# --- streaming ---------------------------------------------------------------------------------------------------
+
+def _corpus(path, n, words=12):
+    """An alpaca JSONL of ``n`` distinct examples of varied length."""
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"Explain item {i}: " + "detail " * (i % words),
+                                "output": f"Item {i} is " + "fine " * (1 + i % 7)}) + "\n")
+    return path
+
+
+def _as_multiset(rows):
+    return sorted(tuple(r["input_ids"]) + (-1,) + tuple(r["labels"]) for r in rows)
+
+
+def test_a_streamed_corpus_gives_the_rows_and_counts_of_the_corpus_read_whole(tok, tmp_path):
+    from ftcluster import row_cache, streaming
+
+    src = _corpus(tmp_path / "d.jsonl", 300)
+    for packing in (False, True):
+        cfg = DataConfig(source=str(src), max_seq_len=48, eval_fraction=0.0, packing=packing, shuffle_buffer=50)
+        whole, whole_stats, _ = row_cache.prepared(tok, data.load_examples(cfg, 3), cfg, 3, tmp_path / "whole")
+        streamed, stats, line = streaming.prepared(tok, cfg, 3, tmp_path / "streamed")
+        assert line.startswith(f"rows streamed from {src} in one pass")
+        assert stats == whole_stats and stats.truncated > 0
+        if packing:  # the buffered shuffle packs other neighbours together, so compare what the rows hold
+            assert sum(len(r["input_ids"]) for r in streamed["train"]) == stats.tokens == whole_stats.tokens
+            assert max(len(r["input_ids"]) for r in streamed["train"]) <= 48
+        else:
+            assert _as_multiset(streamed["train"]) == _as_multiset(whole["train"])
+
+
+def test_streaming_holds_a_buffer_not_the_corpus_and_the_workers_read_no_examples(tok, tmp_path, monkeypatch):
+    import tracemalloc
+
+    from ftcluster import row_cache
+
+    import datasets  # noqa: F401 - imported before tracing: a first import's objects are not the corpus
+    import pyarrow  # noqa: F401
+
+    src = _corpus(tmp_path / "big.jsonl", 12_000, words=60)
+    size = src.stat().st_size
+    cfg = DataConfig(source=str(src), max_seq_len=128, streaming="on", shuffle_buffer=64, eval_fraction=0.05)
+    data.tokenize_example(tok, data.load_examples(DataConfig(), 0).train[0], DataConfig())  # the tokenizer warm
+    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 4096)  # its batch is a constant, sized for corpora
+    tracemalloc.start()
+    rows, stats, line = row_cache.rows_for(tok, cfg, 3, tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "one pass" in line and len(rows["evaluation"]) > 0 and len(rows["train"]) > 1000
+    assert peak < size / 3, f"streaming held {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB corpus"
+
+    tracemalloc.start()
+    data.load_examples(cfg.model_copy(update={"streaming": "off"}), 3)
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert whole_peak > size  # what streaming saves: the examples read whole hold more than the file
+
+    # A worker (and a second run) finds the rows by the file's identity, reading no example.
+    monkeypatch.setattr(data, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
+    again, stats2, line2 = row_cache.rows_for(tok, cfg, 3, tmp_path)
+    assert line2.startswith("rows reused from ") and stats2 == stats and len(again["train"]) == len(rows["train"])
+    assert _batches(again["train"]) == _batches(rows["train"])
+
+
+def test_streamed_holdout_is_a_seeded_fraction_disjoint_from_train(tok, tmp_path):
+    from ftcluster import streaming
+
+    src = _corpus(tmp_path / "d.jsonl", 2000)
+    cfg = DataConfig(source=str(src), max_seq_len=512, packing=False, eval_fraction=0.1, shuffle_buffer=100)
+    rows, stats, _ = streaming.prepared(tok, cfg, 3, tmp_path / "a")
+    again, _, _ = streaming.prepared(tok, cfg, 3, tmp_path / "b")
+    assert stats.no_target == 0 and 150 < len(rows["evaluation"]) < 250
+    assert stats.examples + len(rows["evaluation"]) == 2000
+    assert not set(_as_multiset(rows["evaluation"])) & set(_as_multiset(rows["train"]))
+    assert _as_multiset(again["evaluation"]) == _as_multiset(rows["evaluation"])  # the same in every process
+    other, _, _ = streaming.prepared(tok, cfg, 4, tmp_path / "c")
+    assert _as_multiset(other["evaluation"]) != _as_multiset(rows["evaluation"])
+
+
+def test_which_sources_stream(tmp_path, monkeypatch):
+    from ftcluster import config as C
+
+    src = _corpus(tmp_path / "d.jsonl", 10)
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 10))
+    assert not data.streams(DataConfig(source=str(src)))  # 1 KB: read whole
+    monkeypatch.setattr(data, "STREAM_ABOVE", 100)
+    assert data.streams(DataConfig(source=str(src)))
+    assert not data.streams(DataConfig(source=str(array)))  # one JSON document: read whole either way
+    assert not data.streams(DataConfig(source=str(src), streaming="off"))
+    assert not data.streams(DataConfig(source="builtin:pydoc"))
+    with pytest.raises(C.ConfigError, match="data.streaming=on with data.source=builtin:pydoc"):
+        C.load(None, ["data.streaming=on"])
+
+
+def test_a_bad_row_in_a_streamed_corpus_is_named_and_leaves_no_rows_behind(tok, tmp_path):
+    from ftcluster import streaming
+
+    src = _corpus(tmp_path / "d.jsonl", 50)
+    lines = src.read_text().splitlines()
+    lines[40] = json.dumps({"instruction": "x"})
+    src.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source=str(src), streaming="on")
+    with pytest.raises(ValueError, match=r"row 41: field 'output' is missing"):
+        streaming.prepared(tok, cfg, 3, tmp_path / "s")
+    assert not list((tmp_path / "s" / ".rows").iterdir())
