@@ -109,6 +109,8 @@ class DataConfig(Section):
     docs/design.md for what differs (a buffered shuffle, a hashed eval holdout)."""
     shuffle_buffer: int = Field(10_000, gt=0)
     """Examples held for the shuffle before packing when streaming."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes that tokenize when streaming (default: the host's cores, at most 8)."""
 
     @field_validator("streaming", mode="before")
     @classmethod
@@ -342,7 +344,7 @@ class RunConfig(Section):
         body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
                                                      "tracking": True,
                                                      "model": {"liger_kernel", "compile", "activation_offloading"},
-                                                     "deepspeed": {"nvtx_ranges"}})
+                                                     "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -40,7 +40,7 @@ in another format is never read."""
 
 def key(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.model_dump(mode="json"), "seed": seed, "format": FORMAT},
+    h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed, "format": FORMAT},
                         sort_keys=True).encode())
     h.update(_tokenizer_identity(tokenizer).encode())
     for split in SPLITS:

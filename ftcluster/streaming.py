@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import random
 from array import array
 from pathlib import Path
@@ -41,7 +42,8 @@ def source_identity(cfg: DataConfig) -> str:
 
 def key(tokenizer, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.model_dump(mode="json"), "seed": seed, "format": row_cache.FORMAT,
+    h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed,
+                         "format": row_cache.FORMAT,
                          "streamed": True}, sort_keys=True).encode())
     h.update(row_cache._tokenizer_identity(tokenizer).encode())
     h.update(source_identity(cfg).encode())
@@ -128,24 +130,69 @@ def _examples(cfg: DataConfig, split: str, dropped: dict[str, int]):
         raise ValueError(f"{cfg.source} ({split}) holds no rows")
 
 
+def _routed(cfg: DataConfig, seed: int, dropped: dict[str, int]):
+    """(is_eval, example) for every example of the pass, in source order."""
+    kept = 0
+    for n, ex in _examples(cfg, cfg.split, dropped):
+        if not cfg.eval_split and cfg.eval_fraction > 0 and held_out(seed, n, cfg.eval_fraction):
+            yield True, ex
+            continue
+        yield False, ex
+        kept += 1
+        if cfg.max_examples and kept == cfg.max_examples:
+            break
+    if cfg.eval_split:
+        for _, ex in _examples(cfg, cfg.eval_split, dropped):
+            yield True, ex
+
+
+CHUNK = 256
+"""Examples a tokenizing process takes at a time."""
+
+_worker: tuple = ()
+
+
+def _start_worker(tokenizer, cfg: DataConfig) -> None:
+    global _worker
+    _worker = (tokenizer, cfg)
+
+
+def _tokenize_chunk(chunk: list[tuple[bool, dict]]) -> list[tuple[bool, dict]]:
+    tokenizer, cfg = _worker
+    return [(is_eval, data.tokenize_example(tokenizer, ex, cfg)) for is_eval, ex in chunk]
+
+
+def _tokenized(tokenizer, cfg: DataConfig, routed, processes: int):
+    """``routed`` tokenized, in order, by ``processes`` processes (forked, each given the tokenizer once); at most
+    two chunks per process are in flight, so reading never runs ahead of tokenizing by more than that."""
+    if processes <= 1:
+        for is_eval, ex in routed:
+            yield is_eval, data.tokenize_example(tokenizer, ex, cfg)
+        return
+    import concurrent.futures
+    import itertools
+    import multiprocessing
+
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                                initializer=_start_worker, initargs=(tokenizer, cfg)) as pool:
+        while True:
+            while len(pending) < 2 * processes and (chunk := list(itertools.islice(routed, CHUNK))):
+                pending.append(pool.submit(_tokenize_chunk, chunk))
+            if not pending:
+                return
+            yield from pending.popleft().result()
+
+
 def build(tokenizer, cfg: DataConfig, seed: int, tmp: Path) -> data.RowStats:
     """One pass over the source (and ``data.eval_split``'s), writing each split's rows into ``tmp``; returns the
     train split's stats."""
     dropped: dict[str, int] = {}
     train = SplitRows(tmp / "train.arrow", cfg, seed)
     evaluation = SplitRows(tmp / "evaluation.arrow", cfg, seed)
-    kept = 0
-    for n, ex in _examples(cfg, cfg.split, dropped):
-        if not cfg.eval_split and cfg.eval_fraction > 0 and held_out(seed, n, cfg.eval_fraction):
-            evaluation.add(data.tokenize_example(tokenizer, ex, cfg))
-            continue
-        train.add(data.tokenize_example(tokenizer, ex, cfg))
-        kept += 1
-        if cfg.max_examples and kept == cfg.max_examples:
-            break
-    if cfg.eval_split:
-        for _, ex in _examples(cfg, cfg.eval_split, dropped):
-            evaluation.add(data.tokenize_example(tokenizer, ex, cfg))
+    processes = cfg.num_proc or min(8, os.cpu_count() or 1)
+    for is_eval, tokenized in _tokenized(tokenizer, cfg, _routed(cfg, seed, dropped), processes):
+        (evaluation if is_eval else train).add(tokenized)
     evaluation.close()
     stats = train.close()
     stats.dropped = dropped

@@ -264,9 +264,15 @@ def test_streaming_holds_a_buffer_not_the_corpus_and_the_workers_read_no_example
 
     src = _corpus(tmp_path / "big.jsonl", 12_000, words=60)
     size = src.stat().st_size
-    cfg = DataConfig(source=str(src), max_seq_len=128, streaming="on", shuffle_buffer=64, eval_fraction=0.05)
+    cfg = DataConfig(source=str(src), max_seq_len=128, streaming="on", shuffle_buffer=64, eval_fraction=0.05,
+                     num_proc=2)
     data.tokenize_example(tok, data.load_examples(DataConfig(), 0).train[0], DataConfig())  # the tokenizer warm
-    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 4096)  # its batch is a constant, sized for corpora
+    from ftcluster import streaming
+
+    # The writer's batch and the examples in flight to the tokenizing processes are constants sized for corpora of
+    # gigabytes; made small here so that the corpus would show if it were held.
+    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 4096)
+    monkeypatch.setattr(streaming, "CHUNK", 16)
     tracemalloc.start()
     rows, stats, line = row_cache.rows_for(tok, cfg, 3, tmp_path)
     peak = tracemalloc.get_traced_memory()[1]
@@ -291,9 +297,11 @@ def test_streamed_holdout_is_a_seeded_fraction_disjoint_from_train(tok, tmp_path
     from ftcluster import streaming
 
     src = _corpus(tmp_path / "d.jsonl", 2000)
-    cfg = DataConfig(source=str(src), max_seq_len=512, packing=False, eval_fraction=0.1, shuffle_buffer=100)
+    cfg = DataConfig(source=str(src), max_seq_len=512, packing=False, eval_fraction=0.1, shuffle_buffer=100,
+                     num_proc=2)
     rows, stats, _ = streaming.prepared(tok, cfg, 3, tmp_path / "a")
-    again, _, _ = streaming.prepared(tok, cfg, 3, tmp_path / "b")
+    again, _, _ = streaming.prepared(tok, cfg.model_copy(update={"num_proc": 1}), 3, tmp_path / "b")
+    assert again["train"][:] == rows["train"][:]  # tokenized by two processes or one: the same rows, in order
     assert stats.no_target == 0 and 150 < len(rows["evaluation"]) < 250
     assert stats.examples + len(rows["evaluation"]) == 2000
     assert not set(_as_multiset(rows["evaluation"])) & set(_as_multiset(rows["train"]))
