@@ -205,6 +205,9 @@ class RayConfig(Section):
     start_attempts: int = Field(3, ge=0)
     """Times Ray Train may try to start the worker group (a minute each) before the run fails: bounds the wait when
     resources vanish mid-run."""
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Ray Train's own log lines on the console. At INFO its workers print a "Reporting training result" line with
+    every report, beside ftcluster's own progress line; its warnings and errors always show."""
 
 
 class MLflowConfig(Section):

@@ -84,7 +84,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
 def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_phases: dict) -> dict:
     """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ftcluster.worker import train_loop_per_worker
@@ -106,6 +106,7 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures,
                                          controller_failure_limit=cfg.ray.start_attempts),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=cfg.ray.train_log_level),
             callbacks=[ProgressLog(str(run_dir), started)],
         ),
     )

@@ -91,6 +91,18 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     return loop, tokenizer
 
 
+def quiet_ray_train_reports(level: str) -> None:
+    """Ray Train logs an INFO line with the whole metrics dict at every ``ray.train.report``, beside our own
+    progress line. ``RunConfig(logging_config=...)`` does not reach it: its filter matches loggers named
+    ``ray.train*`` (ray-project/ray#61550), and this one is named by its file's path
+    (``logging.getLogger(__file__)`` in ray/train/v2/_internal/execution/context.py, Ray 2.60)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray."""
     import ray
@@ -98,6 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg = from_dict(config)
+    quiet_ray_train_reports(cfg.ray.train_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
