@@ -101,7 +101,7 @@ def _parquet_rows(path: Path):
 _READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
-def _hub_split(cfg: DataConfig, split: str):
+def hub_split(cfg: DataConfig, split: str):
     """A hub dataset or a local dataset directory, through datasets: kept on disk as Arrow files and memory-mapped."""
     from datasets import load_dataset
 
@@ -118,7 +118,7 @@ def iter_rows(cfg: DataConfig, split: str):
             raise ValueError(f"{cfg.source} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
         yield from _READERS[path.suffix](path)
         return
-    yield from enumerate(_hub_split(cfg, split), 1)
+    yield from enumerate(hub_split(cfg, split), 1)
 
 
 def _load_split(cfg: DataConfig, split: str) -> list[dict]:
@@ -139,7 +139,7 @@ def source_bytes(cfg: DataConfig) -> int:
         return path.stat().st_size
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return _hub_split(cfg, cfg.split).data.nbytes
+    return hub_split(cfg, cfg.split).data.nbytes
 
 
 def streams(cfg: DataConfig) -> bool:

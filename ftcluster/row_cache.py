@@ -26,7 +26,7 @@ from ftcluster.config import DataConfig
 SPLITS = ("train", "evaluation")
 
 
-def _tokenizer_identity(tokenizer) -> str:
+def tokenizer_identity(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256((type(tokenizer).__name__ + body + str(tokenizer.chat_template or "")
@@ -42,7 +42,7 @@ def key(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed, "format": FORMAT},
                         sort_keys=True).encode())
-    h.update(_tokenizer_identity(tokenizer).encode())
+    h.update(tokenizer_identity(tokenizer).encode())
     for split in SPLITS:
         h.update(json.dumps(getattr(examples, split), sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

@@ -11,7 +11,7 @@ Two things differ from rows made from examples read whole, because both need the
   ``data.eval_fraction`` of them, rather than exactly that many.
 
 The cache key names the source by its identity rather than its text (a file's path, size and modification time; a
-directory's files'; a hub dataset's fingerprint), so a later run finds the rows without reading the corpus.
+directory's files'; a hub dataset's Arrow files in datasets' cache), so a later run finds the rows without reading the corpus.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def source_identity(cfg: DataConfig) -> str:
     if path.is_dir():
         return "\n".join(stamp(f) for f in sorted(path.rglob("*")) if f.is_file())
     splits = [cfg.split] + ([cfg.eval_split] if cfg.eval_split else [])
-    return cfg.source + "".join(f":{data._hub_split(cfg, s)._fingerprint}" for s in splits)
+    # A hub dataset is kept as Arrow files in datasets' cache: name it by those, as a directory by its files.
+    files = sorted({Path(f["filename"]) for s in splits for f in data.hub_split(cfg, s).cache_files})
+    return cfg.source + "\n" + "\n".join(stamp(f) for f in files)
 
 
 def key(tokenizer, cfg: DataConfig, seed: int) -> str:
@@ -45,7 +47,7 @@ def key(tokenizer, cfg: DataConfig, seed: int) -> str:
     h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed,
                          "format": row_cache.FORMAT,
                          "streamed": True}, sort_keys=True).encode())
-    h.update(row_cache._tokenizer_identity(tokenizer).encode())
+    h.update(row_cache.tokenizer_identity(tokenizer).encode())
     h.update(source_identity(cfg).encode())
     return h.hexdigest()[:16]
 

@@ -337,3 +337,19 @@ def test_a_bad_row_in_a_streamed_corpus_is_named_and_leaves_no_rows_behind(tok, 
     with pytest.raises(ValueError, match=r"row 41: field 'output' is missing"):
         streaming.prepared(tok, cfg, 3, tmp_path / "s")
     assert not list((tmp_path / "s" / ".rows").iterdir())
+
+
+def test_a_dataset_directory_streams_through_datasets_and_is_found_again_by_its_cached_files(tok, tmp_path,
+                                                                                              monkeypatch):
+    from ftcluster import row_cache
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    _corpus(folder / "part.jsonl", 200)
+    cfg = DataConfig(source=str(folder), max_seq_len=512, packing=False, eval_fraction=0.0, streaming="on")
+    rows, stats, line = row_cache.rows_for(tok, cfg, 3, tmp_path / "s")
+    whole, _, _ = row_cache.rows_for(tok, cfg.model_copy(update={"streaming": "off"}), 3, tmp_path / "w")
+    assert "one pass" in line and stats.examples == 200
+    assert _as_multiset(rows["train"]) == _as_multiset(whole["train"])
+    monkeypatch.setattr(data, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
+    assert row_cache.rows_for(tok, cfg, 3, tmp_path / "s")[2].startswith("rows reused from ")
