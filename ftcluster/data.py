@@ -9,6 +9,7 @@ another example. The first label of every example is -100, so no example is trai
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -103,10 +104,16 @@ _READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows, ".parq
 
 def hub_split(cfg: DataConfig, split: str):
     """A hub dataset or a local dataset directory, through datasets: kept on disk as Arrow files and memory-mapped."""
+    path = Path(cfg.source).expanduser()
+    return _loaded(str(path) if path.is_dir() else cfg.source, split)
+
+
+@functools.cache
+def _loaded(source: str, split: str):
+    # Once a process: choosing the path (its size), naming the rows (its files) and reading it each ask for it.
     from datasets import load_dataset
 
-    path = Path(cfg.source).expanduser()
-    return load_dataset(str(path) if path.is_dir() else cfg.source, split=split)
+    return load_dataset(source, split=split)
 
 
 def iter_rows(cfg: DataConfig, split: str):
@@ -206,10 +213,14 @@ def _kind(value) -> str:
     return "missing" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r}), not text"
 
 
+def _needed(cfg: DataConfig) -> tuple[str, ...]:
+    return {"alpaca": ("instruction", "output"), "chat": (cfg.messages_field,), "text": (cfg.text_field,)}[cfg.format]
+
+
 def check_fields(cfg: DataConfig, row: dict) -> None:
     """The first row has the fields its format needs; the message says what to set when the whole source has other
     fields."""
-    need = {"alpaca": ("instruction", "output"), "chat": (cfg.messages_field,), "text": (cfg.text_field,)}[cfg.format]
+    need = _needed(cfg)
     missing = [f for f in need if f not in row]
     if missing:
         raise ValueError(
@@ -231,8 +242,7 @@ def check_row(cfg: DataConfig, row: dict, i: int, split: str) -> None:
                 raise ValueError(f"{where}: message {j} of '{cfg.messages_field}' needs 'role' and 'content' "
                                  f"as text, got {m!r:.80}")
         return
-    need = {"alpaca": ("instruction", "output"), "text": (cfg.text_field,)}[cfg.format]
-    for f in need:
+    for f in _needed(cfg):
         if not isinstance(row.get(f), str):
             raise ValueError(f"{where}: field '{f}' is {_kind(row.get(f))}")
     if cfg.format == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
