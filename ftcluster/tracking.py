@@ -111,7 +111,13 @@ class _WandB:
         self.run.log(values, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before W&B's service process has written everything (the last history row of an offline
+        # run went missing in CI); teardown waits for it. W&B's own teardown runs at interpreter exit, which a
+        # Ray worker killed at the end of a run may never reach.
+        wandb.teardown()
 
 
 class Trackers:
