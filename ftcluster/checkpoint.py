@@ -35,7 +35,7 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
     model = engine.module
     rank = _rank()
     if cfg.trains_adapter:
-        if cfg.deepspeed.zero_stage == 3:
+        if engine.zero_optimization_partition_weights():
             import deepspeed
 
             trainable = [p for p in model.parameters() if p.requires_grad]

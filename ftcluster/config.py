@@ -141,6 +141,11 @@ class DeepSpeedSection(Section):
     """A DeepSpeed JSON merged over the generated config (its keys win)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Keys merged over the generated config after ``config_file``, as nested dicts."""
+    zero3_frozen: Literal["auto", "layers", "deepspeed"] = "auto"
+    """Who partitions a frozen base (LoRA, QLoRA) under ZeRO-3. ``layers``: ftcluster's layer shards
+    (ftcluster/layer_shards.py), one gather per decoder layer and pass, the adapters under DeepSpeed's ZeRO-2;
+    ``deepspeed``: DeepSpeed's ZeRO-3 for every parameter. ``auto``: layers where they apply (gradient
+    checkpointing on, no parameter offload, no trainable base parameters), DeepSpeed otherwise."""
     nvtx_ranges: bool = False
     """DeepSpeed's NVTX ranges, for a profile under Nsight Systems. Off by default: ZeRO-3 opens and closes one
     around every gather, wait and release of every parameter, host time on every step (DeepSpeed turns them off
@@ -297,6 +302,9 @@ class RunConfig(Section):
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
                 "memory are the layer inputs that checkpointing keeps."
             )
+        if ds.zero3_frozen == "layers" and self._layers_clash():
+            raise ValueError(f"deepspeed.zero3_frozen=layers with {self._layers_clash()}. Set "
+                             "deepspeed.zero3_frozen=auto (layers where they apply) or deepspeed.")
         q = self.quantization
         if self.method == "qlora" and ds.zero_stage == 3 and q.quant_storage not in ("auto", q.compute_dtype):
             raise ValueError(
@@ -321,6 +329,27 @@ class RunConfig(Section):
     @property
     def trains_adapter(self) -> bool:
         return self.method in ("lora", "qlora")
+
+    def _layers_clash(self) -> str | None:
+        """Why a frozen base cannot be partitioned by layers in this run, or None."""
+        ds, lora = self.deepspeed, self.lora
+        if ds.zero_stage != 3:
+            return f"deepspeed.zero_stage={ds.zero_stage}: layer shards partition parameters, which is ZeRO-3"
+        if not self.trains_adapter:
+            return "method=full: every parameter is trained, and DeepSpeed's ZeRO-3 partitions them"
+        if ds.offload_param == "cpu":
+            return "deepspeed.offload_param=cpu: shards in host memory are DeepSpeed's"
+        if not self.model.gradient_checkpointing:
+            return ("model.gradient_checkpointing=false: without the recompute, autograd keeps every layer's "
+                    "gathered weights from its forward to its backward")
+        if lora.bias != "none" or lora.modules_to_save:
+            return "lora.bias or lora.modules_to_save: base parameters that are trained are DeepSpeed's to partition"
+        return None
+
+    @property
+    def frozen_base_by_layers(self) -> bool:
+        """ZeRO-3 with the frozen base partitioned by ftcluster's layer shards (``deepspeed.zero3_frozen``)."""
+        return self.deepspeed.zero3_frozen != "deepspeed" and self._layers_clash() is None
 
     @property
     def quant_storage_dtype(self) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ftcluster import activations, optim
+from ftcluster.layer_shards import LayerShards, full_numel
 from ftcluster.config import RunConfig
 
 
@@ -30,12 +31,14 @@ def _user_config(cfg: RunConfig) -> dict:
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
     t, d = cfg.training, cfg.deepspeed
-    zero: dict = {"stage": d.zero_stage, "overlap_comm": d.zero_stage > 0, "contiguous_gradients": True}
+    # A frozen base partitioned by layers (layer_shards) leaves DeepSpeed the adapters, under ZeRO-2.
+    stage = 2 if cfg.frozen_base_by_layers else d.zero_stage
+    zero: dict = {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": True}
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if d.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if d.zero_stage == 3:
+    if stage == 3:
         # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if cfg.model.gradient_checkpointing:
@@ -97,7 +100,7 @@ def zero3_schedule(model: torch.nn.Module) -> dict:
     layers = activations.decoder_layers(model)
     if not layers:
         return {}
-    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    numel = full_numel
     layer = max(sum(numel(p) for p in m.parameters()) for m in layers)
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or int(1e5)
     # Adapters only: under full fine-tuning nothing is frozen, and a trainable matrix is a base matrix.
@@ -121,7 +124,7 @@ def bucket_sizes(model: torch.nn.Module) -> dict:
     gradient (1.9 GiB in bf16 whatever the model) and ZeRO-3 one per gradient dtype when the engine is built; LoRA's
     few million trainable elements fit one bucket many times over, so the rest is memory for nothing (1.8 GiB of a
     7B LoRA run's 16 GiB under ZeRO-2)."""
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     size = max(1, min(DEFAULT_BUCKET, trainable))
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
@@ -146,11 +149,22 @@ class Zero3Partition:
     device, or in host memory under ``offload_param``). ``deepspeed.initialize`` then finds a partitioned model and
     neither moves the whole model to the device nor partitions it again."""
 
+    loads_checkpoints = True
+
     def __init__(self, ds_config: dict):
         self.ds_config = ds_config
         self._first = None  # a partitioned parameter: its converter reuses the first Init's settings
 
-    def __call__(self, params: list[torch.nn.Parameter]) -> None:
+    def plan(self, model: torch.nn.Module) -> None:
+        pass
+
+    def adopt(self, model: torch.nn.Module) -> None:
+        pass  # deepspeed.initialize partitions a model it finds whole
+
+    def finish(self, model: torch.nn.Module) -> None:
+        pass  # DeepSpeed's engine puts its hooks on the model
+
+    def __call__(self, params: list[torch.nn.Parameter], owner: str = "") -> None:
         import deepspeed
 
         params = [p for p in params if not hasattr(p, "ds_id")]
@@ -181,8 +195,14 @@ class Zero3Partition:
             del alive
 
 
-def zero3_partition(ds_config: dict) -> Zero3Partition | None:
-    """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides)."""
+def zero3_partition(cfg: RunConfig, ds_config: dict) -> Zero3Partition | LayerShards | None:
+    """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides): a frozen
+    base's by layers (``deepspeed.zero3_frozen``), or DeepSpeed's."""
+    if cfg.frozen_base_by_layers:
+        import deepspeed
+
+        deepspeed.comm.init_distributed(dist_init_required=False)
+        return LayerShards()
     return Zero3Partition(ds_config) if is_zero3(ds_config) else None
 
 

@@ -11,18 +11,31 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from ftcluster import activations, compiled, embedded, kernels
+from ftcluster import activations, compiled, embedded, kernels, layer_shards
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
 
 
 class Partition(Protocol):
-    """ZeRO-3's partitioning during the build (``deepspeed_setup.Zero3Partition``)."""
+    """ZeRO-3's partitioning during the build: DeepSpeed's (``deepspeed_setup.Zero3Partition``), or a frozen
+    base's by whole decoder layers (``layer_shards.LayerShards``)."""
 
-    def __call__(self, params: list[nn.Parameter]) -> None:
-        """Shard parameters that are final (initialised, quantized) over the ZeRO-3 group."""
+    loads_checkpoints: bool
+    """Whether ``loading`` exists: ``from_pretrained`` can load a checkpoint straight into partitions."""
+
+    def plan(self, model: nn.Module) -> None:
+        """See the model's structure (weightless, on the meta device) before any parameter is handed over."""
+
+    def __call__(self, params: list[nn.Parameter], owner: str) -> None:
+        """Shard parameters that are final (initialised, quantized); ``owner`` is their module's qualified name."""
 
     def loading(self) -> ContextManager:
         """A context in which ``from_pretrained`` loads a checkpoint straight into partitions."""
+
+    def adopt(self, model: nn.Module) -> None:
+        """Partition a model that was loaded whole (or leave it to ``deepspeed.initialize``)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Whatever the built model needs to run partitioned (hooks)."""
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -175,6 +188,8 @@ def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: 
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, **from_config)
+    if partition is not None:
+        partition.plan(model)
     q = bnb_config(cfg) if cfg.method == "qlora" else None
     # PEFT's fp32 upcast of the non-quantized parameters would cast a partitioned parameter's empty placeholder and
     # not its shard: cast them here instead, before they are partitioned, and PEFT finds nothing left to cast.
@@ -197,7 +212,7 @@ def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: 
                     if checkpoint is not None:
                         checkpoint.fill(getattr(parent, name), qualified)
                     if partition is not None:
-                        partition(list(getattr(parent, name).parameters()))
+                        partition(list(getattr(parent, name).parameters()), qualified)
                     continue
                 child.to_empty(device=device, recurse=False)
                 if checkpoint is None:
@@ -214,7 +229,7 @@ def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: 
                         if p.__class__.__name__ != "Params4bit" and p.dtype in (torch.float16, torch.bfloat16):
                             p.data = p.data.float()
                 if partition is not None:
-                    partition(list(child.parameters(recurse=False)))
+                    partition(list(child.parameters(recurse=False)), qualified)
     if tied is not None:
         model.tie_weights()
     if q is not None:
@@ -260,24 +275,28 @@ def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition 
     if m.random_init:
         return build_module_by_module(cfg, hf, device, partition, **common)
     src, kw = resolve_source(m)
-    if partition is not None and cfg.method != "qlora":
+    if partition is not None and cfg.method != "qlora" and partition.loads_checkpoints:
         with partition.loading():  # device placement is zero.Init's: no device_map
             return AutoModelForCausalLM.from_pretrained(src, config=hf, **common, **kw)
     if partition is not None:
-        # transformers does not load a quantized model inside zero.Init: it would put the whole 4-bit model on each
-        # device. Read a local checkpoint module by module instead, quantizing and partitioning as it goes.
+        # transformers does not load a quantized model inside zero.Init (it would put the whole 4-bit model on each
+        # device), nor into a frozen base's layer shards. Read a local checkpoint module by module instead,
+        # quantizing and partitioning as it goes.
         with torch.device("meta"):
             checkpoint = checkpoint_for_module_build(src, kw, AutoModelForCausalLM.from_config(hf, **common))
         if checkpoint is not None:
             return build_module_by_module(cfg, hf, device, partition, checkpoint, **common)
         print(f"model.name_or_path={src}: not a local safetensors checkpoint with this model's tensor names; "
-              "each GPU loads the whole 4-bit model before ZeRO-3 partitions it (download it to a directory to "
+              "each GPU loads the whole model before ZeRO-3 partitions it (download it to a directory to "
               "load it partitioned)", flush=True)
     if cfg.method == "qlora":
         kw["quantization_config"] = bnb_config(cfg)
     # device_map pins the weights to this worker's device: Ray remaps CUDA_VISIBLE_DEVICES, so "auto" or a bare
     # index would land 4-bit weights on the wrong GPU (accelerate#2713).
-    return AutoModelForCausalLM.from_pretrained(src, config=hf, device_map={"": device}, **common, **kw)
+    model = AutoModelForCausalLM.from_pretrained(src, config=hf, device_map={"": device}, **common, **kw)
+    if partition is not None:
+        partition.adopt(model)
+    return model
 
 
 def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
@@ -298,6 +317,8 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
     ``partition`` (ZeRO-3's, from ``deepspeed_setup.zero3_partition``) shards the base model as it is built or loaded."""
     device = torch.device(device)
     model = build_base_model(cfg, device, partition)
+    if partition is not None:
+        partition.finish(model)
     model.config.use_cache = False
     line = kernels.apply(model, cfg, device.type)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -337,7 +358,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) counted as PEFT counts them: a 4-bit weight stores two values per byte."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        n = layer_shards.full_numel(p)
         if p.__class__.__name__ == "Params4bit":
             n *= 2 * p.element_size()
         total += n

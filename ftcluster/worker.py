@@ -68,7 +68,7 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
                         f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, world)
-    model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(ds_config))
+    model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(cfg, ds_config))
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
     trainable, total = models.parameter_counts(model)
@@ -82,7 +82,9 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     # training step gets, and showed 83% "MFU" against a one-thread peak.
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype]) if device.type == "cuda" else None
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
-    phases.done("engine", f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.optimizer.name}")
+    zero = ("ZeRO-3 (frozen base partitioned by layers, adapters under ZeRO-2)" if cfg.frozen_base_by_layers
+            else f"ZeRO-{cfg.deepspeed.zero_stage}")
+    phases.done("engine", f"DeepSpeed {zero}, {cfg.optimizer.name}")
     record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
                           total_steps=total_steps, device=str(device), pid=os.getpid(),
                           peak_matmul_tflops=peak / 1e12 if peak else None, compute_dtype=compute_dtype,

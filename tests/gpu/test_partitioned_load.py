@@ -38,7 +38,7 @@ def test_zero3_qlora_checkpoint_is_read_module_by_module_into_the_same_model(tmp
     try:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        model = models.build_base_model(cfg, device, deepspeed_setup.zero3_partition(deepspeed_setup.deepspeed_config(cfg, 1)))
+        model = models.build_base_model(cfg, device, deepspeed_setup.zero3_partition(cfg, deepspeed_setup.deepspeed_config(cfg, 1)))
         peak = torch.cuda.max_memory_allocated(device) - before
         assert all(hasattr(p, "ds_id") for p in model.parameters())  # partitioned as it was read
         embedding_bytes = 2 * shape.vocab_size * shape.hidden_size  # the largest module read in 16 bits

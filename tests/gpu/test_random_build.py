@@ -51,7 +51,7 @@ def test_zero3_offload_build_keeps_only_one_module_on_the_gpu(tmp_path, tiny_mod
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # whatever earlier tests left
-        model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(deepspeed_setup.deepspeed_config(cfg, 1)))
+        model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(cfg, deepspeed_setup.deepspeed_config(cfg, 1)))
         peak = torch.cuda.max_memory_allocated(device) - before
         held = torch.cuda.memory_allocated(device) - before
         base = [p for n, p in model.named_parameters() if "lora_" not in n]

@@ -58,9 +58,10 @@ def test_zero3_sizes_its_reduce_bucket_keeps_adapters_whole_and_torchs_linear_un
     linear = torch.nn.functional.linear
     # r=8: every LoRA matrix of the tiny model is smaller than its smallest base matrix (k_proj, 2048 elements).
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=3", "lora.r=8",
+                        "deepspeed.zero3_frozen=deepspeed",
                         "model.gradient_checkpointing=true", "training.micro_batch_size=2"])
     ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
-    model = models.build_model(cfg, "cpu", deepspeed_setup.zero3_partition(ds_config))
+    model = models.build_model(cfg, "cpu", deepspeed_setup.zero3_partition(cfg, ds_config))
     # zero.Init would have replaced torch.nn.functional.linear, process-wide, with DeepSpeed's Python function.
     assert torch.nn.functional.linear is linear
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

@@ -26,7 +26,7 @@ def _cfg(tiny_model, case: str):
     method, _, upcast = method.partition("+")
     random = ["model.random_init=true", "model.config_overrides={tie_word_embeddings: true}"]
     return C.load(None, [f"model.name_or_path={tiny_model}", f"method={method}", *(random if source == "random" else []),
-                         f"quantization.upcast_non_quantized={bool(upcast)}", "deepspeed.zero_stage=3",
+                         f"quantization.upcast_non_quantized={bool(upcast)}", "deepspeed.zero_stage=3", "deepspeed.zero3_frozen=deepspeed",
                          "training.micro_batch_size=2", "optimizer.lr=3e-3", "scheduler.warmup_steps=0"])
 
 
@@ -44,7 +44,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
 
     torch.manual_seed(cfg.training.seed)
     ds_config = deepspeed_setup.deepspeed_config(cfg, WORLD)
-    model = models.build_model(cfg, torch.device("cpu"), deepspeed_setup.zero3_partition(ds_config))
+    model = models.build_model(cfg, torch.device("cpu"), deepspeed_setup.zero3_partition(cfg, ds_config))
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     held = sum(p.ds_tensor.numel() for p in base if hasattr(p, "ds_tensor"))
     full = sum(p.ds_numel for p in base if hasattr(p, "ds_numel"))

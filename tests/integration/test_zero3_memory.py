@@ -60,7 +60,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
         f"model.name_or_path={tiny_model}", f"method={method}", "model.random_init=true",
         f"deepspeed.offload_param={'cpu' if offload else 'none'}",
         "model.config_overrides={num_hidden_layers: 8}", "model.gradient_checkpointing=true",
-        "deepspeed.zero_stage=3", "data.max_examples=96", "data.max_seq_len=64", "data.eval_fraction=0.2",
+        "deepspeed.zero_stage=3", "deepspeed.zero3_frozen=deepspeed", "data.max_examples=96", "data.max_seq_len=64", "data.eval_fraction=0.2",
         "training.micro_batch_size=2", "training.max_steps=3", "training.log_every=1", "training.eval_batches=2",
         f"output.storage_path={storage}", f"output.name={case}", "optimizer.lr=3e-3"])
     device = torch.device("cpu")

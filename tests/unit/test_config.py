@@ -67,6 +67,22 @@ def test_param_offload_needs_zero3():
         C.load(None, ["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"])
 
 
+def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_when_asked_to():
+    z3 = ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true"]
+    assert C.load(None, z3).frozen_base_by_layers
+    assert C.load(None, [*z3, "method=qlora"]).frozen_base_by_layers
+    # auto falls back to DeepSpeed's ZeRO-3 where layer shards do not apply; layers says which setting is in the way.
+    for clash, named in [("method=full", "method=full"), ("deepspeed.offload_param=cpu", "offload_param=cpu"),
+                         ("model.gradient_checkpointing=false", "gradient_checkpointing=false"),
+                         ("lora.modules_to_save=[lm_head]", "modules_to_save"),
+                         ("deepspeed.zero3_frozen=deepspeed", None)]:
+        assert not C.load(None, [*z3, clash]).frozen_base_by_layers, clash
+        if named:
+            with pytest.raises(C.ConfigError, match=rf"zero3_frozen=layers with .*{named}.*Set deepspeed.zero3_frozen"):
+                C.load(None, [*z3, clash, "deepspeed.zero3_frozen=layers"])
+    assert not C.load(None, ["deepspeed.zero_stage=2", "model.gradient_checkpointing=true"]).frozen_base_by_layers
+
+
 def test_missing_files_are_named_before_anything_starts(tmp_path):
     with pytest.raises(C.ConfigError, match="config file .*nope.yaml does not exist"):
         C.load(tmp_path / "nope.yaml")
