@@ -99,7 +99,15 @@ def main() -> None:
     if args.cprofile:
         args.overrides = [*args.overrides, "training.log_every=1"]
     C.load(args.config, args.overrides)  # a bad config fails here, before any process starts
-    mp.spawn(_rank, args=(args.ranks, _free_port(), args), nprocs=args.ranks)
+    for attempt in range(3):
+        try:
+            mp.spawn(_rank, args=(args.ranks, _free_port(), args), nprocs=args.ranks)
+            return
+        except mp.ProcessRaisedException as e:
+            # The port was free when chosen and taken before rank 0 listened on it (seen on a GPU host, between
+            # two runs): choose another. Any other failure is the run's own.
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
 
 
 if __name__ == "__main__":

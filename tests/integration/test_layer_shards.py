@@ -38,7 +38,9 @@ def _cfg(tiny_model, method: str, mode: str, storage: str, tied: bool, stage: in
         f"deepspeed.zero_stage={stage}", f"deepspeed.zero3_frozen={mode}", "data.max_examples=96",
         "data.max_seq_len=64", "data.eval_fraction=0.2", "training.micro_batch_size=2", "training.max_steps=3",
         "training.log_every=1", "training.eval_batches=2", "training.seed=7", f"output.storage_path={storage}",
-        f"output.name={method}-{mode}-{stage}", "optimizer.lr=3e-3"])
+        f"output.name={method}-{mode}-{stage}", "optimizer.lr=3e-3",
+        # The 70B recipe's combination: each layer's input kept in host memory while the layers are sharded.
+        f"model.activation_offloading={str(method == 'qlora').lower()}"])
 
 
 class GatheredDuringForward:
@@ -90,6 +92,26 @@ def _run(cfg, rank: int) -> dict:
             "adapter_shapes": sorted((k, tuple(v.shape), bool(v.abs().sum() > 0)) for k, v in adapter.items())}
 
 
+def _adopted(cfg) -> dict:
+    """A model loaded whole (as from a hub id), then partitioned: the same loss, forward and backward, from half
+    the bytes."""
+    from ftcluster import models
+
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(cfg.training.seed)
+    model = models.build_base_model(cfg, torch.device("cpu"))
+    want = model(input_ids=ids, labels=ids).loss.item()
+    shards = layer_shards.LayerShards()
+    shards.adopt(model)
+    shards.finish(model)
+    model.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # the input embeddings require grad (finish): backward runs through every layer
+    return {"want": want, "got": loss.item(), "held": shards.held_bytes(), "full": shards.full_bytes(),
+            "gathered": [u.name for u in shards.units if u.full is not None]}
+
+
 def _rank_main(rank: int, tiny_model, method: str, tied: bool, port: int, storage: str, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -98,7 +120,8 @@ def _rank_main(rank: int, tiny_model, method: str, tied: bool, port: int, storag
     layer_shards.MIN_OUTSIDE_BYTES = 4096
     runs = {"layers": _run(_cfg(tiny_model, method, "layers", storage, tied), rank),
             "deepspeed": _run(_cfg(tiny_model, method, "deepspeed", storage, tied), rank),
-            "zero2": _run(_cfg(tiny_model, method, "auto", storage, tied, stage=2), rank)}
+            "zero2": _run(_cfg(tiny_model, method, "auto", storage, tied, stage=2), rank),
+            "adopted": _adopted(_cfg(tiny_model, method, "layers", storage, tied))}
     out[rank] = runs
     dist.destroy_process_group()
 
@@ -124,6 +147,9 @@ def test_layer_shards_hold_half_the_base_and_train_as_deepspeed_zero3_does(tiny_
         assert r["losses"] == pytest.approx(runs["deepspeed"]["losses"], rel=2e-3)
         assert r["losses"] == pytest.approx(runs["zero2"]["losses"], rel=2e-3)
         assert r["losses"][-1] < r["losses"][0]
+        adopted = runs["adopted"]
+        assert adopted["got"] == pytest.approx(adopted["want"], rel=1e-4) and adopted["gathered"] == []
+        assert adopted["held"] <= adopted["full"] / WORLD + 2 * 256 * WORLD * r["units"]
         if rank == 0:
             # The adapter is whole and trained: LoRA's A and B on every targeted layer, B no longer zero.
             assert len(r["adapter_shapes"]) == 2 * LAYERS * 7
