@@ -36,6 +36,8 @@ LIGER_SINCE = "83ee7a0"
 installed for every run since): the loss is its fused linear + cross-entropy outside ZeRO-3."""
 SIZED_BUCKETS_SINCE = "c83b236"
 """The commit from which ZeRO-1/2 buckets hold at most the trainable elements, not DeepSpeed's 5e8."""
+LAYER_SHARDS_SINCE = "9f5ca73"
+"""The commit from which ZeRO-3 for adapters keeps the frozen base in layer shards (deepspeed.zero3_frozen=auto)."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
 
@@ -48,7 +50,8 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
                            sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
                            # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
                            zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
-                           fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True))
+                           fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True),
+                           layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit))
 
 
 def config_of(command: str | list[str]) -> C.RunConfig:

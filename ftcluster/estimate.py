@@ -141,6 +141,9 @@ class Run:
     layer_gather: bool = True
     """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
     defaults, which runs measured before ccfb9c9 used."""
+    layer_shards: bool = False
+    """ZeRO-3 with the frozen base in ftcluster's layer shards and the adapters under ZeRO-2
+    (``RunConfig.frozen_base_by_layers``); runs measured before 9f5ca73 used DeepSpeed's ZeRO-3 throughout."""
 
 
 def preset_of(model: str) -> str | None:
@@ -194,7 +197,7 @@ def fused_loss_of(cfg, liger_installed: bool) -> bool:
 
 
 def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
-           fused_loss: bool | None = None, zero3_buckets: bool = True) -> Run:
+           fused_loss: bool | None = None, zero3_buckets: bool = True, layer_shards: bool | None = None) -> Run:
     """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
     loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
     targets = cfg.lora.target_modules
@@ -210,6 +213,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
                zero3_buckets=zero3_buckets,
+               layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
                fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss)
 
 
@@ -276,7 +280,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     # partition the optimizer steps on (DeepSpeed converts one partition at a time).
     # ZeRO-3 reduces each bucket of bf16 gradients straight into its fp32 partition buffer (stage3.py,
     # __reduce_and_partition_ipg_grads): no bf16 copy persists there.
-    out["gradients (bf16)"] = 0.0 if run.zero == 3 else 2 * T / (n if shard_grads else 1)
+    # Layer shards leave the adapters to ZeRO-2.
+    grad_zero = 2 if run.layer_shards else run.zero
+    out["gradients (bf16)"] = 0.0 if grad_zero == 3 else 2 * T / (n if shard_grads else 1)
     out["gradients (fp32 partition, at the step)"] = 0.0 if offload_opt else 4 * T / opt_div
 
     # Activations saved for backward, per token of one decoder layer (bf16 = 2 bytes, fp32 = 4):
@@ -317,15 +323,20 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.method == "qlora":
         # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
-    if run.zero in (1, 2):
+    if grad_zero in (1, 2):
         # With contiguous_gradients and overlap_comm (ftcluster's config) ZeRO-1/2 take two reduce buckets of
         # reduce_bucket_size 16-bit elements when the first gradient arrives (stage_1_and_2.py, setup_buckets):
         # DeepSpeed's 5e8, or the trainable elements where fewer (deepspeed_setup.bucket_sizes).
         out["ZeRO gradient buckets"] = 2 * 2 * (min(5e8, T) if run.sized_buckets else 5e8)
-    elif run.zero == 3:
+    elif grad_zero == 3:
         # ZeRO-3 takes one reduce bucket per gradient dtype when the engine is built (stage3.py).
         out["ZeRO gradient buckets"] = 2 * (min(5e8, T) if run.zero3_buckets else 5e8)
-    if (shard_params or offload_par) and run.layer_gather:
+    if shard_params and run.layer_shards:
+        # ftcluster.layer_shards: the layer computing and the one queued (in backward, the layer recomputed and the
+        # one before it), and the output layer from its forward to its backward.
+        layer = sum(a * b for a, b in shape.linear_shapes().values()) * (0.5 if run.method == "qlora" else 2)
+        out["ZeRO-3 gathered parameters"] = 2 * layer + 2 * shape.vocab * shape.hidden
+    elif (shard_params or offload_par) and run.layer_gather:
         # ftcluster's ZeRO-3 schedule (deepspeed_setup.zero3_schedule) lets three decoder layers be gathered at
         # once; at the start of backward the output layer (V x H in bf16) is gathered beside them.
         layer = sum(a * b for a, b in shape.linear_shapes().values()) * (0.5 if run.method == "qlora" else 2)

@@ -145,3 +145,21 @@ def test_a_commit_git_cannot_place_is_rendered_as_recent_code():
     assert calibration.since(calibration.CHUNKED_LOSS_SINCE, "HEAD")
     # A report rendered on the GPU host, which has no git history, is estimated as the code that made it.
     assert calibration.since(calibration.CHUNKED_LOSS_SINCE, "0123456789abcdef0123456789abcdef01234567")
+
+
+def test_layer_shards_hold_two_layers_and_leave_the_adapters_gradients_to_zero2():
+    from ftcluster import config as C
+
+    shape = E.shape_of("llama-2-7b")
+    recipe = ["method=lora", "deepspeed.zero_stage=3", "scaling.num_workers=2", "model.gradient_checkpointing=true",
+              "lora.target_modules=[q_proj, v_proj]", "lora.r=8"]
+    shards = E.run_of(C.load(None, recipe), fused_loss=False)
+    assert shards.layer_shards  # what the config runs by default
+    deepspeed = E.run_of(C.load(None, [*recipe, "deepspeed.zero3_frozen=deepspeed"]), fused_loss=False)
+    assert not deepspeed.layer_shards
+    a, b = E.terms(shape, shards), E.terms(shape, deepspeed)
+    layer = 2 * sum(x * y for x, y in shape.linear_shapes().values())
+    assert a["ZeRO-3 gathered parameters"] == b["ZeRO-3 gathered parameters"] - layer  # two layers, not three
+    assert a["gradients (bf16)"] > 0 == b["gradients (bf16)"]  # ZeRO-2 keeps this GPU's bf16 gradient partition
+    assert a["weights"] == b["weights"]  # the base is partitioned either way
+
