@@ -471,13 +471,21 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"data.source: unknown builtin dataset {src!r}; the builtin datasets are "
                           f"{', '.join(BUILTIN_DATASETS)}")
     f = cfg.deepspeed.config_file
+    stages = {}
     if f is not None:
         if not Path(f).expanduser().is_file():
             raise ConfigError(f"deepspeed.config_file: {f} does not exist")
         try:
-            json.loads(Path(f).expanduser().read_text())
+            user = json.loads(Path(f).expanduser().read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed.config_file: {f} is not valid JSON: {e}") from None
+        stages[f"deepspeed.config_file ({f})"] = (user.get("zero_optimization") or {}).get("stage")
+    stages["deepspeed.overrides"] = (cfg.deepspeed.overrides.get("zero_optimization") or {}).get("stage")
+    for where, stage in stages.items():
+        # The stage decides how the model is built (partitioned or not) before DeepSpeed reads its config.
+        if stage is not None and stage != cfg.deepspeed.zero_stage:
+            raise ConfigError(f"{where} sets zero_optimization.stage={stage} but deepspeed.zero_stage="
+                              f"{cfg.deepspeed.zero_stage}: set the stage with deepspeed.zero_stage={stage} only")
 
 
 def save_resolved(cfg: RunConfig, path: Path) -> None:

@@ -83,6 +83,17 @@ def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_
     assert not C.load(None, ["deepspeed.zero_stage=2", "model.gradient_checkpointing=true"]).frozen_base_by_layers
 
 
+def test_a_zero_stage_set_inside_the_deepspeed_json_must_be_deepspeed_zero_stage(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(C.ConfigError, match=r"config_file .*ds.json.* sets zero_optimization.stage=3 but "
+                                            r"deepspeed.zero_stage=2: set the stage with deepspeed.zero_stage=3"):
+        C.load(None, [f"deepspeed.config_file={ds}"])
+    with pytest.raises(C.ConfigError, match=r"deepspeed.overrides sets zero_optimization.stage=1"):
+        C.load(None, ["deepspeed.overrides={zero_optimization: {stage: 1}}"])
+    assert C.load(None, [f"deepspeed.config_file={ds}", "deepspeed.zero_stage=3"]).deepspeed.zero_stage == 3
+
+
 def test_missing_files_are_named_before_anything_starts(tmp_path):
     with pytest.raises(C.ConfigError, match="config file .*nope.yaml does not exist"):
         C.load(tmp_path / "nope.yaml")

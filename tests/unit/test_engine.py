@@ -22,10 +22,12 @@ def test_deepspeed_config_follows_ours():
 def test_user_json_then_overrides_are_merged_over_the_generated_config(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "wall_clock_breakdown": True}))
-    cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.overrides={zero_optimization: {stage: 1}}"])
+    cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=1",
+                        "deepspeed.overrides={zero_optimization: {stage: 1, overlap_comm: false}}"])
     ds = deepspeed_setup.deepspeed_config(cfg, 1)
     z = ds["zero_optimization"]
     assert z["reduce_bucket_size"] == 1000 and z["stage"] == 1 and z["contiguous_gradients"] is True
+    assert z["overlap_comm"] is False
     assert ds["wall_clock_breakdown"] is True
 
 
