@@ -24,8 +24,11 @@ def _merge(base: dict, over: dict) -> dict:
 def _user_config(cfg: RunConfig) -> dict:
     """``deepspeed.config_file`` with ``deepspeed.overrides`` merged over it: what the user set, which wins."""
     d = cfg.deepspeed
-    user = json.loads(Path(d.config_file).expanduser().read_text()) if d.config_file else {}
-    return _merge(user, d.overrides)
+    user = _merge(json.loads(Path(d.config_file).expanduser().read_text()) if d.config_file else {}, d.overrides)
+    # A stage set there equals deepspeed.zero_stage (config.load checks), which deepspeed_config turns into
+    # DeepSpeed's own: ZeRO-2 under a frozen base in layer shards.
+    user.get("zero_optimization", {}).pop("stage", None)
+    return user
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
