@@ -11,8 +11,13 @@ from pathlib import Path
 from ftcluster import preflight
 from ftcluster.config import ConfigError, RunConfig
 
-CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
-"""Where `ray start` records the local cluster's GCS address, which ``ray.init()`` with no address joins."""
+
+
+def current_cluster_file() -> Path:
+    """Where `ray start` records the local cluster's GCS address, which ``ray.init()`` with no address joins (Ray's
+    own rule: under RAY_TMPDIR, else TMPDIR, else /tmp)."""
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(tmp) / "ray" / "ray_current_cluster"
 
 
 def _answers(address: str, timeout_s: float = 3.0) -> bool:
@@ -31,15 +36,46 @@ def join(cfg: RunConfig) -> bool:
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address is None and CURRENT_CLUSTER_FILE.exists():
-        recorded = CURRENT_CLUSTER_FILE.read_text().strip()
+    record = current_cluster_file()
+    if address is None and record.exists():
+        recorded = record.read_text().strip()
         if recorded and not _answers(recorded):
-            print(f"ftcluster: the Ray cluster recorded in {CURRENT_CLUSTER_FILE} ({recorded}) does not answer; "
+            print(f"ftcluster: the Ray cluster recorded in {record} ({recorded}) does not answer; "
                   "starting a local one (set ray.address to join a cluster)", flush=True)
             address = "local"
-    started = address == "local" or (address is None and not CURRENT_CLUSTER_FILE.exists())
+    if address == "local" or (address is None and not record.exists()):
+        _start_local(ray)
+        return True
     ray.init(address=address, log_to_driver=True)
-    return started
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_local(ray) -> None:
+    """A new local cluster whose processes find it, not the one `ray start` recorded on this host.
+
+    Ray Train's placement-group cleaner (Ray 2.60) asks the state API whether the run's controller is alive, and
+    the state API finds its cluster by RAY_ADDRESS or else by that record (ray-project/ray#65447). A record of a
+    dead cluster made every run end 12 s late, with a traceback ("Failed to stop PlacementGroupCleaner
+    gracefully"); a record of another live cluster would answer that the controller does not exist, and the
+    cleaner would remove the run's placement group. So the dashboard, which serves the state API, gets a port
+    chosen here, and the cluster's processes are started with RAY_API_SERVER_ADDRESS naming it (they inherit the
+    driver's environment when ray.init starts them; the driver's own is restored after)."""
+    port = _free_port()
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", dashboard_port=port, log_to_driver=True)
+    finally:
+        if saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def wait_for_resources(cfg: RunConfig, use_gpu: bool, own_cluster: bool) -> None:

@@ -2,6 +2,7 @@
 the message, and what must not be lost. The next bad input is one more row. All are refused before Ray starts."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,19 +69,30 @@ def test_bad_input_is_refused_with_the_field_and_the_fix(tiny_model, tmp_path, n
     assert (kept / "adapter_model.safetensors").read_text() == "a user's earlier output"
 
 
-def test_a_stale_cluster_record_starts_a_local_cluster_in_seconds_not_minutes(tmp_path):
-    """`ray.init()` with no address joins the cluster recorded in /tmp/ray/ray_current_cluster, and waits minutes
-    for it when it has died; the driver probes it first."""
-    record = tmp_path / "ray_current_cluster"
-    record.write_text("127.0.0.1:1\n")  # nothing listens there
-    script = (f"import time; from pathlib import Path; from ftcluster import cluster, config; "
-              f"cluster.CURRENT_CLUSTER_FILE = Path({str(record)!r}); t = time.time(); "
-              f"own = cluster.join(config.load(None, ['scaling.use_gpu=false'])); "
-              f"print('OWN', own, 'SECONDS', round(time.time() - t))")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "does not answer; starting a local one" in proc.stdout and "OWN True" in proc.stdout
-    assert int(proc.stdout.split("SECONDS")[1]) < 60
+def test_a_stale_cluster_record_starts_a_local_cluster_in_seconds_that_its_own_processes_find():
+    """`ray.init()` with no address joins the cluster recorded in <RAY_TMPDIR>/ray/ray_current_cluster, and waits
+    minutes for it when it has died; the driver probes it first. The cluster it starts instead is the one the state
+    API finds from inside it (Ray Train's placement-group cleaner asks it about every run), not the record's."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
+        script = ("import time, ray; from ftcluster import cluster, config; t = time.time(); "
+                  "own = cluster.join(config.load(None, ['scaling.use_gpu=false'])); "
+                  "print('OWN', own, 'SECONDS', round(time.time() - t), flush=True); "
+                  "nodes = ray.get(ray.remote(lambda: len(__import__('ray.util.state').util.state.list_nodes("
+                  "timeout=20))).remote()); print('NODES', nodes, len(ray.nodes()))")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO,
+                              env={**os.environ, "RAY_TMPDIR": tmp})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "does not answer; starting a local one" in proc.stdout and "OWN True" in proc.stdout
+        assert int(proc.stdout.split("SECONDS")[1].split()[0]) < 60
+        assert "NODES 1 1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("held_by", ["another config", "a live driver elsewhere"])
