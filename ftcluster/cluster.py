@@ -44,7 +44,7 @@ def join(cfg: RunConfig) -> bool:
                   "starting a local one (set ray.address to join a cluster)", flush=True)
             address = "local"
     if address == "local" or (address is None and not record.exists()):
-        _start_local(ray)
+        start_local()
         return True
     ray.init(address=address, log_to_driver=True)
     return False
@@ -56,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_local(ray) -> None:
+def start_local(**init_kwargs) -> None:
     """A new local cluster whose processes find it, not the one `ray start` recorded on this host.
 
     Ray Train's placement-group cleaner (Ray 2.60) asks the state API whether the run's controller is alive, and
@@ -66,11 +66,13 @@ def _start_local(ray) -> None:
     cleaner would remove the run's placement group. So the dashboard, which serves the state API, gets a port
     chosen here, and the cluster's processes are started with RAY_API_SERVER_ADDRESS naming it (they inherit the
     driver's environment when ray.init starts them; the driver's own is restored after)."""
+    import ray
+
     port = _free_port()
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(address="local", dashboard_port=port, log_to_driver=True)
+        ray.init(address="local", dashboard_port=port, log_to_driver=True, **init_kwargs)
     finally:
         if saved is None:
             del os.environ["RAY_API_SERVER_ADDRESS"]

@@ -40,8 +40,10 @@ def tiny_model(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    # address="local": always a fresh cluster for the session, never one a `ray start` left on the host
-    # (ray.init() otherwise joins the cluster named in /tmp/ray/ray_current_cluster, even a dead one).
-    ray.init(address="local", num_cpus=2, log_to_driver=True)
+    from ftcluster import cluster
+
+    # Always a fresh cluster for the session, never one a `ray start` left on the host (ray.init() otherwise joins
+    # the cluster named in /tmp/ray/ray_current_cluster, even a dead one), and one its own processes find.
+    cluster.start_local(num_cpus=2)
     yield ray
     ray.shutdown()
