@@ -38,6 +38,8 @@ def _cfg(tiny_model, method: str, mode: str, storage: str, tied: bool, stage: in
         f"deepspeed.zero_stage={stage}", f"deepspeed.zero3_frozen={mode}", "data.max_examples=96",
         "data.max_seq_len=64", "data.eval_fraction=0.2", "training.micro_batch_size=2", "training.max_steps=3",
         "training.log_every=1", "training.eval_batches=2", "training.seed=7", f"output.storage_path={storage}",
+        # Two micro batches a step, and an evaluation between steps that training goes on after.
+        "training.gradient_accumulation_steps=2", "training.eval_every=2",
         f"output.name={method}-{mode}-{stage}", "optimizer.lr=3e-3",
         # The 70B recipe's combination: each layer's input kept in host memory while the layers are sharded.
         f"model.activation_offloading={str(method == 'qlora').lower()}"])
@@ -136,7 +138,7 @@ def test_layer_shards_hold_half_the_base_and_train_as_deepspeed_zero3_does(tiny_
         r = runs["layers"]
         # One unit a decoder layer, and the embedding; the output layer too unless it is the embedding's weight.
         assert r["layers"] == LAYERS and r["units"] == LAYERS + (1 if tied else 2)
-        assert {"build", "step 3 eval", "step 3 saved"} <= set(r["states"])
+        assert {"build", "step 2 eval", "step 3 eval", "step 3 saved"} <= set(r["states"])
         for when, state in r["states"].items():
             # Nothing gathered between steps, and a rank holds its half (each shard padded to 256 bytes a rank).
             assert state["gathered"] == [] and state["nonempty"] == [], when
