@@ -74,21 +74,25 @@ class Checkpointing:
     """Set when the checkpoints (each layer's input) live in host memory."""
 
 
-def checkpoint_layers(model: nn.Module, offload: bool = False) -> Checkpointing:
+def checkpoint_layers(model: nn.Module, offload: bool = False, count: int | None = None) -> Checkpointing:
     """Recompute each decoder layer's activations in backward instead of keeping them; with ``offload``, keep
     the one tensor each layer does keep (its input) in pinned host memory (:class:`HostActivations`). The
     layer's ``forward`` is what is checkpointed, not its ``__call__`` (which transformers before 5.23
     checkpoints), so module hooks stay outside: ZeRO-3, which gathers a whole layer in its hooks, then gathers it
     once for backward and recompute together, instead of releasing it inside the recompute while backward still
-    needs it. Non-reentrant, so frozen inputs need no ``requires_grad``."""
+    needs it. Non-reentrant, so frozen inputs need no ``requires_grad``. ``count``: only the first ``count``
+    layers; the others keep their activations and are not recomputed."""
     layers = decoder_layers(model)
     if not layers:
         raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} has no decoder layers that "
                           "transformers marks as checkpointable; set model.gradient_checkpointing=false")
+    if count is not None and count > len(layers):
+        raise ConfigError(f"model.checkpointed_layers={count}: {type(model).__name__} has {len(layers)} decoder "
+                          f"layers; set at most {len(layers)}, or leave it unset to checkpoint all of them")
     host = HostActivations() if offload else None
-    for layer in layers:
+    for layer in layers[:count]:
         layer.forward = functools.partial(_checkpointed, layer.forward, host)
-    return Checkpointing(len(layers), host)
+    return Checkpointing(len(layers[:count]), host)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

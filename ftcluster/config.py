@@ -36,6 +36,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """``auto``: PyTorch's varlen flash kernel for packed rows on CUDA (see ftcluster/attention.py), else sdpa."""
     gradient_checkpointing: bool = False
+    checkpointed_layers: int | None = Field(None, ge=0)
+    """With gradient_checkpointing, how many decoder layers are checkpointed, from the first; the others keep their
+    activations and skip the recompute, a quarter of their step's compute. None: every layer. ``python -m
+    ftcluster estimate`` says how many can go unchecked within the GPU's memory."""
     liger_kernel: Literal["auto", "on", "off"] = "auto"
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
@@ -297,6 +301,11 @@ class RunConfig(Section):
                 f"data.streaming=on with data.source={self.data.source}: builtin datasets are made in memory. Stream "
                 "a file, directory or hub dataset, or set data.streaming=auto."
             )
+        if self.model.checkpointed_layers is not None and not self.model.gradient_checkpointing:
+            raise ValueError(
+                f"model.checkpointed_layers={self.model.checkpointed_layers} needs model.gradient_checkpointing=true "
+                "(it says how many layers are checkpointed)."
+            )
         if self.model.activation_offloading and not self.model.gradient_checkpointing:
             raise ValueError(
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
@@ -339,9 +348,9 @@ class RunConfig(Section):
             return "method=full: every parameter is trained, and DeepSpeed's ZeRO-3 partitions them"
         if ds.offload_param == "cpu":
             return "deepspeed.offload_param=cpu: shards in host memory are DeepSpeed's"
-        if not self.model.gradient_checkpointing:
-            return ("model.gradient_checkpointing=false: without the recompute, autograd keeps every layer's "
-                    "gathered weights from its forward to its backward")
+        if not self.model.gradient_checkpointing or self.model.checkpointed_layers is not None:
+            return ("model.gradient_checkpointing=false or model.checkpointed_layers: without the recompute, autograd "
+                    "keeps a layer's gathered weights from its forward to its backward")
         if lora.bias != "none" or lora.modules_to_save:
             return "lora.bias or lora.modules_to_save: base parameters that are trained are DeepSpeed's to partition"
         return None

@@ -44,7 +44,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     if stage == 3:
         # Adapters are gathered by us at save time; never gather the whole 16-bit model just to save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-        if cfg.model.gradient_checkpointing:
+        if cfg.model.gradient_checkpointing and cfg.model.checkpointed_layers is None:
             # zero.Init otherwise replaces torch.nn.functional.linear, process-wide, with a Python autograd
             # function (deepspeed/runtime/zero/linear.py) that saves the weight itself rather than a view of its
             # gathered data, which would keep every layer gathered until backward. Inside a checkpointed layer

@@ -119,6 +119,8 @@ class Run:
     seq_len: int = 2048
     micro_batch: int = 1
     grad_ckpt: bool = True
+    ckpt_layers: int | None = None
+    """With grad_ckpt, how many decoder layers are checkpointed (model.checkpointed_layers); None: all."""
     activation_offload: bool = False
     """The checkpoints (each layer's input) wait for backward in host memory (model.activation_offloading)."""
     lora_r: int = 16
@@ -208,7 +210,8 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
     whole_load = not m.random_init and (name.endswith(".gguf") or hub_id)  # see loading_peak
     return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
                seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
-               grad_ckpt=m.gradient_checkpointing, activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
+               grad_ckpt=m.gradient_checkpointing, ckpt_layers=m.checkpointed_layers,
+               activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
                optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
@@ -300,9 +303,13 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.grad_ckpt:
         # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward. Offloaded
         # (ftcluster.activations.HostActivations), they are on the device only while copied: the input of the
-        # layer being recomputed, and the one coming back for the next.
-        out["activations (checkpoints)"] = (2 if run.activation_offload else shape.layers) * 2 * shape.hidden * t
-        out["activations (one recomputed layer)"] = per_token_layer * t
+        # layer being recomputed, and the one coming back for the next. Layers left out of checkpointing
+        # (model.checkpointed_layers) keep all of theirs.
+        checkpointed = shape.layers if run.ckpt_layers is None else min(run.ckpt_layers, shape.layers)
+        on_device = min(2, checkpointed) if run.activation_offload else checkpointed
+        out["activations (checkpoints)"] = on_device * 2 * shape.hidden * t
+        out["activations (one recomputed layer)"] = per_token_layer * t if checkpointed else 0.0
+        out["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * per_token_layer * t
     else:
         out["activations"] = shape.layers * per_token_layer * t
     if run.fused_loss:
@@ -349,6 +356,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
 
 PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")  # prefixes
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
+         "activations (layers not checkpointed)",
          "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
 
@@ -401,6 +409,15 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run), slack)
 
 
+def checkpointed_layers_that_fit(shape: Shape, run: Run, budget_gib: float) -> int | None:
+    """The fewest decoder layers to checkpoint (from the first) for the run to fit ``budget_gib``: every layer
+    left out skips its recompute. None when even checkpointing every layer does not fit."""
+    for n in range(shape.layers + 1):
+        if estimate(shape, replace(run, grad_ckpt=True, ckpt_layers=n)).need / GiB <= budget_gib:
+            return n
+    return None
+
+
 def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float, Run]]:
     """Changes that make the run fit, cheapest first: those that keep the method, the data and the hardware, then
     the method, then the data, then more GPUs."""
@@ -439,7 +456,8 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
 
 CONFIG_KEYS = {"method": "method", "gpus": "scaling.num_workers", "zero": "deepspeed.zero_stage",
                "seq_len": "data.max_seq_len", "micro_batch": "training.micro_batch_size",
-               "grad_ckpt": "model.gradient_checkpointing", "activation_offload": "model.activation_offloading",
+               "grad_ckpt": "model.gradient_checkpointing", "ckpt_layers": "model.checkpointed_layers",
+               "activation_offload": "model.activation_offloading",
                "optimizer": "optimizer.name"}
 
 
@@ -458,7 +476,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
     lines = [f"{model}: {shape.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocab {shape.vocab}); {run.method}, {run.gpus} GPU(s), ZeRO-{run.zero}, offload {run.offload}, "
              f"seq {run.seq_len} x micro batch {run.micro_batch}, gradient checkpointing "
-             f"{('on, checkpoints in host memory' if run.activation_offload else 'on') if run.grad_ckpt else 'off'}, "
+             f"{('on, checkpoints in host memory' if run.activation_offload else 'on') if run.grad_ckpt else 'off'}"
+             f"{f' ({run.ckpt_layers} layers)' if run.grad_ckpt and run.ckpt_layers is not None else ''}, "
              f"{run.optimizer}; trainable {e.trainable / 1e6:,.1f}M", "",
              "per GPU                                       GiB"]
     for k, v in e.terms.items():
@@ -479,6 +498,10 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
     if budget_gib is not None:
         if need <= budget_gib:
             lines.append(f"fits a {budget_gib:.1f} GiB GPU, {budget_gib - need:.1f} GiB to spare")
+            fewest = checkpointed_layers_that_fit(shape, run, budget_gib) if run.grad_ckpt else None
+            if fewest is not None and fewest < (shape.layers if run.ckpt_layers is None else run.ckpt_layers):
+                lines.append(f"checkpointing only the first {fewest} of {shape.layers} layers also fits "
+                             f"(model.checkpointed_layers={fewest}; the others skip their recompute)")
         else:
             fixes = suggestions(shape, run, budget_gib)
             lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {need - budget_gib:.1f} GiB)")
@@ -507,6 +530,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--checkpointed-layers", type=int, default=None,
+                   help="with --grad-ckpt: checkpoint only this many decoder layers (default: all)")
     p.add_argument("--activation-offloading", action="store_true",
                    help="with --grad-ckpt: the checkpoints wait for backward in host memory")
     p.add_argument("--lora-r", type=int, default=16)
@@ -531,7 +556,7 @@ def config_of_flags(a: argparse.Namespace):
     return C.from_dict({
         "method": a.method, "optimizer": {"name": optimizer},
         "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt,
-                  "activation_offloading": a.activation_offloading},
+                  "checkpointed_layers": a.checkpointed_layers, "activation_offloading": a.activation_offloading},
         "lora": {"r": a.lora_r, "target_modules": targets},
         "quantization": {"double_quant": not a.no_double_quant},
         "data": {"max_seq_len": a.seq_len}, "training": {"micro_batch_size": a.micro_batch},

@@ -325,7 +325,8 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
         print(line, flush=True)
     activations.use_chunked_loss(model)
     if cfg.model.gradient_checkpointing:
-        activations.checkpoint_layers(model, offload=cfg.model.activation_offloading)
+        activations.checkpoint_layers(model, offload=cfg.model.activation_offloading,
+                                      count=cfg.model.checkpointed_layers)
     if cfg.method == "full":
         model.requires_grad_(True)
     else:

@@ -24,22 +24,35 @@ def test_chunked_loss_equals_transformers_loss_and_gradient(monkeypatch, num_ite
 
 
 def test_checkpointed_layers_give_the_same_loss_and_gradients(tiny_model):
+    """All layers checkpointed, none, or only the first (model.checkpointed_layers=1): the same gradients; a
+    checkpointed layer's forward runs again in backward, the others' once."""
     cfg = load(None, [f"model.name_or_path={tiny_model}", "method=lora", "model.dtype=float32"])
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     grads, mlp_calls = [], []
-    for ckpt in (False, True):
+    for ckpt, count in ((False, None), (True, None), (True, 1)):
         torch.manual_seed(0)
         model = models.build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"gradient_checkpointing": ckpt})}), "cpu")
-        calls = []
-        activations.decoder_layers(model)[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+            update={"gradient_checkpointing": ckpt, "checkpointed_layers": count})}), "cpu")
+        calls = {0: 0, 1: 0}
+        for i, layer in enumerate(activations.decoder_layers(model)):
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-        mlp_calls.append(len(calls))
-    assert mlp_calls == [1, 2]  # checkpointed: the layer's forward runs again in backward
-    assert grads[0].keys() == grads[1].keys() and grads[0]
+        mlp_calls.append(calls)
+    assert mlp_calls == [{0: 1, 1: 1}, {0: 2, 1: 2}, {0: 2, 1: 1}]
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+        assert torch.allclose(grads[0][name], grads[2][name], atol=1e-6), name
+
+
+def test_checkpointing_more_layers_than_the_model_has_names_the_field(tiny_model):
+    cfg = load(None, [f"model.name_or_path={tiny_model}", "model.gradient_checkpointing=true",
+                      "model.checkpointed_layers=3"])
+    with pytest.raises(Exception, match=r"model.checkpointed_layers=3: LlamaForCausalLM has 2 decoder layers"):
+        models.build_model(cfg, "cpu")
+    with pytest.raises(Exception, match=r"checkpointed_layers=1 needs model.gradient_checkpointing=true"):
+        load(None, ["model.checkpointed_layers=1"])
 
 
 def test_checkpointing_a_model_without_decoder_layers_names_the_field():

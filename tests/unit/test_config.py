@@ -74,6 +74,7 @@ def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_
     # auto falls back to DeepSpeed's ZeRO-3 where layer shards do not apply; layers says which setting is in the way.
     for clash, named in [("method=full", "method=full"), ("deepspeed.offload_param=cpu", "offload_param=cpu"),
                          ("model.gradient_checkpointing=false", "gradient_checkpointing=false"),
+                         ("model.checkpointed_layers=2", "checkpointed_layers"),
                          ("lora.modules_to_save=[lm_head]", "modules_to_save"),
                          ("deepspeed.zero3_frozen=deepspeed", None)]:
         assert not C.load(None, [*z3, clash]).frozen_base_by_layers, clash

@@ -165,3 +165,12 @@ def test_a_frozen_base_in_layer_shards_leaves_deepspeed_the_adapters_under_zero2
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
                         "deepspeed.zero3_frozen=deepspeed"])
     assert deepspeed_setup.deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 3
+
+
+def test_zero3_keeps_deepspeeds_linear_unless_every_layer_is_checkpointed():
+    # DeepSpeed's linear saves the weight parameter, not a view of its gathered data: a layer that is not
+    # checkpointed would otherwise hold its gathered weights from forward to backward.
+    z3 = ["deepspeed.zero_stage=3", "deepspeed.zero3_frozen=deepspeed", "model.gradient_checkpointing=true"]
+    every = deepspeed_setup.deepspeed_config(C.load(None, z3), 2)["zero_optimization"]
+    some = deepspeed_setup.deepspeed_config(C.load(None, [*z3, "model.checkpointed_layers=2"]), 2)["zero_optimization"]
+    assert every["memory_efficient_linear"] is False and "memory_efficient_linear" not in some

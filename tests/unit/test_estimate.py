@@ -163,3 +163,22 @@ def test_layer_shards_hold_two_layers_and_leave_the_adapters_gradients_to_zero2(
     assert a["gradients (bf16)"] > 0 == b["gradients (bf16)"]  # ZeRO-2 keeps this GPU's bf16 gradient partition
     assert a["weights"] == b["weights"]  # the base is partitioned either way
 
+
+
+def test_layers_left_out_of_checkpointing_keep_their_activations_and_the_estimate_says_how_many_fit():
+    from dataclasses import replace
+
+    shape = E.shape_of("llama-3.2-1b")
+    run = E.Run(method="lora", seq_len=2048, micro_batch=2, grad_ckpt=True, lora_r=8, lora_targets=("q_proj", "v_proj"))
+    every, some = E.terms(shape, run), E.terms(shape, replace(run, ckpt_layers=12))
+    per_layer = some["activations (layers not checkpointed)"] / 4
+    assert every["activations (layers not checkpointed)"] == 0 and per_layer > 0
+    assert every["activations (checkpoints)"] - some["activations (checkpoints)"] == 4 * 2 * shape.hidden * 4096
+    none = E.terms(shape, replace(run, ckpt_layers=0))
+    assert none["activations (layers not checkpointed)"] == 16 * per_layer and none["activations (one recomputed layer)"] == 0
+    # The fewest checkpointed layers that fit a budget: all of them for a budget that fits only that, fewer for more.
+    tight = E.estimate(shape, run).need / E.GiB
+    assert E.checkpointed_layers_that_fit(shape, run, tight) == 16
+    assert E.checkpointed_layers_that_fit(shape, run, tight + 4.2 * per_layer / E.GiB) == 12
+    assert E.checkpointed_layers_that_fit(shape, run, tight - 0.5) is None
+    assert "model.checkpointed_layers=12" in E.explain("llama-3.2-1b", shape, run, tight + 4.2 * per_layer / E.GiB)
