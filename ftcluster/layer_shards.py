@@ -59,6 +59,7 @@ class Unit:
         self.full: torch.Tensor | None = None
         self._work, self._released = None, False
         self.module: nn.Module | None = None  # the decoder layer, for a layer's unit
+        self.index = -1  # its place among the layers, for a layer's unit
         for p in params:
             p.full_shape = p.shape  # what the model's shape-reading code (parameter counts, estimates) sees
             p.requires_grad_(False)
@@ -169,7 +170,8 @@ class LayerShards:
         embedding gathers the embedding's)."""
         self._flush()
         self.layers.sort(key=lambda u: self._layer_names.index(u.name + "."))
-        for unit in self.layers:
+        for i, unit in enumerate(self.layers):
+            unit.index = i
             layer = unit.module = model.get_submodule(unit.name)
             layer.register_forward_pre_hook(self._layer_pre(unit), with_kwargs=True)
             layer.register_forward_hook(self._layer_post(unit), with_kwargs=True)
@@ -194,7 +196,7 @@ class LayerShards:
 
     # --- the run ---
     def _neighbour(self, unit: Unit, step: int) -> Unit | None:
-        i = self.layers.index(unit) + step
+        i = unit.index + step
         return self.layers[i] if 0 <= i < len(self.layers) else None
 
     def _layer_pre(self, unit: Unit):

@@ -26,6 +26,10 @@ def check_inputs(cfg: RunConfig) -> str:
         raise ConfigError(f"data.source: cannot use {cfg.data.source}: {e}") from None
     hf = models.load_hf_config(cfg.model)
     kernels.check_driver(cfg, hf.model_type)
+    layers, wanted = getattr(hf, "num_hidden_layers", None), cfg.model.checkpointed_layers
+    if layers is not None and wanted is not None and wanted > layers:
+        raise ConfigError(f"model.checkpointed_layers={wanted}: {hf.model_type} has {layers} decoder layers; set "
+                          f"at most {layers}, or leave it unset to checkpoint all of them")
     if cfg.trains_adapter:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(hf)

@@ -76,3 +76,24 @@ def engine_losses(engine, steps: int) -> list[float]:
         engine.step()
         losses.append(loss.item())
     return losses
+
+
+def train_recording(loop, cfg, tokenizer, progress, held) -> tuple[list[float], dict]:
+    """Run the worker's step loop, recording ``held()`` after the build, at every reported step (and evaluation)
+    and after every checkpoint save that the loop asks for. Returns (losses, states by moment)."""
+    import tempfile
+
+    from ftcluster import checkpoint, engine
+
+    losses, states = [], {"build": held()}
+
+    def report(record, kind) -> None:
+        losses.append(record.loss)
+        states[f"step {record.step}{' eval' if record.eval_loss is not None else ''}"] = held()
+        if kind:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
+            states[f"step {record.step} saved"] = held()
+
+    engine.train(loop, progress, engine.Hooks(report))
+    return losses, states

@@ -40,6 +40,9 @@ CASES = [
     ("more workers than the cluster has CPUs", "d.jsonl", _jsonl([ROW] * 400),
      ["scaling.num_workers=64", "scaling.use_gpu=false", "ray.address=local", "data.packing=false"], 2,
      "scaling.num_workers=64 x scaling.cpus_per_worker=1 needs 64 CPU"),
+    ("more checkpointed layers than the model has", "d.jsonl", _jsonl([ROW] * 40),
+     ["model.gradient_checkpointing=true", "model.checkpointed_layers=9"], 2,
+     "model.checkpointed_layers=9: llama has 2 decoder layers"),
     ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
      ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=null"], 2, "--force"),
 ]

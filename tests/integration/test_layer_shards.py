@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from ftcluster import checkpoint, engine, layer_shards, worker
 from ftcluster import config as C
 from ftcluster.records import CheckpointKind, Progress
+from tests import tiny
 
 WORLD = 2
 LAYERS = 6
@@ -61,9 +62,9 @@ class GatheredDuringForward:
 def _run(cfg, rank: int) -> dict:
     loop, tokenizer = worker.setup(cfg, rank, WORLD, torch.device("cpu"))
     shards = layer_shards.of(loop.engine.module)
-    losses, states = [], {}
     progress = Progress()
     if shards is None:
+        losses = []
         engine.train(loop, progress, engine.Hooks(lambda record, kind: losses.append(record.loss)))
         return {"losses": losses}
     gathered = GatheredDuringForward(loop.engine.module, shards)
@@ -72,17 +73,7 @@ def _run(cfg, rank: int) -> dict:
         return {"bytes": shards.held_bytes(), "gathered": [u.name for u in shards.units if u.full is not None],
                 "nonempty": [p.full_shape for u in shards.units for p in u.params if p.data.numel()]}
 
-    states["build"] = held()
-
-    def report(record, kind) -> None:
-        losses.append(record.loss)
-        states[f"step {record.step}{' eval' if record.eval_loss is not None else ''}"] = held()
-        if kind:
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
-            states[f"step {record.step} saved"] = held()
-
-    engine.train(loop, progress, engine.Hooks(report))
+    losses, states = tiny.train_recording(loop, cfg, tokenizer, progress, held)
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(loop.engine, cfg, progress, d, CheckpointKind.FINAL, tokenizer=tokenizer)
         from safetensors.torch import load_file

@@ -5,7 +5,6 @@ set-up and the step loop."""
 
 import os
 import socket
-import tempfile
 import weakref
 
 import pytest
@@ -13,9 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ftcluster import checkpoint, engine, worker
+from ftcluster import worker
 from ftcluster import config as C
 from ftcluster.records import Progress
+from tests import tiny
 
 WORLD = 2
 
@@ -68,7 +68,6 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
     model = loop.engine.module
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     gathered = GatheredAfterForward(model, base)
-    states, losses = {}, []
 
     def held() -> dict:
         persistent = [p for p in base if p.ds_persist]
@@ -78,18 +77,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
                 + sum(p.data.numel() * p.element_size() for p in base if not p.ds_persist),
                 "persistent_numel": sum(p.ds_numel for p in persistent)}
 
-    states["build"] = held()
-    progress = Progress()
-
-    def report(record, kind) -> None:
-        losses.append(record.loss)
-        states[f"step {record.step}{' eval' if record.eval_loss is not None else ''}"] = held()
-        if kind:
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
-            states[f"step {record.step} saved"] = held()
-
-    engine.train(loop, progress, engine.Hooks(report))
+    losses, states = tiny.train_recording(loop, cfg, tokenizer, Progress(), held)
     full = sum(p.ds_numel * p.element_size() for p in base if not p.ds_persist)
     out[rank] = {"states": states, "full": full, "n_base": len(base), "losses": losses,
                  "offloaded": bool(loop.engine.zero_offload_param())
