@@ -12,7 +12,7 @@ import json
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -38,6 +38,10 @@ SIZED_BUCKETS_SINCE = "c83b236"
 """The commit from which ZeRO-1/2 buckets hold at most the trainable elements, not DeepSpeed's 5e8."""
 LAYER_SHARDS_SINCE = "9f5ca73"
 """The commit from which ZeRO-3 for adapters keeps the frozen base in layer shards (deepspeed.zero3_frozen=auto)."""
+ZERO3_ON_ONE_WORKER_UNTIL = "9278bd9"
+"""The last commit at which ZeRO-3 for adapters on one worker ran as ZeRO-3 (DeepSpeed's, then layer shards that
+gathered copies of each layer from the one rank's whole shard); after it, the frozen base stays whole there and the
+adapters run under ZeRO-2."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
 
@@ -46,12 +50,17 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
     """The estimator's view of a run measured at ``commit``: which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket
     size its code had."""
     current = since(CHUNKED_LOSS_SINCE, commit)
-    return estimate.run_of(cfg, chunked_loss=current, layer_gather=current,
-                           sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
-                           # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
-                           zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
-                           fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True),
-                           layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit))
+    run = estimate.run_of(cfg, chunked_loss=current, layer_gather=current,
+                          sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
+                          # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
+                          zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
+                          fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True),
+                          layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit))
+    if cfg.frozen_base_whole_on_one_worker and _at_or_before(commit, ZERO3_ON_ONE_WORKER_UNTIL):
+        # ZeRO-3 on one worker was ZeRO-3 then, with its chunked loss: DeepSpeed's, or layer shards gathering copies
+        # of each layer from the one rank's whole shard.
+        run = replace(run, zero=3, fused_loss=False, layer_shards=since(LAYER_SHARDS_SINCE, commit))
+    return run
 
 
 def config_of(command: str | list[str]) -> C.RunConfig:
@@ -70,6 +79,11 @@ def since(ancestor: str, commit: str) -> bool:
     rc = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=ROOT,
                         capture_output=True).returncode
     return rc != 1
+
+
+def _at_or_before(commit: str, last: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", commit, last], cwd=ROOT,
+                          capture_output=True).returncode == 0
 
 
 def rows() -> list[dict]:

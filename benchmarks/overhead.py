@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=3, help="steps left out of the profile at the start")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    # The config's worker count decides how ZeRO-3 partitions (one worker keeps a frozen base whole).
+    args.overrides = [f"scaling.num_workers={args.ranks}", *args.overrides]
     if args.cprofile:
         args.overrides = [*args.overrides, "training.log_every=1"]
     C.load(args.config, args.overrides)  # a bad config fails here, before any process starts

@@ -22,7 +22,7 @@ from ftcluster.config import ConfigError, RunConfig
 
 def why_not(cfg: RunConfig, device_type: str) -> str | None:
     """Why this run's layers cannot be compiled, or None."""
-    if cfg.deepspeed.zero_stage == 3:
+    if cfg.partitions_parameters:
         return "ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call"
     if cfg.model.activation_offloading:
         return "model.activation_offloading's saved-tensor hooks cannot be traced by torch.compile"

@@ -34,8 +34,9 @@ def _user_config(cfg: RunConfig) -> dict:
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
     t, d = cfg.training, cfg.deepspeed
-    # A frozen base partitioned by layers (layer_shards) leaves DeepSpeed the adapters, under ZeRO-2.
-    stage = 2 if cfg.frozen_base_by_layers else d.zero_stage
+    # A frozen base partitioned by layers (layer_shards), or whole on one worker, leaves DeepSpeed the adapters,
+    # under ZeRO-2.
+    stage = cfg.deepspeed_stage
     zero: dict = {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": True}
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -48,6 +48,14 @@ GATHER_SLACK = 1.6
 """Allocator slack that ZeRO-3's gathered buffers leave, over their own size: DeepSpeed allocates a flat buffer
 per gathered layer and frees it after use, and the reserved memory grows past the allocated peak by 1.5-1.7x the
 gathered bytes (Llama-2-7B and Llama-3-70B shapes on 2 and 4 H200s, reports/scaling-*/2026-11-26-4xh200)."""
+LAYER_SHARD_SLACK = 0.75
+"""The same for ftcluster's layer shards, whose gathered buffers have one size per layer and are reused as they
+are: 0.75x the gathered bytes fits Llama-2-7B (LoRA, QLoRA) and Llama-3-70B (QLoRA) on 2 and 4 H200s
+(reports/scaling-*/2026-11-27-4xh200)."""
+NCCL_COMMUNICATOR_GIB = 0.3
+"""Device memory of one NCCL communicator across several GPUs (its buffers and channels), outside torch: NVML less
+torch's reserved memory grows by 0.25-0.3 GiB from one GPU to two for the same 7B LoRA run under ZeRO-2
+(reports/scaling-llama-7b). Layer shards gather on a communicator of their own: a second one."""
 FRAGMENTATION = 0.02
 """Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
 on the calibration runs; 2% assumed."""
@@ -195,7 +203,7 @@ def fused_loss_of(cfg, liger_installed: bool) -> bool:
     m = cfg.model
     auto = m.liger_kernel == "auto" and liger_installed and cfg.scaling.use_gpu is not False
     wanted = m.liger_kernel == "on" or auto
-    return wanted and cfg.deepspeed.zero_stage != 3
+    return wanted and not cfg.partitions_parameters
 
 
 def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
@@ -208,7 +216,8 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
     name = m.name_or_path
     hub_id = not (name.startswith(("embedded:", "/", ".", "~")) or Path(name).expanduser().exists())
     whole_load = not m.random_init and (name.endswith(".gguf") or hub_id)  # see loading_peak
-    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=d.zero_stage, offload=offload or "none",
+    zero = 2 if cfg.frozen_base_whole_on_one_worker else d.zero_stage
+    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=zero, offload=offload or "none",
                seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
                grad_ckpt=m.gradient_checkpointing, ckpt_layers=m.checkpointed_layers,
                activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
@@ -338,7 +347,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     elif grad_zero == 3:
         # ZeRO-3 takes one reduce bucket per gradient dtype when the engine is built (stage3.py).
         out["ZeRO gradient buckets"] = 2 * (min(5e8, T) if run.zero3_buckets else 5e8)
-    if shard_params and run.layer_shards:
+    if run.layer_shards and run.zero == 3:
+        # (On one GPU only code before WHOLE_ON_ONE_WORKER_SINCE, benchmarks/calibration.py, had layer shards: it
+        # gathered copies of each layer from the one rank's whole "shard".)
         # ftcluster.layer_shards: the layer computing and the one queued (in backward, the layer recomputed and the
         # one before it), and the output layer from its forward to its backward.
         layer = sum(a * b for a, b in shape.linear_shapes().values()) * (0.5 if run.method == "qlora" else 2)
@@ -374,6 +385,8 @@ class Estimate:
     """Device memory while the model loads, where that is more than its share of the training weights (bytes)."""
     gather_slack: float = 0.0
     """Reserved-but-free memory that ZeRO-3's gathered buffers leave behind (bytes; part of ``device``)."""
+    communicators: int = 0
+    """NCCL communicators across several GPUs (each ``NCCL_COMMUNICATOR_GIB``; part of ``device``)."""
 
     @property
     def need(self) -> float:
@@ -404,9 +417,13 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     through_layers = saved + buckets + t["gradients (bf16)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)
-    slack = GATHER_SLACK * t.get("ZeRO-3 gathered parameters", 0.0) if run.layer_gather else 0.0
-    device = allocated * (1 + FRAGMENTATION) + slack + outside + CUDA_OVERHEAD_GIB * GiB
-    return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run), slack)
+    gathered = t.get("ZeRO-3 gathered parameters", 0.0)
+    slack = (LAYER_SHARD_SLACK if run.layer_shards else GATHER_SLACK) * gathered if run.layer_gather else 0.0
+    communicators = (2 if run.layer_shards else 1) if run.gpus > 1 else 0
+    device = (allocated * (1 + FRAGMENTATION) + slack + outside + CUDA_OVERHEAD_GIB * GiB
+              + communicators * NCCL_COMMUNICATOR_GIB * GiB)
+    return Estimate(t, allocated, device, trainable_params(shape, run), loading_peak(shape, run), slack,
+                    communicators)
 
 
 def checkpointed_layers_that_fit(shape: Shape, run: Run, budget_gib: float) -> int | None:
@@ -487,7 +504,9 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
               f"  {'allocator slack (2%)':<42} {e.allocated * FRAGMENTATION / GiB:7.2f}",
               *([f"  {'allocator slack of ZeRO-3 gathered buffers':<42} {e.gather_slack / GiB:7.2f}"]
                 if e.gather_slack else []),
-              f"  {'CUDA context, libraries, NCCL':<42} {CUDA_OVERHEAD_GIB:7.2f}",
+              f"  {'CUDA context, libraries':<42} {CUDA_OVERHEAD_GIB:7.2f}",
+              *([f"  {f'NCCL across GPUs ({e.communicators} communicator(s))':<42} "
+                 f"{e.communicators * NCCL_COMMUNICATOR_GIB:7.2f}"] if e.communicators else []),
               f"  {'peak device memory in training':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
     if e.loading > e.device:
         lines += [f"  {'peak device memory while loading':<42} {e.loading / GiB:7.2f}  ({e.loading / 1e9:.1f} GB)",

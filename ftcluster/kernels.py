@@ -56,7 +56,7 @@ def plan(cfg: RunConfig, model_type: str, device_type: str) -> tuple[dict | None
     # The fused loss reads the output layer's weight directly, not through the module's forward, so it would see
     # ZeRO-3's empty partition instead of the gathered weight; under ZeRO-3 the chunked loss
     # (activations.chunked_causal_lm_loss) keeps the logits small instead.
-    fused_loss = cfg.deepspeed.zero_stage != 3
+    fused_loss = not cfg.partitions_parameters
     kinds = ["RMSNorm", "SwiGLU", "RoPE"] + (["fused linear cross-entropy"] if fused_loss else [])
     return (dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=fused_loss),
             "Liger kernels: " + ", ".join(kinds) + ("" if fused_loss else " (no fused loss under ZeRO-3)"))

@@ -83,7 +83,8 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype]) if device.type == "cuda" else None
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
     zero = ("ZeRO-3 (frozen base partitioned by layers, adapters under ZeRO-2)" if cfg.frozen_base_by_layers
-            else f"ZeRO-{cfg.deepspeed.zero_stage}")
+            else "ZeRO-3 on one worker (nothing to partition: the frozen base whole, adapters under ZeRO-2)"
+            if cfg.frozen_base_whole_on_one_worker else f"ZeRO-{cfg.deepspeed.zero_stage}")
     phases.done("engine", f"DeepSpeed {zero}, {cfg.optimizer.name}")
     record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
                           total_steps=total_steps, device=str(device), pid=os.getpid(),

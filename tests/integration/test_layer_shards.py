@@ -32,8 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(tiny_model, method: str, mode: str, storage: str, tied: bool, stage: int = 3):
-    return C.load(None, [
+def _cfg(tiny_model, method: str, mode: str, storage: str, tied: bool, stage: int = 3, workers: int = WORLD):
+    return C.load(None, [f"scaling.num_workers={workers}",
         f"model.name_or_path={tiny_model}", f"method={method}", "model.random_init=true",
         f"model.config_overrides={{num_hidden_layers: {LAYERS}, tie_word_embeddings: {str(tied).lower()}}}", "model.gradient_checkpointing=true",
         f"deepspeed.zero_stage={stage}", f"deepspeed.zero3_frozen={mode}", "data.max_examples=96",
@@ -147,3 +147,33 @@ def test_layer_shards_hold_half_the_base_and_train_as_deepspeed_zero3_does(tiny_
             # The adapter is whole and trained: LoRA's A and B on every targeted layer, B no longer zero.
             assert len(r["adapter_shapes"]) == 2 * LAYERS * 7
             assert all(nonzero for _, _, nonzero in r["adapter_shapes"])
+
+
+def _one_worker_main(rank: int, tiny_model, port: int, storage: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    layer_shards.MIN_OUTSIDE_BYTES = 4096
+    runs = {}
+    for name, stage in (("zero3", 3), ("zero2", 2)):
+        cfg = _cfg(tiny_model, "qlora", "auto", storage, tied=False, stage=stage, workers=1)
+        loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+        model = loop.engine.module
+        losses = []
+        engine.train(loop, Progress(), engine.Hooks(lambda record, kind: losses.append(record.loss)))
+        runs[name] = {"shards": layer_shards.of(model) is not None, "stage": loop.engine.zero_optimization_stage(),
+                      "empty": [n for n, p in model.named_parameters() if p.numel() == 0], "losses": losses,
+                      "whole_on_one": cfg.frozen_base_whole_on_one_worker}
+    out[0] = runs
+    dist.destroy_process_group()
+
+
+def test_zero3_for_adapters_on_one_worker_keeps_the_base_whole_and_runs_as_zero2(tiny_model, tmp_path):
+    """With no other rank to hold a shard, ZeRO-3 for LoRA/QLoRA keeps the frozen base whole and DeepSpeed runs
+    the adapters under ZeRO-2: no layer is gathered (copied) before use, and the run is ZeRO-2's."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_one_worker_main, args=(tiny_model, _free_port(), str(tmp_path), out), nprocs=1)
+        runs = out[0]
+    z3, z2 = runs["zero3"], runs["zero2"]
+    assert z3["whole_on_one"] and not z3["shards"] and z3["stage"] == 2 and z3["empty"] == []
+    assert z3["losses"] == pytest.approx(z2["losses"], rel=1e-5)

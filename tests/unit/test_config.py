@@ -68,7 +68,7 @@ def test_param_offload_needs_zero3():
 
 
 def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_when_asked_to():
-    z3 = ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true"]
+    z3 = ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "scaling.num_workers=2"]
     assert C.load(None, z3).frozen_base_by_layers
     assert C.load(None, [*z3, "method=qlora"]).frozen_base_by_layers
     # auto falls back to DeepSpeed's ZeRO-3 where layer shards do not apply; layers says which setting is in the way.
@@ -82,6 +82,26 @@ def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_
             with pytest.raises(C.ConfigError, match=rf"zero3_frozen=layers with .*{named}.*Set deepspeed.zero3_frozen"):
                 C.load(None, [*z3, clash, "deepspeed.zero3_frozen=layers"])
     assert not C.load(None, ["deepspeed.zero_stage=2", "model.gradient_checkpointing=true"]).frozen_base_by_layers
+
+
+def test_zero3_for_adapters_on_one_worker_is_zero2_with_the_base_whole_and_keeps_what_zero2_allows(monkeypatch):
+    """One worker has no other rank to hold a shard: DeepSpeed runs ZeRO-2 over the adapters, nothing is
+    partitioned, so the fused loss and compiled layers apply as under ZeRO-2."""
+    from ftcluster import compiled, kernels
+
+    monkeypatch.setattr(kernels, "installed", lambda: True)  # the plan, not the kernels, is tested here
+    one = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "method=qlora"])
+    assert one.frozen_base_whole_on_one_worker and not one.frozen_base_by_layers
+    assert one.deepspeed_stage == 2 and not one.partitions_parameters
+    assert compiled.why_not(one, "cuda") is None
+    assert kernels.plan(one, "llama", "cuda")[0]["fused_linear_cross_entropy"] is True
+    two = one.model_copy(update={"scaling": one.scaling.model_copy(update={"num_workers": 2})})
+    assert two.frozen_base_by_layers and two.deepspeed_stage == 2 and two.partitions_parameters
+    assert compiled.why_not(two, "cuda") and kernels.plan(two, "llama", "cuda")[0]["fused_linear_cross_entropy"] is False
+    # DeepSpeed's own ZeRO-3, asked for, stays ZeRO-3 on one worker too (and so does full fine-tuning).
+    for other in (["deepspeed.zero3_frozen=deepspeed"], ["method=full"]):
+        cfg = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", *other])
+        assert not cfg.frozen_base_whole_on_one_worker and cfg.deepspeed_stage == 3 and cfg.partitions_parameters
 
 
 def test_a_zero_stage_set_inside_the_deepspeed_json_must_be_deepspeed_zero_stage(tmp_path):

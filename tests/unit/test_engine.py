@@ -159,11 +159,12 @@ def test_rng_state_round_trips_through_data_only_files(tmp_path):
 def test_a_frozen_base_in_layer_shards_leaves_deepspeed_the_adapters_under_zero2_whatever_the_json_says(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1}}))
-    cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true"])
+    cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
+                        "scaling.num_workers=2"])
     assert cfg.frozen_base_by_layers
     assert deepspeed_setup.deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 2
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
-                        "deepspeed.zero3_frozen=deepspeed"])
+                        "deepspeed.zero3_frozen=deepspeed", "scaling.num_workers=2"])
     assert deepspeed_setup.deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 3
 
 
