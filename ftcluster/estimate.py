@@ -340,10 +340,13 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
     if grad_zero in (1, 2):
-        # With contiguous_gradients and overlap_comm (ftcluster's config) ZeRO-1/2 take two reduce buckets of
-        # reduce_bucket_size 16-bit elements when the first gradient arrives (stage_1_and_2.py, setup_buckets):
-        # DeepSpeed's 5e8, or the trainable elements where fewer (deepspeed_setup.bucket_sizes).
-        out["ZeRO gradient buckets"] = 2 * 2 * (min(5e8, T) if run.sized_buckets else 5e8)
+        # With contiguous_gradients ZeRO-1/2 take a reduce bucket of reduce_bucket_size 16-bit elements when the
+        # first gradient arrives, two with overlap_comm (stage_1_and_2.py, setup_buckets): DeepSpeed's 5e8, or the
+        # trainable elements where fewer (deepspeed_setup.bucket_sizes). overlap_comm is on only where the
+        # gradients fill several buckets (deepspeed_setup.overlaps_reduction; runs before it had two buckets of
+        # the trainable elements, a few MB for adapters).
+        bucket = min(5e8, T) if run.sized_buckets else 5e8
+        out["ZeRO gradient buckets"] = 2 * bucket * (2 if T > bucket or not run.sized_buckets else 1)
     elif grad_zero == 3:
         # ZeRO-3 takes one reduce bucket per gradient dtype when the engine is built (stage3.py).
         out["ZeRO gradient buckets"] = 2 * (min(5e8, T) if run.zero3_buckets else 5e8)
