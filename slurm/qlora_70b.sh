@@ -3,13 +3,12 @@
 #   sbatch slurm/qlora_70b.sh [override ...]        e.g. sbatch slurm/qlora_70b.sh training.max_steps=200
 # Submit from the ftcluster checkout. Variables a site sets are listed in launchers/ray_slurm.sh; the common ones
 # are below. Near the time limit Slurm sends SIGTERM (--signal): the run checkpoints and the job requeues itself.
-# Memory per GPU: measured on 4 GPUs at micro batch 2 and r=8 with the checkpoints in host memory, 18.2 GiB
-# allocated and 25.6 GiB in use (NVML) (reports/scaling-qlora-70b/2026-11-26-4xh100, DeepSpeed's ZeRO-3 for every
-# parameter; the frozen base is now in layer shards, not yet measured at 70B); estimated for this recipe on
-# its 16 GPUs, 8.5 GiB allocated and 15.3 GiB in use while training (python -m ftcluster estimate --config
-# configs/llama3_70b_qlora.yaml scaling.num_workers=16). Its model is a hub id, which loads the whole 4-bit model
-# onto each GPU first (39.7 GiB): download the checkpoint to a directory and point model.name_or_path there, and it
-# loads partitioned.
+# Memory per GPU: measured on 4 GPUs (4x H200) at PEFT's shape (micro batch 2, r=8, checkpoints on the GPU) with
+# the frozen base in layer shards, 19.9 GiB allocated and 24.8 GiB in use (NVML)
+# (reports/scaling-qlora-70b/2026-11-27-4xh200); estimated for this recipe on its 16 GPUs, 8.2 GiB allocated and
+# 13.2 GiB in use while training (python -m ftcluster estimate --config configs/llama3_70b_qlora.yaml
+# scaling.num_workers=16). Its model is a hub id, which loads the whole 4-bit model onto each GPU first (39.7 GiB):
+# download the checkpoint to a directory and point model.name_or_path there, and it loads partitioned.
 #SBATCH --job-name=ftc-qlora_70b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
