@@ -10,7 +10,10 @@ Two things ask:
   (it drains its node for ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` first). Ray Train's preemption watcher marks
   the workers on that node; every worker reads its own mark.
 
-Every optimizer step the workers all-reduce one flag, so they stop at the same step whoever asked.
+Every optimizer step the workers all-reduce one flag, so they stop at the same step whoever asked. The reduction
+is not waited for: each step reads the previous step's, so the host never waits for the GPU to finish a step to
+decide (a blocking all-reduce and ``.item()`` every step made a 7B LoRA step on several GPUs wait for the GPU
+before launching the next one), and a request is obeyed one step later, by every worker at the same step.
 """
 
 from __future__ import annotations
@@ -66,33 +69,58 @@ def _preempted() -> bool:
 
 
 class StopCheck:
-    """Called once per optimizer step on every worker; returns the reason to stop, the same on every worker."""
+    """Called once per optimizer step on every worker (at the same steps: the flag is a collective); returns the
+    reason to stop, the same on every worker."""
 
     REASONS = ("", "stop requested", "node preempted")
 
     def __init__(self, run_dir: Path, device, poll_s: float = 1.0):
         import torch
+        import torch.distributed as dist
 
         self.path = Path(run_dir) / STOP_FILE
         self.device = device
         self.poll_s = poll_s
         self._next_poll = 0.0
         self._file_seen = False
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self._calls = 0
+        if self.world > 1:
+            # Two of everything: one step's flag is in flight while the previous step's is read.
+            pinned = getattr(device, "type", device) == "cuda"
+            self._sent = [torch.zeros(1, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+            self._reduced = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(2)]
+            self._received = [torch.zeros(1, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+            self._arrived = [None, None]  # CUDA events: the received copy is on the host
 
-    def __call__(self) -> str | None:
-        import torch
-
-        flag = 0
+    def _local_flag(self) -> int:
         if self.rank == 0 and not self._file_seen and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll_s  # a stat per second, not per step, on shared storage
             self._file_seen = os.path.exists(self.path)
         if self._file_seen:
-            flag = 1
-        elif _preempted():
-            flag = 2
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            t = torch.tensor([flag], dtype=torch.int32, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = int(t.item())
-        return self.REASONS[flag] or None
+            return 1
+        return 2 if _preempted() else 0
+
+    def __call__(self) -> str | None:
+        flag = self._local_flag()
+        if self.world == 1:
+            return self.REASONS[flag] or None
+        import torch
+        import torch.distributed as dist
+
+        now, before = self._calls % 2, (self._calls + 1) % 2
+        self._calls += 1
+        # This buffer's last transfer was two calls ago, and the previous call waited for it.
+        self._sent[now][0] = flag
+        self._reduced[now].copy_(self._sent[now], non_blocking=True)
+        dist.all_reduce(self._reduced[now], op=dist.ReduceOp.MAX)  # NCCL: queued on the GPU, the host goes on
+        self._received[now].copy_(self._reduced[now], non_blocking=True)
+        if self._reduced[now].is_cuda:
+            self._arrived[now] = torch.cuda.Event()
+            self._arrived[now].record()
+        if self._calls == 1:
+            return None  # nothing was reduced before the first step
+        if self._arrived[before] is not None:
+            self._arrived[before].synchronize()  # the previous step's: long done unless the host is a step ahead
+        return self.REASONS[int(self._received[before][0])] or None

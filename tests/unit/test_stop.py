@@ -1,0 +1,47 @@
+"""The per-step stop check: every worker answers the same, at the same step, and the answer never waits on the
+step in flight (it is the previous step's reduction)."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ftcluster import stop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(rank: int, world: int, port: int, run_dir: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    check = stop.StopCheck(run_dir, torch.device("cpu"), poll_s=0.0)
+    answers = []
+    for call in range(1, 7):
+        if call == 4 and rank == 0:
+            stop.request(run_dir, "SIGTERM")  # only rank 0 reads the file
+        dist.barrier()
+        answers.append(check())
+    out[rank] = answers
+    dist.destroy_process_group()
+
+
+def test_a_stop_request_is_obeyed_by_every_worker_one_step_after_it_is_seen(tmp_path):
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_answers, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+        answers = dict(out)
+    # Seen by rank 0 at the 4th call, reduced then, read at the 5th: by both workers.
+    assert answers[0] == answers[1] == [None, None, None, None, "stop requested", "stop requested"]
+
+
+def test_one_worker_obeys_at_once(tmp_path):
+    check = stop.StopCheck(tmp_path, torch.device("cpu"), poll_s=0.0)
+    assert check() is None
+    stop.request(tmp_path, "SIGTERM")
+    assert check() == "stop requested"
