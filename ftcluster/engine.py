@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -129,7 +130,7 @@ def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress
     flops = loop.record.flops_per_token
     return {"loss": loss_mean, "lr": loop.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "step_time_s": sorted(window.step_times)[len(window.step_times) // 2],
+            "step_time_s": statistics.median(window.step_times),
             "tokens_per_s": tok_s, "tokens_per_s_total": tok_s * world, "tokens_seen": progress.tokens_seen,
             "mfu": tok_s * flops / loop.peak_flops if loop.peak_flops and flops else None,
             **M.memory(loop.device)}

@@ -38,6 +38,8 @@ def test_the_summary_takes_medians_after_the_first_window_and_peaks_over_workers
     assert s.peak_allocated_gib == 9.0 and s.time_to_first_step_s == 10.0 and s.losses[0] == [2, 2.5]
     s.write(tmp_path)
     assert Summary.read(tmp_path) == s and json.loads((tmp_path / "summary.json").read_text())["final_model"] is None
+    # Two steady windows: their mean, not the better one.
+    assert Summary.of_lines(lines[:3], tmp_path, "lora", 12.34, 90.0, checkpoint=None).tokens_per_s_total == 2100.0
 
 
 def test_time_to_first_step_is_this_attempts_and_is_split_by_phase(tmp_path):
