@@ -124,8 +124,9 @@ def test_sbatch_qlora_70b_script_trains_across_two_nodes(slurm, tmp_path, tiny_m
 
 def test_sigterm_before_the_time_limit_checkpoints_requeues_and_the_job_resumes(slurm, tmp_path, tiny_model):
     """What `#SBATCH --signal=B:TERM@300` does near the time limit, sent by hand."""
+    # A line every step: the stop lands on any step, and the resumed run's first line must be the next one.
     job, run_dir = submit(slurm, tmp_path, tiny_model, "requeued", 24000,
-                          **{"training.max_steps": 40, "training.save_every": 0})
+                          **{"training.max_steps": 40, "training.save_every": 0, "training.log_every": 1})
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the first step")
     subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm, check=True)
     # Restarts counts up when the requeue is asked for; the job is requeued (and its start time set) only once it
