@@ -4,7 +4,6 @@ and summary.json."""
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -83,18 +82,6 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
         rundir.release(run_dir)
 
 
-CONTROLLER_POLL_S = "0.5"
-"""Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default, Ray 2.60),
-and notices that they started, reported or finished only then: a run ended up to 2 s after its last step and
-passed through several polls on its way to the first. At 0.5 s a CPU run of configs/tiny_cpu.yaml took 32-36 s
-in the trainer against 38 s; a poll is one small call per worker. The driver's value reaches the controller and
-the workers (Ray Train propagates the variable); a user's own setting wins."""
-
-
-def poll_interval_env() -> None:
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
-
-
 def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_phases: dict) -> dict:
     """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -102,7 +89,6 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_
 
     from ftcluster.worker import train_loop_per_worker
 
-    poll_interval_env()
     s = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,

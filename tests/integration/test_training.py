@@ -301,29 +301,3 @@ def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkp
     assert not (run_dir / "final").exists()
     diverged_at = summary["final_step"]
     assert diverged_at < 12 and Path(summary["checkpoint"]).name == f"checkpoint_step{diverged_at - 2:07d}"
-
-
-def _write_poll_interval(config):
-    Path(config["out"]).write_text(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "unset"))
-
-
-def test_the_controller_polls_its_workers_every_half_second_unless_the_user_says_otherwise(ray_local, tmp_path,
-                                                                                            monkeypatch):
-    """Ray Train notices a worker's start, reports and end only when it polls (every 2 s by default): the driver
-    sets the interval, which Ray Train hands to its controller and workers; a user's own value wins."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def interval(name: str) -> float:
-        out = tmp_path / f"{name}.txt"  # what a worker's environment holds
-        TorchTrainer(_write_poll_interval, train_loop_config={"out": str(out)},
-                     scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
-                     run_config=RunConfig(name=name, storage_path=str(tmp_path))).fit()
-        return float(out.read_text())
-
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
-    launch.poll_interval_env()
-    assert interval("ours") == float(launch.CONTROLLER_POLL_S)
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
-    launch.poll_interval_env()
-    assert interval("theirs") == 1.5
