@@ -56,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local(log_to_driver: bool = True, **init_kwargs) -> None:
+def start_local(**init_kwargs) -> None:
     """A new local cluster whose processes find it, not the one `ray start` recorded on this host.
 
     Ray Train's placement-group cleaner (Ray 2.60) asks the state API whether the run's controller is alive, and
@@ -72,7 +72,7 @@ def start_local(log_to_driver: bool = True, **init_kwargs) -> None:
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(address="local", dashboard_port=port, log_to_driver=log_to_driver, **init_kwargs)
+        ray.init(address="local", dashboard_port=port, log_to_driver=True, **init_kwargs)
     finally:
         if saved is None:
             del os.environ["RAY_API_SERVER_ADDRESS"]

@@ -44,9 +44,6 @@ def ray_local():
 
     # Always a fresh cluster for the session, never one a `ray start` left on the host (ray.init() otherwise joins
     # the cluster named in /tmp/ray/ray_current_cluster, even a dead one), and one its own processes find.
-    # Workers' output is not streamed to this process: closing the log subscriber at shutdown can wait forever on
-    # its own poll (a CI run hung there after its last test, ray-project/ray#44836 and #45044), and no test reads
-    # worker output in-process (runs started as subprocesses print their own).
-    cluster.start_local(log_to_driver=False, num_cpus=2)
+    cluster.start_local(num_cpus=2)
     yield ray
     ray.shutdown()
