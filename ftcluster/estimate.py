@@ -351,7 +351,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         # ZeRO-3 takes one reduce bucket per gradient dtype when the engine is built (stage3.py).
         out["ZeRO gradient buckets"] = 2 * (min(5e8, T) if run.zero3_buckets else 5e8)
     if run.layer_shards and run.zero == 3:
-        # (On one GPU only code before WHOLE_ON_ONE_WORKER_SINCE, benchmarks/calibration.py, had layer shards: it
+        # (On one GPU only code up to ZERO3_ON_ONE_WORKER_UNTIL, benchmarks/calibration.py, had layer shards: it
         # gathered copies of each layer from the one rank's whole "shard".)
         # ftcluster.layer_shards: the layer computing and the one queued (in backward, the layer recomputed and the
         # one before it), and the output layer from its forward to its backward.
