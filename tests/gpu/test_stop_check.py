@@ -28,6 +28,9 @@ def _rank(rank: int, port: int, run_dir: str, out: dict) -> None:
     device = torch.device("cuda", rank)
     check = stop.StopCheck(run_dir, device, poll_s=0.0)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    # As in training, NCCL's communicator and cuBLAS are set up before the first step (their lazy set-up waits).
+    dist.all_reduce(torch.ones(1, device=device))
+    (a @ a).sum().item()
     busy = []
     for _ in range(4):
         for _ in range(40):  # a "step": tens of ms of matmuls on an H100, queued in well under a ms
