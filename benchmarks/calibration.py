@@ -42,6 +42,9 @@ ZERO3_ON_ONE_WORKER_UNTIL = "9278bd9"
 """The last commit at which ZeRO-3 for adapters on one worker ran as ZeRO-3 (DeepSpeed's, then layer shards that
 gathered copies of each layer from the one rank's whole shard); after it, the frozen base stays whole there and the
 adapters run under ZeRO-2."""
+KEPT_RECOMPUTED_WEIGHTS_AFTER = "9c017d5"
+"""The last commit at which QLoRA dequantized a checkpointed layer's weights again in backward; after it, the
+recompute's dequantized weights are kept for the backward (quantization.keep_recomputed_weights)."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
 
@@ -55,7 +58,9 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
                           # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
                           zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
                           fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True),
-                          layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit))
+                          layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit),
+                          recomputed_weights_kept=cfg.method != "qlora"
+                          or not _at_or_before(commit, KEPT_RECOMPUTED_WEIGHTS_AFTER))
     if cfg.frozen_base_whole_on_one_worker and _at_or_before(commit, ZERO3_ON_ONE_WORKER_UNTIL):
         # ZeRO-3 on one worker was ZeRO-3 then, with its chunked loss: DeepSpeed's, or layer shards gathering copies
         # of each layer from the one rank's whole shard.

@@ -89,6 +89,17 @@ class QuantizationConfig(Section):
     """PEFT's ``prepare_model_for_kbit_training`` upcast of embeddings, norms and lm_head to float32 (adapters in
     fp32 too, DeepSpeed's 16-bit mode off so nothing is cast back). Off by default: it makes QLoRA 1.8-2.8x slower
     and heavier (see docs/design.md)."""
+    keep_recomputed_weights: Literal["auto", "on", "off"] = "auto"
+    """Under gradient checkpointing, a checkpointed layer's 4-bit weights stay dequantized from the layer's
+    recompute to its backward, so each is dequantized twice a step, not three times (ftcluster/linear4bit.py). Costs
+    one decoder layer's weights in the compute dtype while that layer's backward runs (0.4 GiB at 7B, 1.6 GiB at
+    70B), which the estimator counts. ``auto``: on, except where ZeRO-3 partitions the parameters, which is chosen
+    to save memory."""
+
+    @field_validator("keep_recomputed_weights", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class DataConfig(Section):
@@ -385,6 +396,17 @@ class RunConfig(Section):
         return self.deepspeed_stage == 3 or self.frozen_base_by_layers
 
     @property
+    def would_keep_recomputed_weights(self) -> bool:
+        """Whether ``quantization.keep_recomputed_weights`` is in force here, were the run QLoRA with checkpointing."""
+        mode = self.quantization.keep_recomputed_weights
+        return mode == "on" or (mode == "auto" and not self.partitions_parameters)
+
+    @property
+    def keeps_recomputed_weights(self) -> bool:
+        """Whether QLoRA's checkpointed layers keep their recomputed dequantized weights for backward."""
+        return self.would_keep_recomputed_weights and self.method == "qlora" and self.model.gradient_checkpointing
+
+    @property
     def quant_storage_dtype(self) -> str:
         q = self.quantization
         if q.quant_storage != "auto":
@@ -409,6 +431,7 @@ class RunConfig(Section):
         body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
                                                      "tracking": True,
                                                      "model": {"liger_kernel", "compile", "activation_offloading"},
+                                                     "quantization": {"keep_recomputed_weights"},
                                                      "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -154,6 +154,10 @@ class Run:
     layer_shards: bool = False
     """ZeRO-3 with the frozen base in ftcluster's layer shards and the adapters under ZeRO-2
     (``RunConfig.frozen_base_by_layers``); runs measured before 9f5ca73 used DeepSpeed's ZeRO-3 throughout."""
+    recomputed_weights_kept: bool = True
+    """QLoRA under checkpointing would keep a recomputed layer's dequantized weights for its backward
+    (``quantization.keep_recomputed_weights``; the setting, whatever the method); QLoRA runs measured at 9c017d5 or
+    before dequantized them again."""
 
 
 def preset_of(model: str) -> str | None:
@@ -207,7 +211,8 @@ def fused_loss_of(cfg, liger_installed: bool) -> bool:
 
 
 def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
-           fused_loss: bool | None = None, zero3_buckets: bool = True, layer_shards: bool | None = None) -> Run:
+           fused_loss: bool | None = None, zero3_buckets: bool = True, layer_shards: bool | None = None,
+           recomputed_weights_kept: bool = True) -> Run:
     """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
     loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
     targets = cfg.lora.target_modules
@@ -226,6 +231,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
                zero3_buckets=zero3_buckets,
                layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
+               recomputed_weights_kept=recomputed_weights_kept and cfg.would_keep_recomputed_weights,
                fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss)
 
 
@@ -339,6 +345,10 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.method == "qlora":
         # bitsandbytes dequantizes a 4-bit weight to bf16 for each matmul; forward and backward may overlap two.
         out["dequantized weight (temporary)"] = 2 * 2 * max(a * b for a, b in shape.linear_shapes().values())
+        if run.grad_ckpt and run.recomputed_weights_kept and (run.ckpt_layers is None or run.ckpt_layers > 0):
+            # ftcluster.linear4bit keeps a recomputed layer's dequantized weights for its backward.
+            out["dequantized weights of the recomputed layer"] = 2 * sum(
+                a * b for a, b in shape.linear_shapes().values())
     if grad_zero in (1, 2):
         # With contiguous_gradients ZeRO-1/2 take a reduce bucket of reduce_bucket_size 16-bit elements when the
         # first gradient arrives, two with overlap_comm (stage_1_and_2.py, setup_buckets): DeepSpeed's 5e8, or the
@@ -371,7 +381,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
 PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")  # prefixes
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
          "activations (layers not checkpointed)",
-         "dequantized weight (temporary)", "ZeRO-3 gathered parameters")
+         "dequantized weight (temporary)", "dequantized weights of the recomputed layer", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
 
 
@@ -416,7 +426,8 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     saved = persistent + sum(t.get(k, 0.0) for k in SAVED)
     buckets = t.get("ZeRO gradient buckets", 0.0)
     # When the loss is computed no layer has been recomputed yet.
-    backward_start = saved - t.get("activations (one recomputed layer)", 0.0) + t["logits and loss"]
+    backward_start = (saved - t.get("activations (one recomputed layer)", 0.0)
+                      - t.get("dequantized weights of the recomputed layer", 0.0) + t["logits and loss"])
     through_layers = saved + buckets + t["gradients (bf16)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)

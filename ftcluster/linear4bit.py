@@ -12,6 +12,15 @@ backward, and nothing outlives its use. Without ZeRO-3 the weight is simply resi
 same thing (dequantize to the compute dtype, then one cuBLAS matmul, which is bitsandbytes' own path for
 training-sized inputs). It also skips bitsandbytes' CPU inference repacking, which rewrites a partitioned
 weight's data in place during evaluation on CPUs with AVX512-BF16.
+
+A checkpointed layer dequantizes each weight three times a step: in the forward, again in the recompute, and in
+the backward. Every dequantization is two bitsandbytes kernels behind a few hundred microseconds of host Python
+(profiled on an H100, reports/llama-7b/2026-11-27-1xh100-qlora-profile), and at 7B that host time, 672 times a
+step, is most of what makes a QLoRA step slower than a LoRA one. With ``keep_dequantized`` (set on the 4-bit
+layers of checkpointed decoder layers, ``quantization.keep_recomputed_weights``) the dequantized weight is saved
+for backward like any activation: the checkpoint drops it after the first forward, and the recompute's copy lives
+on to the backward, which then needs no third dequantization. That holds one decoder layer's weights in the
+compute dtype from its recompute to its backward.
 """
 
 from __future__ import annotations
@@ -23,25 +32,39 @@ from torch import nn
 
 
 def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return bnb.functional.dequantize_4bit(weight, weight.quant_state).to(dtype)
+    # The plain tensor, not the Params4bit: each op on the subclass goes through its Python __torch_function__.
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 class _FrozenMatmul4bit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.weight = weight  # the parameter: ZeRO-3 may swap its data out and back before backward
+    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+                keep_dequantized: bool) -> torch.Tensor:
+        dequantized = _dequantized(weight, x.dtype)
+        ctx.keep_dequantized = keep_dequantized = keep_dequantized and ctx.needs_input_grad[0]
+        if keep_dequantized:
+            ctx.save_for_backward(dequantized)  # dropped by the checkpoint in the first forward, kept in the recompute
+        else:
+            ctx.weight = weight  # the parameter: ZeRO-3 may swap its data out and back before backward
         ctx.has_bias = bias is not None
-        return F.linear(x, _dequantized(weight, x.dtype), bias)
+        return F.linear(x, dequantized, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ _dequantized(ctx.weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.saved_tensors[0] if ctx.keep_dequantized else _dequantized(ctx.weight, grad.dtype)
+            grad_x = grad @ weight
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
 class Linear4bit(bnb.nn.Linear4bit):
     """bitsandbytes' ``Linear4bit`` (same parameters, state dict and PEFT support) with the forward above."""
+
+    keep_dequantized = False
+    """Save the dequantized weight for backward: only inside a checkpointed layer, whose checkpoint keeps just the
+    recompute's copy (elsewhere it would hold every layer's weights in the compute dtype until backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.weight, "quant_state", None) is None:
@@ -50,7 +73,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _FrozenMatmul4bit.apply(x, self.weight, bias).to(dtype)
+        return _FrozenMatmul4bit.apply(x, self.weight, bias, self.keep_dequantized).to(dtype)
 
 
 def adopt(model: nn.Module) -> int:
@@ -62,3 +85,15 @@ def adopt(model: nn.Module) -> int:
             module.__class__ = Linear4bit
             changed += 1
     return changed
+
+
+def keep_dequantized_in(layers: list[nn.Module]) -> int:
+    """Have the 4-bit layers inside ``layers`` (checkpointed decoder layers) keep their recomputed dequantized
+    weights for backward. Returns how many."""
+    kept = 0
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, Linear4bit):
+                module.keep_dequantized = True
+                kept += 1
+    return kept

@@ -324,13 +324,18 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(line, flush=True)
     activations.use_chunked_loss(model)
+    checkpointed = 0
     if cfg.model.gradient_checkpointing:
-        activations.checkpoint_layers(model, offload=cfg.model.activation_offloading,
-                                      count=cfg.model.checkpointed_layers)
+        checkpointed = activations.checkpoint_layers(model, offload=cfg.model.activation_offloading,
+                                                     count=cfg.model.checkpointed_layers).layers
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
         model = _with_adapters(model, cfg)
+    if cfg.keeps_recomputed_weights:
+        from ftcluster import linear4bit
+
+        linear4bit.keep_dequantized_in(activations.decoder_layers(model)[:checkpointed])
     line = compiled.apply(model, cfg, device.type)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(line, flush=True)
