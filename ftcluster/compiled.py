@@ -31,6 +31,11 @@ def why_not(cfg: RunConfig, device_type: str) -> str | None:
     return None
 
 
+def compiles(cfg: RunConfig, device_type: str) -> bool:
+    """Whether this run's decoder layers will be compiled with Inductor."""
+    return cfg.model.compile != "off" and why_not(cfg, device_type) is None
+
+
 def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor") -> str:
     """Compile each decoder layer of ``model`` (after checkpointing and kernels are in place; compilation happens at
     the first call). Returns the line to print."""

@@ -13,6 +13,7 @@ import importlib.util
 
 from torch import nn
 
+from ftcluster import compiled
 from ftcluster.config import ConfigError, RunConfig
 
 # model_type -> Liger's apply function; each takes rope, rms_norm, swiglu, fused_linear_cross_entropy and model.
@@ -57,9 +58,17 @@ def plan(cfg: RunConfig, model_type: str, device_type: str) -> tuple[dict | None
     # ZeRO-3's empty partition instead of the gathered weight; under ZeRO-3 the chunked loss
     # (activations.chunked_causal_lm_loss) keeps the logits small instead.
     fused_loss = not cfg.partitions_parameters
-    kinds = ["RMSNorm", "SwiGLU", "RoPE"] + (["fused linear cross-entropy"] if fused_loss else [])
-    return (dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=fused_loss),
-            "Liger kernels: " + ", ".join(kinds) + ("" if fused_loss else " (no fused loss under ZeRO-3)"))
+    # Compiled layers: Inductor fuses the norm, SwiGLU and RoPE itself, and Liger's autograd functions would break
+    # the layer's graph into pieces at each of them (Liger-Kernel#174; transformers' own Liger layers mark them
+    # not compile-friendly), each piece paying its own guards and runtime wrapper.
+    in_layers = not compiled.compiles(cfg, device_type)
+    kinds = (["RMSNorm", "SwiGLU", "RoPE"] if in_layers else []) + (["fused linear cross-entropy"] if fused_loss else [])
+    if not kinds:
+        return None, "Liger kernels: none (compiled layers fuse their own; no fused loss under ZeRO-3)"
+    return (dict(rope=in_layers, rms_norm=in_layers, swiglu=in_layers, cross_entropy=False,
+                 fused_linear_cross_entropy=fused_loss),
+            "Liger kernels: " + ", ".join(kinds) + ("" if fused_loss else " (no fused loss under ZeRO-3)")
+            + ("" if in_layers else " (the compiled layers fuse their norms, SwiGLU and RoPE themselves)"))
 
 
 def apply(model: nn.Module, cfg: RunConfig, device_type: str) -> str:

@@ -49,3 +49,10 @@ def test_the_plan_follows_the_mode_the_architecture_and_the_zero_stage(monkeypat
         kernels.check_driver(C.load(None, ["model.liger_kernel=on", "scaling.use_gpu=true"]), "gpt2")
     assert kernels.plan(C.load(None, ["model.liger_kernel=off"]), "llama", "cuda") == (
         None, "Liger kernels: off (model.liger_kernel=off)")
+    # Compiled layers fuse their own norms, SwiGLU and RoPE (Liger's functions would break their graphs): the loss
+    # alone stays Liger's; where ZeRO-3 also rules out the fused loss, nothing is.
+    kinds, line = kernels.plan(C.load(None, ["model.compile=auto"]), "llama", "cuda")
+    assert kinds == dict(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                         fused_linear_cross_entropy=True) and "compiled layers fuse" in line
+    assert kernels.plan(C.load(None, ["model.compile=auto", "deepspeed.zero_stage=3"]), "llama", "cuda")[1] \
+        .startswith("Liger kernels: RMSNorm")  # ZeRO-3 layers are not compiled
