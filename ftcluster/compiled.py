@@ -4,12 +4,19 @@ layer's parameters inputs of the graph rather than constants). A compiled layer 
 from one call, where eager PyTorch launches each of dozens of small kernels from Python: small and adapter models
 spend most of a step in that Python, and the GPU waits.
 
-``model.compile``: ``auto`` compiles on a CUDA device where nothing in the layer's call stands in its way;
-``on`` requires it; ``off`` (the default) never compiles. Measured on one H100 at the Llama-3.2-1B shape
-(reports/llama-1b/2026-11-26-1xh100-compile), compiled layers were slower, not faster: 0.87x the eager step time
-for LoRA and 0.83x for QLoRA, with the same losses; so they are opt-in until a profile says why. Not compiled:
+``model.compile``: ``auto`` (the default) compiles LoRA's layers on one CUDA GPU where nothing in the layer's call
+stands in its way; ``on`` compiles full fine-tuning's too and refuses to run where it cannot; ``off`` never
+compiles. Compiled layers leave their norms, SwiGLU and RoPE to Inductor rather than Liger (ftcluster/kernels.py):
+Liger's autograd functions break the layer's graph, and with them in it compiled layers measured slower than eager
+ones (1B, reports/llama-1b/2026-11-26-1xh100-compile). Without them, on one H100 at the Llama-2-7B shape, the LoRA
+step took 0.303 s against 0.393 eager in the same run and 0.455 for the HF recipe
+(reports/llama-7b/2026-11-27-1xh100-compile), for about 14 s more before the first step. Full fine-tuning is not
+measured that way yet, nor are several workers (DeepSpeed's gradient hooks around compiled layers), so ``auto``
+leaves them eager. Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
-- with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace.
+- with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace;
+- QLoRA: its compiled, checkpointed layers held every layer's dequantized weights until backward (7B: 26.3 GiB
+  peak against 5.6 eager, in the same report), which the estimator does not model.
 """
 
 from __future__ import annotations
@@ -26,14 +33,22 @@ def why_not(cfg: RunConfig, device_type: str) -> str | None:
         return "ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call"
     if cfg.model.activation_offloading:
         return "model.activation_offloading's saved-tensor hooks cannot be traced by torch.compile"
+    if cfg.method == "qlora":
+        return ("QLoRA's compiled layers held every layer's dequantized weights until backward (7B: 26.3 GiB peak "
+                "against 5.6 eager)")
     if device_type != "cuda":
         return f"the device is {device_type}; compiled layers pay off on GPUs, whose kernels the host must keep fed"
     return None
 
 
+def _auto_compiles(cfg: RunConfig) -> bool:
+    return cfg.method == "lora" and cfg.scaling.num_workers == 1
+
+
 def compiles(cfg: RunConfig, device_type: str) -> bool:
     """Whether this run's decoder layers will be compiled with Inductor."""
-    return cfg.model.compile != "off" and why_not(cfg, device_type) is None
+    wanted = cfg.model.compile == "on" or (cfg.model.compile == "auto" and _auto_compiles(cfg))
+    return wanted and why_not(cfg, device_type) is None
 
 
 def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor") -> str:
@@ -47,6 +62,9 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor"
         if mode == "on":
             raise ConfigError(f"model.compile=on: {reason}; set model.compile=auto or off")
         return f"compiled layers: no, {reason}"
+    if mode == "auto" and not _auto_compiles(cfg):
+        return ("compiled layers: no, model.compile=auto compiles LoRA's layers on one GPU, where it was measured "
+                "(not full fine-tuning, nor several workers, yet); set model.compile=on to compile them")
     layers = activations.decoder_layers(model)
     if not layers:
         if mode == "on":

@@ -11,14 +11,15 @@ from tests import tiny
 
 
 def test_auto_compiles_on_gpus_only_and_on_is_refused_where_it_cannot_run(tiny_model, capsys):
-    assert C.load(None, []).model.compile == "off"  # opt-in: measured slower at 1B
+    assert C.load(None, []).model.compile == "auto"
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "model.compile=auto"])
     model = models.build_model(cfg, "cpu")
     assert "compiled layers: no, the device is cpu" in capsys.readouterr().out
     assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
     for clash, message in [("scaling.use_gpu=false", "scaling.use_gpu=false"),
                            ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3"),
-                           ("model.activation_offloading=true", "model.activation_offloading=true")]:
+                           ("model.activation_offloading=true", "model.activation_offloading=true"),
+                           ("method=qlora", "method=qlora")]:
         extra = ["model.gradient_checkpointing=true"] if "offloading" in clash else []
         with pytest.raises(C.ConfigError, match=f"model.compile=on with {message}"):
             C.load(None, ["model.compile=on", clash, *extra])

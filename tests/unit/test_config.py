@@ -90,7 +90,7 @@ def test_zero3_for_adapters_on_one_worker_is_zero2_with_the_base_whole_and_keeps
     from ftcluster import compiled, kernels
 
     monkeypatch.setattr(kernels, "installed", lambda: True)  # the plan, not the kernels, is tested here
-    one = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "method=qlora"])
+    one = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "method=lora"])
     assert one.frozen_base_whole_on_one_worker and not one.frozen_base_by_layers
     assert one.deepspeed_stage == 2 and not one.partitions_parameters
     assert compiled.why_not(one, "cuda") is None

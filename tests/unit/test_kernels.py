@@ -36,7 +36,7 @@ def test_on_is_refused_where_it_cannot_run():
 
 def test_the_plan_follows_the_mode_the_architecture_and_the_zero_stage(monkeypatch):
     monkeypatch.setattr(kernels, "installed", lambda: True)
-    auto = C.load(None, [])
+    auto = C.load(None, ["model.compile=off"])
     kinds, line = kernels.plan(auto, "llama", "cuda")
     assert kinds == dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
     assert "fused linear cross-entropy" in line
@@ -51,8 +51,10 @@ def test_the_plan_follows_the_mode_the_architecture_and_the_zero_stage(monkeypat
         None, "Liger kernels: off (model.liger_kernel=off)")
     # Compiled layers fuse their own norms, SwiGLU and RoPE (Liger's functions would break their graphs): the loss
     # alone stays Liger's; where ZeRO-3 also rules out the fused loss, nothing is.
-    kinds, line = kernels.plan(C.load(None, ["model.compile=auto"]), "llama", "cuda")
+    kinds, line = kernels.plan(C.load(None, ["method=lora", "model.compile=auto"]), "llama", "cuda")
     assert kinds == dict(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
                          fused_linear_cross_entropy=True) and "compiled layers fuse" in line
     assert kernels.plan(C.load(None, ["model.compile=auto", "deepspeed.zero_stage=3"]), "llama", "cuda")[1] \
         .startswith("Liger kernels: RMSNorm")  # ZeRO-3 layers are not compiled
+    for eager in (["method=qlora"], ["method=full"], ["method=lora", "scaling.num_workers=2"]):  # LoRA on one GPU
+        assert kernels.plan(C.load(None, ["model.compile=auto", *eager]), "llama", "cuda")[0]["rms_norm"]
