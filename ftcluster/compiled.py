@@ -9,8 +9,10 @@ stands in its way; ``on`` compiles full fine-tuning's too and refuses to run whe
 compiles. Compiled layers leave their norms, SwiGLU and RoPE to Inductor rather than Liger (ftcluster/kernels.py):
 Liger's autograd functions break the layer's graph, and with them in it compiled layers measured slower than eager
 ones (1B, reports/llama-1b/2026-11-26-1xh100-compile). Without them, on one H100 at the Llama-2-7B shape, the LoRA
-step took 0.303 s against 0.393 eager in the same run and 0.455 for the HF recipe
-(reports/llama-7b/2026-11-27-1xh100-compile), for about 14 s more before the first step. Full fine-tuning is not
+step took 0.296 s against 0.336 eager and 0.454 for the HF recipe in one run, 0.303 against 0.393 eager in
+another; at the Llama-3.2-1B shape 0.088 s against 0.191 eager and 0.109 for the HF recipe
+(reports/llama-*/2026-11-27-1xh100-lora-compiled, reports/llama-7b/2026-11-27-1xh100-compile). Compiling costs
+14-18 s before the first step. Full fine-tuning is not
 measured that way yet, nor are several workers (DeepSpeed's gradient hooks around compiled layers), so ``auto``
 leaves them eager. Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
