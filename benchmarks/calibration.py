@@ -20,6 +20,7 @@ import yaml
 from ftcluster import config as C
 from ftcluster import estimate
 from ftcluster.estimate import Run
+from ftcluster.presets import PRESETS
 from ftcluster.records import Summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,13 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
     return run
 
 
+def recorded_shape(model: str) -> str | None:
+    """The preset a recorded run's model names. Its paths were the GPU host's: a directory of the same name here (a
+    shape that benchmarks.shapes wrote on this machine, with its config.json) says nothing about that run."""
+    name = Path(model).name
+    return name if model.startswith("/") and name in PRESETS else estimate.preset_of(model)
+
+
 def config_of(command: str | list[str]) -> C.RunConfig:
     """The config of a recorded ``python -m ftcluster.train --config ...`` command. The model paths were on the GPU
     host: the settings are resolved without checking that files exist here."""
@@ -106,7 +114,7 @@ def rows() -> list[dict]:
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
-                "shape": estimate.preset_of(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
+                "shape": recorded_shape(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
                 "measured_gib": {"allocated": m.peak_allocated_gib, "reserved": m.peak_reserved_gib,
                                  "device": m.peak_device_used_gib},
             })

@@ -182,3 +182,15 @@ def test_layers_left_out_of_checkpointing_keep_their_activations_and_the_estimat
     assert E.checkpointed_layers_that_fit(shape, run, tight + 4.2 * per_layer / E.GiB) == 12
     assert E.checkpointed_layers_that_fit(shape, run, tight - 0.5) is None
     assert "model.checkpointed_layers=12" in E.explain("llama-3.2-1b", shape, run, tight + 4.2 * per_layer / E.GiB)
+
+
+def test_a_recorded_runs_shape_does_not_depend_on_a_same_named_directory_here(tmp_path):
+    """Calibration rows name the GPU host's shape directories; one of the same name written on this machine (by
+    benchmarks.shapes, config.json included) must not turn the row into a custom model without a shape."""
+    from benchmarks import calibration
+
+    here = tmp_path / "llama-2-7b"
+    here.mkdir()
+    (here / "config.json").write_text("{}")
+    assert calibration.recorded_shape(str(here)) == "llama-2-7b"
+    assert calibration.recorded_shape("embedded:smollm2-135m-instruct") == "smollm2-135m"
