@@ -16,7 +16,6 @@ import cProfile
 import io
 import os
 import pstats
-import socket
 
 import torch
 import torch.distributed as dist
@@ -24,14 +23,10 @@ import torch.multiprocessing as mp
 
 from ftcluster import config as C
 from ftcluster import engine
+from ftcluster.cluster import free_port
 from ftcluster.records import Progress
 from ftcluster.worker import setup
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StepProfile:
@@ -103,7 +98,7 @@ def main() -> None:
     C.load(args.config, args.overrides)  # a bad config fails here, before any process starts
     for attempt in range(3):
         try:
-            mp.spawn(_rank, args=(args.ranks, _free_port(), args), nprocs=args.ranks)
+            mp.spawn(_rank, args=(args.ranks, free_port(), args), nprocs=args.ranks)
             return
         except mp.ProcessRaisedException as e:
             # The port was free when chosen and taken before rank 0 listened on it (seen on a GPU host, between

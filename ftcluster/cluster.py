@@ -50,7 +50,8 @@ def join(cfg: RunConfig) -> bool:
     return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a local cluster's GCS, or torch.distributed's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ def start_local(**init_kwargs) -> None:
     driver's environment when ray.init starts them; the driver's own is restored after)."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:

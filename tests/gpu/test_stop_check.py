@@ -3,7 +3,6 @@ GPU is still busy with work queued before it (a blocking all-reduce and ``.item(
 it)."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,14 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ftcluster import stop
+from ftcluster.cluster import free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, run_dir: str, out: dict) -> None:
@@ -47,6 +41,6 @@ def _rank(rank: int, port: int, run_dir: str, out: dict) -> None:
 def test_the_stop_check_leaves_the_step_in_flight_on_the_gpu(tmp_path):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), str(tmp_path), out), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
         busy = dict(out)
     assert all(busy[0]) and all(busy[1]), busy

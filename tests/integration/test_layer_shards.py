@@ -9,7 +9,6 @@ the worker's own set-up and step loop, for a 16-bit (LoRA) and a 4-bit (QLoRA) b
 - The adapter saved at the end is whole."""
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -19,17 +18,12 @@ import torch.multiprocessing as mp
 
 from ftcluster import checkpoint, engine, layer_shards, worker
 from ftcluster import config as C
+from ftcluster.cluster import free_port
 from ftcluster.records import CheckpointKind, Progress
 from tests import tiny
 
 WORLD = 2
 LAYERS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(tiny_model, method: str, mode: str, storage: str, tied: bool, stage: int = 3, workers: int = WORLD):
@@ -123,7 +117,7 @@ def _rank_main(rank: int, tiny_model, method: str, tied: bool, port: int, storag
 def test_layer_shards_hold_half_the_base_and_train_as_deepspeed_zero3_does(tiny_model, tmp_path, method, tied):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(tiny_model, method, tied, _free_port(), str(tmp_path), out), nprocs=WORLD)
+        mp.spawn(_rank_main, args=(tiny_model, method, tied, free_port(), str(tmp_path), out), nprocs=WORLD)
         results = dict(out)
     for rank, runs in results.items():
         r = runs["layers"]
@@ -172,7 +166,7 @@ def test_zero3_for_adapters_on_one_worker_keeps_the_base_whole_and_runs_as_zero2
     the adapters under ZeRO-2: no layer is gathered (copied) before use, and the run is ZeRO-2's."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_one_worker_main, args=(tiny_model, _free_port(), str(tmp_path), out), nprocs=1)
+        mp.spawn(_one_worker_main, args=(tiny_model, free_port(), str(tmp_path), out), nprocs=1)
         runs = out[0]
     z3, z2 = runs["zero3"], runs["zero2"]
     assert z3["whole_on_one"] and not z3["shards"] and z3["stage"] == 2 and z3["empty"] == []

@@ -2,7 +2,6 @@
 ever holds the whole model, and the partitioned model is the model an unpartitioned build makes."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,14 +10,9 @@ import torch.multiprocessing as mp
 
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, models
+from ftcluster.cluster import free_port
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(tiny_model, case: str):
@@ -72,7 +66,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
 def test_zero3_model_is_partitioned_as_built_and_is_the_unpartitioned_model(tiny_model, case):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(tiny_model, case, _free_port(), out), nprocs=WORLD)
+        mp.spawn(_rank_main, args=(tiny_model, case, free_port(), out), nprocs=WORLD)
         results = dict(out)
     for r in results.values():
         assert r["all_partitioned"] and r["tied"] and r["norm_dtype"] == r["want_norm_dtype"]

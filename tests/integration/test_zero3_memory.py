@@ -4,7 +4,6 @@ and checkpointing, for 16-bit (LoRA) and 4-bit (QLoRA) bases. Two gloo ranks on 
 set-up and the step loop."""
 
 import os
-import socket
 import weakref
 
 import pytest
@@ -14,16 +13,11 @@ import torch.multiprocessing as mp
 
 from ftcluster import worker
 from ftcluster import config as C
+from ftcluster.cluster import free_port
 from ftcluster.records import Progress
 from tests import tiny
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GatheredAfterForward:
@@ -91,7 +85,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
 def test_zero3_ranks_hold_their_shard_plus_the_live_budget_through_steps_eval_and_save(tiny_model, tmp_path, case):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(tiny_model, case, _free_port(), str(tmp_path), out), nprocs=WORLD)
+        mp.spawn(_rank_main, args=(tiny_model, case, free_port(), str(tmp_path), out), nprocs=WORLD)
         results = dict(out)
     for r in results.values():
         # offload_param keeps every shard in host memory (4-bit weights too: on a GPU host tests/gpu check where

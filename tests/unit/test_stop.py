@@ -2,19 +2,13 @@
 step in flight (it is the previous step's reduction)."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ftcluster import stop
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ftcluster.cluster import free_port
 
 
 def _answers(rank: int, world: int, port: int, run_dir: str, out: dict) -> None:
@@ -34,7 +28,7 @@ def _answers(rank: int, world: int, port: int, run_dir: str, out: dict) -> None:
 def test_a_stop_request_is_obeyed_by_every_worker_one_step_after_it_is_seen(tmp_path):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_answers, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+        mp.spawn(_answers, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
         answers = dict(out)
     # Seen by rank 0 at the 4th call, reduced then, read at the 5th: by both workers.
     assert answers[0] == answers[1] == [None, None, None, None, "stop requested", "stop requested"]
