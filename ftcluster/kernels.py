@@ -60,11 +60,10 @@ def plan(cfg: RunConfig, model_type: str, device_type: str) -> tuple[dict | None
     fused_loss = not cfg.partitions_parameters
     # Compiled layers: Inductor fuses the norm, SwiGLU and RoPE itself, and Liger's autograd functions would break
     # the layer's graph into pieces at each of them (Liger-Kernel#174; transformers' own Liger layers mark them
-    # not compile-friendly), each piece paying its own guards and runtime wrapper.
+    # not compile-friendly), each piece paying its own guards and runtime wrapper. Layers are never compiled under
+    # ZeRO-3, so the fused loss is always there when they are.
     in_layers = not compiled.compiles(cfg, device_type)
     kinds = (["RMSNorm", "SwiGLU", "RoPE"] if in_layers else []) + (["fused linear cross-entropy"] if fused_loss else [])
-    if not kinds:
-        return None, "Liger kernels: none (compiled layers fuse their own; no fused loss under ZeRO-3)"
     return (dict(rope=in_layers, rms_norm=in_layers, swiglu=in_layers, cross_entropy=False,
                  fused_linear_cross_entropy=fused_loss),
             "Liger kernels: " + ", ".join(kinds) + ("" if fused_loss else " (no fused loss under ZeRO-3)")

@@ -87,13 +87,10 @@ def adopt(model: nn.Module) -> int:
     return changed
 
 
-def keep_dequantized_in(layers: list[nn.Module]) -> int:
+def keep_dequantized_in(layers: list[nn.Module]) -> None:
     """Have the 4-bit layers inside ``layers`` (checkpointed decoder layers) keep their recomputed dequantized
-    weights for backward. Returns how many."""
-    kept = 0
+    weights for backward."""
     for layer in layers:
         for module in layer.modules():
             if isinstance(module, Linear4bit):
                 module.keep_dequantized = True
-                kept += 1
-    return kept
