@@ -4,21 +4,25 @@ layer's parameters inputs of the graph rather than constants). A compiled layer 
 from one call, where eager PyTorch launches each of dozens of small kernels from Python: small and adapter models
 spend most of a step in that Python, and the GPU waits.
 
-``model.compile``: ``auto`` (the default) compiles LoRA's layers on one CUDA GPU where nothing in the layer's call
-stands in its way; ``on`` compiles full fine-tuning's too and refuses to run where it cannot; ``off`` never
-compiles. Compiled layers leave their norms, SwiGLU and RoPE to Inductor rather than Liger (ftcluster/kernels.py):
-Liger's autograd functions break the layer's graph, and with them in it compiled layers measured slower than eager
-ones (1B, reports/llama-1b/2026-11-26-1xh100-compile). Without them, on one H100 at the Llama-2-7B shape, the LoRA
-step took 0.296 s against 0.336 eager and 0.454 for the HF recipe in one run, 0.303 against 0.393 eager in
-another; at the Llama-3.2-1B shape 0.088 s against 0.191 eager and 0.109 for the HF recipe
+``model.compile``: ``auto`` (the default) compiles LoRA's and QLoRA's layers on one CUDA GPU where nothing in
+the layer's call stands in its way; ``on`` compiles full fine-tuning's too and refuses to run where it cannot;
+``off`` never compiles. Compiled layers leave their norms, SwiGLU and RoPE to Inductor rather than Liger
+(ftcluster/kernels.py): Liger's autograd functions break the layer's graph, and with them in it compiled layers
+measured slower than eager ones (1B, reports/llama-1b/2026-11-26-1xh100-compile). Without them, on one H100 at the
+Llama-2-7B shape, the LoRA step took 0.296 s against 0.336 eager and 0.454 for the HF recipe in one run, 0.303
+against 0.393 eager in another; at the Llama-3.2-1B shape 0.088 s against 0.191 eager and 0.109 for the HF recipe
 (reports/llama-*/2026-11-27-1xh100-lora-compiled, reports/llama-7b/2026-11-27-1xh100-compile). Compiling costs
-14-18 s before the first step. Full fine-tuning is not
-measured that way yet, nor are several workers (DeepSpeed's gradient hooks around compiled layers), so ``auto``
-leaves them eager. Not compiled:
+14-18 s before the first step.
+
+A checkpointed layer's checkpoint is traced into its compiled graph, so Inductor's partitioner decides what the
+forward saves. For QLoRA it saved bitsandbytes' dequantized weights in every layer (7B: 26.3 GiB peak against 5.6
+eager) until the checkpoint told it to recompute them (:func:`must_recompute`): with that, 8 layers of the 7B shape
+stepped in 95 ms against 164 eager at 0.3 GiB more (reports/llama-7b/2026-11-27-1xh100-compiled-qlora).
+
+Full fine-tuning is not measured compiled yet, nor are several workers (DeepSpeed's gradient hooks around compiled
+layers), so ``auto`` leaves them eager. Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
-- with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace;
-- QLoRA: its compiled, checkpointed layers held every layer's dequantized weights until backward (7B: 26.3 GiB
-  peak against 5.6 eager, in the same report), which the estimator does not model.
+- with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace.
 """
 
 from __future__ import annotations
@@ -35,16 +39,19 @@ def why_not(cfg: RunConfig, device_type: str) -> str | None:
         return "ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call"
     if cfg.model.activation_offloading:
         return "model.activation_offloading's saved-tensor hooks cannot be traced by torch.compile"
-    if cfg.method == "qlora":
-        return ("QLoRA's compiled layers held every layer's dequantized weights until backward (7B: 26.3 GiB peak "
-                "against 5.6 eager)")
     if device_type != "cuda":
         return f"the device is {device_type}; compiled layers pay off on GPUs, whose kernels the host must keep fed"
     return None
 
 
 def _auto_compiles(cfg: RunConfig) -> bool:
-    return cfg.method == "lora" and cfg.scaling.num_workers == 1
+    return cfg.trains_adapter and cfg.scaling.num_workers == 1
+
+
+def must_recompute(cfg: RunConfig, device_type: str) -> frozenset[str]:
+    """The operator namespaces a compiled, checkpointed layer must recompute rather than save: bitsandbytes' (its
+    4-bit dequantization) for QLoRA, whose compiled layers otherwise kept every layer's dequantized weights."""
+    return frozenset({"bitsandbytes"}) if cfg.method == "qlora" and compiles(cfg, device_type) else frozenset()
 
 
 def compiles(cfg: RunConfig, device_type: str) -> bool:
@@ -65,8 +72,8 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor"
             raise ConfigError(f"model.compile=on: {reason}; set model.compile=auto or off")
         return f"compiled layers: no, {reason}"
     if mode == "auto" and not _auto_compiles(cfg):
-        return ("compiled layers: no, model.compile=auto compiles LoRA's layers on one GPU, where it was measured "
-                "(not full fine-tuning, nor several workers, yet); set model.compile=on to compile them")
+        return ("compiled layers: no, model.compile=auto compiles LoRA's and QLoRA's layers on one GPU, where it was "
+                "measured (not full fine-tuning, nor several workers, yet); set model.compile=on to compile them")
     layers = activations.decoder_layers(model)
     if not layers:
         if mode == "on":

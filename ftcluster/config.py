@@ -44,10 +44,10 @@ class ModelConfig(Section):
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: LoRA on one CUDA GPU, where its step was
-    1.14-1.3x faster than the eager one at 7B and 2.2x at 1B (reports/llama-*/2026-11-27-1xh100-lora-compiled); ``on`` compiles full fine-tuning too,
-    and refuses to run where it cannot: under ZeRO-3, with activation_offloading, or with QLoRA (whose compiled
-    layers held every layer's dequantized weights: 26 GiB against 5.6 at 7B)."""
+    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: LoRA and QLoRA on one CUDA GPU, where
+    LoRA's step was 1.14-1.3x faster than the eager one at 7B and 2.2x at 1B
+    (reports/llama-*/2026-11-27-1xh100-lora-compiled); ``on`` compiles full fine-tuning too, and refuses to run
+    where it cannot: under ZeRO-3, or with activation_offloading."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
@@ -304,9 +304,7 @@ class RunConfig(Section):
                      "deepspeed.zero_stage=3: ZeRO-3's gather hooks run in each layer's call"
                      if self.partitions_parameters else
                      "model.activation_offloading=true: its saved-tensor hooks cannot be traced"
-                     if self.model.activation_offloading else
-                     "method=qlora: its compiled layers held every layer's dequantized weights until backward "
-                     "(7B: 26.3 GiB peak against 5.6 eager)" if self.method == "qlora" else None)
+                     if self.model.activation_offloading else None)
             if clash:
                 raise ValueError(f"model.compile=on with {clash}. Set model.compile=auto (compiles where it can) "
                                  "or off.")

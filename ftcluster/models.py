@@ -326,8 +326,9 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
     activations.use_chunked_loss(model)
     checkpointed = 0
     if cfg.model.gradient_checkpointing:
-        checkpointed = activations.checkpoint_layers(model, offload=cfg.model.activation_offloading,
-                                                     count=cfg.model.checkpointed_layers).layers
+        checkpointed = activations.checkpoint_layers(
+            model, offload=cfg.model.activation_offloading, count=cfg.model.checkpointed_layers,
+            must_recompute=compiled.must_recompute(cfg, device.type)).layers
     if cfg.method == "full":
         model.requires_grad_(True)
     else:

@@ -18,8 +18,7 @@ def test_auto_compiles_on_gpus_only_and_on_is_refused_where_it_cannot_run(tiny_m
     assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
     for clash, message in [("scaling.use_gpu=false", "scaling.use_gpu=false"),
                            ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3"),
-                           ("model.activation_offloading=true", "model.activation_offloading=true"),
-                           ("method=qlora", "method=qlora")]:
+                           ("model.activation_offloading=true", "model.activation_offloading=true")]:
         extra = ["model.gradient_checkpointing=true"] if "offloading" in clash else []
         with pytest.raises(C.ConfigError, match=f"model.compile=on with {message}"):
             C.load(None, ["model.compile=on", clash, *extra])
@@ -54,3 +53,63 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_model, method):
     assert losses[aot_eager] == pytest.approx(losses[None], rel=1e-3)
     assert losses[None][-1] < losses[None][0]
     assert len(graphs) == (2 if method == "lora" else 1)
+
+
+def test_auto_compiles_adapters_on_one_gpu_and_qlora_layers_must_recompute_their_dequantization():
+    def cfg(*overrides):
+        return C.load(None, ["scaling.use_gpu=true", "model.gradient_checkpointing=true", *overrides])
+
+    assert compiled.compiles(cfg("method=lora"), "cuda") and compiled.compiles(cfg("method=qlora"), "cuda")
+    assert not compiled.compiles(cfg("method=full"), "cuda") and compiled.compiles(cfg("method=full", "model.compile=on"), "cuda")
+    assert not compiled.compiles(cfg("method=qlora", "scaling.num_workers=2"), "cuda")
+    assert compiled.must_recompute(cfg("method=qlora"), "cuda") == {"bitsandbytes"}
+    assert not compiled.must_recompute(cfg("method=qlora"), "cpu")  # not compiled: no policy, no dispatch per op
+    assert not compiled.must_recompute(cfg("method=qlora", "model.compile=off"), "cuda")
+    assert not compiled.must_recompute(cfg("method=lora"), "cuda")
+
+
+def test_compiled_qlora_layers_are_told_to_recompute_the_dequantization(tiny_model):
+    """QLoRA's checkpointed layers compiled through AOTAutograd's partitioner: bitsandbytes' dequantization reaches
+    the partitioner marked must-recompute (on CUDA, Inductor otherwise saved its output, a layer's weights in bf16,
+    for backward), the backward recomputes it, the forward saves no tensor of a weight's shape, and three AdamW
+    steps give the eager losses."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from ftcluster import activations, linear4bit
+
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "model.compile=off",
+                        "model.gradient_checkpointing=false", "optimizer.name=adamw"])
+    tags, saved, backward_ops = [], [], []
+
+    def partition(joint, inputs, **kwargs):
+        tags.extend(n.meta.get("recompute") for n in joint.graph.nodes
+                    if n.op == "call_function" and getattr(n.target, "namespace", None) == "bitsandbytes")
+        forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        output = next(n for n in forward.graph.nodes if n.op == "output")
+        saved.extend(tuple(str(d) for d in a.meta["val"].shape) for a in output.args[0]
+                     if hasattr(a, "meta") and "val" in a.meta and a.op != "placeholder")  # inputs cost nothing
+        backward_ops.extend(getattr(n.target, "namespace", None) for n in backward.graph.nodes)
+        return forward, backward
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+    losses = {}
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = models.build_model(cfg)
+        activations.checkpoint_layers(model, must_recompute=frozenset({"bitsandbytes"}))
+        if compile_:
+            for layer in activations.decoder_layers(model):
+                layer.compile(backend=backend)
+        model.train()
+        losses[compile_] = tiny.adamw_losses(model, 3, lr=1e-2)
+    # The forward's dequantizations are tagged; the backward's own (no tag) are in the joint graph too.
+    assert CheckpointPolicy.MUST_RECOMPUTE in tags and CheckpointPolicy.PREFER_RECOMPUTE not in tags
+    assert "bitsandbytes" in backward_ops
+    weight_shapes = {(str(m.out_features), str(m.in_features)) for m in model.modules()
+                     if isinstance(m, linear4bit.Linear4bit)}
+    assert weight_shapes
+    assert not weight_shapes & set(saved)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert losses[False][-1] < losses[False][0]
