@@ -10,6 +10,7 @@ install before anything starts); ``off`` never applies them.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from torch import nn
 
@@ -70,11 +71,31 @@ def plan(cfg: RunConfig, model_type: str, device_type: str) -> tuple[dict | None
             + ("" if in_layers else " (the compiled layers fuse their norms, SwiGLU and RoPE themselves)"))
 
 
+_REPLACED: dict[str, dict[str, object]] = {}
+"""transformers' own objects that a Liger apply function replaced in a modeling module, by module name."""
+
+
 def apply(model: nn.Module, cfg: RunConfig, device_type: str) -> str:
-    """Apply the planned kernels to ``model`` (the causal LM, before PEFT wraps it). Returns the line to print."""
+    """Apply the planned kernels to ``model`` (the causal LM, before PEFT wraps it). Returns the line to print.
+
+    Liger's apply functions patch the instance and also replace names in transformers' modeling module: its norm
+    and MLP classes (so every model built later in the process is built from Liger's modules, whatever its own
+    plan: a compiled layer then traced Liger's autograd functions, which a selective checkpoint cannot) and its
+    RoPE function (looked up at every call; no instance holds it). Here a model gets its own plan only: the classes
+    go back as soon as the instance is patched, and a RoPE function an earlier model's plan put in place goes back
+    before this one's plan is applied."""
+    module = sys.modules[type(model).__module__]
+    for name, own in _REPLACED.get(module.__name__, {}).items():
+        setattr(module, name, own)
     kinds, line = plan(cfg, model.config.model_type, device_type)
     if kinds is not None:
         import liger_kernel.transformers as liger
 
+        before = dict(vars(module))
         getattr(liger, APPLY[model.config.model_type])(model=model, **kinds)
+        for name, own in before.items():
+            if vars(module).get(name) is not own:
+                _REPLACED.setdefault(module.__name__, {})[name] = own
+                if isinstance(own, type):
+                    setattr(module, name, own)
     return line

@@ -21,9 +21,10 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
     device = torch.device("cuda")
     ids = torch.randint(0, 128000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
     losses, peaks = {}, {}
-    for mode in ("off", "on"):  # off first: Liger's RoPE and RMSNorm replace module-level names for later builds
+    for mode in ("off", "on"):
+        # Eager layers: compiled ones take only Liger's fused loss (kernels.plan).
         cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", f"method={method}",
-                            "model.random_init=true", "model.attn_implementation=sdpa", "lora.r=8",
+                            "model.random_init=true", "model.attn_implementation=sdpa", "lora.r=8", "model.compile=off",
                             "model.gradient_checkpointing=true", f"model.liger_kernel={mode}", "scaling.use_gpu=true"])
         torch.manual_seed(0)
         model = models.build_model(cfg, device)
@@ -48,3 +49,30 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
     assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)  # bf16 kernels, three optimizer steps
     logits = ids.numel() * PRESETS["llama-3.2-1b"]["vocab_size"] * 2
     assert peaks["off"] - peaks["on"] > 0.5 * logits  # the fused loss never materializes them
+
+
+def test_a_model_built_after_a_liger_one_gets_its_own_plan_only(tmp_path, tiny_model):
+    """Liger's apply function also replaces transformers' norm and MLP classes and its RoPE function module-wide. A
+    model built after one with all of Liger's kernels, compiled (whose plan is the fused loss only), has
+    transformers' own norms, MLPs and RoPE; the first keeps Liger's."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama
+
+    own_rope, own_norm, own_mlp = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm,
+                                   modeling_llama.LlamaMLP)
+    LlamaConfig(**{**PRESETS["llama-3.2-1b"], "num_hidden_layers": 2}).save_pretrained(tmp_path)
+    built = {}
+    for compile_ in ("off", "on"):
+        cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", "method=lora",
+                            "model.random_init=true", "model.gradient_checkpointing=true", "model.liger_kernel=auto",
+                            f"model.compile={compile_}", "scaling.use_gpu=true"])
+        built[compile_] = models.build_model(cfg, torch.device("cuda")).get_base_model()
+        if compile_ == "off":
+            assert built["off"].model.norm.forward.__func__ is LigerRMSNorm.forward  # the instance is patched
+            assert modeling_llama.apply_rotary_pos_emb is not own_rope  # Liger's RoPE is module-wide by design
+            assert modeling_llama.LlamaRMSNorm is own_norm  # its classes are not
+    layer = built["on"].model.layers[0]
+    assert type(layer.input_layernorm) is own_norm and type(layer.mlp) is own_mlp
+    assert "forward" not in vars(layer.input_layernorm) and "forward" not in vars(layer.mlp)
+    assert modeling_llama.apply_rotary_pos_emb is own_rope
