@@ -38,14 +38,15 @@ def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
               "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": 1500, "max_length_k": 1500}
     cfg = C.load(None, [f"model.name_or_path={shape}", f"model.tokenizer={tokenizer}", f"method={method}",
                         "model.random_init=true", "lora.r=8", "model.gradient_checkpointing=true",
-                        f"model.compile={'on' if mode == 'compiled' else 'off'}", "scaling.use_gpu=true"])
+                        f"model.compile={'off' if mode == 'eager' else 'on'}", "scaling.use_gpu=true"])
     torch.manual_seed(0)
-    model = models.build_model(cfg, device)
+    model = models.build_model(cfg, device)  # compiled layers get Liger's fused loss only (kernels.plan)
     for layer in activations.decoder_layers(model) if mode in ("traced", "wrapped") else []:
         forward, host, _ = layer.forward.args
-        if mode == "traced":
-            layer.compile()
+        if mode == "traced":  # still compiled (lazily, at the first call), now without the policy
+            layer.forward = functools.partial(activations._checkpointed, forward, host, None)
         else:
+            layer._compiled_call_impl = None  # undo nn.Module.compile
             layer.forward = functools.partial(activations._checkpointed, torch.compile(forward), host, None)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

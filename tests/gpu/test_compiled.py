@@ -61,5 +61,7 @@ def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, pres
           f"{times['off'][-1]:.1f} -> {times['on'][-1]:.1f} ms; peak above the model {held['off']:.2f} -> "
           f"{held['on']:.2f} GiB")
     assert losses["on"][:3] == pytest.approx(losses["off"][:3], rel=2e-2)  # bf16 kernels, three optimizer steps
-    # Compiled QLoRA layers that kept their dequantized weights held 0.5 GiB a layer more at the 7B shape.
-    assert held["on"] <= held["off"] + 0.4
+    # A compiled layer's backward holds a working set of its own, the same however many layers (measured +0.4 GiB
+    # at the 1B shape, +0.55 at the 7B shape with 4 or 8 layers); compiled QLoRA layers that kept their dequantized
+    # weights held 0.5 GiB more per layer at the 7B shape, 2 GiB here.
+    assert held["on"] <= held["off"] + 0.75
