@@ -20,9 +20,10 @@ eager) until the checkpoint told it to recompute them (:func:`must_recompute`): 
 stepped in 95 ms against 164 eager at 0.3 GiB more (reports/llama-7b/2026-11-27-1xh100-compiled-qlora).
 
 Full fine-tuning of the 1B shape on one H100 stepped in 0.180 s compiled against 0.238 eager at the same 25.4 GiB
-peak (the worker's loop without Ray, reports/llama-1b/2026-11-27-1xh100-full-profile). Several workers are not
-measured compiled (DeepSpeed's gradient hooks around compiled layers, and each rank compiling), so ``auto`` leaves
-them eager. Not compiled:
+peak (the worker's loop without Ray, reports/llama-1b/2026-11-27-1xh100-full-profile). ``auto`` leaves layers eager
+where they are not measured compiled: on several workers (DeepSpeed's gradient hooks around compiled layers, and
+each rank compiling), and QLoRA layers outside a checkpoint (``model.checkpointed_layers``, or no checkpointing),
+which have no policy to make Inductor recompute the dequantization. Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
 - with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace.
 """
@@ -46,8 +47,15 @@ def why_not(cfg: RunConfig, device_type: str) -> str | None:
     return None
 
 
-def _auto_compiles(cfg: RunConfig) -> bool:
-    return cfg.scaling.num_workers == 1
+def _why_auto_does_not(cfg: RunConfig) -> str | None:
+    """Why ``model.compile=auto`` leaves this run's layers eager where they could be compiled, or None."""
+    if cfg.scaling.num_workers != 1:
+        return "several workers are not measured compiled yet"
+    if cfg.method == "qlora" and not (cfg.model.gradient_checkpointing and cfg.model.checkpointed_layers is None):
+        # Only a checkpoint carries the policy that makes Inductor recompute the dequantization (must_recompute).
+        return ("QLoRA layers outside a checkpoint are not measured compiled (Inductor may keep their dequantized "
+                "weights for backward)")
+    return None
 
 
 def must_recompute(cfg: RunConfig, device_type: str) -> frozenset[str]:
@@ -58,7 +66,7 @@ def must_recompute(cfg: RunConfig, device_type: str) -> frozenset[str]:
 
 def compiles(cfg: RunConfig, device_type: str) -> bool:
     """Whether this run's decoder layers will be compiled with Inductor."""
-    wanted = cfg.model.compile == "on" or (cfg.model.compile == "auto" and _auto_compiles(cfg))
+    wanted = cfg.model.compile == "on" or (cfg.model.compile == "auto" and _why_auto_does_not(cfg) is None)
     return wanted and why_not(cfg, device_type) is None
 
 
@@ -73,9 +81,9 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor"
         if mode == "on":
             raise ConfigError(f"model.compile=on: {reason}; set model.compile=auto or off")
         return f"compiled layers: no, {reason}"
-    if mode == "auto" and not _auto_compiles(cfg):
-        return ("compiled layers: no, model.compile=auto compiles layers on one GPU, where it was measured (not on "
-                "several workers yet); set model.compile=on to compile them")
+    held_back = _why_auto_does_not(cfg) if mode == "auto" else None
+    if held_back:
+        return f"compiled layers: no, model.compile=auto: {held_back}; set model.compile=on to compile them"
     layers = activations.decoder_layers(model)
     if not layers:
         if mode == "on":

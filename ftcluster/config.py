@@ -44,7 +44,8 @@ class ModelConfig(Section):
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU, where LoRA's step was
+    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU (QLoRA's where every
+    layer is checkpointed, whose checkpoints make Inductor recompute the dequantization), where LoRA's step was
     1.14-1.3x faster than the eager one at 7B and 2.2x at 1B (reports/llama-*/2026-11-27-1xh100-lora-compiled),
     QLoRA's 1.4x at 7B and full fine-tuning's 1.3x at 1B; ``on`` compiles on several workers too, and refuses to
     run where it cannot: under ZeRO-3, or with activation_offloading."""

@@ -62,6 +62,10 @@ def test_auto_compiles_on_one_gpu_and_qlora_layers_must_recompute_their_dequanti
     assert compiled.compiles(cfg("method=lora"), "cuda") and compiled.compiles(cfg("method=qlora"), "cuda")
     assert compiled.compiles(cfg("method=full"), "cuda")
     assert not compiled.compiles(cfg("method=qlora", "scaling.num_workers=2"), "cuda")
+    # QLoRA's layers are compiled where every one is checkpointed: a checkpoint carries the recompute policy.
+    assert not compiled.compiles(cfg("method=qlora", "model.checkpointed_layers=4"), "cuda")
+    assert not compiled.compiles(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda")
+    assert compiled.compiles(cfg("method=lora", "model.checkpointed_layers=4"), "cuda")
     assert compiled.compiles(cfg("method=full", "scaling.num_workers=2", "model.compile=on"), "cuda")
     assert compiled.must_recompute(cfg("method=qlora"), "cuda") == {"bitsandbytes"}
     assert not compiled.must_recompute(cfg("method=qlora"), "cpu")  # not compiled: no policy, no dispatch per op
