@@ -227,6 +227,12 @@ class RayConfig(Section):
     start_attempts: int = Field(3, ge=0)
     """Times Ray Train may try to start the worker group (a minute each) before the run fails: bounds the wait when
     resources vanish mid-run."""
+    local_mode: bool = False
+    """Run the one worker in the driver's own process, through Ray Train's local mode (``ScalingConfig(num_workers=0)``):
+    no Ray cluster to start or join and no worker process to start, which is most of a one-GPU run's time before its
+    first step. The run directory is the same (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints
+    written by ftcluster, the latest kept ones resumed). Needs scaling.num_workers=1; a failed run is not restarted
+    (ray.max_failures is Ray's). Part of the run's identity: a run directory is resumed in the mode it started in."""
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Ray Train's own log lines on the console. At INFO its workers print a "Reporting training result" line with
     every report, beside ftcluster's own progress line; its warnings and errors always show."""
@@ -293,6 +299,12 @@ class RunConfig(Section):
             )
         if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
+        if self.ray.local_mode and self.scaling.num_workers != 1:
+            raise ValueError(f"ray.local_mode=true with scaling.num_workers={self.scaling.num_workers}: local mode runs "
+                             "one worker, in the driver's process. Set scaling.num_workers=1, or ray.local_mode=false.")
+        if self.ray.local_mode and self.ray.address:
+            raise ValueError(f"ray.local_mode=true with ray.address={self.ray.address}: local mode joins no cluster. "
+                             "Unset ray.address, or set ray.local_mode=false.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
         if self.model.liger_kernel == "on" and self.scaling.use_gpu is False:
@@ -430,7 +442,9 @@ class RunConfig(Section):
         """A short hash of everything that changes what is trained: not where it goes, how it is launched, tracked
         or sized, nor the kernels, compilation and activation placement, which change speed and memory but not the
         result."""
-        body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
+        # ray.local_mode stays in: a run's checkpoints are found by Ray in its mode and by ftcluster in local mode.
+        launch = set(RayConfig.model_fields) - {"local_mode"}
+        body = self.model_dump(mode="json", exclude={"output": True, "ray": launch, "scaling": True, "resources": True,
                                                      "tracking": True,
                                                      "model": {"liger_kernel", "compile", "activation_offloading"},
                                                      "quantization": {"keep_recomputed_weights"},

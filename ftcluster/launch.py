@@ -1,9 +1,11 @@
 """The driver: checks the run before anything heavy starts, joins (or starts) a Ray cluster, runs the workers
 under a ``TorchTrainer``, and leaves the run directory complete: config.yaml, metrics.jsonl, checkpoints, final/
-and summary.json."""
+and summary.json. With ``ray.local_mode`` the one worker runs in this process under Ray Train's local mode, and no
+cluster is joined or started."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -17,7 +19,8 @@ from ftcluster.config import RunConfig
 
 class ProgressLog(UserCallback):
     """On every report: append the workers' records as one line of metrics.jsonl and print its progress line.
-    Runs in Ray Train's controller process, on the head node (where the run directory is)."""
+    Runs in Ray Train's controller process, on the head node (where the run directory is); in local mode the worker
+    calls it, in this process."""
 
     def __init__(self, run_dir: str, started_unix: float):
         self.run_dir, self.started_unix, self.first_step_said = Path(run_dir), started_unix, False
@@ -67,13 +70,21 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     print(preflight.check_fit(cfg, force), flush=True)
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
-    own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
     s = cfg.scaling
-    use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    cluster.wait_for_resources(cfg, use_gpu, own_cluster)
-    ready = time.time()
-    print(f"cluster: {ready - checked:.1f} s, {'started' if own_cluster else 'joined'}; {s.num_workers} worker(s) "
-          f"on {'GPUs' if use_gpu else 'CPUs'}", flush=True)
+    if cfg.ray.local_mode:
+        import torch
+
+        use_gpu = s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
+        ready = time.time()
+        print(f"cluster: none (ray.local_mode): the worker runs in this process, on {'a GPU' if use_gpu else 'CPUs'}",
+              flush=True)
+    else:
+        own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
+        use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        cluster.wait_for_resources(cfg, use_gpu, own_cluster)
+        ready = time.time()
+        print(f"cluster: {ready - checked:.1f} s, {'started' if own_cluster else 'joined'}; {s.num_workers} "
+              f"worker(s) on {'GPUs' if use_gpu else 'CPUs'}", flush=True)
     run_dir = rundir.prepare(cfg)
     try:
         return _train(cfg, run_dir, use_gpu, started,
@@ -90,14 +101,21 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_
     from ftcluster.worker import train_loop_per_worker
 
     s = cfg.scaling
+    progress_log = ProgressLog(str(run_dir), started)
+    if cfg.ray.local_mode:
+        # Ray Train's local mode runs no controller: the worker, in this process, logs to the run directory itself.
+        loop, scaling = functools.partial(train_loop_per_worker, local_log=progress_log), ScalingConfig(num_workers=0)
+    else:
+        loop = train_loop_per_worker
+        scaling = ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
+                                resources_per_worker=preflight.worker_bundle(cfg, use_gpu),
+                                placement_strategy=s.placement_strategy)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         # Workers run in Ray's own working directories: hand them the run directory as an absolute path.
         train_loop_config=cfg.model_copy(update={"output": cfg.output.model_copy(
             update={"storage_path": str(run_dir.parent)})}).model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=preflight.worker_bundle(cfg, use_gpu),
-                                     placement_strategy=s.placement_strategy),
+        scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=cfg.run_name, storage_path=str(run_dir.parent),
@@ -107,7 +125,7 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_
                                          controller_failure_limit=cfg.ray.start_attempts),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             logging_config=LoggingConfig(log_level=cfg.ray.train_log_level),
-            callbacks=[ProgressLog(str(run_dir), started)],
+            callbacks=[progress_log],
         ),
     )
     in_main = threading.current_thread() is threading.main_thread()

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from ftcluster import checkpoint, data, deepspeed_setup, engine, metrics, models, optim, row_cache, stop, tracking
+from ftcluster import (checkpoint, data, deepspeed_setup, engine, metrics, models, optim, row_cache, run_dir, stop,
+                       tracking)
 from ftcluster.config import RunConfig, from_dict
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
@@ -102,29 +103,66 @@ def quiet_ray_train_reports(level: str) -> None:
     import logging
 
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, train_fn_utils
     except ImportError:  # another Ray, another layout: its lines show, training goes on
         return
     logging.getLogger(context.__file__).setLevel(level)
+    logging.getLogger(train_fn_utils.__name__).setLevel(level)  # local mode's "Reported metrics" line
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray."""
+def local_process_group(cfg: RunConfig) -> torch.device:
+    """The device and a one-rank process group for a worker in local mode, where Ray Train sets up neither: DeepSpeed
+    needs the group, and the launcher's variables (it asserts LOCAL_RANK)."""
+    from ftcluster.cluster import free_port
+
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else torch.cuda.is_available()
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        torch.distributed.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+    return device
+
+
+def train_loop_per_worker(config: dict, local_log=None) -> None:
+    """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray. ``local_log``
+    (launch.ProgressLog): the worker runs in local mode, in the driver's process; it then logs its own reports and
+    keeps its own checkpoints in the run directory, which Ray's controller does otherwise."""
     import ray
     import ray.train
     import ray.train.torch
 
     cfg = from_dict(config)
     quiet_ray_train_reports(cfg.ray.train_log_level)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    local = local_log is not None
+    if local:
+        rank, world, device = 0, 1, local_process_group(cfg)
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+    try:
+        _train(cfg, rank, world, device, local_log)
+    finally:
+        if local:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, local_log) -> None:
+    import ray
+    import ray.train
+
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
     loop, tokenizer = setup(cfg, rank, world, device)
-    loop.record.node_id = ray.get_runtime_context().get_node_id()
+    local = local_log is not None
+    loop.record.node_id = None if local else ray.get_runtime_context().get_node_id()
 
     progress = Progress()
-    resume_from = ray.train.get_checkpoint()
+    if local:
+        latest = run_dir.latest_checkpoint(cfg.run_dir)
+        resume_from = ray.train.Checkpoint.from_directory(str(latest)) if latest else None
+    else:
+        resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
             progress = checkpoint.restore(loop.engine, cfg, d)
@@ -135,13 +173,23 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(record: WorkerRecord, kind: CheckpointKind | None) -> None:
         trackers.log(record)
+        if local:
+            saved = None
+            if kind is not None:
+                saved = ray.train.Checkpoint.from_directory(str(run_dir.save_checkpoint(
+                    cfg.run_dir, progress.step, lambda d: checkpoint.save(loop.engine, cfg, progress, d, kind,
+                                                                          tokenizer=tokenizer),
+                    cfg.output.keep_checkpoints)))
+            local_log.after_report(None, [record.to_json()], saved)
+            ray.train.report(record.to_json(), checkpoint=saved)  # the trainer's result: its last checkpoint
+            return
         if kind is None:
             ray.train.report(record.to_json())
             return
         with tempfile.TemporaryDirectory() as d:
             checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
             ray.train.report(record.to_json(), checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_step{progress.step:07d}")
+                             checkpoint_dir_name=run_dir.checkpoint_name(progress.step))
 
     try:
         engine.train(loop, progress, engine.Hooks(report, should_stop=stop.StopCheck(cfg.run_dir, device)))

@@ -197,3 +197,39 @@ def test_the_advice_after_a_worker_failure_offers_resuming_only_where_it_can_hel
     assert "fails the same way" in deterministic and "resume" not in deterministic
     oom = after_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", tmp_path)
     assert "ran out of memory" in oom and "ftcluster estimate" in oom
+
+
+def test_local_mode_runs_one_worker_joins_no_cluster_and_is_part_of_the_runs_identity():
+    with pytest.raises(C.ConfigError, match="ray.local_mode=true with scaling.num_workers=2"):
+        C.load(None, ["ray.local_mode=true", "scaling.num_workers=2"])
+    with pytest.raises(C.ConfigError, match="ray.local_mode=true with ray.address=auto"):
+        C.load(None, ["ray.local_mode=true", "ray.address=auto"])
+    # A run's checkpoints are Ray's in one mode and ftcluster's in the other: a run directory resumes in its mode.
+    assert C.load(None, ["ray.local_mode=true"]).fingerprint() != C.load(None, []).fingerprint()
+    assert C.load(None, ["ray.max_failures=3"]).fingerprint() == C.load(None, []).fingerprint()
+
+
+def test_local_mode_checkpoints_appear_whole_and_only_the_latest_are_kept(tmp_path):
+    from ftcluster import run_dir
+
+    def write(d):
+        (d / "progress.json").write_text("{}")
+
+    assert run_dir.latest_checkpoint(tmp_path) is None
+    for step in (2, 4, 6):
+        saved = run_dir.save_checkpoint(tmp_path, step, write, keep=2)
+        assert saved == tmp_path / f"checkpoint_step{step:07d}" and (saved / "progress.json").exists()
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint_step0000004", "checkpoint_step0000006"]
+    assert run_dir.latest_checkpoint(tmp_path) == tmp_path / "checkpoint_step0000006"
+
+    def fails(d):
+        (d / "half").write_text("")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        run_dir.save_checkpoint(tmp_path, 8, fails, keep=2)
+    # A write that failed leaves nothing a resume could take, and the kept checkpoints are untouched.
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint_step0000004", "checkpoint_step0000006"]
+    run_dir.save_checkpoint(tmp_path, 6, lambda d: (d / "again").write_text(""), keep=2)  # the same step again
+    assert (tmp_path / "checkpoint_step0000006" / "again").exists()
+    assert not (tmp_path / "checkpoint_step0000006" / "progress.json").exists()

@@ -1,0 +1,60 @@
+"""ray.local_mode: the one worker in the driver's process under Ray Train's local mode, with no Ray cluster. The same
+steps, losses, checkpoints and run directory as a Ray worker; a SIGTERM checkpoints it and the same command
+resumes it."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ftcluster import launch
+from tests.integration.test_training import REPO, RECIPE, SIGNALLED, _stopped_by, records, tiny_cfg
+from tests.tiny import tiny_overrides
+
+pytestmark = pytest.mark.slow
+ONE = {"model.random_init": False, "model.config_overrides": "{}", "scaling.num_workers": 1, "training.max_steps": 6,
+       "training.log_every": 1, "training.save_every": 2, "output.keep_checkpoints": 2, "training.eval_batches": 2}
+
+
+def _local_command(tiny_model, storage, name, **extra):
+    return [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+            *tiny_overrides(tiny_model, storage, name, **{**extra, "ray.local_mode": True})]
+
+
+def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_directory(ray_local, tiny_model,
+                                                                                        tmp_path):
+    on_ray = launch.run(tiny_cfg(tiny_model, tmp_path, "on-ray", **ONE))
+    proc = subprocess.run(_local_command(tiny_model, tmp_path, "local", **ONE), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "cluster: none (ray.local_mode)" in out and "Started a local Ray instance" not in out
+    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
+    assert local["final_step"] == on_ray["final_step"] == 6 and local["eval_loss"] == pytest.approx(on_ray["eval_loss"])
+    kept = {d.name for d in (tmp_path / "local").glob("checkpoint_step*")}
+    assert kept == {d.name for d in (tmp_path / "on-ray").glob("checkpoint_step*")} == {
+        "checkpoint_step0000004", "checkpoint_step0000006"}  # output.keep_checkpoints=2, as Ray keeps them
+    assert local["checkpoint"].endswith("checkpoint_step0000006") and (tmp_path / "local" / "final").is_dir()
+    lines = records(tmp_path / "local")
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert sum("checkpoint" in r for r in lines) == 3
+    assert local["first_step_phases_s"]["cluster"] < 1  # no cluster to start or join
+
+
+def test_sigterm_checkpoints_a_local_mode_run_and_the_same_command_resumes_it(tiny_model, tmp_path):
+    cmd = _local_command(tiny_model, tmp_path, "local-sigterm", **{**SIGNALLED, "scaling.num_workers": 1})
+    cfg = tiny_cfg(tiny_model, tmp_path, "local-sigterm", **{**SIGNALLED, "scaling.num_workers": 1,
+                                                             "ray.local_mode": True})
+    out, last = _stopped_by(signal.SIGTERM, cfg, cmd)
+    assert last["stopped"] == "stop requested" and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
+    assert "Run the same command again to resume" in out
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {last['step']}" in resumed.stdout + resumed.stderr
+    after = records(cfg.run_dir)
+    assert after[after.index(last) + 1]["step"] == last["step"] + 1  # not one step lost or repeated
+    assert (cfg.run_dir / "final").is_dir()
