@@ -45,11 +45,14 @@ def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_di
 
 
 def test_sigterm_checkpoints_a_local_mode_run_and_the_same_command_resumes_it(tiny_model, tmp_path):
-    cmd = _local_command(tiny_model, tmp_path, "local-sigterm", **{**SIGNALLED, "scaling.num_workers": 1})
-    cfg = tiny_cfg(tiny_model, tmp_path, "local-sigterm", **{**SIGNALLED, "scaling.num_workers": 1,
-                                                             "ray.local_mode": True})
+    # Longer than SIGNALLED's 20 steps: in the driver's process the tiny model steps several times a second, and the
+    # stop file is read once a second, so a signal in a 20-step run's last second found it already ending.
+    long = {**SIGNALLED, "scaling.num_workers": 1, "training.max_steps": 150}
+    cmd = _local_command(tiny_model, tmp_path, "local-sigterm", **long)
+    cfg = tiny_cfg(tiny_model, tmp_path, "local-sigterm", **{**long, "ray.local_mode": True})
     out, last = _stopped_by(signal.SIGTERM, cfg, cmd)
     assert last["stopped"] == "stop requested" and last["checkpoint"].endswith(f"checkpoint_step{last['step']:07d}")
+    assert last["step"] < 150
     assert "Run the same command again to resume" in out
 
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
