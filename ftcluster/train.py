@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailedError as e:
         print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - in local mode the worker's own error arrives here, not wrapped by Ray
+        if not cfg.ray.local_mode:
+            raise
+        error = f"{type(e).__name__}: {e}"
+        print(f"error: training failed: {error}\n{after_failure(error, cfg.run_dir)}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     if (summary.get("stopped") or "").startswith(stop.DIVERGED):
         kept = f"its last good checkpoint is {summary['checkpoint']}" if summary["checkpoint"] else \

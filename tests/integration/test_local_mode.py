@@ -61,3 +61,19 @@ def test_sigterm_checkpoints_a_local_mode_run_and_the_same_command_resumes_it(ti
     after = records(cfg.run_dir)
     assert after[after.index(last) + 1]["step"] == last["step"] + 1  # not one step lost or repeated
     assert (cfg.run_dir / "final").is_dir()
+
+
+def test_a_failing_local_mode_worker_gets_the_advice_a_ray_worker_gets(tiny_model, tmp_path, monkeypatch, capsys):
+    """Ray wraps a worker's error in TrainingFailedError; in local mode it arrives as itself, and is still told apart
+    (a data or config error would fail again: fix it first) with exit code 1."""
+    from ftcluster import train, worker
+
+    def broken_setup(*args, **kwargs):
+        raise ValueError("row 7 has no text")
+
+    monkeypatch.setattr(worker, "setup", broken_setup)
+    code = train.main(["--config", str(RECIPE), *tiny_overrides(tiny_model, tmp_path, "local-fails",
+                                                                **{**ONE, "ray.local_mode": True})])
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    assert "error: training failed: ValueError: row 7 has no text" in err and "fix it first" in err
