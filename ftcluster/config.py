@@ -141,6 +141,14 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    master_weights: Literal["fp32", "bf16"] = "fp32"
+    """What the optimizer updates when the model is in bfloat16. ``fp32``: DeepSpeed keeps a float32 copy of every
+    trained weight, steps it with float32 optimizer states and copies it back (AdamW: 16 bytes a trained
+    parameter). ``bf16``: the optimizer steps the bf16 weights themselves, its states in bf16 too (8 bytes a
+    parameter), as transformers' Trainer and torchtune do with a model loaded in bf16; an update smaller than
+    bf16's resolution of its weight (about 1/256 of it) is lost, which long runs at small learning rates can feel.
+    Under ZeRO-0 DeepSpeed then steps our optimizer as it is and ftcluster clips the gradients; under ZeRO-1-3 it is
+    DeepSpeed's bf16_master_weights_and_grads with bf16_optimizer_states."""
 
 
 class SchedulerConfig(Section):
@@ -305,6 +313,12 @@ class RunConfig(Section):
         if self.ray.local_mode and self.ray.address:
             raise ValueError(f"ray.local_mode=true with ray.address={self.ray.address}: local mode joins no cluster. "
                              "Unset ray.address, or set ray.local_mode=false.")
+        if opt.master_weights == "bf16" and self.model.dtype != "bfloat16":
+            raise ValueError(f"optimizer.master_weights=bf16 with model.dtype={self.model.dtype}: bf16 master weights "
+                             "are the bf16 model's own. Set model.dtype=bfloat16, or optimizer.master_weights=fp32.")
+        if opt.master_weights == "bf16" and self.method == "qlora" and self.quantization.upcast_non_quantized:
+            raise ValueError("optimizer.master_weights=bf16 with quantization.upcast_non_quantized=true: the upcast "
+                             "keeps the adapters in float32. Set one of them the other way.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
         if self.model.liger_kernel == "on" and self.scaling.use_gpu is False:
@@ -402,6 +416,12 @@ class RunConfig(Section):
         """The ZeRO stage DeepSpeed's engine runs: ZeRO-2 for the adapters where ftcluster keeps the frozen base
         (in layer shards, or whole on one worker), else ``deepspeed.zero_stage``."""
         return 2 if self._frozen_base_is_ours else self.deepspeed.zero_stage
+
+    @property
+    def steps_model_weights(self) -> bool:
+        """Whether DeepSpeed hands the optimizer the model's own weights and gradients and wraps nothing around it
+        (ZeRO-0 with bf16 master weights, or a float32 model): then ftcluster clips the gradients itself."""
+        return self.deepspeed_stage == 0 and (self.optimizer.master_weights == "bf16" or self.model.dtype == "float32")
 
     @property
     def partitions_parameters(self) -> bool:

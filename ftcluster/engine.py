@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -30,6 +31,31 @@ class Loop:
     total_steps: int
     peak_flops: float | None
     record: WorkerRecord
+    clip: "GradClip | None" = None
+    """Set where the optimizer steps the model's own weights (``RunConfig.steps_model_weights``): the loop clips."""
+
+    def __post_init__(self):
+        # ZeRO-0 on one rank: DeepSpeed would still copy every gradient into flat buckets, all-reduce them with itself
+        # and copy them back; no_sync (its public switch for skipping that reduction) leaves them where they are.
+        alone = self.record.world_size == 1 and self.cfg.deepspeed_stage == 0
+        self.backward_context = self.engine.no_sync if alone else contextlib.nullcontext
+
+
+@dataclass
+class GradClip:
+    """Gradient clipping where DeepSpeed wraps nothing around the optimizer: one foreach norm over the 16-bit
+    gradients and one foreach scale, at each optimizer step (DeepSpeed's own takes a float32 copy of each gradient
+    and its norm in turn, 15 ms a step of a 1B model on an H200). The norm is kept for the log, which DeepSpeed
+    has none of in this mode. ``max_norm`` 0: the norm only."""
+    params: list
+    max_norm: float
+    norm: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_norm, self.norm, foreach=True)
 
 
 @dataclass
@@ -126,7 +152,7 @@ def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress
                                               loop.device)
     tok_s = window.tokens / elapsed
     progress.tokens_seen += int(tok_total)
-    grad_norm = loop.engine.get_global_grad_norm()
+    grad_norm = loop.clip.norm if loop.clip is not None else loop.engine.get_global_grad_norm()
     flops = loop.record.flops_per_token
     return {"loss": loss_mean, "lr": loop.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -184,7 +210,10 @@ def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             window.tokens += int(batch.pop("num_tokens"))
             batch = to_device(batch, loop.device)
             loss = engine(**batch).loss
-            engine.backward(loss)
+            with loop.backward_context():
+                engine.backward(loss)
+            if loop.clip is not None and engine.is_gradient_accumulation_boundary():
+                loop.clip()
             engine.step()
             loss_sum += loss.detach().float()
             window.loss_count += 1

@@ -134,6 +134,9 @@ class Run:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("all-linear",)
     optimizer: str = "adamw"
+    master_weights: str = "fp32"
+    """fp32: DeepSpeed's bf16 mode steps float32 copies of what trains; bf16: the optimizer steps the bf16 weights
+    and gradients themselves, and torch's AdamW keeps its moments in their dtype (optimizer.master_weights)."""
     double_quant: bool = True
     hub_checkpoint: bool = False  # loaded from a hub id or GGUF file, not a local safetensors checkpoint
     chunked_loss: bool = True
@@ -227,7 +230,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                grad_ckpt=m.gradient_checkpointing, ckpt_layers=m.checkpointed_layers,
                activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
-               optimizer=cfg.optimizer.name, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
+               optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
                zero3_buckets=zero3_buckets,
                layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
@@ -287,10 +290,13 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     if run.method != "full":
         out["lora weights (bf16)"] = 2 * T / (n if shard_params else 1)
 
-    # fp32 master weights and optimizer states: DeepSpeed's bf16 mode keeps an fp32 copy of what trains.
+    # fp32 master weights and optimizer states: DeepSpeed's bf16 mode keeps an fp32 copy of what trains (none with
+    # bf16 master weights, where torch's AdamW keeps its moments in bf16 too; bitsandbytes' states keep their size).
     opt_div = n if shard_optim else 1
-    master = 0.0 if offload_opt else 4 * T / opt_div
-    state = 0.0 if offload_opt else OPTIMIZER_BYTES[run.optimizer] * T / opt_div
+    bf16_master = run.master_weights == "bf16"
+    master = 0.0 if offload_opt or bf16_master else 4 * T / opt_div
+    state_bytes = OPTIMIZER_BYTES[run.optimizer] / (2 if bf16_master and run.optimizer == "adamw" else 1)
+    state = 0.0 if offload_opt else state_bytes * T / opt_div
     out["fp32 master weights"] = master
     out["optimizer states" + (" (paged, outside torch)" if run.optimizer in PAGED else "")] = state
 
@@ -301,7 +307,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     # Layer shards leave the adapters to ZeRO-2.
     grad_zero = 2 if run.layer_shards else run.zero
     out["gradients (bf16)"] = 0.0 if grad_zero == 3 else 2 * T / (n if shard_grads else 1)
-    out["gradients (fp32 partition, at the step)"] = 0.0 if offload_opt else 4 * T / opt_div
+    # With bf16 master weights ZeRO-1-3 step a bf16 partition; ZeRO-0 steps the gradients backward made.
+    step_grad = 0.0 if offload_opt or (bf16_master and run.zero == 0) else (2 if bf16_master else 4) * T / opt_div
+    out["gradients (the partition the optimizer steps)"] = step_grad
 
     # Activations saved for backward, per token of one decoder layer (bf16 = 2 bytes, fp32 = 4):
     #   RMSNorm x2: its fp32 upcast input, always (transformers' LlamaRMSNorm)               ->  8H
@@ -382,7 +390,7 @@ PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimize
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
          "activations (layers not checkpointed)",
          "dequantized weight (temporary)", "dequantized weights of the recomputed layer", "ZeRO-3 gathered parameters")
-STEP = ("gradients (bf16)", "gradients (fp32 partition, at the step)")
+STEP = ("gradients (bf16)", "gradients (the partition the optimizer steps)")
 
 
 @dataclass(frozen=True)
@@ -489,7 +497,7 @@ CONFIG_KEYS = {"method": "method", "gpus": "scaling.num_workers", "zero": "deeps
                "seq_len": "data.max_seq_len", "micro_batch": "training.micro_batch_size",
                "grad_ckpt": "model.gradient_checkpointing", "ckpt_layers": "model.checkpointed_layers",
                "activation_offload": "model.activation_offloading",
-               "optimizer": "optimizer.name"}
+               "optimizer": "optimizer.name", "master_weights": "optimizer.master_weights"}
 
 
 def config_overrides(before: Run, after: Run) -> list[str]:
@@ -571,6 +579,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default="all-linear", help="all-linear, or a comma list: q_proj,v_proj")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
                    help="default: paged_adamw_8bit for qlora, adamw otherwise (and with an offloaded optimizer)")
+    p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the optimizer steps the bf16 weights themselves (optimizer.master_weights)")
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--hub-checkpoint", action="store_true",
                    help="the model loads from a hub id or GGUF file, not a local safetensors checkpoint")
@@ -587,7 +597,7 @@ def config_of_flags(a: argparse.Namespace):
                                 else "adamw")
     targets = "all-linear" if a.lora_targets == "all-linear" else a.lora_targets.split(",")
     return C.from_dict({
-        "method": a.method, "optimizer": {"name": optimizer},
+        "method": a.method, "optimizer": {"name": optimizer, "master_weights": a.master_weights},
         "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt,
                   "checkpointed_layers": a.checkpointed_layers, "activation_offloading": a.activation_offloading},
         "lora": {"r": a.lora_r, "target_modules": targets},

@@ -86,12 +86,15 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     zero = ("ZeRO-3 (frozen base partitioned by layers, adapters under ZeRO-2)" if cfg.frozen_base_by_layers
             else "ZeRO-3 on one worker (nothing to partition: the frozen base whole, adapters under ZeRO-2)"
             if cfg.frozen_base_whole_on_one_worker else f"ZeRO-{cfg.deepspeed.zero_stage}")
-    phases.done("engine", f"DeepSpeed {zero}, {cfg.optimizer.name}")
+    master = ", bf16 master weights" if cfg.optimizer.master_weights == "bf16" else ""
+    phases.done("engine", f"DeepSpeed {zero}, {cfg.optimizer.name}{master}")
     record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
                           total_steps=total_steps, device=str(device), pid=os.getpid(),
                           peak_matmul_tflops=peak / 1e12 if peak else None, compute_dtype=compute_dtype,
                           flops_per_token=flops_per_token, setup_started_unix=started, setup_s=phases.seconds)
-    loop = engine.Loop(cfg, ds_engine, scheduler, batches, eval_batches, device, total_steps, peak, record)
+    clip = engine.GradClip([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm) \
+        if cfg.steps_model_weights else None
+    loop = engine.Loop(cfg, ds_engine, scheduler, batches, eval_batches, device, total_steps, peak, record, clip)
     return loop, tokenizer
 
 

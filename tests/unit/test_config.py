@@ -233,3 +233,11 @@ def test_local_mode_checkpoints_appear_whole_and_only_the_latest_are_kept(tmp_pa
     run_dir.save_checkpoint(tmp_path, 6, lambda d: (d / "again").write_text(""), keep=2)  # the same step again
     assert (tmp_path / "checkpoint_step0000006" / "again").exists()
     assert not (tmp_path / "checkpoint_step0000006" / "progress.json").exists()
+
+
+def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
+    assert C.load(None, ["optimizer.master_weights=bf16"]).optimizer.master_weights == "bf16"
+    with pytest.raises(C.ConfigError, match="optimizer.master_weights=bf16 with model.dtype=float32"):
+        C.load(None, ["optimizer.master_weights=bf16", "model.dtype=float32"])
+    with pytest.raises(C.ConfigError, match="upcast_non_quantized"):
+        C.load(None, ["optimizer.master_weights=bf16", "method=qlora", "quantization.upcast_non_quantized=true"])

@@ -194,3 +194,14 @@ def test_zero3_keeps_deepspeeds_linear_unless_every_layer_is_checkpointed():
     every = deepspeed_setup.deepspeed_config(C.load(None, z3), 2)["zero_optimization"]
     some = deepspeed_setup.deepspeed_config(C.load(None, [*z3, "model.checkpointed_layers=2"]), 2)["zero_optimization"]
     assert every["memory_efficient_linear"] is False and "memory_efficient_linear" not in some
+
+
+def test_bf16_master_weights_turn_off_deepspeeds_fp32_copies_and_at_zero0_its_clipping():
+    z0 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=0",
+                                                        "optimizer.master_weights=bf16"]), 1)
+    assert z0["bf16"] == {"enabled": False} and z0["gradient_clipping"] == 0.0  # the loop clips (engine.GradClip)
+    z2 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "optimizer.master_weights=bf16"]), 1)
+    assert z2["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert z2["gradient_clipping"] == 1.0
+    fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=0"]), 1)
+    assert fp32["bf16"] == {"enabled": True} and fp32["gradient_clipping"] == 1.0

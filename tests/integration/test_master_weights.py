@@ -1,0 +1,138 @@
+"""optimizer.master_weights=bf16: the optimizer steps the bf16 weights themselves (real DeepSpeed engines on CPU,
+ZeRO-0 and ZeRO-2), and under ZeRO-0 the step loop clips the gradients and logs their norm."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ftcluster import config as C
+from ftcluster import engine, worker
+from ftcluster.records import Progress
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One process group for the module: DeepSpeed caches its groups globally across engines."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29547", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _run(tiny_model, tmp_path, name, steps=6, **extra):
+    """The worker's set-up and step loop, as a Ray worker runs them; returns the loop and its logged records."""
+    cfg = C.load(None, tiny.tiny_overrides(tiny_model, tmp_path, name, **{
+        "method": "full", "scaling.num_workers": 1, "training.max_steps": steps, "training.log_every": 1,
+        "training.eval_every": 0, "training.save_every": 0, "optimizer.lr": 1e-3, **extra}))
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    logged = []
+    engine.train(loop, Progress(), engine.Hooks(lambda record, kind: logged.append(record) if record.logged else None))
+    return loop, logged
+
+
+def _moments(optimizer) -> list[torch.Tensor]:
+    return [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+
+
+def test_zero0_steps_the_bf16_weights_with_bf16_states_and_the_loop_clips(tiny_model, tmp_path, process_group):
+    loop, logged = _run(tiny_model, tmp_path, "z0bf16", **{"deepspeed.zero_stage": 0,
+                                                            "optimizer.master_weights": "bf16"})
+    ds = loop.engine
+    assert ds.optimizer is ds.basic_optimizer  # no fp32 wrapper around the client optimizer
+    assert all(p.dtype == torch.bfloat16 for p in ds.module.parameters())
+    assert _moments(ds.optimizer) and all(m.dtype == torch.bfloat16 for m in _moments(ds.optimizer))
+    # DeepSpeed clips nothing here and keeps no norm; the loop's norm is logged at every step.
+    assert ds.gradient_clipping() == 0.0 and loop.clip is not None and loop.clip.max_norm == 1.0
+    norms = [r.grad_norm for r in logged]
+    assert len(norms) == 6 and all(n is not None and n > 0 and torch.isfinite(torch.tensor(n)) for n in norms)
+    assert logged[-1].loss < logged[0].loss
+
+
+def test_zero0_bf16_losses_follow_fp32_master_weights(tiny_model, tmp_path, process_group):
+    """The same steps with float32 copies stepped by DeepSpeed: the first loss is the same forward, and the next
+    ones stay within 2% (bf16 rounding of each update is the only difference)."""
+    _, fp32 = _run(tiny_model, tmp_path, "z0fp32", **{"deepspeed.zero_stage": 0})
+    _, bf16 = _run(tiny_model, tmp_path, "z0bf16b", **{"deepspeed.zero_stage": 0, "optimizer.master_weights": "bf16"})
+    assert bf16[0].loss == pytest.approx(fp32[0].loss, rel=1e-3)
+    for a, b in zip(fp32, bf16):
+        assert b.loss == pytest.approx(a.loss, rel=0.02)
+    # DeepSpeed's norm (fp32 path) and the loop's (bf16 path) measure the same gradients at the first step.
+    assert bf16[0].grad_norm == pytest.approx(fp32[0].grad_norm, rel=0.02)
+
+
+def test_the_loop_clips_to_max_grad_norm_before_the_optimizer_steps(tiny_model, tmp_path, process_group):
+    seen = []
+
+    def norm_at_step(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    base = {"deepspeed.zero_stage": 0, "optimizer.master_weights": "bf16", "training.max_grad_norm": 1e-3}
+    cfg = C.load(None, tiny.tiny_overrides(tiny_model, tmp_path, "clip", **{
+        "method": "full", "scaling.num_workers": 1, "training.max_steps": 3, "training.log_every": 1,
+        "training.eval_every": 0, "training.save_every": 0, **base}))
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    loop.engine.basic_optimizer.register_step_pre_hook(norm_at_step)
+    logged = []
+    engine.train(loop, Progress(), engine.Hooks(lambda record, kind: logged.append(record) if record.logged else None))
+    # The gradients' own norm is logged; the optimizer saw them scaled down to max_grad_norm.
+    assert len(seen) == 3 and all(r.grad_norm > 0.1 for r in logged)
+    assert seen == pytest.approx([1e-3] * 3, rel=0.02)
+
+
+def test_grad_clip_scales_to_max_norm_and_zero_only_measures():
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    p.grad = torch.full((4,), 3.0, dtype=torch.bfloat16)  # norm 6
+    clip = engine.GradClip([p], max_norm=1.0)
+    clip()
+    assert float(clip.norm) == pytest.approx(6.0)
+    assert float(torch.linalg.vector_norm(p.grad.float())) == pytest.approx(1.0, rel=1e-2)
+    p.grad = torch.full((4,), 3.0, dtype=torch.bfloat16)
+    off = engine.GradClip([p], max_norm=0.0)
+    off()
+    assert float(off.norm) == pytest.approx(6.0) and float(p.grad[0]) == 3.0
+
+
+def test_one_rank_at_zero0_reduces_no_gradients(tiny_model, tmp_path, process_group):
+    """DeepSpeed would copy every gradient into flat buckets, all-reduce them with itself and copy them back."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = []
+    real = DeepSpeedEngine.allreduce_gradients
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    DeepSpeedEngine.allreduce_gradients = counted
+    try:
+        _run(tiny_model, tmp_path, "nosync", steps=2, **{"deepspeed.zero_stage": 0, "optimizer.master_weights": "bf16"})
+        assert calls == []
+        _run(tiny_model, tmp_path, "z2sync", steps=2, **{"deepspeed.zero_stage": 2})
+        assert calls  # ZeRO-2 partitions gradients through its reduction, one rank or not
+    finally:
+        DeepSpeedEngine.allreduce_gradients = real
+
+
+def test_zero2_bf16_master_weights_partition_bf16_weights_and_states(tiny_model, tmp_path, process_group):
+    loop, logged = _run(tiny_model, tmp_path, "z2bf16", steps=3, **{"deepspeed.zero_stage": 2,
+                                                                     "optimizer.master_weights": "bf16"})
+    ds = loop.engine
+    assert loop.clip is None and ds.gradient_clipping() == 1.0  # DeepSpeed's ZeRO clips over its partitions
+    partitions = ds.optimizer.single_partition_of_fp32_groups  # named for fp32, holds what the optimizer steps
+    assert partitions and all(p.dtype == torch.bfloat16 for p in partitions)
+    assert all(m.dtype == torch.bfloat16 for m in _moments(ds.optimizer.optimizer))
+    assert logged[-1].loss < logged[0].loss
