@@ -9,6 +9,8 @@ another example. The first label of every example is -100, so no example is trai
 
 from __future__ import annotations
 
+import bisect
+
 import functools
 import json
 import random
@@ -328,7 +330,7 @@ def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
 # --- packing and batching ----------------------------------------------------------------------------------------
 
 class Packer:
-    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens, with per-example position ids:
+    """Greedy, order-preserving packing (for streams, which cannot be sorted; ``pack`` for a dataset in memory) into rows of at most ``max_len`` tokens, with per-example position ids:
     examples go in one at a time, and a row comes out when the next example does not fit beside it."""
 
     def __init__(self, max_len: int):
@@ -353,10 +355,35 @@ class Packer:
 
 
 def pack(examples: list[dict], max_len: int) -> list[dict]:
-    packer = Packer(max_len)
-    rows = [row for ex in examples if (row := packer.add(ex)) is not None]
-    last = packer.flush()
-    return rows + [last] if last is not None else rows
+    """Best-fit decreasing: the longest example first, each into the row with the least room that still holds it,
+    a new row when none does. With short examples to fill the gaps, rows end within a few tokens of ``max_len``;
+    greedy packing in order (``Packer``, which a stream needs) left about half an example of padding per row and a
+    part-filled last row (4.5% of the llama-1b suite's row tokens, computed and paid for on every step). Examples of
+    equal length keep their order, so the rows depend only on the (seeded) order they come in."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, row index), ascending
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            free, row = max_len - n, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, row))
+    out = []
+    for members in rows:
+        row = Packer._empty()
+        for i in members:
+            row["input_ids"] += examples[i]["input_ids"]
+            row["labels"] += examples[i]["labels"]
+            row["position_ids"] += range(len(examples[i]["input_ids"]))
+        out.append(row)
+    return out
 
 
 def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -375,24 +402,24 @@ def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = No
              "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
     if packed:
         batch["position_ids"] = torch.tensor(pos)
-        batch.update(_cumulative_lengths(pos))
+        batch.update(_cumulative_lengths(pos, width))
     else:
         batch["attention_mask"] = torch.tensor(mask)
     return batch
 
 
-def _cumulative_lengths(position_rows: list[list[int]]) -> dict:
+def _cumulative_lengths(position_rows: list[list[int]], width: int) -> dict:
     """Boundaries of every example (and padding run) across the flattened batch, for varlen attention:
-    ``cu_seq_lens`` (int32, starts at 0) and the longest example. Plain ints stay on the host (no device sync)."""
-    bounds, offset, longest = [0], 0, 0
+    ``cu_seq_lens`` (int32, starts at 0), and as the longest sequence the row width, a bound the kernel only sizes
+    its grid by: the same int in every batch, where the longest example's length would make each new value a
+    recompile of compiled layers. Plain ints stay on the host (no device sync)."""
+    bounds, offset = [0], 0
     for row in position_rows:
         starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
-        for a, b in zip(starts, starts[1:]):
-            bounds.append(offset + b)
-            longest = max(longest, b - a)
+        bounds += [offset + b for b in starts[1:]]
         offset += len(row)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
 
 
 @dataclass

@@ -33,7 +33,7 @@ def tokenizer_identity(tokenizer) -> str:
                            + str(tokenizer.eos_token)).encode()).hexdigest()
 
 
-FORMAT = 2
+FORMAT = 3  # 3: rows packed best-fit decreasing (data.pack)
 """How rows are stored (2: one Arrow stream file per split, int32 token lists). In every key, so a cache written
 in another format is never read."""
 

@@ -71,9 +71,29 @@ def test_builtin_pydoc_eval_split_shares_no_answer_with_train():
 def test_packing_restarts_positions_and_ignores_each_first_label():
     exs = [{"input_ids": list(range(10, 10 + n)), "labels": [data.IGNORE] + list(range(11, 10 + n))} for n in (5, 4, 6, 3)]
     rows = data.pack(exs, max_len=10)
-    assert [len(r["input_ids"]) for r in rows] == [9, 9]
-    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
-    assert rows[0]["labels"][5] == data.IGNORE
+    # Best fit, longest first: 6 opens a row, 5 does not fit beside it, 4 fills the first row to 10, 3 joins the 5.
+    assert [len(r["input_ids"]) for r in rows] == [10, 8]
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    assert rows[0]["labels"][6] == data.IGNORE and rows[1]["input_ids"] == exs[0]["input_ids"] + exs[3]["input_ids"]
+
+
+def test_best_fit_packing_fills_rows_where_greedy_packing_leaves_padding():
+    """Examples of 20-200 tokens (the builtin sets' range) into 2048-token rows: every example lands whole in
+    exactly one row, and every row but one has less room left than the shortest example, where greedy packing in
+    order leaves several percent of every row empty."""
+    import random
+
+    rng = random.Random(0)
+    exs = [{"input_ids": [i] * (n := rng.randint(20, 200)), "labels": [i] * n} for i in range(3000)]
+    rows = data.pack(exs, max_len=2048)
+    assert sorted(t for r in rows for t in set(r["input_ids"])) == list(range(3000))
+    assert all(len(r["input_ids"]) <= 2048 for r in rows)
+    fill = sum(len(r["input_ids"]) for r in rows) / (2048 * len(rows))
+    greedy = data.Packer(2048)
+    greedy_rows = [r for ex in exs if (r := greedy.add(ex)) is not None] + [greedy.flush()]
+    greedy_fill = sum(len(r["input_ids"]) for r in greedy_rows) / (2048 * len(greedy_rows))
+    assert sum(len(r["input_ids"]) > 2048 - 20 for r in rows) >= len(rows) - 1
+    assert fill > 0.99 and greedy_fill < 0.97
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model):
@@ -94,7 +114,32 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     torch.testing.assert_close(packed[7:12], alone_b, atol=1e-4, rtol=1e-4)
     assert int(batch["num_tokens"]) == 12
     # The same boundaries as cumulative lengths for varlen attention; the padding run is its own sequence.
-    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 12, 16] and batch["max_length_q"] == 7
+    # The longest sequence the kernel is told is the row width, the same in every batch.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 12, 16] and batch["max_length_q"] == 16
+
+
+def test_batches_with_different_example_counts_compile_once():
+    """What a compiled layer receives of the packing (the boundaries and the longest-sequence bound) compiles
+    once across batches holding 2, 3 and 5 examples; unmarked, each new count was a recompile."""
+    from ftcluster import engine
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=counting)
+    def uses_the_packing(x, cu_seq_lens_q, max_length_q):
+        lengths = cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
+        return x * lengths.float().mean() + max_length_q
+
+    torch._dynamo.reset()
+    for counts in ([3, 5], [2, 2, 4], [1, 1, 1, 3, 2]):
+        rows = [{"input_ids": [1] * n, "labels": [1] * n, "position_ids": list(range(n))} for n in counts]
+        batch = engine.to_device(data.collate(rows, pad_id=0, packed=True, pad_to=16), torch.device("cpu"))
+        uses_the_packing(torch.ones(2), batch["cu_seq_lens_q"], batch["max_length_q"])
+    assert len(graphs) == 1
 
 
 def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
