@@ -218,7 +218,8 @@ class Harness:
     def hf_baseline(self, method: str, label: str, recipe: str = "hf") -> dict:
         out = self.work / f"{recipe}-{method}.json"
         cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", self.suite.recipe, "--recipe", recipe,
-               "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method)]
+               "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method),
+               *self.suite.peer]
         return {**self.execute("hf", method, None, cmd, label, out), "recipe": recipe}
 
 
