@@ -22,8 +22,14 @@ def test_varlen_attention_gives_the_logits_of_each_example_alone(tiny_model):
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
         packed = varlen(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-        offset_row = [(0, 0), (0, 37), (0, 42), (1, 0)]
-        for s, (row, start) in zip(seqs, offset_row):
+        # Where packing put each example: its row, and the start of its position run there.
+        where = {}
+        for r, row in enumerate(rows):
+            starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+            for a, b in zip(starts, starts[1:]):
+                where[tuple(row["input_ids"][a:b])] = (r, a)
+        for s in seqs:
+            row, start = where[tuple(s)]
             alone = sdpa(input_ids=torch.tensor([s], device="cuda")).logits[0]
             got = packed[row, start:start + len(s)]
             assert (got.float() - alone.float()).norm() / alone.float().norm() < 1e-2
