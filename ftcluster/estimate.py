@@ -30,6 +30,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ftcluster import compiled
 from ftcluster.activations import LOSS_CHUNK_BYTES
 from ftcluster.presets import HUB_IDS, PRESETS
 
@@ -146,6 +147,8 @@ class Run:
     """Liger's fused linear + cross-entropy computes the output layer and the loss a chunk of tokens at a time
     (ftcluster.kernels; on CUDA GPUs with liger-kernel installed, not under ZeRO-3)."""
     sized_buckets: bool = True
+    compiled: bool = False
+    """The decoder layers are compiled (ftcluster.compiled): a layer outside checkpointing keeps less for backward."""
     """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.bucket_sizes); False:
     DeepSpeed's 5e8 whatever the model, which runs measured before that change used."""
     zero3_buckets: bool = True
@@ -235,7 +238,8 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                zero3_buckets=zero3_buckets,
                layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
                recomputed_weights_kept=recomputed_weights_kept and cfg.would_keep_recomputed_weights,
-               fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss)
+               fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss,
+               compiled=compiled.compiles(cfg, "cuda"))
 
 
 def _liger_installed() -> bool:
@@ -323,6 +327,11 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     per_token_layer = (8 * shape.hidden + 4 * shape.hidden + 4 * shape.kv + 6 * shape.intermediate
                        + 2 * shape.hidden * kept["qkv"] + 2 * shape.hidden * kept["gate_up"]
                        + 2 * shape.intermediate * kept["down"])
+    # A compiled layer keeps 4H + 4I bytes a token less: Inductor's partitioner recomputes the norms' float32
+    # upcasts and SwiGLU's elementwise products in backward rather than saving them. Measured on the llama-1b
+    # shape without checkpointing (full fine-tuning 12.65 GiB, LoRA 6.31; reports/llama-1b/2026-11-27-1xh200-no-ckpt);
+    # the one recomputed layer of a checkpointed run keeps the eager figure.
+    kept_layer = per_token_layer - (4 * shape.hidden + 4 * shape.intermediate if run.compiled else 0)
     if run.grad_ckpt:
         # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward. Offloaded
         # (ftcluster.activations.HostActivations), they are on the device only while copied: the input of the
@@ -332,9 +341,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         on_device = min(2, checkpointed) if run.activation_offload else checkpointed
         out["activations (checkpoints)"] = on_device * 2 * shape.hidden * t
         out["activations (one recomputed layer)"] = per_token_layer * t if checkpointed else 0.0
-        out["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * per_token_layer * t
+        out["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * kept_layer * t
     else:
-        out["activations"] = shape.layers * per_token_layer * t
+        out["activations"] = shape.layers * kept_layer * t
     if run.fused_loss:
         # Liger's fused linear + cross-entropy: per chunk of rows, their logits in bf16 and float32 (6V a row),
         # with chunks of next_pow2(tokens / ceil(V / H)) rows; the hidden states' gradient (2H a token); and the
