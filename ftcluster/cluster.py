@@ -29,6 +29,13 @@ def _answers(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+def live_recorded() -> str | None:
+    """The address of the cluster `ray start` recorded on this host, if it answers."""
+    record = current_cluster_file()
+    recorded = record.read_text().strip() if record.exists() else ""
+    return recorded if recorded and _answers(recorded) else None
+
+
 def join(cfg: RunConfig) -> bool:
     """``ray.init`` for the driver. With no ``ray.address`` and no RAY_ADDRESS, a cluster recorded on this host is
     joined only if it answers within seconds: a stale record (a cluster that died) would otherwise make Ray wait

@@ -43,6 +43,12 @@ class ModelConfig(Section):
     liger_kernel: Literal["auto", "on", "off"] = "auto"
     """Liger Kernel's fused RMSNorm, SwiGLU, RoPE and linear + cross-entropy (ftcluster/kernels.py). ``auto``: on
     a CUDA GPU when liger-kernel is installed and knows the architecture; ``on`` refuses to run without them."""
+    fused_loss_chunk_scale: int = Field(1, ge=1)
+    """How large a chunk of tokens Liger's fused linear + cross-entropy takes at a time: chunks whose logits hold
+    about this many times the hidden states' elements (Liger's ``chunk_mem_const``; 1, its default, gives a 1B
+    Llama's 4096-token batch 32 chunks of 128). Where the output layer trains (full fine-tuning) each chunk adds its
+    share to the layer's whole weight gradient, one pass over it per chunk (0.5 GB at 1B); a larger scale makes
+    fewer passes at chunk x vocabulary x 6 bytes for the chunk's logits."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU (QLoRA's where every
     layer is checkpointed, whose checkpoints make Inductor recompute the dequantization), where LoRA's step was
@@ -235,12 +241,16 @@ class RayConfig(Section):
     start_attempts: int = Field(3, ge=0)
     """Times Ray Train may try to start the worker group (a minute each) before the run fails: bounds the wait when
     resources vanish mid-run."""
-    local_mode: bool = False
+    local_mode: bool | Literal["auto"] = "auto"
     """Run the one worker in the driver's own process, through Ray Train's local mode (``ScalingConfig(num_workers=0)``):
     no Ray cluster to start or join and no worker process to start, which is most of a one-GPU run's time before its
-    first step. The run directory is the same (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints
-    written by ftcluster, the latest kept ones resumed). Needs scaling.num_workers=1; a failed run is not restarted
-    (ray.max_failures is Ray's). Part of the run's identity: a run directory is resumed in the mode it started in."""
+    first step (7B QLoRA on an H200: 30 s to the first step against 72). The run directory is the same
+    (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints written by ftcluster, the latest kept ones
+    resumed). Needs scaling.num_workers=1; a failed run is not restarted (ray.max_failures is Ray's). ``auto``: on
+    for one worker with no cluster to join (ray.address and RAY_ADDRESS unset, no Ray cluster running on this host
+    or started in this process) and no restarts asked for; off otherwise, so a job submitted to a cluster runs its
+    worker where Ray places it. The driver settles it before anything starts (launch.settle_local_mode), and the
+    settled mode is part of the run's identity: a run directory is resumed in the mode it started in."""
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Ray Train's own log lines on the console. At INFO its workers print a "Reporting training result" line with
     every report, beside ftcluster's own progress line; its warnings and errors always show."""
@@ -307,10 +317,10 @@ class RunConfig(Section):
             )
         if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
-        if self.ray.local_mode and self.scaling.num_workers != 1:
+        if self.ray.local_mode is True and self.scaling.num_workers != 1:
             raise ValueError(f"ray.local_mode=true with scaling.num_workers={self.scaling.num_workers}: local mode runs "
                              "one worker, in the driver's process. Set scaling.num_workers=1, or ray.local_mode=false.")
-        if self.ray.local_mode and self.ray.address:
+        if self.ray.local_mode is True and self.ray.address:
             raise ValueError(f"ray.local_mode=true with ray.address={self.ray.address}: local mode joins no cluster. "
                              "Unset ray.address, or set ray.local_mode=false.")
         if opt.master_weights == "bf16" and self.model.dtype != "bfloat16":

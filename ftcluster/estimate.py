@@ -147,10 +147,12 @@ class Run:
     """Liger's fused linear + cross-entropy computes the output layer and the loss a chunk of tokens at a time
     (ftcluster.kernels; on CUDA GPUs with liger-kernel installed, not under ZeRO-3)."""
     sized_buckets: bool = True
-    compiled: bool = False
-    """The decoder layers are compiled (ftcluster.compiled): a layer outside checkpointing keeps less for backward."""
     """ZeRO-1/2 buckets hold at most the trainable elements (ftcluster.deepspeed_setup.bucket_sizes); False:
     DeepSpeed's 5e8 whatever the model, which runs measured before that change used."""
+    compiled: bool = False
+    """The decoder layers are compiled (ftcluster.compiled): a layer outside checkpointing keeps less for backward."""
+    fused_loss_chunk_scale: int = 1
+    """model.fused_loss_chunk_scale: Liger's chunk of tokens holds logits of about this many times the hidden states."""
     zero3_buckets: bool = True
     """ZeRO-3's reduce bucket holds at most the trainable elements (deepspeed_setup.tuned_config); False: DeepSpeed's
     5e8, which runs measured before af1b04f used."""
@@ -239,7 +241,7 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
                recomputed_weights_kept=recomputed_weights_kept and cfg.would_keep_recomputed_weights,
                fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss,
-               compiled=compiled.compiles(cfg, "cuda"))
+               compiled=compiled.compiles(cfg, "cuda"), fused_loss_chunk_scale=m.fused_loss_chunk_scale)
 
 
 def _liger_installed() -> bool:
@@ -346,9 +348,10 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations"] = shape.layers * kept_layer * t
     if run.fused_loss:
         # Liger's fused linear + cross-entropy: per chunk of rows, their logits in bf16 and float32 (6V a row),
-        # with chunks of next_pow2(tokens / ceil(V / H)) rows; the hidden states' gradient (2H a token); and the
+        # with chunks of next_pow2(tokens / ceil(V / (scale * H))) rows; the hidden states' gradient (2H a token); and the
         # output layer's weight gradient when it is trained (2VH).
-        rows = 2 ** math.ceil(math.log2(max(1, math.ceil(t / math.ceil(shape.vocab / shape.hidden)))))
+        per_chunk = math.ceil(shape.vocab / (run.fused_loss_chunk_scale * shape.hidden))
+        rows = min(t, 2 ** math.ceil(math.log2(max(1, math.ceil(t / per_chunk)))))
         out["logits and loss"] = 6 * shape.vocab * rows + 2 * shape.hidden * t + \
             (2 * shape.vocab * shape.hidden if run.method == "full" else 0)
     elif run.chunked_loss:

@@ -9,6 +9,7 @@ install before anything starts); ``off`` never applies them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 
@@ -93,6 +94,12 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str) -> str:
 
         before = dict(vars(module))
         getattr(liger, APPLY[model.config.model_type])(model=model, **kinds)
+        scale = cfg.model.fused_loss_chunk_scale
+        if kinds["fused_linear_cross_entropy"] and scale != 1:
+            # Liger's causal-LM forward hands its keyword arguments on to its loss, which takes those of
+            # liger_fused_linear_cross_entropy (LigerForCausalLMLoss); the decoder's layers ignore the extra one.
+            model.forward = functools.partial(model.forward, chunk_mem_const=scale)
+            line += f" (chunks {scale}x Liger's)"
         for name, own in before.items():
             if vars(module).get(name) is not own:
                 _REPLACED.setdefault(module.__name__, {})[name] = own

@@ -6,6 +6,7 @@ cluster is joined or started."""
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 import time
@@ -57,12 +58,27 @@ def _fit_off_the_main_thread(trainer):
     return outcome["result"]
 
 
+def settle_local_mode(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``ray.local_mode=auto`` decided: local for one worker, no restarts, and no Ray cluster it was
+    meant to join (ray.address or RAY_ADDRESS, one started in this process, or a live one `ray start` recorded on
+    this host; a stale record, left by a cluster that died, is no cluster)."""
+    import ray
+
+    r = cfg.ray
+    if r.local_mode != "auto":
+        return cfg
+    alone = (cfg.scaling.num_workers == 1 and r.max_failures == 0 and not r.address
+             and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized() and cluster.live_recorded() is None)
+    return cfg.model_copy(update={"ray": r.model_copy(update={"local_mode": alone})})
+
+
 def run(cfg: RunConfig, force: bool = False) -> dict:
     """Train; return the summary (also written to ``<run_dir>/summary.json``). ``force`` starts a run the memory
     estimator says will not fit its GPUs."""
     import ray
 
     started = time.time()
+    cfg = settle_local_mode(cfg)
     # Before the run directory exists and before Ray: a refused run leaves no run directory and takes no GPU (the
     # data check leaves its prepared rows under the storage path, for the next try).
     rundir.check(cfg)
@@ -76,8 +92,8 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
         use_gpu = s.use_gpu if s.use_gpu is not None else torch.cuda.is_available()
         ready = time.time()
-        print(f"cluster: none (ray.local_mode): the worker runs in this process, on {'a GPU' if use_gpu else 'CPUs'}",
-              flush=True)
+        print(f"cluster: none (ray.local_mode; scaling.num_workers=1 and no cluster to join, or set it to false): the "
+              f"worker runs in this process, on {'a GPU' if use_gpu else 'CPUs'}", flush=True)
     else:
         own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
         use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

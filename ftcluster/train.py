@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from ftcluster import launch
 
+        cfg = launch.settle_local_mode(cfg)
         summary = launch.run(cfg, force=args.force)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -76,3 +76,39 @@ def test_a_model_built_after_a_liger_one_gets_its_own_plan_only(tmp_path, tiny_m
     assert transformers_own(type(layer.input_layernorm)) and transformers_own(type(layer.mlp))
     assert "forward" not in vars(layer.input_layernorm) and "forward" not in vars(layer.mlp)
     assert transformers_own(modeling_llama.apply_rotary_pos_emb)
+
+
+def test_larger_fused_loss_chunks_give_the_same_loss_and_output_layer_gradient(tmp_path, tiny_model):
+    """model.fused_loss_chunk_scale reaches Liger's loss: 8 gives the 1B shape's 4096-token batch 8 chunks instead of
+    32 (fewer passes over the trained output layer's gradient), the same loss and gradient, and its chunk's logits
+    take their share of memory."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(**{**PRESETS["llama-3.2-1b"], "num_hidden_layers": 2}).save_pretrained(tmp_path)
+    device = torch.device("cuda")
+    ids = torch.randint(0, 128000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
+    out = {}
+    for scale in (1, 8):
+        cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", "method=full",
+                            "model.random_init=true", "model.compile=off", f"model.fused_loss_chunk_scale={scale}",
+                            "scaling.use_gpu=true"])
+        torch.manual_seed(0)
+        model = models.build_model(cfg, device)
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        passes = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+        out[scale] = (loss.item(), model.lm_head.weight.grad.float().clone(), passes,
+                      torch.cuda.max_memory_allocated(device) - base)
+        del model, loss
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"GPU-RESULT fused loss chunks: addmm passes {out[1][2]} -> {out[8][2]}, peak above the weights "
+          f"{out[1][3] / 2**30:.3f} -> {out[8][3] / 2**30:.3f} GiB")
+    assert out[8][0] == pytest.approx(out[1][0], rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(out[8][1].flatten(), out[1][1].flatten(), dim=0) > 0.999
+    assert out[1][2] == 32 and out[8][2] == 8

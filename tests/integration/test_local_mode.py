@@ -20,17 +20,18 @@ ONE = {"model.random_init": False, "model.config_overrides": "{}", "scaling.num_
 
 def _local_command(tiny_model, storage, name, **extra):
     return [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
-            *tiny_overrides(tiny_model, storage, name, **{**extra, "ray.local_mode": True})]
+            *tiny_overrides(tiny_model, storage, name, **{"ray.local_mode": True, **extra})]
 
 
 def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_directory(ray_local, tiny_model,
                                                                                         tmp_path):
     on_ray = launch.run(tiny_cfg(tiny_model, tmp_path, "on-ray", **ONE))
-    proc = subprocess.run(_local_command(tiny_model, tmp_path, "local", **ONE), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    # ray.local_mode=auto, the default: one worker and no cluster recorded on the host or named to the driver.
+    proc = subprocess.run(_local_command(tiny_model, tmp_path, "local", **ONE, **{"ray.local_mode": "auto"}),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "cluster: none (ray.local_mode)" in out and "Started a local Ray instance" not in out
+    assert "cluster: none (ray.local_mode" in out and "Started a local Ray instance" not in out
     local = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
     assert local["final_step"] == on_ray["final_step"] == 6 and local["eval_loss"] == pytest.approx(on_ray["eval_loss"])

@@ -205,7 +205,7 @@ def test_local_mode_runs_one_worker_joins_no_cluster_and_is_part_of_the_runs_ide
     with pytest.raises(C.ConfigError, match="ray.local_mode=true with ray.address=auto"):
         C.load(None, ["ray.local_mode=true", "ray.address=auto"])
     # A run's checkpoints are Ray's in one mode and ftcluster's in the other: a run directory resumes in its mode.
-    assert C.load(None, ["ray.local_mode=true"]).fingerprint() != C.load(None, []).fingerprint()
+    assert C.load(None, ["ray.local_mode=true"]).fingerprint() != C.load(None, ["ray.local_mode=false"]).fingerprint()
     assert C.load(None, ["ray.max_failures=3"]).fingerprint() == C.load(None, []).fingerprint()
 
 
@@ -241,3 +241,33 @@ def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
         C.load(None, ["optimizer.master_weights=bf16", "model.dtype=float32"])
     with pytest.raises(C.ConfigError, match="upcast_non_quantized"):
         C.load(None, ["optimizer.master_weights=bf16", "method=qlora", "quantization.upcast_non_quantized=true"])
+
+
+def test_local_mode_auto_runs_one_worker_in_process_unless_there_is_a_cluster_to_join(tmp_path, monkeypatch):
+    """Decided by the driver before anything starts; a live cluster recorded on this host is joined, a stale record
+    (nothing answers at its address) is no cluster."""
+    import socket
+
+    from ftcluster import launch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    settled = lambda *o: launch.settle_local_mode(C.load(None, list(o))).ray.local_mode
+    assert C.load(None, []).ray.local_mode == "auto"
+    assert settled() is True
+    assert settled("scaling.num_workers=2") is False
+    assert settled("ray.address=auto") is False
+    assert settled("ray.max_failures=2") is False  # restarts are Ray's
+    assert settled("ray.local_mode=false") is False and settled("ray.local_mode=true") is True
+    record = tmp_path / "ray" / "ray_current_cluster"
+    record.parent.mkdir()
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        record.write_text(f"127.0.0.1:{port}\n")
+        assert settled() is False
+    # Closed now: the record of a cluster that died.
+    assert settled() is True
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert settled() is False

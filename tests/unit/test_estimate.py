@@ -1,5 +1,7 @@
 """The memory estimator against the measured runs of benchmarks/calibration.json, and its arithmetic."""
 
+from dataclasses import replace
+
 import json
 import subprocess
 import sys
@@ -194,3 +196,12 @@ def test_a_recorded_runs_shape_does_not_depend_on_a_same_named_directory_here(tm
     (here / "config.json").write_text("{}")
     assert calibration.recorded_shape(str(here)) == "llama-2-7b"
     assert calibration.recorded_shape("embedded:smollm2-135m-instruct") == "smollm2-135m"
+
+
+def test_larger_fused_loss_chunks_hold_their_logits():
+    """Liger's chunk at the 1B shape's 4096 tokens: 128 rows at scale 1, 512 at 8; 6 bytes a logit for each."""
+    shape = E.shape_of("llama-3.2-1b")
+    run = E.Run(method="full", seq_len=2048, micro_batch=2, fused_loss=True)
+    one = E.terms(shape, run)["logits and loss"]
+    eight = E.terms(shape, replace(run, fused_loss_chunk_scale=8))["logits and loss"]
+    assert eight - one == 6 * shape.vocab * (512 - 128)
