@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import statistics
 import time
@@ -238,7 +239,12 @@ def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
                     profiler.stop()
                     profiler = None
             now = time.perf_counter()
-            first_step_unix = first_step_unix or time.time()
+            if first_step_unix is None:
+                first_step_unix = time.time()
+                # What the first step built (compiled graphs, kernels, the engine's state) lives to the end: out of
+                # the collector's sight, a full collection no longer walks it. Without this one fell in steps
+                # 11-20 of a 30-step run, about 0.3 s (1B full fine-tuning on an H200).
+                gc.freeze()
             window.step_times.append(now - step_started)
             step_started = now
             last = progress.step >= loop.total_steps
