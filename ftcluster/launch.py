@@ -72,12 +72,14 @@ def settle_local_mode(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"ray": r.model_copy(update={"local_mode": alone})})
 
 
-def run(cfg: RunConfig, force: bool = False) -> dict:
+def run(cfg: RunConfig, force: bool = False, command_started: float | None = None) -> dict:
     """Train; return the summary (also written to ``<run_dir>/summary.json``). ``force`` starts a run the memory
-    estimator says will not fit its GPUs."""
+    estimator says will not fit its GPUs. ``command_started``: when the command began, before its imports (the
+    time to the first step is counted from there); by default, now."""
     import ray
 
     started = time.time()
+    command_started = command_started or started
     cfg = settle_local_mode(cfg)
     # Before the run directory exists and before Ray: a refused run leaves no run directory and takes no GPU (the
     # data check leaves its prepared rows under the storage path, for the next try).
@@ -103,8 +105,9 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
               f"worker(s) on {'GPUs' if use_gpu else 'CPUs'}", flush=True)
     run_dir = rundir.prepare(cfg)
     try:
-        return _train(cfg, run_dir, use_gpu, started,
-                      {"checks": checked - started, "cluster": ready - checked, "ready_unix": ready})
+        return _train(cfg, run_dir, use_gpu, command_started,
+                      {"imports": started - command_started, "checks": checked - started, "cluster": ready - checked,
+                       "ready_unix": ready})
     finally:
         rundir.release(run_dir)
 

@@ -157,7 +157,7 @@ def _phases(driver: dict, first: WorkerRecord) -> dict | None:
     if not first.setup_started_unix or not first.setup_s:
         return None
     setup_end = first.setup_started_unix + sum(first.setup_s.values())
-    out = {"checks": driver["checks"], "cluster": driver["cluster"],
+    out = {"imports": driver.get("imports", 0.0), "checks": driver["checks"], "cluster": driver["cluster"],
            "workers start": first.setup_started_unix - driver["ready_unix"], **first.setup_s,
            "first step": first.first_step_unix - setup_end}
     return {k: round(v, 1) for k, v in out.items()}
@@ -179,8 +179,8 @@ class Summary:
     wall_time_s: float | None = None
     time_to_first_step_s: float | None = None
     first_step_phases_s: dict | None = None
-    """Where the time to the first step went, in order: the driver's checks and its cluster, Ray starting the
-    workers, rank 0's data, model and engine setup, and the first optimizer step itself."""
+    """Where the time to the first step went, in order: the command's imports, the driver's checks and its cluster,
+    Ray starting the workers, rank 0's data, model and engine setup, and the first optimizer step itself."""
     final_step: int | None = None
     stopped: str | None = None
     """This attempt's last record says how it ended: a reason when asked to stop early, None when it finished."""

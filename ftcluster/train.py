@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+import time
 
-from ftcluster import config as C, stop
+COMMAND_STARTED = time.time()
+"""Before the imports: the time to the first step counts them (torch, transformers and Ray take seconds)."""
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ftcluster import config as C, stop  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from ftcluster import launch
 
         cfg = launch.settle_local_mode(cfg)
-        summary = launch.run(cfg, force=args.force)
+        summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,9 +47,10 @@ def test_time_to_first_step_is_this_attempts_and_is_split_by_phase(tmp_path):
     earlier = Line.of_workers([_worker(0, step=2, first_step_unix=50.0, setup_started_unix=30.0, setup_s=setup)])
     lines = [earlier] + [Line.of_workers([_worker(0, step=s, first_step_unix=125.0, setup_started_unix=105.0,
                                                   setup_s=setup)]) for s in (4, 6)]
-    driver = {"checks": 3.0, "cluster": 7.0, "ready_unix": 100.0}
-    s = Summary.of_lines(lines, tmp_path, "lora", 40.0, 90.0, driver, checkpoint=None)
-    assert s.time_to_first_step_s == 35.0  # the resumed attempt's first step, not the earlier attempt's
-    assert s.first_step_phases_s == {"checks": 3.0, "cluster": 7.0, "workers start": 5.0, "data": 4.0, "model": 6.0,
-                                     "engine": 2.0, "first step": 8.0}
+    # The command started at 88 s and spent 2 s importing before the driver's checks began at 90 s.
+    driver = {"imports": 2.0, "checks": 3.0, "cluster": 7.0, "ready_unix": 100.0}
+    s = Summary.of_lines(lines, tmp_path, "lora", 40.0, 88.0, driver, checkpoint=None)
+    assert s.time_to_first_step_s == 37.0  # the resumed attempt's first step, not the earlier attempt's
+    assert s.first_step_phases_s == {"imports": 2.0, "checks": 3.0, "cluster": 7.0, "workers start": 5.0, "data": 4.0,
+                                     "model": 6.0, "engine": 2.0, "first step": 8.0}
     assert sum(s.first_step_phases_s.values()) == s.time_to_first_step_s
