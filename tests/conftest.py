@@ -47,3 +47,30 @@ def ray_local():
     cluster.start_local(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One single-rank gloo process group for a test module that builds DeepSpeed engines in the test process:
+    DeepSpeed caches its groups globally across engines."""
+    import torch.distributed as dist
+
+    from ftcluster.cluster import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_RANK": "0", "RANK": "0",
+           "WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()  # also drops the groups DeepSpeed keeps, which the next module's would not be
+    else:
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

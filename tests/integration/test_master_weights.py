@@ -1,32 +1,14 @@
 """optimizer.master_weights=bf16: the optimizer steps the bf16 weights themselves (real DeepSpeed engines on CPU,
 ZeRO-0 and ZeRO-2), and under ZeRO-0 the step loop clips the gradients and logs their norm."""
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ftcluster import config as C
 from ftcluster import engine, worker
 from ftcluster.records import Progress
 from tests import tiny
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One process group for the module: DeepSpeed caches its groups globally across engines."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29547", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _run(tiny_model, tmp_path, name, steps=6, **extra):

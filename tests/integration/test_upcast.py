@@ -1,30 +1,12 @@
 """PEFT's fp32 upcast must survive DeepSpeed's engine: its bf16 mode casts every parameter to bf16."""
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, models
 from tests import tiny
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One process group for the module: DeepSpeed caches its groups globally across engines."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.parametrize("upcast", [False, True])
