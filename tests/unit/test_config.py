@@ -243,22 +243,27 @@ def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
         C.load(None, ["optimizer.master_weights=bf16", "method=qlora", "quantization.upcast_non_quantized=true"])
 
 
-def test_local_mode_auto_runs_one_worker_in_process_unless_there_is_a_cluster_to_join(tmp_path, monkeypatch):
+def test_local_mode_auto_runs_one_worker_in_process_unless_there_is_a_cluster_to_join(tmp_path):
     """Decided by the driver before anything starts; a live cluster recorded on this host is joined, a stale record
-    (nothing answers at its address) is no cluster."""
+    (nothing answers at its address) is no cluster. In a fresh process: the test session's own Ray would count as a
+    cluster to join."""
+    import json
+    import os
     import socket
+    import subprocess
+    import sys
 
-    from ftcluster import launch
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    settled = lambda *o: launch.settle_local_mode(C.load(None, list(o))).ray.local_mode
+    script = ("import json, sys; from ftcluster import config as C, launch; "
+              "print(json.dumps([launch.settle_local_mode(C.load(None, o)).ray.local_mode "
+              "for o in json.loads(sys.argv[1])]))")
+    cases = [[], ["scaling.num_workers=2"], ["ray.address=auto"], ["ray.max_failures=2"], ["ray.local_mode=false"],
+             ["ray.local_mode=true"]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    settled = lambda cases, **extra: json.loads(subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, check=True,
+        env=env | extra).stdout)
     assert C.load(None, []).ray.local_mode == "auto"
-    assert settled() is True
-    assert settled("scaling.num_workers=2") is False
-    assert settled("ray.address=auto") is False
-    assert settled("ray.max_failures=2") is False  # restarts are Ray's
-    assert settled("ray.local_mode=false") is False and settled("ray.local_mode=true") is True
+    assert settled(cases) == [True, False, False, False, False, True]
     record = tmp_path / "ray" / "ray_current_cluster"
     record.parent.mkdir()
     with socket.socket() as listening:
@@ -266,8 +271,6 @@ def test_local_mode_auto_runs_one_worker_in_process_unless_there_is_a_cluster_to
         listening.listen()
         port = listening.getsockname()[1]
         record.write_text(f"127.0.0.1:{port}\n")
-        assert settled() is False
-    # Closed now: the record of a cluster that died.
-    assert settled() is True
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert settled() is False
+        assert settled([[]]) == [False]  # a live cluster recorded on this host: joined
+    assert settled([[]]) == [True]  # closed now: the record of a cluster that died
+    assert settled([[]], RAY_ADDRESS="10.0.0.1:6379") == [False]
