@@ -244,13 +244,14 @@ class RayConfig(Section):
     local_mode: bool | Literal["auto"] = "auto"
     """Run the one worker in the driver's own process, through Ray Train's local mode (``ScalingConfig(num_workers=0)``):
     no Ray cluster to start or join and no worker process to start, which is most of a one-GPU run's time before its
-    first step (7B QLoRA on an H200: 30 s from the driver's start to the first step against 72). The run directory is the same
-    (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints written by ftcluster, the latest kept ones
-    resumed). Needs scaling.num_workers=1; a failed run is not restarted (ray.max_failures is Ray's). ``auto``: on
-    for one worker with no cluster to join (ray.address and RAY_ADDRESS unset, no Ray cluster running on this host
-    or started in this process) and no restarts asked for; off otherwise, so a job submitted to a cluster runs its
-    worker where Ray places it. The driver settles it before anything starts (launch.settle_local_mode), and the
-    settled mode is part of the run's identity: a run directory is resumed in the mode it started in."""
+    first step (7B QLoRA on an H200: 30 s from the driver's start to the first step against 72). The run directory
+    is the same (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints written by ftcluster, the latest
+    kept ones resumed). Needs scaling.num_workers=1; a failed run is not restarted (ray.max_failures is Ray's).
+    ``auto``: on for one worker with no cluster to join (ray.address and RAY_ADDRESS unset, no Ray cluster running
+    on this host or started in this process) and no restarts asked for; off otherwise, so a job submitted to a
+    cluster runs its worker where Ray places it. The driver settles it before anything starts
+    (launch.settle_local_mode), and the settled mode is part of the run's identity: a run directory is resumed in the
+    mode it started in."""
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Ray Train's own log lines on the console. At INFO its workers print a "Reporting training result" line with
     every report, beside ftcluster's own progress line; its warnings and errors always show."""
@@ -476,7 +477,8 @@ class RunConfig(Section):
         launch = set(RayConfig.model_fields) - {"local_mode"}
         body = self.model_dump(mode="json", exclude={"output": True, "ray": launch, "scaling": True, "resources": True,
                                                      "tracking": True,
-                                                     "model": {"liger_kernel", "compile", "activation_offloading"},
+                                                     "model": {"liger_kernel", "fused_loss_chunk_scale", "compile",
+                                                               "activation_offloading"},
                                                      "quantization": {"keep_recomputed_weights"},
                                                      "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]

@@ -10,7 +10,6 @@ another example. The first label of every example is -100, so no example is trai
 from __future__ import annotations
 
 import bisect
-
 import functools
 import json
 import random
@@ -330,8 +329,9 @@ def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
 # --- packing and batching ----------------------------------------------------------------------------------------
 
 class Packer:
-    """Greedy, order-preserving packing (for streams, which cannot be sorted; ``pack`` for a dataset in memory) into rows of at most ``max_len`` tokens, with per-example position ids:
-    examples go in one at a time, and a row comes out when the next example does not fit beside it."""
+    """Greedy, order-preserving packing into rows of at most ``max_len`` tokens, with per-example position ids:
+    examples go in one at a time, and a row comes out when the next example does not fit beside it. For streams,
+    which cannot be sorted; a dataset in memory is packed best fit (``pack``)."""
 
     def __init__(self, max_len: int):
         self.max_len, self.row = max_len, self._empty()

@@ -210,6 +210,13 @@ def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, stopped: str | None)
 def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     """Run optimizer steps until ``loop.total_steps``, or until ``hooks.should_stop()`` gives a reason: then a
     resume checkpoint is saved and the loop ends early."""
+    try:
+        return _steps(loop, progress, hooks)
+    finally:
+        gc.unfreeze()  # what the first step froze is the collector's again once training is over
+
+
+def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     cfg, engine, t = loop.cfg, loop.engine, loop.cfg.training
     gas = t.gradient_accumulation_steps
     window, loss_sum = Window(), torch.zeros((), device=loop.device)

@@ -235,7 +235,8 @@ def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buck
                grad_ckpt=m.gradient_checkpointing, ckpt_layers=m.checkpointed_layers,
                activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
                lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
-               optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights, double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
+               optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,
+               double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
                chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
                zero3_buckets=zero3_buckets,
                layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
@@ -331,8 +332,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
                        + 2 * shape.intermediate * kept["down"])
     # A compiled layer keeps 4H + 4I bytes a token less: Inductor's partitioner recomputes the norms' float32
     # upcasts and SwiGLU's elementwise products in backward rather than saving them. Measured on the llama-1b
-    # shape without checkpointing (full fine-tuning 12.65 GiB, LoRA 6.31; reports/llama-1b/2026-11-27-1xh200-no-ckpt);
-    # the one recomputed layer of a checkpointed run keeps the eager figure.
+    # shape without checkpointing (full fine-tuning 12.65 GiB, LoRA 6.31;
+    # reports/llama-1b/2026-11-27-1xh200-no-ckpt); the one recomputed layer of a checkpointed run keeps the eager
+    # figure.
     kept_layer = per_token_layer - (4 * shape.hidden + 4 * shape.intermediate if run.compiled else 0)
     if run.grad_ckpt:
         # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward. Offloaded
@@ -348,8 +350,8 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations"] = shape.layers * kept_layer * t
     if run.fused_loss:
         # Liger's fused linear + cross-entropy: per chunk of rows, their logits in bf16 and float32 (6V a row),
-        # with chunks of next_pow2(tokens / ceil(V / (scale * H))) rows; the hidden states' gradient (2H a token); and the
-        # output layer's weight gradient when it is trained (2VH).
+        # with chunks of next_pow2(tokens / ceil(V / (scale * H))) rows (model.fused_loss_chunk_scale); the hidden
+        # states' gradient (2H a token); and the output layer's weight gradient when it is trained (2VH).
         per_chunk = math.ceil(shape.vocab / (run.fused_loss_chunk_scale * shape.hidden))
         rows = min(t, 2 ** math.ceil(math.log2(max(1, math.ceil(t / per_chunk)))))
         out["logits and loss"] = 6 * shape.vocab * rows + 2 * shape.hidden * t + \

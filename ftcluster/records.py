@@ -157,7 +157,7 @@ def _phases(driver: dict, first: WorkerRecord) -> dict | None:
     if not first.setup_started_unix or not first.setup_s:
         return None
     setup_end = first.setup_started_unix + sum(first.setup_s.values())
-    out = {"imports": driver.get("imports", 0.0), "checks": driver["checks"], "cluster": driver["cluster"],
+    out = {"imports": driver["imports"], "checks": driver["checks"], "cluster": driver["cluster"],
            "workers start": first.setup_started_unix - driver["ready_unix"], **first.setup_s,
            "first step": first.first_step_unix - setup_end}
     return {k: round(v, 1) for k, v in out.items()}

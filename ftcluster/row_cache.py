@@ -33,9 +33,9 @@ def tokenizer_identity(tokenizer) -> str:
                            + str(tokenizer.eos_token)).encode()).hexdigest()
 
 
-FORMAT = 3  # 3: rows packed best-fit decreasing (data.pack)
-"""How rows are stored (2: one Arrow stream file per split, int32 token lists). In every key, so a cache written
-in another format is never read."""
+FORMAT = 3
+"""How rows are made and stored (2: one Arrow stream file per split, int32 token lists; 3: the same, rows packed
+best-fit decreasing by data.pack). In every key, so a cache written in another format is never read."""
 
 
 def key(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int) -> str:

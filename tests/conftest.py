@@ -66,7 +66,8 @@ def process_group():
     import deepspeed.comm
 
     if deepspeed.comm.is_initialized():
-        deepspeed.comm.destroy_process_group()  # also drops the groups DeepSpeed keeps, which the next module's would not be
+        # Also drops the groups DeepSpeed keeps, which the next module's engine would find destroyed.
+        deepspeed.comm.destroy_process_group()
     else:
         dist.destroy_process_group()
     for k, v in saved.items():

@@ -98,7 +98,8 @@ def test_larger_fused_loss_chunks_give_the_same_loss_and_output_layer_gradient(t
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         passes = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")

@@ -1,6 +1,7 @@
 """optimizer.master_weights=bf16: the optimizer steps the bf16 weights themselves (real DeepSpeed engines on CPU,
 ZeRO-0 and ZeRO-2), and under ZeRO-0 the step loop clips the gradients and logs their norm."""
 
+import gc
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ def test_zero0_steps_the_bf16_weights_with_bf16_states_and_the_loop_clips(tiny_m
     norms = [r.grad_norm for r in logged]
     assert len(norms) == 6 and all(n is not None and n > 0 and torch.isfinite(torch.tensor(n)) for n in norms)
     assert logged[-1].loss < logged[0].loss
+    assert gc.get_freeze_count() == 0  # the loop froze the collector's view after its first step, and gave it back
 
 
 def test_zero0_bf16_losses_follow_fp32_master_weights(tiny_model, tmp_path, process_group):

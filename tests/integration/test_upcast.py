@@ -1,6 +1,5 @@
 """PEFT's fp32 upcast must survive DeepSpeed's engine: its bf16 mode casts every parameter to bf16."""
 
-
 import pytest
 import torch
 

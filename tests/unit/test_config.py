@@ -207,6 +207,9 @@ def test_local_mode_runs_one_worker_joins_no_cluster_and_is_part_of_the_runs_ide
     # A run's checkpoints are Ray's in one mode and ftcluster's in the other: a run directory resumes in its mode.
     assert C.load(None, ["ray.local_mode=true"]).fingerprint() != C.load(None, ["ray.local_mode=false"]).fingerprint()
     assert C.load(None, ["ray.max_failures=3"]).fingerprint() == C.load(None, []).fingerprint()
+    # Speed knobs are not the run's identity: a run resumes with Liger's loss chunked otherwise.
+    assert C.load(None, ["model.fused_loss_chunk_scale=8"]).fingerprint() == C.load(None, []).fingerprint()
+    assert C.load(None, ["optimizer.master_weights=bf16"]).fingerprint() != C.load(None, []).fingerprint()
 
 
 def test_local_mode_checkpoints_appear_whole_and_only_the_latest_are_kept(tmp_path):
