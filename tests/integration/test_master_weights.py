@@ -120,3 +120,23 @@ def test_zero2_bf16_master_weights_partition_bf16_weights_and_states(tiny_model,
     assert partitions and all(p.dtype == torch.bfloat16 for p in partitions)
     assert all(m.dtype == torch.bfloat16 for m in _moments(ds.optimizer.optimizer))
     assert logged[-1].loss < logged[0].loss
+
+
+@pytest.mark.parametrize("check", [None, True])
+def test_zero_bf16_steps_check_no_gradient_for_overflow_unless_asked(tiny_model, tmp_path, process_group, check):
+    """bf16 has no loss scale to lower: DeepSpeed's per-gradient overflow check (on by default) only costs host time,
+    so ftcluster turns it off; ``deepspeed.overrides`` turns it back on."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    checks, real = [], DeepSpeedZeroOptimizer.check_overflow
+    DeepSpeedZeroOptimizer.check_overflow = lambda self, *a, **k: checks.append(1) or real(self, *a, **k)
+    extra = {} if check is None else {"deepspeed.overrides": "{bf16: {check_grad_overflow: true}}"}
+    try:
+        loop, logged = _run(tiny_model, tmp_path, f"z1-check-{check}", steps=3,
+                            **{"deepspeed.zero_stage": 1, "model.dtype": "bfloat16", **extra})
+    finally:
+        DeepSpeedZeroOptimizer.check_overflow = real
+    assert isinstance(loop.engine.optimizer, DeepSpeedZeroOptimizer)
+    assert loop.engine.optimizer.check_grad_overflow is bool(check)
+    assert len(checks) == (3 if check else 0)
+    assert logged[-1].loss < logged[0].loss

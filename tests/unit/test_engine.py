@@ -201,7 +201,8 @@ def test_bf16_master_weights_turn_off_deepspeeds_fp32_copies_and_at_zero0_its_cl
                                                         "optimizer.master_weights=bf16"]), 1)
     assert z0["bf16"] == {"enabled": False} and z0["gradient_clipping"] == 0.0  # the loop clips (engine.GradClip)
     z2 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "optimizer.master_weights=bf16"]), 1)
-    assert z2["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert z2["bf16"] == {"enabled": True, "check_grad_overflow": False, "bf16_master_weights_and_grads": True,
+                          "bf16_optimizer_states": True}
     assert z2["gradient_clipping"] == 1.0
     fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=0"]), 1)
-    assert fp32["bf16"] == {"enabled": True} and fp32["gradient_clipping"] == 1.0
+    assert fp32["bf16"] == {"enabled": True, "check_grad_overflow": False} and fp32["gradient_clipping"] == 1.0
