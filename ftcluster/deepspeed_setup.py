@@ -59,7 +59,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     # No overflow check: bf16 has float32's exponent range, so there is no loss scale for an overflow to lower
     # and a step to skip, and DeepSpeed's check (isfinite, amax and amin of every gradient in turn, then a sync)
     # took 43 ms of a 135M model's 170 ms step on one H200. A non-finite gradient means the run diverged, as in
-    # torch's and the HF Trainer's bf16 loops: the logged loss and grad norm show it.
+    # torch's and the HF Trainer's bf16 loops, and the loop stops it at the next logging step (DivergenceGuard).
     bf16 = {"enabled": cfg.model.dtype == "bfloat16" and not mixed, "check_grad_overflow": False}
     if cfg.optimizer.master_weights == "bf16":
         # ZeRO-0: DeepSpeed's bf16 mode would wrap the optimizer around float32 copies; off, it steps ours over the
