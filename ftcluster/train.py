@@ -46,6 +46,16 @@ def after_failure(error: str, run_dir: Path) -> str:
     return "It saved no checkpoint: running the same command again starts from step 1."
 
 
+def bytecode_note() -> str | None:
+    """A line to print where Python writes no bytecode cache (PYTHONDONTWRITEBYTECODE, which many container images
+    set): then every process compiles each module it imports from source again. On an H200 host, a 7B QLoRA run's
+    time to its first step was 26-40 s with it set and 18-19 s without (reports/ttfs/2026-11-27-1xh200.md)."""
+    if not sys.flags.dont_write_bytecode:
+        return None
+    return ("note: PYTHONDONTWRITEBYTECODE is set, so this process and every worker compile torch, transformers and "
+            "Ray from source at each start (7-20 s more before the first step); unset it to let Python cache bytecode")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
+        if note := bytecode_note():
+            print(note, flush=True)
         from ray.train import TrainingFailedError
 
         from ftcluster import launch

@@ -60,3 +60,20 @@ def test_a_cluster_too_small_for_the_workers_is_named_with_the_fields_to_change(
     assert "resources_per_worker.nvme" in preflight.check_cluster(cfg, False, [{"CPU": 64.0, "nvme": 1.0}] * 2)
     huge = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=100"])
     assert "no node of the Ray cluster can hold one worker" in preflight.check_cluster(huge, True, nodes)
+
+
+@pytest.mark.parametrize("dont_write", [True, False])
+def test_the_trainer_says_when_python_caches_no_bytecode(dont_write):
+    """PYTHONDONTWRITEBYTECODE (set by many container images) makes every start compile torch and transformers from
+    source: the trainer says so, and says nothing where bytecode is cached."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if dont_write:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    out = subprocess.run([sys.executable, "-c", "from ftcluster.train import bytecode_note; print(bytecode_note())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if dont_write:
+        assert "PYTHONDONTWRITEBYTECODE is set" in out and "unset it" in out
+    else:
+        assert out == "None"
