@@ -79,13 +79,17 @@ def recorded_shape(model: str) -> str | None:
     return name if model.startswith("/") and name in PRESETS else estimate.preset_of(model)
 
 
-def config_of(command: str | list[str]) -> C.RunConfig:
-    """The config of a recorded ``python -m ftcluster.train --config ...`` command. The model paths were on the GPU
-    host: the settings are resolved without checking that files exist here."""
+def config_of(command: str | list[str], commit: str | None = None) -> C.RunConfig:
+    """The config of a recorded ``python -m ftcluster.train --config ...`` command, its recipe read as it was at
+    ``commit`` (a recipe changed since, as the default suite's ZeRO stage was, would misdescribe older runs; today's
+    file where git does not know the commit). The model paths were on the GPU host: the settings are resolved
+    without checking that files exist here."""
     argv = shlex.split(command) if isinstance(command, str) else command
     recipe = argv[argv.index("--config") + 1]
     overrides = [a for a in argv[argv.index("--config") + 2:] if "=" in a]
-    raw = yaml.safe_load((ROOT / recipe).read_text())
+    then = subprocess.run(["git", "show", f"{commit}:{recipe}"], cwd=ROOT, capture_output=True,
+                          text=True) if commit else None
+    raw = yaml.safe_load(then.stdout if then is not None and then.returncode == 0 else (ROOT / recipe).read_text())
     return C.from_dict(C.apply_overrides(raw, overrides), recipe)
 
 
@@ -113,7 +117,7 @@ def rows() -> list[dict]:
             m = Summary.from_json(r.get("metrics") or {})
             if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib:
                 continue
-            cfg = config_of(r["command"])
+            cfg = config_of(r["command"], prov["git_commit"])
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
