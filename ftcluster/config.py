@@ -201,6 +201,8 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
     log_every: int = Field(10, gt=0)
+    """Optimizer steps between progress lines (loss, tokens/s, memory); a step that saves a checkpoint logs too, so
+    the divergence guard checks it before it is written."""
     eval_every: int = Field(0, ge=0)
     """Optimizer steps between evaluations; 0 evaluates only at the end."""
     eval_batches: int | None = Field(None, gt=0)

@@ -256,10 +256,12 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             step_started = now
             last = progress.step >= loop.total_steps
             stopped = None if last or hooks.should_stop is None else hooks.should_stop()
-            log = progress.step % t.log_every == 0 or last or stopped
+            save = _checkpoint_kind(cfg, progress.step, last, stopped)
+            # A checkpoint step is a logging step: the divergence guard sees its figures before it is saved, so a
+            # checkpoint is never written from diverged weights (DeepSpeed's bf16 steps skip no non-finite step).
+            log = progress.step % t.log_every == 0 or last or stopped or save is not None
             do_eval = loop.eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0)
                                                          or last)
-            save = _checkpoint_kind(cfg, progress.step, last, stopped)
             if log or do_eval or save:
                 paused = time.perf_counter()
                 figures = {"step": progress.step, "epoch": progress.epoch, "first_step_unix": first_step_unix,

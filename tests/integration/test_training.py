@@ -290,7 +290,7 @@ def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkp
         tiny_model, tmp_path):
     overrides = tiny_overrides(tiny_model, tmp_path, "diverges", **{
         "model.random_init": False, "model.config_overrides": "{}", "optimizer.lr": 1e6, "training.max_steps": 12,
-        "training.log_every": 2, "training.save_every": 2, "scaling.num_workers": 1, "ray.address": "local"})
+        "training.log_every": 3, "training.save_every": 2, "scaling.num_workers": 1, "ray.address": "local"})
     proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE), *overrides],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == stop.EXIT_DIVERGED, proc.stderr[-3000:]
@@ -300,4 +300,9 @@ def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkp
     assert summary["stopped"].startswith("diverged") and summary["final_model"] is None
     assert not (run_dir / "final").exists()
     diverged_at = summary["final_step"]
-    assert diverged_at < 12 and Path(summary["checkpoint"]).name == f"checkpoint_step{diverged_at - 2:07d}"
+    last_save = max(s for s in range(2, diverged_at, 2))
+    assert diverged_at < 12 and Path(summary["checkpoint"]).name == f"checkpoint_step{last_save:07d}"
+    # Checkpoint steps are checked steps, though not logging ones (save_every 2, log_every 3): each saved one
+    # carries the loss the divergence guard passed.
+    saved = [r for r in records(run_dir) if "checkpoint" in r]
+    assert saved and all("loss" in r and r["step"] < diverged_at for r in saved)
