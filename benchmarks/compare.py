@@ -276,7 +276,7 @@ def run(args, argv: list[str]) -> Path:
         plan += [Planned("train", method, s) for s in seeds]
         plan += [Planned("ablation", method, seeds[0], change=change) for change in args.ablate]
         plan += [Planned("hf", method, None, recipe) for recipe in peers
-                 if recipe == "hf" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
+                 if recipe != "hf-tuned" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
     print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
           flush=True)
     for i, item in enumerate(plan, 1):
@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", default="default", help=f"one of {', '.join(suites.SUITES)}")
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--repeats", type=int, default=1, help="seeds per method (mean ± std in the report)")
-    p.add_argument("--baseline", default="none", metavar="none|hf[,hf-tuned]",
+    p.add_argument("--baseline", default="none", metavar="none|hf[,hf-tuned,unsloth]",
                    help="peers timed on the same shapes: hf, the plain transformers + PEFT + bitsandbytes recipe; "
-                        "hf-tuned, the same without prepare_model_for_kbit_training's float32 upcast (QLoRA)")
+                        "hf-tuned, the same without prepare_model_for_kbit_training's float32 upcast (QLoRA); "
+                        "unsloth, Unsloth's FastLanguageModel (needs unsloth installed and a CUDA GPU)")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                    help="a config override for every run, or for one method's runs (e.g. qlora:lora.r=8)")
     p.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",

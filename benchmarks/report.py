@@ -108,7 +108,7 @@ def _quality_vs_full(rows: list[dict]) -> None:
             r["quality_basis"] = "perplexity"
 
 
-PEERS = {"hf": "HF recipe", "hf-tuned": "HF tuned (no fp32 upcast)"}
+PEERS = {"hf": "HF recipe", "hf-tuned": "HF tuned (no fp32 upcast)", "unsloth": "Unsloth"}
 
 
 def baseline_rows(results: dict, rows: list[dict]) -> list[dict]:
@@ -274,7 +274,9 @@ def markdown(results: dict) -> str:
                   "transformers + PEFT + bitsandbytes as tutorials write it (`benchmarks/hf_baseline.py`): same "
                   "model, sequence length, micro batch, LoRA settings, optimizer and gradient checkpointing; rows "
                   "of concatenated examples (no padding); no Ray, no DeepSpeed. HF tuned is the same without "
-                  "`prepare_model_for_kbit_training`'s float32 upcast (QLoRA only). Ratios above 1 mean ftcluster "
+                  "`prepare_model_for_kbit_training`'s float32 upcast (QLoRA only). Unsloth is its "
+                  "`FastLanguageModel` with its own kernels and gradient checkpointing over the same checkpoint, "
+                  "rows, LoRA settings, optimizer and loop. Ratios above 1 mean ftcluster "
                   "is faster / heavier. Speed by tokens/s (real tokens; the peer's rows hold no padding) and by "
                   "median step time (the same micro batch × sequence length on both sides); memory as torch's "
                   "peak allocation and as NVML's device memory in use.", ""]

@@ -34,7 +34,7 @@ def tiny_sets(model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def full_report(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    proc = compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned", "--out", str(out),
+    proc = compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned,unsloth", "--out", str(out),
                    "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
     (out.parent / f"{out.name}-console.txt").write_text(proc.stdout)
     return out
@@ -45,12 +45,16 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
                  "quality.png"):
         assert (full_report / name).stat().st_size > 0, name
     results = json.loads((full_report / "results.json").read_text())
+    # Unsloth needs a CUDA GPU: here its runs fail, each recorded with what to do, and the rest still report.
     assert [(r["kind"], r["method"], r.get("recipe"), r["status"]) for r in results["records"]] == [
         ("base", "base", None, "ok"), ("train", "full", None, "ok"), ("hf", "full", "hf", "ok"),
-        ("train", "lora", None, "ok"), ("hf", "lora", "hf", "ok"), ("train", "qlora", None, "ok"),
-        ("hf", "qlora", "hf", "ok"), ("hf", "qlora", "hf-tuned", "ok")]
-    hf, tuned = (r["metrics"] for r in results["records"][-2:])
+        ("hf", "full", "unsloth", "failed"), ("train", "lora", None, "ok"), ("hf", "lora", "hf", "ok"),
+        ("hf", "lora", "unsloth", "failed"), ("train", "qlora", None, "ok"), ("hf", "qlora", "hf", "ok"),
+        ("hf", "qlora", "hf-tuned", "ok"), ("hf", "qlora", "unsloth", "failed")]
+    hf, tuned = (r["metrics"] for r in results["records"][-3:-1])
     assert (hf["recipe"], tuned["recipe"]) == ("hf", "hf-tuned")
+    unsloth = [r for r in results["records"] if r.get("recipe") == "unsloth"]
+    assert all(r["error"].startswith("ImportError: --recipe unsloth: Unsloth ") for r in unsloth), unsloth[0]["error"]
     assert results["provenance"]["git_commit"] and results["provenance"]["versions"]["deepspeed"]
 
     report = (full_report / "report.md").read_text()
@@ -66,10 +70,13 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     assert "(100.00%)" in table["Full fine-tuning"][4] and "(100.00%)" not in table["LoRA (16-bit base)"][4]
     baseline = report.split("## Against the plain Hugging Face recipe", 1)[1]
     peer_rows = [[c.strip() for c in line.strip("|").split("|")] for line in baseline.split("\n\n")[2].splitlines()[2:]]
-    assert [r[:2] for r in peer_rows] == [["Full fine-tuning", "HF recipe"], ["LoRA (16-bit base)", "HF recipe"],
+    assert [r[:2] for r in peer_rows] == [["Full fine-tuning", "HF recipe"], ["Full fine-tuning", "Unsloth"],
+                                          ["LoRA (16-bit base)", "HF recipe"], ["LoRA (16-bit base)", "Unsloth"],
                                           ["QLoRA (4-bit NF4 base)", "HF recipe"],
-                                          ["QLoRA (4-bit NF4 base)", "HF tuned (no fp32 upcast)"]]
-    for r in peer_rows:  # speed by tokens/s and by step time, memory as NVML (CPU: the process's RSS)
+                                          ["QLoRA (4-bit NF4 base)", "HF tuned (no fp32 upcast)"],
+                                          ["QLoRA (4-bit NF4 base)", "Unsloth"]]
+    assert all(r[3].startswith("failed: ImportError: --recipe unsloth") for r in peer_rows if r[1] == "Unsloth")
+    for r in (r for r in peer_rows if r[1] != "Unsloth"):  # speed by tokens/s and by step time, memory as NVML
         assert all(re.fullmatch(r"\d+\.\d\d×", r[i]) for i in (4, 5, 11)), r
     csv = (full_report / "results.csv").read_text()
     assert "metrics.tokens_per_s_total" in csv and "quality.task_score" in csv
@@ -79,8 +86,8 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     assert results["records"][0]["metrics"] == base_q and base_q != lora_q
     # What it is doing while it scores, and runs trimmed to what the report needs.
     console = (full_report.parent / f"{full_report.name}-console.txt").read_text()
-    assert re.search(r"\[1/8\] base base .*scoring: answer loss \d", console)
-    assert re.search(r"\[2/8\] train full seed 42 quality .*scoring: \d+/\d+ answers match", console)
+    assert re.search(r"\[1/11\] base base .*scoring: answer loss \d", console)
+    assert re.search(r"\[2/11\] train full seed 42 quality .*scoring: \d+/\d+ answers match", console)
     assert "removed its checkpoints and final weights" in console
     full = next(r for r in results["records"] if r["kind"] == "train" and r["method"] == "full")
     assert full["metrics"]["final_model_bytes"] > 0 and not (Path(full["run_dir"]) / "final").exists()
