@@ -56,7 +56,8 @@ def provenance(argv: list[str], module: str = "benchmarks.compare") -> dict:
     import torch
 
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "ray", "datasets", "accelerate"):
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "ray", "datasets", "accelerate",
+                "liger-kernel", "unsloth"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
