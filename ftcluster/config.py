@@ -433,8 +433,17 @@ class RunConfig(Section):
     @property
     def steps_model_weights(self) -> bool:
         """Whether DeepSpeed hands the optimizer the model's own weights and gradients and wraps nothing around it
-        (ZeRO-0 with bf16 master weights, or a float32 model): then ftcluster clips the gradients itself."""
-        return self.deepspeed_stage == 0 and (self.optimizer.master_weights == "bf16" or self.model.dtype == "float32")
+        (ZeRO-0 over a bf16 or float32 model): then ftcluster clips the gradients itself, and keeps the float32
+        master weights itself where they are asked for (``keeps_float32_masters``). fp16 stays with DeepSpeed,
+        whose loss scaling it needs."""
+        return self.deepspeed_stage == 0 and self.model.dtype in ("bfloat16", "float32")
+
+    @property
+    def keeps_float32_masters(self) -> bool:
+        """Whether the optimizer keeps float32 copies of the bf16 weights it steps (``optim.Float32Masters``):
+        ZeRO-0 with ``optimizer.master_weights=fp32`` on a bf16 model. DeepSpeed's own (its bf16 mode at ZeRO-0)
+        steps one tensor at a time in Python."""
+        return self.steps_model_weights and self.model.dtype == "bfloat16" and self.optimizer.master_weights == "fp32"
 
     @property
     def partitions_parameters(self) -> bool:

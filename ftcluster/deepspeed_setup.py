@@ -61,11 +61,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     # took 43 ms of a 135M model's 170 ms step on one H200. A non-finite gradient means the run diverged, as in
     # torch's and the HF Trainer's bf16 loops, and the loop stops it at the next logging step (DivergenceGuard).
     bf16 = {"enabled": cfg.model.dtype == "bfloat16" and not mixed, "check_grad_overflow": False}
-    if cfg.optimizer.master_weights == "bf16":
-        # ZeRO-0: DeepSpeed's bf16 mode would wrap the optimizer around float32 copies; off, it steps ours over the
-        # bf16 weights as they are. ZeRO-1-3 partition bf16 weights and states instead of float32 ones.
-        bf16 = {"enabled": False} if stage == 0 else {**bf16, "enabled": True, "bf16_master_weights_and_grads": True,
-                                                      "bf16_optimizer_states": True}
+    if cfg.steps_model_weights:
+        # ZeRO-0: DeepSpeed's bf16 mode would wrap the optimizer around float32 copies, stepping one tensor at a
+        # time; off, it steps ours over the bf16 weights as they are, and the float32 copies, where asked for, are
+        # the optimizer's own (optim.Float32Masters).
+        bf16 = {"enabled": False}
+    elif cfg.optimizer.master_weights == "bf16":
+        # ZeRO-1-3 partition bf16 weights and states instead of float32 ones.
+        bf16 = {**bf16, "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

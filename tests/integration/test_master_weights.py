@@ -140,3 +140,60 @@ def test_zero_bf16_steps_check_no_gradient_for_overflow_unless_asked(tiny_model,
     assert loop.engine.optimizer.check_grad_overflow is bool(check)
     assert len(checks) == (3 if check else 0)
     assert logged[-1].loss < logged[0].loss
+
+
+def _engine(tiny_model, tmp_path, name, **extra):
+    cfg = C.load(None, tiny.tiny_overrides(tiny_model, tmp_path, name, **{
+        "method": "full", "scaling.num_workers": 1, "training.max_steps": 6, "training.eval_every": 0,
+        "training.save_every": 0, **extra}))
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    return loop.engine
+
+
+def test_zero0_float32_masters_are_the_optimizers_and_step_as_deepspeeds_do(tiny_model, tmp_path, process_group):
+    """ZeRO-0 with float32 master weights (the default master_weights) on a bf16 model: the optimizer keeps the
+    copies (optim.Float32Masters), DeepSpeed wraps nothing. The same steps as DeepSpeed's ZeRO-1 copies take, at a
+    learning rate whose updates are below a bf16 weight's spacing: they accumulate in the copies, and the bf16
+    weights come out as DeepSpeed's do, while stepping the bf16 weights themselves loses them."""
+    from ftcluster.optim import Float32Masters
+
+    lr = {"optimizer.lr": 2e-5, "training.max_grad_norm": 0.0}
+    ours = _engine(tiny_model, tmp_path, "f32z0", **{"deepspeed.zero_stage": 0, **lr})
+    assert isinstance(ours.optimizer, Float32Masters) and not ours.bfloat16_enabled()
+    assert all(p.dtype == torch.bfloat16 for p in ours.module.parameters())
+    assert all(m.dtype == torch.float32 for m in ours.optimizer.masters)
+    assert all(m.dtype == torch.float32 for m in _moments(ours.optimizer))
+    start = [p.detach().clone() for p in ours.module.parameters()]
+    ours_losses = tiny.engine_losses(ours, 6)
+    ds = _engine(tiny_model, tmp_path, "f32z1", **{"deepspeed.zero_stage": 1, **lr})
+    ds_losses = tiny.engine_losses(ds, 6)
+    bf16 = _engine(tiny_model, tmp_path, "bf16z0", **{"deepspeed.zero_stage": 0, "optimizer.master_weights": "bf16",
+                                                       **lr})
+    tiny.engine_losses(bf16, 6)
+
+    assert ours_losses == pytest.approx(ds_losses, rel=1e-3)
+    flat = lambda e: torch.cat([p.detach().float().flatten() for p in e.module.parameters()])
+    moved = lambda e: int((flat(e) != torch.cat([s.float().flatten() for s in start])).sum())
+    same_as_ds = (flat(ours) == flat(ds)).float().mean()
+    assert same_as_ds > 0.999, same_as_ds
+    assert moved(ours) > 2 * moved(bf16) > 0, (moved(ours), moved(bf16))
+
+
+def test_zero0_float32_masters_live_in_the_checkpoint_and_a_resume_continues_from_them(tiny_model, tmp_path,
+                                                                                        process_group):
+    lr = {"deepspeed.zero_stage": 0, "optimizer.lr": 2e-5, "training.max_grad_norm": 0.0}
+    first = _engine(tiny_model, tmp_path, "save", **lr)
+    tiny.engine_losses(first, 3)
+    masters = [m.clone() for m in first.optimizer.masters]
+    # The copies hold what the bf16 weights cannot: a resume that rebuilt them from the weights would lose it.
+    assert any(not torch.equal(m, p.float()) for m, p in zip(masters, first.optimizer.low))
+    first.save_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    uninterrupted = tiny.engine_losses(first, 3)
+
+    resumed = _engine(tiny_model, tmp_path, "load", **lr)
+    resumed.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    for saved, loaded in zip(masters, resumed.optimizer.masters):
+        assert torch.equal(saved, loaded)
+    assert tiny.engine_losses(resumed, 3) == pytest.approx(uninterrupted, rel=1e-6)

@@ -204,5 +204,9 @@ def test_bf16_master_weights_turn_off_deepspeeds_fp32_copies_and_at_zero0_its_cl
     assert z2["bf16"] == {"enabled": True, "check_grad_overflow": False, "bf16_master_weights_and_grads": True,
                           "bf16_optimizer_states": True}
     assert z2["gradient_clipping"] == 1.0
-    fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=0"]), 1)
+    # float32 master weights: at ZeRO-0 the optimizer keeps them (optim.Float32Masters), at ZeRO-1-3 DeepSpeed does.
+    fp32_z0 = C.load(None, ["method=full", "deepspeed.zero_stage=0"])
+    assert fp32_z0.keeps_float32_masters
+    assert deepspeed_setup.deepspeed_config(fp32_z0, 1)["bf16"] == {"enabled": False}
+    fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=1"]), 1)
     assert fp32["bf16"] == {"enabled": True, "check_grad_overflow": False} and fp32["gradient_clipping"] == 1.0
