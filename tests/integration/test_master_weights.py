@@ -163,7 +163,9 @@ def test_zero0_float32_masters_are_the_optimizers_and_step_as_deepspeeds_do(tiny
     ours = _engine(tiny_model, tmp_path, "f32z0", **{"deepspeed.zero_stage": 0, **lr})
     assert isinstance(ours.optimizer, Float32Masters) and not ours.bfloat16_enabled()
     assert all(p.dtype == torch.bfloat16 for p in ours.module.parameters())
-    assert all(m.dtype == torch.float32 for m in ours.optimizer.masters)
+    # One flat float32 copy a parameter group (weights with decay, and norms without), as DeepSpeed's.
+    assert [f.dtype for f in ours.optimizer.flats] == [torch.float32] * 2
+    assert sum(f.numel() for f in ours.optimizer.flats) == sum(p.numel() for p in ours.module.parameters())
     assert all(m.dtype == torch.float32 for m in _moments(ours.optimizer))
     start = [p.detach().clone() for p in ours.module.parameters()]
     ours_losses = tiny.engine_losses(ours, 6)
@@ -186,14 +188,14 @@ def test_zero0_float32_masters_live_in_the_checkpoint_and_a_resume_continues_fro
     lr = {"deepspeed.zero_stage": 0, "optimizer.lr": 2e-5, "training.max_grad_norm": 0.0}
     first = _engine(tiny_model, tmp_path, "save", **lr)
     tiny.engine_losses(first, 3)
-    masters = [m.clone() for m in first.optimizer.masters]
+    masters = [m.clone() for m in first.optimizer.flats]
     # The copies hold what the bf16 weights cannot: a resume that rebuilt them from the weights would lose it.
-    assert any(not torch.equal(m, p.float()) for m, p in zip(masters, first.optimizer.low))
+    assert any(not torch.equal(m, p.float()) for m, p in zip(first.optimizer.views, first.optimizer.low))
     first.save_checkpoint(str(tmp_path / "ckpt"), tag="t")
     uninterrupted = tiny.engine_losses(first, 3)
 
     resumed = _engine(tiny_model, tmp_path, "load", **lr)
     resumed.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
-    for saved, loaded in zip(masters, resumed.optimizer.masters):
+    for saved, loaded in zip(masters, resumed.optimizer.flats, strict=True):
         assert torch.equal(saved, loaded)
     assert tiny.engine_losses(resumed, 3) == pytest.approx(uninterrupted, rel=1e-6)
