@@ -154,7 +154,8 @@ class OptimizerConfig(Section):
     parameter), as transformers' Trainer and torchtune do with a model loaded in bf16; an update smaller than
     bf16's resolution of its weight (about 1/256 of it) is lost, which long runs at small learning rates can feel.
     Under ZeRO-0 DeepSpeed then steps our optimizer as it is and ftcluster clips the gradients; under ZeRO-1-3 it is
-    DeepSpeed's bf16_master_weights_and_grads with bf16_optimizer_states."""
+    DeepSpeed's bf16_master_weights_and_grads with bf16_optimizer_states. Under ZeRO-0 the ``fp32`` copies are the
+    optimizer's own (``optim.Float32Masters``, flat per parameter group), not DeepSpeed's bf16 mode."""
 
 
 class SchedulerConfig(Section):
