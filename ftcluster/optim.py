@@ -55,7 +55,9 @@ class Float32Masters(torch.optim.Optimizer):
     the 135M model's adapters. DeepSpeed's bf16 mode keeps the same copies at ZeRO-0, but adds a hook per gradient
     and steps in Python one tensor at a time (0.17-0.19 s a step of the 135M shape on an H200); here a step is one
     cast-copy of the gradients into the flat one, the inner optimizer's step, and one copy back (0.050-0.058 s).
-    Memory is what DeepSpeed's takes: 4 bytes a weight for the copy and 4 for its gradient. Gradients accumulate
+    Memory is what DeepSpeed's takes: 4 bytes a weight for the copy, and 4 for its gradient only during the step
+    (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, it was 0.5 GiB of the 135M model's
+    peak, reports/default/2026-11-27-1xh200-zero0-ablation). Gradients accumulate
     over micro batches in the model's dtype, as in the HF Trainer's bf16 loop; a weight no loss reached steps on a
     zero gradient, as in DeepSpeed's flat groups. Float32 weights (PEFT's upcast adapters) need no copy: the inner
     optimizer steps them in place. The copies are part of ``state_dict``, so a resumed run continues from them, not
@@ -64,8 +66,8 @@ class Float32Masters(torch.optim.Optimizer):
     def __init__(self, groups: list[dict], make_inner):
         self.low: list[torch.Tensor] = []  # the 16-bit weights, group after group
         self.views: list[torch.Tensor] = []  # each one's float32 copy, a view into its group's flat tensor
-        self.grad_views: list[torch.Tensor] = []
         self.flats: list[torch.Tensor] = []
+        self.sizes: list[list[int]] = []  # the weights' element counts, flat tensor by flat tensor
         inner_groups = []
         for g in groups:
             low = [p for p in g["params"] if p.dtype != torch.float32]
@@ -76,14 +78,13 @@ class Float32Masters(torch.optim.Optimizer):
                     raise ValueError(f"float32 master weights: one parameter group spans {sorted(map(str, devices))}")
                 sizes = [p.numel() for p in low]
                 flat = torch.empty(sum(sizes), dtype=torch.float32, device=low[0].device)
-                flat.grad = torch.zeros_like(flat)
                 views = [v.view_as(p) for v, p in zip(flat.split(sizes), low)]
                 with torch.no_grad():
                     torch._foreach_copy_(views, [p.detach() for p in low])
                 self.low += low
                 self.views += views
-                self.grad_views += [v.view_as(p) for v, p in zip(flat.grad.split(sizes), low)]
                 self.flats.append(flat)
+                self.sizes.append(sizes)
                 params.append(flat)
             inner_groups.append({**g, "params": params})
         self.inner = make_inner(inner_groups)
@@ -95,16 +96,23 @@ class Float32Masters(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("Float32Masters.step takes no closure")
+        grad_views = []
+        for flat, sizes in zip(self.flats, self.sizes):
+            flat.grad = torch.empty_like(flat)
+            grad_views += flat.grad.split(sizes)
+        grad_views = [g.view_as(p) for g, p in zip(grad_views, self.low)]
         if all(p.grad is not None for p in self.low):
-            torch._foreach_copy_(self.grad_views, [p.grad for p in self.low])
+            torch._foreach_copy_(grad_views, [p.grad for p in self.low])
         else:
-            for p, g in zip(self.low, self.grad_views):
+            for p, g in zip(self.low, grad_views):
                 g.copy_(p.grad) if p.grad is not None else g.zero_()
         self.inner.step()
         torch._foreach_copy_(self.low, self.views)
+        for flat in self.flats:
+            flat.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        # The flat gradients are overwritten at every step: only the model's own are cleared.
+        # The flat gradients live only during a step: only the model's own are cleared.
         for p in self.low:
             if set_to_none:
                 p.grad = None

@@ -169,6 +169,7 @@ def test_zero0_float32_masters_are_the_optimizers_and_step_as_deepspeeds_do(tiny
     assert all(m.dtype == torch.float32 for m in _moments(ours.optimizer))
     start = [p.detach().clone() for p in ours.module.parameters()]
     ours_losses = tiny.engine_losses(ours, 6)
+    assert all(f.grad is None for f in ours.optimizer.flats)  # float32 gradients only during the step
     ds = _engine(tiny_model, tmp_path, "f32z1", **{"deepspeed.zero_stage": 1, **lr})
     ds_losses = tiny.engine_losses(ds, 6)
     bf16 = _engine(tiny_model, tmp_path, "bf16z0", **{"deepspeed.zero_stage": 0, "optimizer.master_weights": "bf16",
