@@ -56,8 +56,9 @@ class Float32Masters(torch.optim.Optimizer):
     and steps in Python one tensor at a time (0.17-0.19 s a step of the 135M shape on an H200); here a step is one
     cast-copy of the gradients into the flat one, the inner optimizer's step, and one copy back (0.050-0.058 s).
     Memory is what DeepSpeed's takes: 4 bytes a weight for the copy, and 4 for its gradient only during the step
-    (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, it was 0.5 GiB of the 135M model's
-    peak, reports/default/2026-11-27-1xh200-zero0-ablation). Gradients accumulate
+    (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, the 135M model peaked 0.50 GiB
+    above ZeRO-1, its 135M float32 gradients' size, reports/default/2026-11-27-1xh200-zero0-ablation; the peak
+    since is not yet measured). Gradients accumulate
     over micro batches in the model's dtype, as in the HF Trainer's bf16 loop; a weight no loss reached steps on a
     zero gradient, as in DeepSpeed's flat groups. Float32 weights (PEFT's upcast adapters) need no copy: the inner
     optimizer steps them in place. The copies are part of ``state_dict``, so a resumed run continues from them, not
