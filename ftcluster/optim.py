@@ -55,14 +55,14 @@ class Float32Masters(torch.optim.Optimizer):
     the 135M model's adapters. DeepSpeed's bf16 mode keeps the same copies at ZeRO-0, but adds a hook per gradient
     and steps in Python one tensor at a time (0.17-0.19 s a step of the 135M shape on an H200); here a step is one
     cast-copy of the gradients into the flat one, the inner optimizer's step, and one copy back (0.050-0.058 s).
+
     Memory is what DeepSpeed's takes: 4 bytes a weight for the copy, and 4 for its gradient only during the step
     (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, the 135M model peaked 0.50 GiB
-    above ZeRO-1, its 135M float32 gradients' size, reports/default/2026-11-27-1xh200-zero0-ablation; the peak
-    since is not yet measured). Gradients accumulate
-    over micro batches in the model's dtype, as in the HF Trainer's bf16 loop; a weight no loss reached steps on a
-    zero gradient, as in DeepSpeed's flat groups. Float32 weights (PEFT's upcast adapters) need no copy: the inner
-    optimizer steps them in place. The copies are part of ``state_dict``, so a resumed run continues from them, not
-    from their rounding."""
+    above ZeRO-1, its float32 gradients' size, reports/default/2026-11-27-1xh200-zero0-ablation; the peak since is
+    not yet measured). Gradients accumulate over micro batches in the model's dtype, as in the HF Trainer's bf16
+    loop; a weight no loss reached steps on a zero gradient, as in DeepSpeed's flat groups. Float32 weights (PEFT's
+    upcast adapters) need no copy: the inner optimizer steps them in place. The copies are part of ``state_dict``,
+    so a resumed run continues from them, not from their rounding."""
 
     def __init__(self, groups: list[dict], make_inner):
         self.low: list[torch.Tensor] = []  # the 16-bit weights, group after group
@@ -125,6 +125,11 @@ class Float32Masters(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        if "float32_masters" not in state_dict:
+            raise ValueError("the checkpoint's optimizer state holds no float32 master weights: it was written by "
+                             "DeepSpeed's own bf16 optimizer (a ZeRO-0 run of ftcluster before 2026-11-27) or with "
+                             "optimizer.master_weights=bf16, and this run cannot continue it. Resume it with the "
+                             "settings it was saved with, or start a new run from its weights.")
         saved = state_dict.pop("float32_masters")
         if [t.numel() for t in saved] != [f.numel() for f in self.flats]:
             raise ValueError(f"the checkpoint's float32 master weights hold {[t.numel() for t in saved]} elements a "

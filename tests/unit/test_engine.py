@@ -210,3 +210,15 @@ def test_bf16_master_weights_turn_off_deepspeeds_fp32_copies_and_at_zero0_its_cl
     assert deepspeed_setup.deepspeed_config(fp32_z0, 1)["bf16"] == {"enabled": False}
     fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=1"]), 1)
     assert fp32["bf16"] == {"enabled": True, "check_grad_overflow": False} and fp32["gradient_clipping"] == 1.0
+
+
+def test_float32_masters_refuse_an_optimizer_state_without_them():
+    """A ZeRO-0 checkpoint written by DeepSpeed's own bf16 optimizer (or with bf16 master weights) holds no float32
+    copies to continue from: the resume stops with what happened, rather than rebuilding them from bf16 weights."""
+    from ftcluster.optim import Float32Masters
+
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    masters = Float32Masters([{"params": [weight]}], lambda groups: torch.optim.AdamW(groups, lr=1e-3))
+    foreign = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=1e-3).state_dict()
+    with pytest.raises(ValueError, match="holds no float32 master weights.*Resume it with the settings it was saved"):
+        masters.load_state_dict(foreign)
