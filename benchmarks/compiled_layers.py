@@ -6,7 +6,7 @@ The Llama-2-7B shape cut to LAYERS layers, random init, seq 2048, micro batch 2,
 8 steps (median of the last 5). Modes:
 - ``eager``: ``model.compile=off``;
 - ``compiled``: ``model.compile=on``, as ftcluster runs it (the checkpoint traced into the compiled layer; for QLoRA
-  under a policy that makes Inductor recompute the dequantization, activations.recompute_policy);
+  under a policy that makes Inductor recompute the dequantization, activations.RecomputePolicy);
 - ``traced``: the checkpoint traced into the compiled layer with no policy (ftcluster before 606a26e);
 - ``wrapped``: an eager checkpoint around a compiled forward (what transformers' own checkpointing does).
 Run each spec in its own process: a compiled model outlives ``del`` in torch.compile's caches."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +71,8 @@ def _checkpointed(forward, saved_tensor_hooks, context_fn, *args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def recompute_policy(namespaces: frozenset[str]):
+@dataclass(frozen=True)
+class RecomputePolicy:
     """A selective-checkpointing policy: the ops of these operator namespaces must be recomputed in backward, the
     rest are recomputed too unless the compiler finds it better to save them (what plain checkpointing asks).
 
@@ -77,15 +80,28 @@ def recompute_policy(namespaces: frozenset[str]):
     backward, and on CUDA it saved the output of bitsandbytes' dequantization (a custom op it does not recompute on
     its own) in every checkpointed layer: at the Llama-2-7B shape 0.5 GiB a layer more than eager checkpointing
     (8 layers on one H100, reports/llama-7b/2026-11-27-1xh100-compiled-qlora). Eager checkpointing never consults
-    the policy's answer for memory; it is what the compiled graph is partitioned by."""
-    from torch.utils.checkpoint import CheckpointPolicy
+    the policy's answer for memory; it is what the compiled graph is partitioned by.
 
-    def policy(ctx, op, *args, **kwargs):
-        if getattr(op, "namespace", None) in namespaces:
+    A class rather than a closure: AOTAutograd's cache pickles the policy into its key, and takes ``cache_hash``
+    (:meth:`context_fn`) for its behaviour; a closure it cannot pickle, so every start traced the layer again."""
+    namespaces: frozenset[str]
+
+    def __call__(self, ctx, op, *args, **kwargs):
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        if getattr(op, "namespace", None) in self.namespaces:
             return CheckpointPolicy.MUST_RECOMPUTE
         return CheckpointPolicy.PREFER_RECOMPUTE
 
-    return policy
+    def context_fn(self):
+        """The ``context_fn`` for ``torch.utils.checkpoint``, named for AOTAutograd's cache by this class's code
+        and the namespaces."""
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, self)
+        code = inspect.getsource(type(self)) + repr(sorted(self.namespaces))
+        context_fn.cache_hash = hashlib.sha256(code.encode()).hexdigest()
+        return context_fn
 
 
 @dataclass
@@ -104,7 +120,7 @@ def checkpoint_layers(model: nn.Module, offload: bool = False, count: int | None
     once for backward and recompute together, instead of releasing it inside the recompute while backward still
     needs it. Non-reentrant, so frozen inputs need no ``requires_grad``. ``count``: only the first ``count``
     layers; the others keep their activations and are not recomputed. ``must_recompute``: operator namespaces
-    whose ops a compiled layer must recompute rather than save (:func:`recompute_policy`); the checkpoints then
+    whose ops a compiled layer must recompute rather than save (:class:`RecomputePolicy`); the checkpoints then
     run under a selective-checkpointing policy, which costs a dispatch per op where the layer is not compiled."""
     layers = decoder_layers(model)
     if not layers:
@@ -114,11 +130,7 @@ def checkpoint_layers(model: nn.Module, offload: bool = False, count: int | None
         raise ConfigError(f"model.checkpointed_layers={count}: {type(model).__name__} has {len(layers)} decoder "
                           f"layers; set at most {len(layers)}, or leave it unset to checkpoint all of them")
     host = HostActivations() if offload else None
-    context_fn = None
-    if must_recompute:
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        context_fn = functools.partial(create_selective_checkpoint_contexts, recompute_policy(must_recompute))
+    context_fn = RecomputePolicy(must_recompute).context_fn() if must_recompute else None
     for layer in layers[:count]:
         layer.forward = functools.partial(_checkpointed, layer.forward, host, context_fn)
     return Checkpointing(len(layers[:count]), host)

@@ -26,10 +26,22 @@ each rank compiling), and QLoRA layers outside a checkpoint (``model.checkpointe
 which have no policy to make Inductor recompute the dequantization. Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
 - with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace.
+
+Most of the time to the first step that compiling costs is paid once per graph, so the first step compiles one:
+- Behind a frozen embedding the first layer's input needs no gradient and every other layer's does, and torch guards
+  on that: two graphs, each traced, partitioned and loaded (7B QLoRA on one H100, warm caches: 2.9 and 1.6 s).
+  :func:`apply` makes the embedding's output require grad, which costs the first layer's input gradient in backward
+  (its q, k and v projections' input gradients, on the order of a thousandth of a 32-layer step).
+- AOTAutograd's cache left the QLoRA layer uncached, so each start traced and partitioned it again (0.9 s of
+  2.9): its graph holds bitsandbytes' 4-bit matmul, a custom ``autograd.Function``, which the cache takes only when
+  told to (:func:`apply` tells it), and the checkpoint's recompute policy, which the cache must be able to pickle
+  and name (``activations.RecomputePolicy``).
 """
 
 from __future__ import annotations
 
+import torch
+import torch._functorch.config
 from torch import nn
 
 from ftcluster import activations
@@ -92,6 +104,22 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor"
         return "compiled layers: no, the model has no decoder layers that transformers marks"
     for layer in layers:
         layer.compile(backend=backend)
+    _first_layer_input_requires_grad(model)
+    # A graph holding a custom autograd.Function (bitsandbytes' MatMul4Bit) is otherwise kept out of AOTAutograd's
+    # cache; PyTorch checked that the op is pure in its inputs and keeps it behind this flag while it tests it
+    # (pytorch/pytorch#149751). The graph, the function's forward and backward traced into it, is the cache key.
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
     name = backend if isinstance(backend, str) else getattr(backend, "__name__", "a custom backend")
     return f"compiled layers: {len(layers)} x {type(layers[0]).__name__} with torch.compile ({name})"
 
+
+def _first_layer_input_requires_grad(model: nn.Module) -> None:
+    """Have the input embedding's output require grad while grad is on, so the first decoder layer's input is like
+    every other layer's and all layers run one compiled graph (torch guards on ``requires_grad``)."""
+    embeddings = model.get_input_embeddings()
+
+    def needs_grad(module, args, output):
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    embeddings.register_forward_hook(needs_grad)
