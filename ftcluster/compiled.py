@@ -11,8 +11,9 @@ layer's call stands in its way; ``on`` compiles them on several workers too and 
 measured slower than eager ones (1B, reports/llama-1b/2026-11-26-1xh100-compile). Without them, on one H100 at the
 Llama-2-7B shape, the LoRA step took 0.296 s against 0.336 eager and 0.454 for the HF recipe in one run, 0.303
 against 0.393 eager in another; at the Llama-3.2-1B shape 0.088 s against 0.191 eager and 0.109 for the HF recipe
-(reports/llama-*/2026-11-27-1xh100-lora-compiled, reports/llama-7b/2026-11-27-1xh100-compile). Compiling costs
-14-18 s before the first step.
+(reports/llama-*/2026-11-27-1xh100-lora-compiled, reports/llama-7b/2026-11-27-1xh100-compile). Compiling takes
+8-11 s of the first step where Inductor's cache does not yet hold the layer, 2-4 s where it does (7B, one
+H100, reports/ttfs/2026-11-28-1xh100.md).
 
 A checkpointed layer's checkpoint is traced into its compiled graph, so Inductor's partitioner decides what the
 forward saves. For QLoRA it saved bitsandbytes' dequantized weights in every layer (7B: 26.3 GiB peak against 5.6
