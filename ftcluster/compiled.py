@@ -117,7 +117,12 @@ def apply(model: nn.Module, cfg: RunConfig, device_type: str, backend="inductor"
 def _first_layer_input_requires_grad(model: nn.Module) -> None:
     """Have the input embedding's output require grad while grad is on, so the first decoder layer's input is like
     every other layer's and all layers run one compiled graph (torch guards on ``requires_grad``)."""
-    embeddings = model.get_input_embeddings()
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that does not say: its first layer may compile twice
+        return
+    if embeddings is None:
+        return
 
     def needs_grad(module, args, output):
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
