@@ -10,7 +10,6 @@ Registered under the name ``varlen``; transformers then builds no mask for it.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 
 import torch
 
@@ -25,13 +24,18 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-@lru_cache(maxsize=1)
 def _kernel_options():
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     return varlen_attn, causal, "enable_gqa" in params
+
+
+_KERNEL = None
+"""(varlen_attn, its causal keyword, whether it takes ``enable_gqa``), looked up by :func:`register`, outside any
+compiled layer: looked up in the attention call, Dynamo traced the lookup (``inspect.signature`` and all) at every
+compile, and warned that it ignored the cache around it."""
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -42,7 +46,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
-    kernel, causal, has_gqa = _kernel_options()
+    kernel, causal, has_gqa = _KERNEL or _kernel_options()
     b, h, s, d = query.shape
     h_kv = key.shape[1]
     q = query.transpose(1, 2).reshape(b * s, h, d)
@@ -60,6 +64,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def register() -> None:
+    global _KERNEL
     from transformers import AttentionInterface
 
+    _KERNEL = _kernel_options()
     AttentionInterface.register(NAME, varlen_attention)
