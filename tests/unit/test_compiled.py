@@ -121,7 +121,7 @@ def test_compiled_qlora_layers_are_told_to_recompute_the_dequantization(tiny_mod
 
 
 def test_a_compiled_qlora_layer_comes_from_aotautograds_cache_at_the_next_start(tiny_model):
-    """AOTAutograd's cache refused the QLoRA layer (bitsandbytes' 4-bit matmul is a custom autograd.Function; the
+    """AOTAutograd's cache refused the QLoRA layer (its 4-bit matmul, linear4bit, is a custom autograd.Function; the
     checkpoint's recompute policy was a closure it could not pickle), so every start traced and partitioned it again
     (0.9 s of the 7B layer's 2.9 s on an H100). Now a second build of the same model (a new process, to torch:
     Dynamo reset, in-memory caches gone) loads the layer's forward and backward from the cache. Inductor itself, on
@@ -143,7 +143,8 @@ def test_a_compiled_qlora_layer_comes_from_aotautograds_cache_at_the_next_start(
         for start in ("cold", "warm"):
             torch._dynamo.reset()
             counters.clear()
-            model = models.build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": "off"})}))
+            eager = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": "off"})})
+            model = models.build_model(eager)
             # As on a GPU: checkpointed under the policy that has the compiled layer recompute the dequantization.
             activations.checkpoint_layers(model, must_recompute=frozenset({"bitsandbytes"}))
             compiled.apply(model, cfg, "cpu", backend=inductor)
