@@ -84,7 +84,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     # Before the run directory exists and before Ray: a refused run leaves no run directory and takes no GPU (the
     # data check leaves its prepared rows under the storage path, for the next try).
     rundir.check(cfg)
-    print(preflight.check_inputs(cfg), flush=True)
+    inputs = preflight.check_inputs(cfg)
+    print(inputs.line, flush=True)
     print(preflight.check_fit(cfg, force), flush=True)
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
@@ -107,13 +108,15 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     try:
         return _train(cfg, run_dir, use_gpu, command_started,
                       {"imports": started - command_started, "checks": checked - started, "cluster": ready - checked,
-                       "ready_unix": ready})
+                       "ready_unix": ready}, inputs)
     finally:
         rundir.release(run_dir)
 
 
-def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_phases: dict) -> dict:
-    """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json."""
+def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_phases: dict,
+           inputs: preflight.Inputs) -> dict:
+    """The workers under a ``TorchTrainer``, then the run directory's final/ and summary.json. A local-mode worker
+    takes the checks' tokenizer and rows (``inputs``); Ray's workers load their own."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -123,7 +126,8 @@ def _train(cfg: RunConfig, run_dir: Path, use_gpu: bool, started: float, driver_
     progress_log = ProgressLog(str(run_dir), started)
     if cfg.ray.local_mode:
         # Ray Train's local mode runs no controller: the worker, in this process, logs to the run directory itself.
-        loop, scaling = functools.partial(train_loop_per_worker, local_log=progress_log), ScalingConfig(num_workers=0)
+        loop = functools.partial(train_loop_per_worker, local_log=progress_log, inputs=inputs)
+        scaling = ScalingConfig(num_workers=0)
     else:
         loop = train_loop_per_worker
         scaling = ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,

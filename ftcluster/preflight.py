@@ -4,17 +4,30 @@ field and the fix named, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 from ftcluster import embedded, estimate, kernels, row_cache
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 
-def check_inputs(cfg: RunConfig) -> str:
+@dataclass
+class Inputs:
+    """What ``check_inputs`` prepared: the tokenizer, the rows by split (row_cache), the train split's stats, and the
+    line to print. A worker in the driver's process (``ray.local_mode``) takes them as they are, rather than loading
+    the tokenizer and reading the data source again."""
+    tokenizer: object
+    rows: dict
+    stats: object
+    where: str
+    line: str
+
+
+def check_inputs(cfg: RunConfig) -> Inputs:
     """The data loads, every row has the fields its format needs as text, and enough rows survive tokenizing for
     every worker; the model's config loads and, for adapters, the requested target modules exist (on a weightless
-    meta-device copy). Returns the data line to print: what tokenizing and packing kept, cut and dropped."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    meta-device copy). Returns the prepared inputs, with the data line to print: what tokenizing and packing kept,
+    cut and dropped."""
     from ftcluster import models
 
     if cfg.model.name_or_path == EMBEDDED_MODEL:
@@ -31,9 +44,7 @@ def check_inputs(cfg: RunConfig) -> str:
         raise ConfigError(f"model.checkpointed_layers={wanted}: {hf.model_type} has {layers} decoder layers; set "
                           f"at most {layers}, or leave it unset to checkpoint all of them")
     if cfg.trains_adapter:
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(hf)
-        models.check_target_modules(meta, cfg)
+        check_adapter_targets(cfg, hf)
     rows = by_split["train"]
     if not rows:
         raise ConfigError(
@@ -44,7 +55,35 @@ def check_inputs(cfg: RunConfig) -> str:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
-    return f"data: {stats.describe(cfg.data.max_seq_len)}; {where}"
+    return Inputs(tokenizer, by_split, stats, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}")
+
+
+def check_adapter_targets(cfg: RunConfig, hf) -> None:
+    """The LoRA target modules and modules to save exist in the model, checked on a weightless meta-device copy. A
+    copy with one decoder layer first: its module names are every layer's in most models, and building all of
+    them on the meta device took 0.45 s at 7B (32 layers) on an H100 host. Where that copy lacks a name (hybrid or
+    mixture-of-experts stacks whose layers differ) or cannot be built with one layer, the whole model decides."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftcluster import models
+
+    if cfg.lora.target_modules == "all-linear":
+        return
+
+    def meta(config):
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+    if (getattr(hf, "num_hidden_layers", None) or 0) > 1:
+        one_layer = copy.deepcopy(hf)
+        one_layer.num_hidden_layers = 1
+        try:
+            models.check_target_modules(meta(one_layer), cfg)
+            return
+        except Exception:  # noqa: BLE001 - the whole model below gives the answer, and the error, if any
+            pass
+    models.check_target_modules(meta(hf), cfg)
 
 
 def visible_gpu_memory_gib() -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import threading
 import time
 
 import torch
@@ -26,6 +27,34 @@ def use_expandable_segments() -> None:
     torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
+class CommunicatorWarmUp:
+    """Builds the process group's communicator in a background thread while the worker loads its data and builds
+    its model. NCCL builds it at the first collective, which is DeepSpeed's broadcast of the model in its engine's
+    setup, and building it runs no Python: measured on one H100 it was most of the engine phase. The model build
+    is Python and imports, holding the GIL, so the two overlap. ``join()`` before any other collective: collectives
+    from two threads could reach the ranks in different orders."""
+
+    def __init__(self, device: torch.device):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._barrier, args=(device,), name="communicator-warm-up", daemon=True)
+        self.thread.start()
+
+    def _barrier(self, device: torch.device) -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+                torch.distributed.barrier(device_ids=[device.index])
+            else:
+                torch.distributed.barrier()
+        except BaseException as e:  # noqa: BLE001 - raised again in the worker's thread by join()
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Phases:
     """Times the worker's setup phases; rank 0 prints one line per phase with its duration."""
 
@@ -40,9 +69,11 @@ class Phases:
             print(f"{name}: {self.seconds[name]:.1f} s, {detail}", flush=True)
 
 
-def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[engine.Loop, object]:
-    """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine. Returns the loop's
-    state and the tokenizer (saved beside final models)."""
+def setup(cfg: RunConfig, rank: int, world: int, device: torch.device,
+          inputs=None) -> tuple[engine.Loop, object]:
+    """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine. ``inputs``: the
+    driver's checked tokenizer and rows (preflight.Inputs), for a worker in its process. Returns the loop's state
+    and the tokenizer (saved beside final models)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         use_expandable_segments()
@@ -54,13 +85,17 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     torch.manual_seed(cfg.training.seed)  # same init of LoRA weights on every rank
     started = time.time()
     phases = Phases(rank)
+    communicator = CommunicatorWarmUp(device)
 
-    tokenizer = models.load_tokenizer(cfg.model)
+    if inputs is None:
+        tokenizer = models.load_tokenizer(cfg.model)
+        # The driver prepared the rows while checking the data (row_cache): this memory-maps them.
+        rows, _, where = row_cache.rows_for(tokenizer, cfg.data, cfg.training.seed, cfg.output.storage_path)
+    else:
+        tokenizer, rows, where = inputs.tokenizer, inputs.rows, inputs.where
     pad_to = cfg.data.max_seq_len if cfg.data.packing else None
     shard = lambda rows, mb, acc: data.ShardedBatches(
         rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
-    # The driver prepared the rows while checking the data (row_cache): this memory-maps them.
-    rows, _, where = row_cache.rows_for(tokenizer, cfg.data, cfg.training.seed, cfg.output.storage_path)
     train_rows, eval_rows = rows["train"], rows["evaluation"]
     batches = shard(train_rows, cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps)
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
@@ -69,6 +104,8 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
                         f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, world)
+    if cfg.frozen_base_by_layers or deepspeed_setup.is_zero3(ds_config):
+        communicator.join()  # a ZeRO-3 build partitions the model with collectives
     model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(cfg, ds_config))
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
@@ -82,6 +119,7 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device) -> tuple[
     # On CPUs no MFU: a matmul timed here runs on however many threads torch has at this moment, not on what the
     # training step gets, and showed 83% "MFU" against a one-thread peak.
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype]) if device.type == "cuda" else None
+    communicator.join()
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, model, device, ds_config, total_steps)
     zero = ("ZeRO-3 (frozen base partitioned by layers, adapters under ZeRO-2)" if cfg.frozen_base_by_layers
             else "ZeRO-3 on one worker (nothing to partition: the frozen base whole, adapters under ZeRO-2)"
@@ -127,10 +165,11 @@ def local_process_group(cfg: RunConfig) -> torch.device:
     return device
 
 
-def train_loop_per_worker(config: dict, local_log=None) -> None:
+def train_loop_per_worker(config: dict, local_log=None, inputs=None) -> None:
     """The Ray Train entry point: ``setup``, restore, train, reporting and checkpointing through Ray. ``local_log``
     (launch.ProgressLog): the worker runs in local mode, in the driver's process; it then logs its own reports and
-    keeps its own checkpoints in the run directory, which Ray's controller does otherwise."""
+    keeps its own checkpoints in the run directory, which Ray's controller does otherwise, and takes the driver's
+    checked ``inputs`` (preflight.Inputs)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -145,18 +184,18 @@ def train_loop_per_worker(config: dict, local_log=None) -> None:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
     try:
-        _train(cfg, rank, world, device, local_log)
+        _train(cfg, rank, world, device, local_log, inputs)
     finally:
         if local:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, local_log) -> None:
+def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, local_log, inputs) -> None:
     import ray
     import ray.train
 
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
-    loop, tokenizer = setup(cfg, rank, world, device)
+    loop, tokenizer = setup(cfg, rank, world, device, inputs)
     local = local_log is not None
     loop.record.node_id = None if local else ray.get_runtime_context().get_node_id()
 

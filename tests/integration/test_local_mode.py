@@ -81,3 +81,29 @@ def test_a_failing_local_mode_worker_gets_the_advice_a_ray_worker_gets(tiny_mode
     err = capsys.readouterr().err
     assert code == 1, err[-2000:]
     assert "error: training failed: ValueError: row 7 has no text" in err and "fix it first" in err
+
+
+def test_a_local_mode_worker_takes_the_tokenizer_and_rows_the_checks_prepared(tiny_model, tmp_path, monkeypatch):
+    """The worker runs in the driver's process: it trains on the checks' tokenizer and rows rather than loading the
+    tokenizer and reading the data source a second time."""
+    from ftcluster import models, row_cache, train
+
+    calls = {"load_tokenizer": 0, "rows_for": 0}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    counted(models, "load_tokenizer")
+    counted(row_cache, "rows_for")
+    code = train.main(["--config", str(RECIPE), *tiny_overrides(
+        tiny_model, tmp_path, "local-inputs", **{**ONE, "training.max_steps": 2, "training.save_every": 0,
+                                                 "ray.local_mode": True})])
+    assert code == 0
+    assert calls == {"load_tokenizer": 1, "rows_for": 1}
+    assert [r["step"] for r in records(tmp_path / "local-inputs") if "loss" in r] == [1, 2]

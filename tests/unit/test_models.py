@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ftcluster import config as C
 from ftcluster import models
-from ftcluster.preflight import check_inputs
+from ftcluster.preflight import check_adapter_targets, check_inputs
 from tests import tiny
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -114,3 +114,23 @@ def test_data_without_the_formats_fields_is_refused_before_ray_starts(tiny_model
     with pytest.raises(C.ConfigError, match=r"data.source: .*needs fields \['instruction', 'output'\]"):
         launch.run(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def _qwen2_moe_with_a_dense_first_layer(tmp_path):
+    from transformers import Qwen2MoeConfig
+
+    # Layer 0 has a dense MLP, layer 1 experts with a shared-expert gate: a name the first layer lacks.
+    Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+                   num_experts_per_tok=2, mlp_only_layers=[0]).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_a_target_module_only_later_layers_have_is_found(tmp_path):
+    cfg = C.load(None, [f"model.name_or_path={_qwen2_moe_with_a_dense_first_layer(tmp_path)}",
+                        "lora.target_modules=[q_proj,shared_expert_gate]"])
+    hf = models.load_hf_config(cfg.model)
+    check_adapter_targets(cfg, hf)  # the one-layer copy lacks shared_expert_gate; the whole model has it
+    with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['expert_gate_up'\] not found in qwen2_moe"):
+        check_adapter_targets(C.load(None, [f"model.name_or_path={tmp_path}",
+                                            "lora.target_modules=[q_proj,expert_gate_up]"]), hf)
