@@ -12,7 +12,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ftcluster import config as C, stop  # noqa: E402
+from ftcluster import collector, config as C, stop  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,6 +57,14 @@ def bytecode_note() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    collector.hold()  # until the first step, or until Ray's workers start: see ftcluster/collector.py
+    try:
+        return _main(argv)
+    finally:
+        collector.release()
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)

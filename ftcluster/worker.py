@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from ftcluster import (checkpoint, data, deepspeed_setup, engine, metrics, models, optim, row_cache, run_dir, stop,
-                       tracking)
+from ftcluster import (checkpoint, collector, data, deepspeed_setup, engine, metrics, models, optim, row_cache,
+                       run_dir, stop, tracking)
 from ftcluster.config import RunConfig, from_dict
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
@@ -180,6 +180,7 @@ def train_loop_per_worker(config: dict, local_log=None, inputs=None) -> None:
     if local:
         rank, world, device = 0, 1, local_process_group(cfg)
     else:
+        collector.hold()  # this process's start-up, until its first step (ftcluster/collector.py)
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
