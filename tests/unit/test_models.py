@@ -130,7 +130,7 @@ def test_a_target_module_only_later_layers_have_is_found(tmp_path):
     cfg = C.load(None, [f"model.name_or_path={_qwen2_moe_with_a_dense_first_layer(tmp_path)}",
                         "lora.target_modules=[q_proj,shared_expert_gate]"])
     hf = models.load_hf_config(cfg.model)
-    check_adapter_targets(cfg, hf)  # the one-layer copy lacks shared_expert_gate; the whole model has it
+    check_adapter_targets(cfg, hf)  # the first layer lacks shared_expert_gate; the second has it
     with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['expert_gate_up'\] not found in qwen2_moe"):
         check_adapter_targets(C.load(None, [f"model.name_or_path={tmp_path}",
                                             "lora.target_modules=[q_proj,expert_gate_up]"]), hf)
