@@ -1,44 +1,53 @@
-"""Python's cyclic garbage collector, held off from the command's start to the first optimizer step.
+"""Python's full garbage collections, held off from the command's start to the first optimizer step.
 
 Start-up builds a couple of million objects that live for the whole run: torch's, transformers', Ray's and
 DeepSpeed's modules, the model, the compiled graphs. Each full collection walks every one of them, and CPython runs
 one each time the long-lived objects grow by a quarter: a 2-step QLoRA run of the embedded model on this project's
-2-core CPU machine made ten full collections before its first step, 1.7 s, and 0.35 s of younger ones (counted with
-``gc.callbacks``). Held off, the first step ends with one collection of what start-up left, 0.7 s, outside the time
-to the first step, and freezes the rest out of the collector's sight for the run (``engine``)."""
+2-core CPU machine made ten, 1.5-1.7 s, nearly all before its first step (counted with ``gc.callbacks``; first step
+13.9 s after the command). Held, the run makes one, 0.4 s, after its first step (11.7-11.8 s after the command),
+and freezes what is left out of the collector's sight for the run (``engine``). On an H100 host, where the
+process's ten took 2.2-2.5 s, holding the whole collector off took 4-5 s off two of three 7B QLoRA starts
+(reports/ttfs/2026-11-28-1xh100-startup.md); holding only the full collections was not measured there."""
 
 from __future__ import annotations
 
 import gc
 
-_held = False
+_held: tuple[int, int, int] | None = None
+"""The thresholds ``hold()`` replaced, while it holds."""
+
+NEVER = 2**30
+"""A full collection's threshold no run reaches: CPython makes one when the count of younger collections since the
+last exceeds it (CPython 3.11-3.13; 3.14's incremental collector ignores it)."""
 
 
 def hold() -> None:
-    """Turn the collector off until ``after_first_step()`` or ``release()``; a collector someone else turned off stays
-    theirs."""
+    """No full collection until ``after_first_step()`` or ``release()``. The young generations are still collected,
+    so torch's own ``gc.collect(1)`` after each compiled frame walks only what is young, as before (with the
+    collector off, everything made since would have stayed young: 8 such collections took 0.7-1.0 s on an H100
+    host). A collector someone else turned off stays off."""
     global _held
-    if gc.isenabled():
-        gc.disable()
-        _held = True
+    if gc.isenabled() and _held is None:
+        _held = gc.get_threshold()
+        gc.set_threshold(_held[0], _held[1], NEVER)
 
 
 def after_first_step() -> None:
-    """Collect once, freeze what is left (it lives for the run), and turn the collector back on if ``hold()`` turned
-    it off."""
-    global _held
+    """Collect once, freeze what is left (it lives for the run), and let full collections run again."""
     gc.collect()
     gc.freeze()
-    if _held:
-        gc.enable()
-        _held = False
+    _restore()
 
 
 def release() -> None:
-    """What ``after_first_step()`` froze is the collector's again, and the collector is on if ``hold()`` turned it
-    off: after training, after a run that failed before its first step, and in a driver whose workers are Ray's."""
-    global _held
+    """What ``after_first_step()`` froze is the collector's again, and full collections run: after training, after a
+    run that failed before its first step, and in a driver whose workers are Ray's."""
     gc.unfreeze()
-    if _held:
-        gc.enable()
-        _held = False
+    _restore()
+
+
+def _restore() -> None:
+    global _held
+    if _held is not None:
+        gc.set_threshold(*_held)
+        _held = None

@@ -249,8 +249,8 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
                 first_step_unix = time.time()
                 # What the first step built (compiled graphs, kernels, the engine's state) lives to the end: out of
                 # the collector's sight, a full collection no longer walks it. Without this one fell in steps
-                # 11-20 of a 30-step run, about 0.3 s (1B full fine-tuning on an H200). Turns the collector back
-                # on where the command held it off through start-up.
+                # 11-20 of a 30-step run, about 0.3 s (1B full fine-tuning on an H200). Full collections, held off
+                # through start-up, run again after this one.
                 collector.after_first_step()
             window.step_times.append(now - step_started)
             step_started = now

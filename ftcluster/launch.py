@@ -101,7 +101,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
         own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
         use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cluster.wait_for_resources(cfg, use_gpu, own_cluster)
-        collector.release()  # the driver's start-up is over: Ray's workers hold their own collectors
+        collector.release()  # the driver's start-up is over; Ray's workers hold their own full collections
         ready = time.time()
         print(f"cluster: {ready - checked:.1f} s, {'started' if own_cluster else 'joined'}; {s.num_workers} "
               f"worker(s) on {'GPUs' if use_gpu else 'CPUs'}", flush=True)

@@ -83,14 +83,14 @@ def test_a_failing_local_mode_worker_gets_the_advice_a_ray_worker_gets(tiny_mode
     assert "error: training failed: ValueError: row 7 has no text" in err and "fix it first" in err
 
 
-def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_the_collector_held(tiny_model, tmp_path,
+def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_full_collections_held(tiny_model, tmp_path,
                                                                                          monkeypatch):
     """The worker runs in the driver's process: it trains on the checks' tokenizer and rows rather than loading the
-    tokenizer and reading the data source a second time; and Python's cyclic collector stays off through start-up
-    (ftcluster/collector.py), on again once the command returns."""
+    tokenizer and reading the data source a second time; and Python makes no full collection through start-up
+    (ftcluster/collector.py), its thresholds back once the command returns."""
     import gc
 
-    from ftcluster import models, row_cache, train
+    from ftcluster import collector, models, row_cache, train
 
     calls = {"load_tokenizer": 0, "rows_for": 0, "build_model": 0}
     collecting = []
@@ -100,18 +100,19 @@ def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_the_collect
 
         def call(*args, **kwargs):
             calls[name] += 1
-            collecting.append(gc.isenabled())
+            collecting.append(gc.get_threshold()[2] == collector.NEVER)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, call)
 
     for module, name in ((models, "load_tokenizer"), (row_cache, "rows_for"), (models, "build_model")):
         counted(module, name)
-    assert gc.isenabled()
+    thresholds = gc.get_threshold()
     code = train.main(["--config", str(RECIPE), *tiny_overrides(
         tiny_model, tmp_path, "local-inputs", **{**ONE, "training.max_steps": 2, "training.save_every": 0,
                                                  "ray.local_mode": True})])
     assert code == 0
     assert calls == {"load_tokenizer": 1, "rows_for": 1, "build_model": 1}
-    assert collecting == [False, False, False] and gc.isenabled() and gc.get_freeze_count() == 0
+    assert collecting == [True, True, True]  # no full collection while the worker started
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
     assert [r["step"] for r in records(tmp_path / "local-inputs") if "loss" in r] == [1, 2]
