@@ -30,8 +30,9 @@ def use_expandable_segments() -> None:
 class CommunicatorWarmUp:
     """Builds the process group's communicator in a background thread while the worker loads its data and builds
     its model. NCCL builds it at the first collective, which is DeepSpeed's broadcast of the model in its engine's
-    setup, and building it runs no Python: measured on one H100 it was most of the engine phase. The model build
-    is Python and imports, holding the GIL, so the two overlap. ``join()`` before any other collective: collectives
+    setup, and building it runs no Python: 0.36-0.59 s of a 0.7-1.5 s engine phase at 7B on H100 hosts
+    (reports/ttfs/2026-11-28-1xh100-startup.md). The model build is Python and imports, holding the GIL, so the
+    two overlap. ``join()`` before any other collective: collectives
     from two threads could reach the ranks in different orders."""
 
     def __init__(self, device: torch.device):
