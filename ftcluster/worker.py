@@ -189,7 +189,19 @@ def train_loop_per_worker(config: dict, local_log=None, inputs=None) -> None:
         _train(cfg, rank, world, device, local_log, inputs)
     finally:
         if local:
-            torch.distributed.destroy_process_group()
+            destroy_local_process_group()
+
+
+def destroy_local_process_group() -> None:
+    """The local-mode worker's process group, and DeepSpeed's groups made from it: DeepSpeed keeps them in module
+    state, and the next run in this process (another ``launch.run`` in a notebook) found them destroyed ("Group ...
+    is not registered")."""
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
 
 
 def _train(cfg: RunConfig, rank: int, world: int, device: torch.device, local_log, inputs) -> None:

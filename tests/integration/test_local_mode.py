@@ -116,3 +116,8 @@ def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_full_collec
     assert collecting == [True, True, True]  # no full collection while the worker started
     assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
     assert [r["step"] for r in records(tmp_path / "local-inputs") if "loss" in r] == [1, 2]
+    # A second run in the same process (a notebook's): DeepSpeed's groups went with the first run's process group.
+    monkeypatch.undo()
+    assert train.main(["--config", str(RECIPE), *tiny_overrides(
+        tiny_model, tmp_path, "local-again", **{**ONE, "training.max_steps": 1, "training.save_every": 0,
+                                                "ray.local_mode": True})]) == 0
