@@ -12,12 +12,11 @@ from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 @dataclass
 class Inputs:
-    """What ``check_inputs`` prepared: the tokenizer, the rows by split (row_cache), the train split's stats, and the
+    """What ``check_inputs`` prepared: the tokenizer, the rows by split (row_cache), where the rows came from, and the
     line to print. A worker in the driver's process (``ray.local_mode``) takes them as they are, rather than loading
     the tokenizer and reading the data source again."""
     tokenizer: object
     rows: dict
-    stats: object
     where: str
     line: str
 
@@ -54,7 +53,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
-    return Inputs(tokenizer, by_split, stats, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}")
+    return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}")
 
 
 def check_adapter_targets(cfg: RunConfig, hf) -> None:

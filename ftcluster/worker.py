@@ -32,8 +32,8 @@ class CommunicatorWarmUp:
     its model. NCCL builds it at the first collective, which is DeepSpeed's broadcast of the model in its engine's
     setup, and building it runs no Python: 0.36-0.59 s of a 0.7-1.5 s engine phase at 7B on H100 hosts
     (reports/ttfs/2026-11-28-1xh100-startup.md). The model build is Python and imports, holding the GIL, so the
-    two overlap. ``join()`` before any other collective: collectives
-    from two threads could reach the ranks in different orders."""
+    two overlap. ``join()`` before any other collective: collectives from two threads could reach the ranks in
+    different orders."""
 
     def __init__(self, device: torch.device):
         self.error: BaseException | None = None
@@ -105,9 +105,10 @@ def setup(cfg: RunConfig, rank: int, world: int, device: torch.device,
                         f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, world)
-    if cfg.frozen_base_by_layers or deepspeed_setup.is_zero3(ds_config):
+    partition = deepspeed_setup.zero3_partition(cfg, ds_config)
+    if partition is not None:
         communicator.join()  # a ZeRO-3 build partitions the model with collectives
-    model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(cfg, ds_config))
+    model = models.build_model(cfg, device, partition)
     if rank == 0:
         print(models.describe_parameters(model), flush=True)
     trainable, total = models.parameter_counts(model)
