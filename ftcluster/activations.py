@@ -74,7 +74,9 @@ def _checkpointed(forward, saved_tensor_hooks, context_fn, *args, **kwargs):
 @dataclass(frozen=True)
 class RecomputePolicy:
     """A selective-checkpointing policy: the ops of these operator namespaces must be recomputed in backward, the
-    rest are recomputed too unless the compiler finds it better to save them (what plain checkpointing asks).
+    rest are recomputed too unless the compiler finds it better to save them (what plain checkpointing asks), or,
+    with ``save_rest``, saved unless the compiler finds it better to recompute them (what a layer outside any
+    checkpoint gets: :func:`recompute_only`).
 
     Where the checkpoint is traced into a compiled layer, Inductor's partitioner decides what the forward saves for
     backward, and on CUDA it saved the output of bitsandbytes' dequantization (a custom op it does not recompute on
@@ -85,13 +87,14 @@ class RecomputePolicy:
     A class rather than a closure: AOTAutograd's cache pickles the policy into its key, and takes ``cache_hash``
     (:meth:`context_fn`) for its behaviour; a closure it cannot pickle, so every start traced the layer again."""
     namespaces: frozenset[str]
+    save_rest: bool = False
 
     def __call__(self, ctx, op, *args, **kwargs):
         from torch.utils.checkpoint import CheckpointPolicy
 
         if getattr(op, "namespace", None) in self.namespaces:
             return CheckpointPolicy.MUST_RECOMPUTE
-        return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_SAVE if self.save_rest else CheckpointPolicy.PREFER_RECOMPUTE
 
     def context_fn(self):
         """The ``context_fn`` for ``torch.utils.checkpoint``, named for AOTAutograd's cache by this class's code
@@ -99,7 +102,7 @@ class RecomputePolicy:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         context_fn = functools.partial(create_selective_checkpoint_contexts, self)
-        code = inspect.getsource(type(self)) + repr(sorted(self.namespaces))
+        code = inspect.getsource(type(self)) + repr((sorted(self.namespaces), self.save_rest))
         context_fn.cache_hash = hashlib.sha256(code.encode()).hexdigest()
         return context_fn
 
@@ -134,6 +137,20 @@ def checkpoint_layers(model: nn.Module, offload: bool = False, count: int | None
     for layer in layers[:count]:
         layer.forward = functools.partial(_checkpointed, layer.forward, host, context_fn)
     return Checkpointing(len(layers[:count]), host)
+
+
+def recompute_only(layers: list[nn.Module], namespaces: frozenset[str]) -> None:
+    """Have compiled ``layers``, which are not checkpointed, recompute the ops of these operator namespaces in
+    backward rather than save them, and keep everything else as an uncheckpointed layer does.
+
+    Inductor's partitioner saves the output of an op it does not know how to recompute, and bitsandbytes'
+    dequantization is one: a compiled QLoRA layer outside a checkpoint would keep its weights dequantized from the
+    forward to the backward, the memory of a 16-bit base. A checkpoint whose policy must recompute those ops and
+    prefers to save the rest (``RecomputePolicy(save_rest=True)``) tells it otherwise. Only for compiled layers:
+    an eager checkpoint would run the layer's forward a second time, and the policy costs a dispatch per op."""
+    context_fn = RecomputePolicy(namespaces, save_rest=True).context_fn()
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward, None, context_fn)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

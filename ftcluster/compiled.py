@@ -18,13 +18,14 @@ H100, reports/ttfs/2026-11-28-1xh100.md).
 A checkpointed layer's checkpoint is traced into its compiled graph, so Inductor's partitioner decides what the
 forward saves. For QLoRA it saved bitsandbytes' dequantized weights in every layer (7B: 26.3 GiB peak against 5.6
 eager) until the checkpoint told it to recompute them (:func:`must_recompute`): with that, 8 layers of the 7B shape
-stepped in 95 ms against 164 eager at 0.3 GiB more (reports/llama-7b/2026-11-27-1xh100-compiled-qlora).
+stepped in 95 ms against 164 eager at 0.3 GiB more (reports/llama-7b/2026-11-27-1xh100-compiled-qlora). A QLoRA
+layer outside any checkpoint would keep them too; it runs under a checkpoint that recomputes only the
+dequantization and saves what an uncheckpointed layer saves (``activations.recompute_only``).
 
 Full fine-tuning of the 1B shape on one H100 stepped in 0.180 s compiled against 0.238 eager at the same 25.4 GiB
 peak (the worker's loop without Ray, reports/llama-1b/2026-11-27-1xh100-full-profile). ``auto`` leaves layers eager
 where they are not measured compiled: on several workers (DeepSpeed's gradient hooks around compiled layers, and
-each rank compiling), and QLoRA layers outside a checkpoint (``model.checkpointed_layers``, or no checkpointing),
-which have no policy to make Inductor recompute the dequantization. Not compiled:
+each rank compiling). Not compiled:
 - under ZeRO-3, whose gather and release hooks run in each layer's call and swap its parameters' data;
 - with ``model.activation_offloading``, whose saved-tensor hooks torch.compile cannot trace.
 
@@ -64,16 +65,12 @@ def _why_auto_does_not(cfg: RunConfig) -> str | None:
     """Why ``model.compile=auto`` leaves this run's layers eager where they could be compiled, or None."""
     if cfg.scaling.num_workers != 1:
         return "several workers are not measured compiled yet"
-    if cfg.method == "qlora" and not (cfg.model.gradient_checkpointing and cfg.model.checkpointed_layers is None):
-        # Only a checkpoint carries the policy that makes Inductor recompute the dequantization (must_recompute).
-        return ("QLoRA layers outside a checkpoint are not measured compiled (Inductor may keep their dequantized "
-                "weights for backward)")
     return None
 
 
 def must_recompute(cfg: RunConfig, device_type: str) -> frozenset[str]:
-    """The operator namespaces a compiled, checkpointed layer must recompute rather than save: bitsandbytes' (its
-    4-bit dequantization) for QLoRA, whose compiled layers otherwise kept every layer's dequantized weights."""
+    """The operator namespaces a compiled layer must recompute rather than save, checkpointed or not: bitsandbytes'
+    (its 4-bit dequantization) for QLoRA, whose compiled layers otherwise kept every layer's dequantized weights."""
     return frozenset({"bitsandbytes"}) if cfg.method == "qlora" and compiles(cfg, device_type) else frozenset()
 
 

@@ -325,10 +325,13 @@ def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: P
         print(line, flush=True)
     activations.use_chunked_loss(model)
     checkpointed = 0
+    must_recompute = compiled.must_recompute(cfg, device.type)
     if cfg.model.gradient_checkpointing:
         checkpointed = activations.checkpoint_layers(
             model, offload=cfg.model.activation_offloading, count=cfg.model.checkpointed_layers,
-            must_recompute=compiled.must_recompute(cfg, device.type)).layers
+            must_recompute=must_recompute).layers
+    if must_recompute:
+        activations.recompute_only(activations.decoder_layers(model)[checkpointed:], must_recompute)
     if cfg.method == "full":
         model.requires_grad_(True)
     else:

@@ -15,8 +15,10 @@ from ftcluster.presets import PRESETS
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("method, preset", [("full", "llama-3.2-1b"), ("lora", "llama-3.2-1b"), ("qlora", "llama-2-7b")])
-def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, preset, capsys):
+@pytest.mark.parametrize("method, preset, checkpointing", [
+    ("full", "llama-3.2-1b", True), ("lora", "llama-3.2-1b", True), ("qlora", "llama-2-7b", True),
+    ("qlora", "llama-2-7b", False)])  # outside a checkpoint: activations.recompute_only
+def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, preset, checkpointing, capsys):
     from transformers import LlamaConfig
 
     LlamaConfig(**{**PRESETS[preset], "num_hidden_layers": 4}).save_pretrained(tmp_path)
@@ -29,7 +31,7 @@ def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, pres
     losses, times, held = {}, {}, {}
     for mode in ("off", "on"):
         cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", f"method={method}",
-                            "model.random_init=true", "lora.r=8", "model.gradient_checkpointing=true",
+                            "model.random_init=true", "lora.r=8", f"model.gradient_checkpointing={checkpointing}",
                             f"model.compile={mode}", "scaling.use_gpu=true"])
         torch.manual_seed(0)
         model = models.build_model(cfg, device)
@@ -57,7 +59,7 @@ def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, pres
         del model, opt, loss
         gc.collect()
         torch.cuda.empty_cache()
-    print(f"GPU-RESULT compiled {method}: losses off {losses['off']} on {losses['on']}; last step "
+    print(f"GPU-RESULT compiled {method} (checkpointed: {checkpointing}): losses off {losses['off']} on {losses['on']}; last step "
           f"{times['off'][-1]:.1f} -> {times['on'][-1]:.1f} ms; peak above the model {held['off']:.2f} -> "
           f"{held['on']:.2f} GiB")
     assert losses["on"][:3] == pytest.approx(losses["off"][:3], rel=2e-2)  # bf16 kernels, three optimizer steps

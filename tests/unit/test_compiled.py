@@ -62,9 +62,10 @@ def test_auto_compiles_on_one_gpu_and_qlora_layers_must_recompute_their_dequanti
     assert compiled.compiles(cfg("method=lora"), "cuda") and compiled.compiles(cfg("method=qlora"), "cuda")
     assert compiled.compiles(cfg("method=full"), "cuda")
     assert not compiled.compiles(cfg("method=qlora", "scaling.num_workers=2"), "cuda")
-    # QLoRA's layers are compiled where every one is checkpointed: a checkpoint carries the recompute policy.
-    assert not compiled.compiles(cfg("method=qlora", "model.checkpointed_layers=4"), "cuda")
-    assert not compiled.compiles(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda")
+    # QLoRA's layers outside a checkpoint too (activations.recompute_only).
+    assert compiled.compiles(cfg("method=qlora", "model.checkpointed_layers=4"), "cuda")
+    assert compiled.compiles(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda")
+    assert compiled.must_recompute(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda") == {"bitsandbytes"}
     assert compiled.compiles(cfg("method=lora", "model.checkpointed_layers=4"), "cuda")
     assert compiled.compiles(cfg("method=full", "scaling.num_workers=2", "model.compile=on"), "cuda")
     assert compiled.must_recompute(cfg("method=qlora"), "cuda") == {"bitsandbytes"}
@@ -118,6 +119,53 @@ def test_compiled_qlora_layers_are_told_to_recompute_the_dequantization(tiny_mod
     assert not weight_shapes & set(saved)
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)
     assert losses[False][-1] < losses[False][0]
+
+
+def test_compiled_qlora_layers_outside_a_checkpoint_recompute_only_the_dequantization(tiny_model):
+    """QLoRA's layers compiled without checkpointing, through AOTAutograd's partitioner. Plain, the forward saves
+    tensors of a weight's shape for backward (bitsandbytes' dequantized weights: the memory of a 16-bit base). Under
+    ``activations.recompute_only`` it saves none, and everything else it saved before: the layer is not
+    recomputed. Three AdamW steps give the eager losses either way."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from ftcluster import activations, linear4bit
+
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "model.compile=off",
+                        "model.gradient_checkpointing=false", "optimizer.name=adamw"])
+    saved, losses = {}, {}
+    for mode in ("eager", "plain", "recompute_only"):
+        shapes = saved.setdefault(mode, [])
+
+        def partition(joint, inputs, **kwargs):
+            forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+            output = next(n for n in forward.graph.nodes if n.op == "output")
+            shapes.extend(tuple(str(d) for d in a.meta["val"].shape) for a in output.args[0]
+                          if hasattr(a, "meta") and "val" in a.meta and a.op != "placeholder")
+            return forward, backward
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = models.build_model(cfg)
+        layers = activations.decoder_layers(model)
+        if mode == "recompute_only":
+            activations.recompute_only(layers, frozenset({"bitsandbytes"}))
+        if mode != "eager":
+            backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=lambda gm, _: gm, partition_fn=partition)
+            for layer in layers:
+                layer.compile(backend=backend)
+        model.train()
+        losses[mode] = tiny.adamw_losses(model, 3, lr=1e-2)
+    torch._dynamo.reset()
+    weight_shapes = {(str(m.out_features), str(m.in_features)) for m in model.modules()
+                     if isinstance(m, linear4bit.Linear4bit)}
+    kept_weights = [s for s in saved["plain"] if s in weight_shapes]
+    assert kept_weights  # what recompute_only is for
+    assert not weight_shapes & set(saved["recompute_only"])
+    assert len(saved["recompute_only"]) == len(saved["plain"]) - len(kept_weights)
+    assert losses["plain"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert losses["recompute_only"] == pytest.approx(losses["eager"], rel=1e-2)
+    assert losses["eager"][-1] < losses["eager"][0]
 
 
 def test_a_compiled_qlora_layer_comes_from_aotautograds_cache_at_the_next_start(tiny_model):
