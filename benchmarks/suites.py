@@ -79,19 +79,17 @@ def _llama_1b() -> Suite:
     return Suite(
         "llama-1b", "configs/bench/llama2_7b.yaml",
         "Llama-3.2-1B architecture (128k vocabulary), random init, seq 2048, micro batch 2, LoRA r=8 q,v; every "
-        "method on one GPU; gradient checkpointing in the HF recipe (ftcluster runs without it, at a lower peak "
-        "than the HF recipe's with it)",
+        "method on one GPU; gradient checkpointing for QLoRA and in the HF recipe (full fine-tuning and LoRA run "
+        "without it at a lower peak than the HF recipe's with it)",
         common=[f"model.name_or_path={model}"],
         # Full fine-tuning as the HF recipe runs it on one GPU: AdamW stepping the bf16 weights (no float32
         # copies), which ZeRO-0 leaves to our optimizer; ZeRO-2 would only add its buckets and hooks on one GPU.
         # Checkpointing only where memory needs it: without it full fine-tuning peaked at 12.65 GiB and LoRA at
-        # 6.31 against the HF recipe's 13.15 and 8.53 with it (1x H200, 2026-11-27), so it buys nothing here; QLoRA
-        # likewise, now that its layers compile outside a checkpoint (activations.recompute_only).
+        # 6.31 against the HF recipe's 13.15 and 8.53 with it (1x H200, 2026-11-27), so it buys nothing here.
         # The trained output layer's gradient takes one pass per chunk of Liger's fused loss: 8 chunks, not 32.
         methods={"full": ["optimizer.lr=2.0e-5", "optimizer.master_weights=bf16", "deepspeed.zero_stage=0",
                           "model.gradient_checkpointing=false", "model.fused_loss_chunk_scale=8"],
-                 "lora": ["model.gradient_checkpointing=false"],
-                 "qlora": ["optimizer.name=paged_adamw_8bit", "model.gradient_checkpointing=false"]},
+                 "lora": ["model.gradient_checkpointing=false"], "qlora": ["optimizer.name=paged_adamw_8bit"]},
         peer=["model.gradient_checkpointing=true"], quality=False)
 
 

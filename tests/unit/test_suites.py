@@ -31,6 +31,6 @@ def test_the_hf_recipe_keeps_the_checkpointing_our_llama_1b_recipe_leaves_out(tm
     """ftcluster checkpoints only where memory needs it; the HF recipe is the tutorials', which checkpoints."""
     monkeypatch.setattr(suites, "SHAPES_ROOT", tmp_path / "shapes")
     suite = suites.get("llama-1b", True)
-    for method in ("full", "lora", "qlora"):
+    for method in ("full", "lora"):
         assert not C.load(ROOT / suite.recipe, suite.overrides(method)).model.gradient_checkpointing
         assert C.load(ROOT / suite.recipe, [*suite.overrides(method), *suite.peer]).model.gradient_checkpointing
