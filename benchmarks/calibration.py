@@ -48,6 +48,9 @@ KEPT_RECOMPUTED_WEIGHTS_AFTER = "9c017d5"
 recompute's dequantized weights are kept for the backward (quantization.keep_recomputed_weights)."""
 COMPILED_SINCE = {"lora": "59dca46", "full": "8658b23", "qlora": "606a26e"}
 """The commits from which model.compile=auto compiled each method's decoder layers on one GPU."""
+UNCHECKPOINTED_QLORA_COMPILED_SINCE = "7823b38"
+"""The commit from which model.compile=auto compiled QLoRA's decoder layers outside a checkpoint too
+(activations.recompute_only); before it, only checkpointed QLoRA layers compiled."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
 
@@ -64,7 +67,10 @@ def run_of(cfg: C.RunConfig, commit: str) -> Run:
                           layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit),
                           recomputed_weights_kept=cfg.method != "qlora"
                           or not _at_or_before(commit, KEPT_RECOMPUTED_WEIGHTS_AFTER))
-    run = replace(run, compiled=run.compiled and since(COMPILED_SINCE[cfg.method], commit))
+    outside_a_checkpoint = not run.grad_ckpt or run.ckpt_layers is not None
+    run = replace(run, compiled=run.compiled and since(COMPILED_SINCE[cfg.method], commit)
+                  and not (cfg.method == "qlora" and outside_a_checkpoint
+                           and not since(UNCHECKPOINTED_QLORA_COMPILED_SINCE, commit)))
     if cfg.frozen_base_whole_on_one_worker and _at_or_before(commit, ZERO3_ON_ONE_WORKER_UNTIL):
         # ZeRO-3 on one worker was ZeRO-3 then, with its chunked loss: DeepSpeed's, or layer shards gathering copies
         # of each layer from the one rank's whole shard.

@@ -334,8 +334,12 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     # upcasts and SwiGLU's elementwise products in backward rather than saving them. Measured on the llama-1b
     # shape without checkpointing (full fine-tuning 12.65 GiB, LoRA 6.31;
     # reports/llama-1b/2026-11-27-1xh200-no-ckpt); the one recomputed layer of a checkpointed run keeps the eager
-    # figure.
-    kept_layer = per_token_layer - (4 * shape.hidden + 4 * shape.intermediate if run.compiled else 0)
+    # figure. A compiled QLoRA layer outside a checkpoint keeps what an eager one does: the checkpoint that has it
+    # recompute the dequantization (activations.recompute_only) leaves the partitioner saving the rest (llama-1b
+    # shape: 5.01 GiB compiled against 4.91 eager, reports/llama-1b/2026-11-28-1xh200-qlora-compile; 135M, 2.46 and
+    # 2.44).
+    smaller = run.compiled and run.method != "qlora"
+    kept_layer = per_token_layer - (4 * shape.hidden + 4 * shape.intermediate if smaller else 0)
     if run.grad_ckpt:
         # Checkpointing keeps each layer's input (2H) and recomputes one layer at a time in backward. Offloaded
         # (ftcluster.activations.HostActivations), they are on the device only while copied: the input of the

@@ -36,6 +36,12 @@ f6faaed and on one H100 at a572ffc, 0.6-1.7 GiB over the estimate (20-58% of the
 weights too). Not the fused loss: full fine-tuning and LoRA peaked at the same bytes with Liger's loss in 64 chunks
 and in 4; the 2026-11-24 H100 runs of the same model, whose training peaks were higher, are within 10%. Strict: a
 fix that explains them makes these tests pass, and the entry must go."""
+KNOWN_MISSES |= {f"reports/llama-1b/{run}/results.json" for run in
+                 ("2026-11-28-1xh100-qlora-no-ckpt", "2026-11-28-1xh200-qlora-compile")}
+"""QLoRA without checkpointing at the llama-1b shape (compiled, 7823b38): 5.01 and 5.02 GiB, estimated 6.0, as an
+eager layer is (the layers peaked at 4.91 GiB eager in the same H200 run: compiled or not, they keep the same). The
+term for an uncheckpointed QLoRA layer's activations counts too much; the over-estimate is the safe side of a fit
+check, and no other run measures that term yet."""
 
 
 def _row_case(row):
@@ -221,3 +227,20 @@ def test_larger_fused_loss_chunks_hold_their_logits():
     one = E.terms(shape, run)["logits and loss"]
     eight = E.terms(shape, replace(run, fused_loss_chunk_scale=8))["logits and loss"]
     assert eight - one == 6 * shape.vocab * (512 - 128)
+
+
+def test_a_compiled_layer_keeps_less_except_a_qlora_one_outside_a_checkpoint():
+    """Inductor recomputes a compiled layer's norms and SwiGLU products rather than saving them; a QLoRA layer outside
+    a checkpoint runs under activations.recompute_only, and measured the same peak compiled as eager (llama-1b
+    shape on one H200: 5.02 GiB and 4.91)."""
+    from dataclasses import replace
+
+    shape = E.shape_of("llama-3.2-1b")
+    for method in ("full", "lora", "qlora"):
+        run = E.Run(method=method, seq_len=2048, micro_batch=2, grad_ckpt=False, lora_r=8,
+                    lora_targets=("q_proj", "v_proj"))
+        eager, compiled = E.terms(shape, run)["activations"], E.terms(shape, replace(run, compiled=True))["activations"]
+        if method == "qlora":
+            assert compiled == eager
+        else:
+            assert eager - compiled == 16 * (4 * shape.hidden + 4 * shape.intermediate) * 4096
