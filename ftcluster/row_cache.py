@@ -6,12 +6,13 @@ tokenizer and examples finds them and says so.
 
 The key hashes what decides the rows: the data config, the seed (it shuffles before packing), the tokenizer (its
 full serialization and chat template) and the examples' text. Changing any of them makes new rows; nothing is
-ever reused for different inputs. Rows are read with ``datasets.Dataset.from_file``, which memory-maps the Arrow
-files: a worker holds the pages it touches, not a copy of the corpus.
+ever reused for different inputs. Rows are read back memory-mapped (:class:`ArrowRows`): a worker holds the pages
+it touches, not a copy of the corpus.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ def directory(storage_path: str | Path, k: str) -> Path:
 
 class RowWriter:
     """Rows appended to one Arrow stream file a batch at a time, so writing holds one batch (about 64k tokens, 4
-    bytes each), never the split. ``datasets.Dataset.from_file`` memory-maps the file back."""
+    bytes each), never the split. :class:`ArrowRows` memory-maps the file back."""
 
     BATCH_TOKENS = 1 << 16
 
@@ -95,6 +96,48 @@ class RowWriter:
         return self.rows
 
 
+class ArrowRows:
+    """The rows of one Arrow stream file (:class:`RowWriter`'s), memory-mapped: ``rows[i]`` is row ``i`` as a dict of
+    int lists, read from the mapped pages. pyarrow's own reader, where ``datasets.Dataset.from_file`` did the same at
+    the cost of importing ``datasets``: 0.15-0.18 s of every start (7B QLoRA on one H100,
+    reports/ttfs/2026-11-28-1xh100-collector.md). Pickled as its file's path."""
+
+    def __init__(self, file: str | Path):
+        import pyarrow as pa
+
+        self.file = str(file)
+        table = pa.ipc.open_stream(pa.memory_map(self.file)).read_all()
+        columns = {name: table.column(name) for name in table.column_names}
+        # Per record batch, each column's offsets and values: numpy views of the mapped file, no copy.
+        self.chunks: list[dict] = []
+        self.starts = [0]  # the first row of each record batch, and the row count last
+        for c in range(table.column(0).num_chunks if columns else 0):
+            self.chunks.append({name: (col.chunk(c).offsets.to_numpy(), col.chunk(c).values.to_numpy())
+                                for name, col in columns.items()})
+            self.starts.append(self.starts[-1] + len(table.column(0).chunk(c)))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        """Row ``i`` (a dict of int lists), or the rows of a slice as a list, as a list of rows would give them."""
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)} in {self.file}")
+        c = bisect.bisect_right(self.starts, i) - 1
+        j = i - self.starts[c]
+        return {name: values[offsets[j]:offsets[j + 1]].tolist() for name, (offsets, values) in self.chunks[c].items()}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __reduce__(self):
+        return ArrowRows, (self.file,)
+
+
 def new_directory(path: Path) -> Path:
     """A fresh temporary directory beside ``path``, to fill and then ``publish`` under ``path``."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
@@ -127,9 +170,7 @@ def load(path: Path) -> tuple[dict, data.RowStats] | None:
     """The splits (memory-mapped Arrow datasets, indexable like lists of rows) and the stats, or None."""
     if not (path / "stats.json").exists():
         return None
-    from datasets import Dataset
-
-    rows = {split: Dataset.from_file(str(path / f"{split}.arrow")) if (path / f"{split}.arrow").exists() else []
+    rows = {split: ArrowRows(path / f"{split}.arrow") if (path / f"{split}.arrow").exists() else []
             for split in SPLITS}
     return rows, data.RowStats(**json.loads((path / "stats.json").read_text()))
 

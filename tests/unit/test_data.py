@@ -242,6 +242,33 @@ def test_rows_are_prepared_once_and_a_second_run_reads_them_without_tokenizing(t
     assert _batches(again["train"], packing) == _batches(rows["train"], packing)  # the same batches, memory-mapped
 
 
+def test_cached_rows_read_back_as_written_across_record_batches_without_importing_datasets(tok, tmp_path, monkeypatch):
+    """The row cache's reader (row_cache.ArrowRows): every row as it was written, through several record batches;
+    negative indices and the end as a list has them; pickled as its path; and no import of ``datasets`` (0.15-0.18
+    s of a start), checked in a fresh interpreter."""
+    import pickle
+    import subprocess
+    import sys
+
+    from ftcluster import row_cache
+
+    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 512)  # a record batch every few rows
+    cfg = DataConfig(source="builtin:required-args", max_seq_len=128, packing=True)
+    examples = data.load_examples(cfg, 3)
+    written, _, _ = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    again, _, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    rows = again["train"]
+    assert line.startswith("rows reused from ") and isinstance(rows, row_cache.ArrowRows) and len(rows.chunks) > 3
+    assert list(rows) == written["train"] and rows[-1] == written["train"][-1] and rows[2:5] == written["train"][2:5]
+    assert all(type(v) is list for v in rows[0].values())  # collate concatenates lists
+    with pytest.raises(IndexError):
+        rows[len(rows)]
+    assert list(pickle.loads(pickle.dumps(rows))) == written["train"]
+    probe = (f"import sys; from ftcluster import row_cache; r = row_cache.ArrowRows({rows.file!r}); r[0]; "
+             "sys.exit('datasets' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
 def test_a_run_without_evaluation_rows_reads_its_cached_rows_back(tok, tmp_path):
     from ftcluster import row_cache
 
