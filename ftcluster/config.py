@@ -245,9 +245,9 @@ class RayConfig(Section):
     """Times Ray Train may try to start the worker group (a minute each) before the run fails: bounds the wait when
     resources vanish mid-run."""
     local_mode: bool | Literal["auto"] = "auto"
-    """Run the one worker in the driver's own process, through Ray Train's local mode (``ScalingConfig(num_workers=0)``):
-    no Ray cluster to start or join and no worker process to start, which is most of a one-GPU run's time before its
-    first step (7B QLoRA on an H200: 30 s from the driver's start to the first step against 72). The run directory
+    """Run the one worker in the driver's own process, without Ray (not imported at all): no Ray cluster to start or
+    join and no worker process to start, which is most of a one-GPU run's time before its first step (7B QLoRA on an
+    H200: 30 s from the driver's start to the first step against 72). The run directory
     is the same (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints written by ftcluster, the latest
     kept ones resumed). Needs scaling.num_workers=1; a failed run is not restarted (ray.max_failures is Ray's).
     ``auto``: on for one worker with no cluster to join (ray.address and RAY_ADDRESS unset, no Ray cluster running

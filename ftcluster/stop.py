@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def _preempted() -> bool:
     """Whether Ray Train's preemption watcher has marked this worker. The public
     ``ray.train.get_preemption_info()`` answers the same question but through a Ray collective (a round trip
     through the object store, every worker in lockstep) on each call, too slow for every step; this reads the
-    worker's own mark, which that function reads too (ray 2.60, train/v2/_internal/execution/train_fn_utils.py)."""
+    worker's own mark, which that function reads too (ray 2.60, train/v2/_internal/execution/train_fn_utils.py).
+    A worker that did not import Ray Train (local mode) is not one of its workers: importing it here would cost the
+    first step a second."""
+    if "ray.train" not in sys.modules:
+        return False
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 

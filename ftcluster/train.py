@@ -56,6 +56,13 @@ def bytecode_note() -> str | None:
             "Ray from source at each start (7-20 s more before the first step); unset it to let Python cache bytecode")
 
 
+def _ray_training_failed() -> tuple[type, ...]:
+    """Ray Train's error for failed workers, where Ray Train was imported: a local-mode run, which imports no Ray,
+    gets its worker's own error instead (evaluated when an error reaches the ``except``)."""
+    ray_train = sys.modules.get("ray.train")
+    return (ray_train.TrainingFailedError,) if ray_train is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     collector.hold()  # until the first step, or until Ray's workers start: see ftcluster/collector.py
     try:
@@ -73,8 +80,6 @@ def _main(argv: list[str] | None) -> int:
             return 0
         if note := bytecode_note():
             print(note, flush=True)
-        from ray.train import TrainingFailedError
-
         from ftcluster import launch
 
         cfg = launch.settle_local_mode(cfg)
@@ -82,7 +87,7 @@ def _main(argv: list[str] | None) -> int:
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingFailedError as e:
+    except _ray_training_failed() as e:
         print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - in local mode the worker's own error arrives here, not wrapped by Ray

@@ -1,6 +1,5 @@
-"""ray.local_mode: the one worker in the driver's process under Ray Train's local mode, with no Ray cluster. The same
-steps, losses, checkpoints and run directory as a Ray worker; a SIGTERM checkpoints it and the same command
-resumes it."""
+"""ray.local_mode: the one worker in the driver's process, without Ray (not even imported). The same steps, losses,
+checkpoints and run directory as a Ray worker; a SIGTERM checkpoints it and the same command resumes it."""
 
 import json
 import signal
@@ -27,11 +26,17 @@ def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_di
                                                                                         tmp_path):
     on_ray = launch.run(tiny_cfg(tiny_model, tmp_path, "on-ray", **ONE))
     # ray.local_mode=auto, the default: one worker and no cluster recorded on the host or named to the driver.
-    proc = subprocess.run(_local_command(tiny_model, tmp_path, "local", **ONE, **{"ray.local_mode": "auto"}),
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    command = _local_command(tiny_model, tmp_path, "local", **ONE, **{"ray.local_mode": "auto"})
+    assert command[1:3] == ["-m", "ftcluster.train"]
+    # The same command, telling at exit which of Ray's modules it imported.
+    probe = ("import atexit, sys; atexit.register(lambda: print('ray modules:', sorted(m for m in sys.modules "
+             "if m.split('.')[0] == 'ray'))); from ftcluster import train; sys.exit(train.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", probe, *command[3:]], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "cluster: none (ray.local_mode" in out and "Started a local Ray instance" not in out
+    assert "ray modules: []" in out  # Ray Train's import alone took 1.0-1.3 s of a GPU host's start
     local = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
     assert local["final_step"] == on_ray["final_step"] == 6 and local["eval_loss"] == pytest.approx(on_ray["eval_loss"])
