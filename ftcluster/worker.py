@@ -153,7 +153,7 @@ def quiet_ray_train_reports(level: str) -> None:
 
 
 def local_process_group(cfg: RunConfig) -> torch.device:
-    """The device and a one-rank process group for a worker in local mode, where no Ray Train sets up either:
+    """The device and a one-rank process group for a worker in local mode, which has no Ray Train to set up either:
     DeepSpeed needs the group, and the launcher's variables (it asserts LOCAL_RANK)."""
     from ftcluster.cluster import free_port
 
