@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from ftcluster import config as C
-from ftcluster import estimate
+from ftcluster import estimate, plan
+from ftcluster.hardware import Hardware
 from ftcluster.estimate import Run
 from ftcluster.presets import PRESETS
 from ftcluster.records import Summary
@@ -56,22 +57,25 @@ ZERO3_BUCKET_SINCE = "af1b04f"
 
 
 def run_of(cfg: C.RunConfig, commit: str) -> Run:
-    """The estimator's view of a run measured at ``commit``: which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket
-    size its code had."""
+    """The estimator's view of a run measured at ``commit``: its plan on a GPU with Liger installed (as the GPU
+    host has had it for every run), told which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket size its code had."""
+    planned = plan.make(cfg, Hardware.gpu(liger_installed=True), read_data=False)
     current = since(CHUNKED_LOSS_SINCE, commit)
-    run = estimate.run_of(cfg, chunked_loss=current, layer_gather=current,
-                          sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
-                          # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
-                          zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
-                          fused_loss=since(LIGER_SINCE, commit) and estimate.fused_loss_of(cfg, liger_installed=True),
-                          layer_shards=cfg.frozen_base_by_layers and since(LAYER_SHARDS_SINCE, commit),
-                          recomputed_weights_kept=cfg.method != "qlora"
-                          or not _at_or_before(commit, KEPT_RECOMPUTED_WEIGHTS_AFTER))
+    layer_shards = planned.frozen_base == "layer-shards"
+    run = plan.estimator_run(
+        cfg, planned, chunked_loss=current, layer_gather=current, sized_buckets=since(SIZED_BUCKETS_SINCE, commit),
+        # Only ZeRO-3 has this bucket: other runs are today's whatever their commit.
+        zero3_buckets=cfg.deepspeed.zero_stage != 3 or since(ZERO3_BUCKET_SINCE, commit),
+        fused_loss=since(LIGER_SINCE, commit) and planned.loss == "liger-fused",
+        layer_shards=layer_shards and since(LAYER_SHARDS_SINCE, commit),
+        recomputed_weights_kept=plan.estimator_run(cfg, planned).recomputed_weights_kept
+        and (cfg.method != "qlora" or not _at_or_before(commit, KEPT_RECOMPUTED_WEIGHTS_AFTER)))
     outside_a_checkpoint = not run.grad_ckpt or run.ckpt_layers is not None
     run = replace(run, compiled=run.compiled and since(COMPILED_SINCE[cfg.method], commit)
                   and not (cfg.method == "qlora" and outside_a_checkpoint
                            and not since(UNCHECKPOINTED_QLORA_COMPILED_SINCE, commit)))
-    if cfg.frozen_base_whole_on_one_worker and _at_or_before(commit, ZERO3_ON_ONE_WORKER_UNTIL):
+    if planned.frozen_base == "whole" and cfg.deepspeed.zero_stage == 3 \
+            and _at_or_before(commit, ZERO3_ON_ONE_WORKER_UNTIL):
         # ZeRO-3 on one worker was ZeRO-3 then, with its chunked loss: DeepSpeed's, or layer shards gathering copies
         # of each layer from the one rank's whole shard.
         run = replace(run, zero=3, fused_loss=False, layer_shards=since(LAYER_SHARDS_SINCE, commit))

@@ -97,8 +97,8 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -
         for text in proc.stdout:
             fh.write(text)
             tail = (tail + [text.rstrip()])[-300:]
-            if text.startswith(SCORING):
-                print(f"  {label}  {text.rstrip()}", flush=True)
+            if text.startswith(SCORING) or PHASE.match(_plain(text)):
+                print(f"  {label}  {_plain(text).rstrip()}", flush=True)
             elif run_dir and "step" in text:  # the driver prints a line per record: look for new ones then
                 lines = records.read_lines(run_dir)
                 for line in lines[shown:]:
@@ -106,6 +106,17 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -
                 shown = len(lines)
         code = proc.wait()
     return code, "\n".join(tail)
+
+
+PHASE = re.compile(r"(install|checks|cluster|data|model|engine|memory|first step|resumed from|already finished|"
+                   r"compiled layers|Liger kernels|error)\b.*?:")
+"""The trainer's lines for its phases (each says what it did and how long it took), shown as the run goes: the
+progress lines come from its records instead."""
+
+
+def _plain(text: str) -> str:
+    """A trainer's line without Ray's prefix and colours (``(RayTrainWorker pid=12) ...``)."""
+    return re.sub(r"^(\(\w+ pid=\d+[^)]*\)\s*)", "", re.sub(r"\x1b\[[0-9;]*m", "", text))
 
 
 WRAPPERS = re.compile(r"(WorkerGroupError|RayTaskError|TrainingFailedError|ControllerError|RayActorError)")

@@ -25,8 +25,9 @@ import torch
 def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
     from transformers import LlamaConfig
 
-    from ftcluster import activations, models
+    from ftcluster import activations, models, plan
     from ftcluster import config as C
+    from ftcluster.hardware import Hardware
     from ftcluster.presets import PRESETS
 
     shape = Path(tempfile.mkdtemp())
@@ -40,7 +41,8 @@ def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
                         "model.random_init=true", "lora.r=8", "model.gradient_checkpointing=true",
                         f"model.compile={'off' if mode == 'eager' else 'on'}", "scaling.use_gpu=true"])
     torch.manual_seed(0)
-    model = models.build_model(cfg, device)  # compiled layers get Liger's fused loss only (kernels.plan)
+    # Compiled layers get Liger's fused loss only (Plan.liger_layers).
+    model = models.build_model(cfg, plan.make(cfg, Hardware.gpu(), read_data=False), device)
     for layer in activations.decoder_layers(model) if mode in ("traced", "wrapped") else []:
         forward, host, _ = layer.forward.args
         if mode == "traced":  # still compiled (lazily, at the first call), now without the policy

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ftcluster import config as C
-from ftcluster import data, metrics, models
+from ftcluster import metrics, models, sources
+from ftcluster.data import formatting, reading
 
 
 RECIPES = ("hf", "hf-tuned", "unsloth")
@@ -45,13 +46,15 @@ def build(cfg: C.RunConfig, device: torch.device, recipe: str = "hf"):
 
     m = cfg.model
     dtype = models.DTYPES[m.dtype]
-    hf = models.load_hf_config(m)
+    hf = sources.load_hf_config(m)
+    # bitsandbytes' packed bytes, as transformers' own 4-bit loading stores them.
+    quant = models.bnb_config(cfg, "uint8") if cfg.method == "qlora" else None
     if m.random_init:  # no weights to load: the same layer-by-layer builder random-init runs use
-        model = models.build_module_by_module(cfg, hf, device, dtype=dtype, attn_implementation="sdpa")
+        model = models.build_module_by_module(cfg, hf, device, quant=quant, dtype=dtype, attn_implementation="sdpa")
     else:
-        src, kw = models.resolve_source(m)
-        if cfg.method == "qlora":
-            kw["quantization_config"] = models.bnb_config(cfg)
+        src, kw = sources.resolve_source(m)
+        if quant is not None:
+            kw["quantization_config"] = quant
         model = AutoModelForCausalLM.from_pretrained(src, config=hf, dtype=dtype, attn_implementation="sdpa",
                                                      device_map={"": device}, **kw)
     model.config.use_cache = False
@@ -87,7 +90,7 @@ def random_checkpoint(cfg: C.RunConfig, device: torch.device) -> Path:
     """A random-init shape written as a bf16 safetensors checkpoint with its tokenizer, for loaders that take only
     a path (Unsloth). Built the way the other recipes build it, from the current seed, so all of them start from
     the same weights; written once per shape and reused (keyed by the model config)."""
-    hf = models.load_hf_config(cfg.model)
+    hf = sources.load_hf_config(cfg.model)
     key = hashlib.sha256(hf.to_json_string(use_diff=False).encode()).hexdigest()[:12]
     out = Path(tempfile.gettempdir()) / f"ftcluster-random-{hf.model_type}-{key}"
     if (out / "config.json").exists():
@@ -97,7 +100,7 @@ def random_checkpoint(cfg: C.RunConfig, device: torch.device) -> Path:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    models.load_tokenizer(cfg.model).save_pretrained(partial)
+    sources.load_tokenizer(cfg.model).save_pretrained(partial)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -113,7 +116,7 @@ def build_unsloth(cfg: C.RunConfig, device: torch.device):
     if m.random_init:
         src, kw = str(random_checkpoint(cfg, device)), {}
     else:
-        src, kw = models.resolve_source(m)
+        src, kw = sources.resolve_source(m)
     checkpointing = "unsloth" if m.gradient_checkpointing else False
     model, _ = FastLanguageModel.from_pretrained(
         src, max_seq_length=cfg.data.max_seq_len, dtype=models.DTYPES[m.dtype], load_in_4bit=cfg.method == "qlora",
@@ -140,12 +143,12 @@ def optimizer(cfg: C.RunConfig, params, device: torch.device):
 
 def grouped_rows(cfg: C.RunConfig, tokenizer, n_rows: int) -> torch.Tensor:
     """run_clm's ``group_texts``: every example's tokens end to end, cut into rows of ``max_seq_len``."""
-    train = data.load_examples(cfg.data, cfg.training.seed).train
+    train = reading.load_examples(cfg.data, cfg.training.seed).train
     stream: list[int] = []
     need = n_rows * cfg.data.max_seq_len
     while len(stream) < need:
         for ex in train:
-            stream += data.tokenize_example(tokenizer, ex, cfg.data)["input_ids"]
+            stream += formatting.tokenize_example(tokenizer, ex, cfg.data)["input_ids"]
             if len(stream) >= need:
                 break
     return torch.tensor(stream[:need]).view(n_rows, cfg.data.max_seq_len)
@@ -157,7 +160,7 @@ def run(cfg: C.RunConfig, steps: int, warmup: int, recipe: str = "hf") -> dict:
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     metrics.start_device_sampler(device)
     torch.manual_seed(cfg.training.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
+    tokenizer = sources.load_tokenizer(cfg.model)
     mb, gas = cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps
     rows = grouped_rows(cfg, tokenizer, mb * gas * 4)
     model = build_unsloth(cfg, device) if recipe == "unsloth" else build(cfg, device, recipe)

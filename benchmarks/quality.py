@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ftcluster import config as C
-from ftcluster import data, models
+from ftcluster import models, plan, sources
+from ftcluster.data import formatting, reading
+from ftcluster.hardware import Hardware
 
 
 SAY = "scoring: "
@@ -39,7 +41,8 @@ def load_model(cfg: C.RunConfig, trained: Path | None, device: torch.device):
                                                      device_map={"": device})
     else:
         base_cfg = cfg if trained is not None else cfg.model_copy(update={"method": "full"})
-        model = models.build_base_model(base_cfg, device)
+        hw = Hardware(device=device.type, device_source="the scoring device")
+        model = models.build_base_model(base_cfg, plan.make(base_cfg, hw, read_data=False), device)
         if trained is not None:
             from peft import PeftModel
 
@@ -52,28 +55,28 @@ def load_model(cfg: C.RunConfig, trained: Path | None, device: torch.device):
 def answer_loss(model, tokenizer, examples: list[dict], cfg: C.RunConfig, device, batch_size: int) -> float:
     """Token-weighted cross-entropy of the reference answers given their prompts, one unpacked row each."""
     total, count = 0.0, 0
-    rows = [data.tokenize_example(tokenizer, ex, cfg.data) for ex in examples]
+    rows = [formatting.tokenize_example(tokenizer, ex, cfg.data) for ex in examples]
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), data.IGNORE, dtype=torch.long)
+        labels = torch.full((len(chunk), width), formatting.IGNORE, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, r in enumerate(chunk):
             n = len(r["input_ids"])
             ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         target = labels[:, 1:].to(device)
-        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=data.IGNORE,
+        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=formatting.IGNORE,
                                  reduction="sum").item()
-        count += int((target != data.IGNORE).sum())
+        count += int((target != formatting.IGNORE).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, examples: list[dict], cfg: C.RunConfig, device, batch_size: int) -> list[str]:
     tokenizer.padding_side = "left"  # generation continues from the right edge of every prompt
-    prompts = [data.prompt_text(tokenizer, ex, cfg.data) for ex in examples]
+    prompts = [formatting.prompt_text(tokenizer, ex, cfg.data) for ex in examples]
     longest = max(len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in examples)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -114,12 +117,13 @@ def first_turn(tokenizer, text: str) -> str:
 def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batch_size: int) -> dict:
     started = time.perf_counter()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    tokenizer = models.load_tokenizer(cfg.model)
-    examples = data.load_examples(cfg.data, cfg.training.seed).evaluation
+    tokenizer = sources.load_tokenizer(cfg.model)
+    examples = reading.load_examples(cfg.data, cfg.training.seed).evaluation
     examples = examples[:max_examples] if max_examples else examples
     if not examples:
         raise SystemExit(f"data.source {cfg.data.source} has no held-out examples to score")
     torch.manual_seed(cfg.training.seed)  # a random-init base comes out as the worker built it
+    say(f"loading {trained or 'the base model ' + cfg.model.name_or_path} on {device}")
     model = load_model(cfg, trained, device)
     say(f"{trained or 'the base model'} loaded in {time.perf_counter() - started:.1f} s; {len(examples)} held-out "
         "examples")

@@ -21,12 +21,15 @@ def estimated(rec: dict, commit: str | None) -> tuple[float | None, float | None
     (where it was measured) ran it."""
     from benchmarks import calibration
     from ftcluster import estimate as E
+    from ftcluster import plan as P
+    from ftcluster.hardware import Hardware
 
     try:
         cfg = calibration.config_of(rec["command"])
-        run = calibration.run_of(cfg, commit) if commit else E.run_of(cfg)
-        e = E.estimate(E.shape_from(cfg), run)
-    except (ValueError, SystemExit, KeyError):
+        run = calibration.run_of(cfg, commit) if commit else P.estimator_run(
+            cfg, P.make(cfg, Hardware.gpu(), read_data=False))
+        e = E.estimate(P.architecture(cfg).shape, run)
+    except (ValueError, SystemExit, KeyError, TypeError):
         return None, None
     return e.allocated / E.GiB, e.device / E.GiB
 

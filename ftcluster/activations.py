@@ -80,9 +80,9 @@ class RecomputePolicy:
 
     Where the checkpoint is traced into a compiled layer, Inductor's partitioner decides what the forward saves for
     backward, and on CUDA it saved the output of bitsandbytes' dequantization (a custom op it does not recompute on
-    its own) in every checkpointed layer: at the Llama-2-7B shape 0.5 GiB a layer more than eager checkpointing
-    (8 layers on one H100, reports/llama-7b/2026-11-27-1xh100-compiled-qlora). Eager checkpointing never consults
-    the policy's answer for memory; it is what the compiled graph is partitioned by.
+    its own) in every checkpointed layer: a layer's weights in the compute dtype more than eager checkpointing
+    keeps. Eager checkpointing never consults the policy's answer for memory; it is what the compiled graph is
+    partitioned by.
 
     A class rather than a closure: AOTAutograd's cache pickles the policy into its key, and takes ``cache_hash``
     (:meth:`context_fn`) for its behaviour; a closure it cannot pickle, so every start traced the layer again."""
@@ -136,6 +136,7 @@ def checkpoint_layers(model: nn.Module, offload: bool = False, count: int | None
     context_fn = RecomputePolicy(must_recompute).context_fn() if must_recompute else None
     for layer in layers[:count]:
         layer.forward = functools.partial(_checkpointed, layer.forward, host, context_fn)
+        layer.ftcluster_checkpoint = "layer"
     return Checkpointing(len(layers[:count]), host)
 
 
@@ -151,6 +152,7 @@ def recompute_only(layers: list[nn.Module], namespaces: frozenset[str]) -> None:
     context_fn = RecomputePolicy(namespaces, save_rest=True).context_fn()
     for layer in layers:
         layer.forward = functools.partial(_checkpointed, layer.forward, None, context_fn)
+        layer.ftcluster_checkpoint = "recompute-only"
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 With SDPA, a packed row needs a block-diagonal mask, and an explicit mask keeps SDPA off its flash kernel. The
 varlen kernel instead takes the cumulative sequence lengths of the packed examples and attends causally within
-each, with no mask at all. The lengths are computed on the host by the collator (``data.collate``) and reach
+each, with no mask at all. The lengths are computed on the host by the collator (``data.packing.collate``) and reach
 every layer as the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords transformers passes through to attention.
 Registered under the name ``varlen``; transformers then builds no mask for it.
 """

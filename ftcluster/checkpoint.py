@@ -1,6 +1,8 @@
-"""Checkpoints: what a Ray Train checkpoint holds, and how a worker restores from one.
+"""Checkpoints: what one holds, how the workers write one into the run directory and keep the latest few, and how
+a worker restores from the latest. One implementation for both backends (in-process and Ray): the run directory is
+on storage every node sees, and every worker writes its own files into the checkpoint's directory.
 
-Layout of one checkpoint directory (every worker writes its own files into it; Ray merges them)::
+Layout of one checkpoint directory, ``<run_dir>/checkpoint_step<7 digits>``::
 
     deepspeed/state/...        DeepSpeed engine state: trainable weights (frozen base excluded for adapters),
                                optimizer shards per rank, LR schedule
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ftcluster import patches
 from ftcluster.config import RunConfig, save_resolved
 from ftcluster.records import CheckpointKind, Progress
 
@@ -26,6 +32,55 @@ TAG = "state"
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+PATTERN = re.compile(r"checkpoint_step(\d{7})")
+
+
+def name(step: int) -> str:
+    return f"checkpoint_step{step:07d}"
+
+
+def saved(run_dir: Path) -> list[Path]:
+    """The run directory's checkpoints, oldest step first."""
+    found = [(int(m.group(1)), d) for d in Path(run_dir).iterdir() if d.is_dir() and (m := PATTERN.fullmatch(d.name))]
+    return [d for _, d in sorted(found)]
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint of the latest step in the run directory (what a resumed run restores), or None."""
+    found = saved(run_dir) if Path(run_dir).is_dir() else []
+    return found[-1] if found else None
+
+
+def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+    """Write a checkpoint of ``step`` into the run directory; every worker calls it, and ``write(directory)`` writes
+    this worker's part. The directory is filled under a temporary name and renamed into place once every worker
+    has written, so a directory of the checkpoint's name is always whole; then only the ``keep_last`` latest are
+    kept. Returns the checkpoint's directory."""
+    run_dir = Path(run_dir)
+    final = run_dir / name(step)
+    partial = run_dir / f".{final.name}.partial"
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # a partial one a failed attempt left
+        partial.mkdir(parents=True)
+    _barrier()
+    write(partial)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # a step saved again (a stop checkpoint at the step a periodic one took)
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in saved(run_dir)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
 
 
 def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
@@ -45,7 +100,7 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
         elif rank == 0:
             model.save_pretrained(out)
     else:
-        state = engine._zero3_consolidated_16bit_state_dict() if cfg.deepspeed.zero_stage == 3 else None
+        state = patches.zero3_full_state_dict(engine) if engine.zero_optimization_partition_weights() else None
         if rank == 0:
             model.save_pretrained(out, state_dict=state)
     if rank == 0:
@@ -75,7 +130,7 @@ def _restore_rng(stem: Path) -> None:
         version, state, gauss = json.loads(stem.with_suffix(".json").read_text())["python"]
         python, cuda = (version, tuple(state), gauss), [tensors[f"cuda{i}"] for i in range(len(tensors) - 1)]
         torch_state = tensors["torch"]
-    elif stem.with_suffix(".pt").exists():  # checkpoints written before 2026-11-26: tensors, tuples and ints only
+    elif stem.with_suffix(".pt").exists():  # checkpoints of earlier versions: tensors, tuples and ints only
         old = torch.load(stem.with_suffix(".pt"), weights_only=True)
         python, torch_state, cuda = old["python"], old["torch"], old["cuda"] or []
     else:

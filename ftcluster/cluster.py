@@ -8,9 +8,8 @@ import socket
 import time
 from pathlib import Path
 
-from ftcluster import preflight
+from ftcluster import patches
 from ftcluster.config import ConfigError, RunConfig
-
 
 
 def current_cluster_file() -> Path:
@@ -65,27 +64,8 @@ def free_port() -> int:
 
 
 def start_local(**init_kwargs) -> None:
-    """A new local cluster whose processes find it, not the one `ray start` recorded on this host.
-
-    Ray Train's placement-group cleaner (Ray 2.60) asks the state API whether the run's controller is alive, and
-    the state API finds its cluster by RAY_ADDRESS or else by that record (ray-project/ray#65447). A record of a
-    dead cluster made every run end 12 s late, with a traceback ("Failed to stop PlacementGroupCleaner
-    gracefully"); a record of another live cluster would answer that the controller does not exist, and the
-    cleaner would remove the run's placement group. So the dashboard, which serves the state API, gets a port
-    chosen here, and the cluster's processes are started with RAY_API_SERVER_ADDRESS naming it (they inherit the
-    driver's environment when ray.init starts them; the driver's own is restored after)."""
-    import ray
-
-    port = free_port()
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    try:
-        ray.init(address="local", dashboard_port=port, log_to_driver=True, **init_kwargs)
-    finally:
-        if saved is None:
-            del os.environ["RAY_API_SERVER_ADDRESS"]
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+    """A new local cluster whose processes find it, not the one `ray start` recorded on this host."""
+    patches.start_local_ray_cluster(free_port(), **init_kwargs)
 
 
 def wait_for_resources(cfg: RunConfig, use_gpu: bool, own_cluster: bool) -> None:
@@ -97,7 +77,7 @@ def wait_for_resources(cfg: RunConfig, use_gpu: bool, own_cluster: bool) -> None
     deadline = time.monotonic() + (0 if own_cluster else cfg.ray.resources_wait_s)
     said = False
     while True:
-        problem = preflight.check_cluster(cfg, use_gpu, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        problem = check_cluster(cfg, use_gpu, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
         if problem is None:
             return
         if time.monotonic() >= deadline:
@@ -106,3 +86,28 @@ def wait_for_resources(cfg: RunConfig, use_gpu: bool, own_cluster: bool) -> None
             print(f"ftcluster: waiting up to {cfg.ray.resources_wait_s:g} s for the cluster: {problem}", flush=True)
             said = True
         time.sleep(2.0)
+
+
+def worker_bundle(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:
+    """The resources one worker asks Ray for."""
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if use_gpu else {}), **s.resources_per_worker}
+
+
+def check_cluster(cfg: RunConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> str | None:
+    """Why the cluster (each node's total resources) cannot hold the run's workers, or None. Ray would otherwise
+    retry starting the worker group for as long as it is let, a traceback a minute."""
+    bundle, n = worker_bundle(cfg, use_gpu), cfg.scaling.num_workers
+    fields = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
+    have = {k: sum(node.get(k, 0.0) for node in nodes) for k in bundle}
+    for k, per in bundle.items():
+        if per * n > have[k] + 1e-9:
+            field = fields.get(k, f"scaling.resources_per_worker.{k}")
+            return (f"scaling.num_workers={n} x {field}={per:g} needs {per * n:g} {k}, and the Ray cluster has "
+                    f"{have[k]:g} over {len(nodes)} node(s); lower scaling.num_workers or {field}, or add nodes")
+    fits = [node for node in nodes if all(node.get(k, 0.0) + 1e-9 >= per for k, per in bundle.items())]
+    if not fits:
+        return (f"no node of the Ray cluster can hold one worker ({bundle}); its nodes have "
+                f"{[{k: node.get(k, 0.0) for k in bundle} for node in nodes]}: lower scaling.cpus_per_worker, "
+                "scaling.gpus_per_worker or scaling.resources_per_worker")
+    return None

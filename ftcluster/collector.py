@@ -2,12 +2,9 @@
 
 Start-up builds a couple of million objects that live for the whole run: torch's, transformers', Ray's and
 DeepSpeed's modules, the model, the compiled graphs. Each full collection walks every one of them, and CPython runs
-one each time the long-lived objects grow by a quarter: a 2-step QLoRA run of the embedded model on this project's
-2-core CPU machine made ten, 1.5-1.7 s, nearly all before its first step (counted with ``gc.callbacks``; first step
-13.9 s after the command). Held, the run makes one, 0.4 s, after its first step (11.7-11.8 s after the command),
-and freezes what is left out of the collector's sight for the run (``engine``). On an H100 host, where the
-process's ten took 2.2-2.5 s, holding the whole collector off took 4-5 s off two of three 7B QLoRA starts
-(reports/ttfs/2026-11-28-1xh100-startup.md); holding only the full collections was not measured there."""
+one each time the long-lived objects grow by a quarter: about ten before a run's first step, seconds of its
+start-up. Held, the run makes one, after its first step, and freezes what is left out of the collector's sight for
+the run (``engine``). docs/design.md has the measurements."""
 
 from __future__ import annotations
 
@@ -24,8 +21,8 @@ last exceeds it (CPython 3.11-3.13; 3.14's incremental collector ignores it)."""
 def hold() -> None:
     """No full collection until ``after_first_step()`` or ``release()``. The young generations are still collected,
     so torch's own ``gc.collect(1)`` after each compiled frame walks only what is young, as before (with the
-    collector off, everything made since would have stayed young: 8 such collections took 0.7-1.0 s on an H100
-    host). A collector someone else turned off stays off."""
+    collector off, everything made since would have stayed young, and each of those collections would walk it). A
+    collector someone else turned off stays off."""
     global _held
     if gc.isenabled() and _held is None:
         _held = gc.get_threshold()

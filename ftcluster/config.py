@@ -50,11 +50,9 @@ class ModelConfig(Section):
     share to the layer's whole weight gradient, one pass over it per chunk (0.5 GB at 1B); a larger scale makes
     fewer passes at chunk x vocabulary x 6 bytes for the chunk's logits."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU (QLoRA's where every
-    layer is checkpointed, whose checkpoints make Inductor recompute the dequantization), where LoRA's step was
-    1.14-1.3x faster than the eager one at 7B and 2.2x at 1B (reports/llama-*/2026-11-27-1xh100-lora-compiled),
-    QLoRA's 1.4x at 7B and full fine-tuning's 1.3x at 1B; ``on`` compiles on several workers too, and refuses to
-    run where it cannot: under ZeRO-3, or with activation_offloading."""
+    """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU, where compiled layers
+    measured faster than eager ones for every method (docs/design.md); ``on`` compiles on several workers too, and
+    refuses to run where it cannot: under ZeRO-3, or with activation_offloading."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
@@ -246,15 +244,12 @@ class RayConfig(Section):
     resources vanish mid-run."""
     local_mode: bool | Literal["auto"] = "auto"
     """Run the one worker in the driver's own process, without Ray (not imported at all): no Ray cluster to start or
-    join and no worker process to start, which is most of a one-GPU run's time before its first step (7B QLoRA on an
-    H200: 30 s from the driver's start to the first step against 72). The run directory
-    is the same (metrics.jsonl, checkpoint_step*, final/, summary.json; checkpoints written by ftcluster, the latest
-    kept ones resumed). Needs scaling.num_workers=1; a failed run is not restarted (ray.max_failures is Ray's).
-    ``auto``: on for one worker with no cluster to join (ray.address and RAY_ADDRESS unset, no Ray cluster running
-    on this host or started in this process) and no restarts asked for; off otherwise, so a job submitted to a
-    cluster runs its worker where Ray places it. The driver settles it before anything starts
-    (launch.settle_local_mode), and the settled mode is part of the run's identity: a run directory is resumed in the
-    mode it started in."""
+    join and no worker process to start, which is most of a one-GPU run's time before its first step. The run
+    directory is the same, and either backend resumes the other's checkpoints. Needs scaling.num_workers=1; a
+    failed run is not restarted (ray.max_failures is Ray's). ``auto``: on for one worker with no cluster to join
+    (ray.address and RAY_ADDRESS unset, no Ray cluster running on this host or started in this process) and no
+    restarts asked for; off otherwise, so a job submitted to a cluster runs its worker where Ray places it. The
+    plan decides it before anything starts (``Plan.backend``)."""
     train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Ray Train's own log lines on the console. At INFO its workers print a "Reporting training result" line with
     every report, beside ftcluster's own progress line; its warnings and errors always show."""
@@ -335,20 +330,6 @@ class RunConfig(Section):
                              "keeps the adapters in float32. Set one of them the other way.")
         if ds.offload_param == "cpu" and ds.zero_stage != 3:
             raise ValueError("deepspeed.offload_param=cpu needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters).")
-        if self.model.liger_kernel == "on" and self.scaling.use_gpu is False:
-            raise ValueError(
-                "model.liger_kernel=on with scaling.use_gpu=false: Liger's kernels are Triton kernels for CUDA GPUs. "
-                "Set model.liger_kernel=auto (applies them where they can run) or off."
-            )
-        if self.model.compile == "on":
-            clash = ("scaling.use_gpu=false: compiled layers pay off on GPUs" if self.scaling.use_gpu is False else
-                     "deepspeed.zero_stage=3: ZeRO-3's gather hooks run in each layer's call"
-                     if self.partitions_parameters else
-                     "model.activation_offloading=true: its saved-tensor hooks cannot be traced"
-                     if self.model.activation_offloading else None)
-            if clash:
-                raise ValueError(f"model.compile=on with {clash}. Set model.compile=auto (compiles where it can) "
-                                 "or off.")
         if self.data.streaming == "on" and self.data.source.startswith("builtin:"):
             raise ValueError(
                 f"data.streaming=on with data.source={self.data.source}: builtin datasets are made in memory. Stream "
@@ -364,8 +345,8 @@ class RunConfig(Section):
                 "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
                 "memory are the layer inputs that checkpointing keeps."
             )
-        if ds.zero3_frozen == "layers" and self._layers_clash():
-            raise ValueError(f"deepspeed.zero3_frozen=layers with {self._layers_clash()}. Set "
+        if ds.zero3_frozen == "layers" and layers_clash(self):
+            raise ValueError(f"deepspeed.zero3_frozen=layers with {layers_clash(self)}. Set "
                              "deepspeed.zero3_frozen=auto (layers where they apply) or deepspeed.")
         q = self.quantization
         if self.method == "qlora" and ds.zero_stage == 3 and q.quant_storage not in ("auto", q.compute_dtype):
@@ -392,84 +373,6 @@ class RunConfig(Section):
     def trains_adapter(self) -> bool:
         return self.method in ("lora", "qlora")
 
-    def _layers_clash(self) -> str | None:
-        """Why a frozen base cannot be partitioned by layers in this run, or None."""
-        ds, lora = self.deepspeed, self.lora
-        if ds.zero_stage != 3:
-            return f"deepspeed.zero_stage={ds.zero_stage}: layer shards partition parameters, which is ZeRO-3"
-        if not self.trains_adapter:
-            return "method=full: every parameter is trained, and DeepSpeed's ZeRO-3 partitions them"
-        if ds.offload_param == "cpu":
-            return "deepspeed.offload_param=cpu: shards in host memory are DeepSpeed's"
-        if not self.model.gradient_checkpointing or self.model.checkpointed_layers is not None:
-            return ("model.gradient_checkpointing=false or model.checkpointed_layers: without the recompute, autograd "
-                    "keeps a layer's gathered weights from its forward to its backward")
-        if lora.bias != "none" or lora.modules_to_save:
-            return "lora.bias or lora.modules_to_save: base parameters that are trained are DeepSpeed's to partition"
-        return None
-
-    @property
-    def frozen_base_by_layers(self) -> bool:
-        """ZeRO-3 with the frozen base partitioned by ftcluster's layer shards (``deepspeed.zero3_frozen``)."""
-        return self._frozen_base_is_ours and self.scaling.num_workers > 1
-
-    @property
-    def frozen_base_whole_on_one_worker(self) -> bool:
-        """ZeRO-3 for adapters on one worker, where layer shards would apply: no other rank can hold a shard, so
-        the frozen base stays whole and DeepSpeed runs the adapters under ZeRO-2. Gathering each layer from a
-        one-rank shard only copied it (7B LoRA on an H200: 0.417 s a step against ZeRO-2's 0.331,
-        reports/scaling-llama-7b/2026-11-27-4xh200)."""
-        return self._frozen_base_is_ours and self.scaling.num_workers == 1
-
-    @property
-    def _frozen_base_is_ours(self) -> bool:
-        return self.deepspeed.zero3_frozen != "deepspeed" and self._layers_clash() is None
-
-    @property
-    def deepspeed_stage(self) -> int:
-        """The ZeRO stage DeepSpeed's engine runs: ZeRO-2 for the adapters where ftcluster keeps the frozen base
-        (in layer shards, or whole on one worker), else ``deepspeed.zero_stage``."""
-        return 2 if self._frozen_base_is_ours else self.deepspeed.zero_stage
-
-    @property
-    def steps_model_weights(self) -> bool:
-        """Whether DeepSpeed hands the optimizer the model's own weights and gradients and wraps nothing around it
-        (ZeRO-0 over a bf16 or float32 model): then ftcluster clips the gradients itself, and keeps the float32
-        master weights itself where they are asked for (``keeps_float32_masters``). fp16 stays with DeepSpeed,
-        whose loss scaling it needs."""
-        return self.deepspeed_stage == 0 and self.model.dtype in ("bfloat16", "float32")
-
-    @property
-    def keeps_float32_masters(self) -> bool:
-        """Whether the optimizer keeps float32 copies of the bf16 weights it steps (``optim.Float32Masters``):
-        ZeRO-0 with ``optimizer.master_weights=fp32`` on a bf16 model. DeepSpeed's own (its bf16 mode at ZeRO-0)
-        steps one tensor at a time in Python."""
-        return self.steps_model_weights and self.model.dtype == "bfloat16" and self.optimizer.master_weights == "fp32"
-
-    @property
-    def partitions_parameters(self) -> bool:
-        """Whether parameters are split across workers and gathered in hooks on each layer's call (DeepSpeed's
-        ZeRO-3, or layer shards): a weight read outside its module's call would be a shard."""
-        return self.deepspeed_stage == 3 or self.frozen_base_by_layers
-
-    @property
-    def would_keep_recomputed_weights(self) -> bool:
-        """Whether ``quantization.keep_recomputed_weights`` is in force here, were the run QLoRA with checkpointing."""
-        mode = self.quantization.keep_recomputed_weights
-        return mode == "on" or (mode == "auto" and not self.partitions_parameters)
-
-    @property
-    def keeps_recomputed_weights(self) -> bool:
-        """Whether QLoRA's checkpointed layers keep their recomputed dequantized weights for backward."""
-        return self.would_keep_recomputed_weights and self.method == "qlora" and self.model.gradient_checkpointing
-
-    @property
-    def quant_storage_dtype(self) -> str:
-        q = self.quantization
-        if q.quant_storage != "auto":
-            return q.quant_storage
-        return q.compute_dtype if self.deepspeed.zero_stage == 3 else "uint8"
-
     @property
     def run_name(self) -> str:
         if self.output.name:
@@ -485,15 +388,31 @@ class RunConfig(Section):
         """A short hash of everything that changes what is trained: not where it goes, how it is launched, tracked
         or sized, nor the kernels, compilation and activation placement, which change speed and memory but not the
         result."""
-        # ray.local_mode stays in: a run's checkpoints are found by Ray in its mode and by ftcluster in local mode.
-        launch = set(RayConfig.model_fields) - {"local_mode"}
-        body = self.model_dump(mode="json", exclude={"output": True, "ray": launch, "scaling": True, "resources": True,
+        body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
                                                      "tracking": True,
                                                      "model": {"liger_kernel", "fused_loss_chunk_scale", "compile",
                                                                "activation_offloading"},
                                                      "quantization": {"keep_recomputed_weights"},
                                                      "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def layers_clash(cfg: "RunConfig") -> str | None:
+    """Why a frozen base cannot be partitioned by decoder layers (``deepspeed.zero3_frozen``) in this run, or None:
+    the rule the config's check and the plan share."""
+    ds, lora = cfg.deepspeed, cfg.lora
+    if ds.zero_stage != 3:
+        return f"deepspeed.zero_stage={ds.zero_stage}: layer shards partition parameters, which is ZeRO-3"
+    if not cfg.trains_adapter:
+        return "method=full: every parameter is trained, and DeepSpeed's ZeRO-3 partitions them"
+    if ds.offload_param == "cpu":
+        return "deepspeed.offload_param=cpu: shards in host memory are DeepSpeed's"
+    if not cfg.model.gradient_checkpointing or cfg.model.checkpointed_layers is not None:
+        return ("model.gradient_checkpointing=false or model.checkpointed_layers: without the recompute, autograd "
+                "keeps a layer's gathered weights from its forward to its backward")
+    if lora.bias != "none" or lora.modules_to_save:
+        return "lora.bias or lora.modules_to_save: base parameters that are trained are DeepSpeed's to partition"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ftcluster import activations, optim
+from ftcluster import activations, optim, patches
 from ftcluster.layer_shards import LayerShards, full_numel
 from ftcluster.config import RunConfig
+from ftcluster.plan import Plan
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -31,12 +32,10 @@ def _user_config(cfg: RunConfig) -> dict:
     return user
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int) -> dict:
     """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
     t, d = cfg.training, cfg.deepspeed
-    # A frozen base partitioned by layers (layer_shards), or whole on one worker, leaves DeepSpeed the adapters,
-    # under ZeRO-2.
-    stage = cfg.deepspeed_stage
+    stage = plan.zero_stage
     zero: dict = {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": True}
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -58,10 +57,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     mixed = cfg.method == "qlora" and cfg.quantization.upcast_non_quantized
     # No overflow check: bf16 has float32's exponent range, so there is no loss scale for an overflow to lower
     # and a step to skip, and DeepSpeed's check (isfinite, amax and amin of every gradient in turn, then a sync)
-    # took 43 ms of a 135M model's 170 ms step on one H200. A non-finite gradient means the run diverged, as in
+    # costs a small model's step a quarter of its time. A non-finite gradient means the run diverged, as in
     # torch's and the HF Trainer's bf16 loops, and the loop stops it at the next logging step (DivergenceGuard).
     bf16 = {"enabled": cfg.model.dtype == "bfloat16" and not mixed, "check_grad_overflow": False}
-    if cfg.steps_model_weights:
+    if plan.steps_model_weights:
         # ZeRO-0: DeepSpeed's bf16 mode would wrap the optimizer around float32 copies, stepping one tensor at a
         # time; off, it steps ours over the bf16 weights as they are, and the float32 copies, where asked for, are
         # the optimizer's own (optim.Float32Masters).
@@ -74,8 +73,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         # Where the optimizer steps the model's own weights, DeepSpeed would clip with a float32 copy and a norm of
-        # each gradient in turn (15 ms a step of a 1B model on an H200); the loop clips them with foreach kernels.
-        "gradient_clipping": 0.0 if cfg.steps_model_weights else t.max_grad_norm,
+        # each gradient in turn; the loop clips them with foreach kernels (engine.GradClip).
+        "gradient_clipping": 0.0 if plan.steps_model_weights else t.max_grad_norm,
         "bf16": bf16,
         "fp16": {"enabled": cfg.model.dtype == "float16" and not mixed},
         "zero_optimization": zero,
@@ -170,8 +169,7 @@ def overlaps_reduction(model: torch.nn.Module, reduce_bucket_size: int) -> bool:
     It pays where the gradients fill several buckets (full fine-tuning of a large model). Where they fit one
     (adapters; any model under 5e8 trainable elements) the one reduction comes after the last gradient whatever
     the setting, and overlap_comm only adds DeepSpeed's device-wide synchronize before it and a side stream the
-    other ranks wait on: a 7B LoRA step on 2 H200s took 0.38 s with it and 0.31-0.33 s without, as on one GPU
-    (benchmarks.overhead, reports/zero3-layers-7b/2026-11-27-2xh200-overlap)."""
+    other ranks wait on, which measured slower (benchmarks.overhead; docs/design.md)."""
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable > reduce_bucket_size
 
@@ -228,10 +226,10 @@ class Zero3Partition:
             del alive
 
 
-def zero3_partition(cfg: RunConfig, ds_config: dict) -> Zero3Partition | LayerShards | None:
+def zero3_partition(plan: Plan, ds_config: dict) -> Zero3Partition | LayerShards | None:
     """The build-time partitioner when the run is ZeRO-3 (after the user's DeepSpeed config and overrides): a frozen
-    base's by layers (``deepspeed.zero3_frozen``), or DeepSpeed's."""
-    if cfg.frozen_base_by_layers:
+    base's by layers (``Plan.frozen_base``), or DeepSpeed's."""
+    if plan.frozen_base == "layer-shards":
         import deepspeed
 
         deepspeed.comm.init_distributed(dist_init_required=False)
@@ -239,22 +237,20 @@ def zero3_partition(cfg: RunConfig, ds_config: dict) -> Zero3Partition | LayerSh
     return Zero3Partition(ds_config) if is_zero3(ds_config) else None
 
 
-def initialize(cfg: RunConfig, model, device: torch.device, ds_config: dict, total_steps: int):
+def initialize(cfg: RunConfig, plan: Plan, model, device: torch.device, ds_config: dict, total_steps: int):
     """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
     (Ray Train made it), so DeepSpeed joins it instead of making its own. Returns (engine, scheduler, the final
     DeepSpeed config)."""
     import deepspeed
-    import deepspeed.utils.nvtx
 
-    # A module switch, the one DeepSpeed's own engine.compile() turns off: no profiler, no ranges.
-    deepspeed.utils.nvtx.enable_nvtx = cfg.deepspeed.nvtx_ranges
+    patches.deepspeed_nvtx(cfg.deepspeed.nvtx_ranges)
     ds_config = tuned_config(cfg, ds_config, model)
     if ds_config["zero_optimization"].get("leaf_module", {}).get("classes") and cfg.trains_adapter:
         # ZeRO-3 reduces a leaf layer's gradients in the layer's full backward hook, which torch fires as soon as
         # the output's gradient arrives when no input requires grad: the first layer's, behind a frozen embedding,
         # would be reduced before they exist ("size of tensor a (0) must match ... (16)" in AccumulateGrad).
         model.enable_input_require_grads()
-    optimizer = optim.build_optimizer(cfg, model, device)
+    optimizer = optim.build_optimizer(cfg, plan, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = optim.lr_lambda(cfg, total_steps)
     # Handing the schedule to DeepSpeed makes it step at accumulation boundaries and live in its checkpoints.

@@ -13,7 +13,9 @@ import torch
 
 from ftcluster import collector, metrics as M
 from ftcluster.config import RunConfig
-from ftcluster.data import IGNORE, ShardedBatches
+from ftcluster.data.formatting import IGNORE
+from ftcluster.data.packing import ShardedBatches
+from ftcluster.plan import Plan
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 from ftcluster.stop import DIVERGED
 
@@ -23,6 +25,7 @@ class Loop:
     """What the loop runs on, built once by the worker's set-up: the engine and its schedule, this worker's
     batches, and the figures its records carry from step to step (``record``: who and what, set at every step)."""
     cfg: RunConfig
+    plan: Plan
     engine: object
     scheduler: object
     batches: ShardedBatches
@@ -32,12 +35,12 @@ class Loop:
     peak_flops: float | None
     record: WorkerRecord
     clip: "GradClip | None" = None
-    """Set where the optimizer steps the model's own weights (``RunConfig.steps_model_weights``): the loop clips."""
+    """Set where the optimizer steps the model's own weights (``Plan.clips_gradients``): the loop clips."""
 
     def __post_init__(self):
         # ZeRO-0 on one rank: DeepSpeed would still copy every gradient into flat buckets, all-reduce them with itself
         # and copy them back; no_sync (its public switch for skipping that reduction) leaves them where they are.
-        alone = self.record.world_size == 1 and self.cfg.deepspeed_stage == 0
+        alone = self.record.world_size == 1 and self.plan.zero_stage == 0
         self.backward_context = self.engine.no_sync if alone else contextlib.nullcontext
 
 
@@ -45,8 +48,8 @@ class Loop:
 class GradClip:
     """Gradient clipping where DeepSpeed wraps nothing around the optimizer: one foreach norm over the 16-bit
     gradients and one foreach scale, at each optimizer step (DeepSpeed's own takes a float32 copy of each gradient
-    and its norm in turn, 15 ms a step of a 1B model on an H200). The norm is kept for the log, which DeepSpeed
-    has none of in this mode. ``max_norm`` 0: the norm only."""
+    and its norm in turn). The norm is kept for the log, which DeepSpeed has none of in this mode. ``max_norm`` 0:
+    the norm only."""
     params: list
     max_norm: float
     norm: torch.Tensor | None = None
@@ -82,8 +85,8 @@ VARYING = ("cu_seq_lens_q", "cu_seq_lens_k")
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch on ``device``, its varying lengths marked dynamic for torch.compile: compiled layers are then
-    compiled once for any number of examples, where each new length was otherwise a recompile (two at the 7B
-    shape's steps 2 and 3, 7 s each on an H200). Nothing changes where nothing is compiled."""
+    compiled once for any number of examples, where each new length would otherwise be a recompile, seconds each.
+    Nothing changes where nothing is compiled."""
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     for k in VARYING:
         if k in moved:
@@ -248,9 +251,8 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             if first_step_unix is None:
                 first_step_unix = time.time()
                 # What the first step built (compiled graphs, kernels, the engine's state) lives to the end: out of
-                # the collector's sight, a full collection no longer walks it. Without this one fell in steps
-                # 11-20 of a 30-step run, about 0.3 s (1B full fine-tuning on an H200). Full collections, held off
-                # through start-up, run again after this one.
+                # the collector's sight, a full collection no longer walks it (each would cost a step's worth of
+                # time on a small model). Full collections, held off through start-up, run again after this one.
                 collector.after_first_step()
             window.step_times.append(now - step_started)
             step_started = now

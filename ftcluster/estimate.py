@@ -23,14 +23,11 @@ it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ftcluster import compiled
 from ftcluster.activations import LOSS_CHUNK_BYTES
 from ftcluster.presets import HUB_IDS, PRESETS
 
@@ -42,21 +39,20 @@ DQ_BLOCK = 256
 absmax per block (QLoRA paper §3; bitsandbytes quantize_blockwise)."""
 CUDA_OVERHEAD_GIB = 2.2
 """Device memory outside PyTorch's allocator: the CUDA context, cuBLAS/cuDNN workspaces, NCCL and the loaded
-kernels of torch and bitsandbytes. Measured as NVML used minus torch reserved (minus paged optimizer state) on
-every calibration run on one H100 (CUDA 13, torch 2.11): 2.13 GiB, 2.26 with bitsandbytes' 4-bit kernels
-(benchmarks/calibration.json)."""
+kernels of torch and bitsandbytes: NVML's used memory less torch's reserved memory (less paged optimizer state) on
+the calibration runs (benchmarks/calibration.json), with and without bitsandbytes' 4-bit kernels."""
 GATHER_SLACK = 1.6
 """Allocator slack that ZeRO-3's gathered buffers leave, over their own size: DeepSpeed allocates a flat buffer
 per gathered layer and frees it after use, and the reserved memory grows past the allocated peak by 1.5-1.7x the
-gathered bytes (Llama-2-7B and Llama-3-70B shapes on 2 and 4 H200s, reports/scaling-*/2026-11-26-4xh200)."""
+gathered bytes (the Llama-2-7B and Llama-3-70B scaling rows of benchmarks/calibration.json)."""
 LAYER_SHARD_SLACK = 0.75
 """The same for ftcluster's layer shards, whose gathered buffers have one size per layer and are reused as they
-are: 0.75x the gathered bytes fits Llama-2-7B (LoRA, QLoRA) and Llama-3-70B (QLoRA) on 2 and 4 H200s
-(reports/scaling-*/2026-11-27-4xh200)."""
+are: 0.75x the gathered bytes fits the Llama-2-7B (LoRA, QLoRA) and Llama-3-70B (QLoRA) rows of
+benchmarks/calibration.json on 2 and 4 GPUs."""
 NCCL_COMMUNICATOR_GIB = 0.3
 """Device memory of one NCCL communicator across several GPUs (its buffers and channels), outside torch: NVML less
-torch's reserved memory grows by 0.25-0.3 GiB from one GPU to two for the same 7B LoRA run under ZeRO-2
-(reports/scaling-llama-7b). Layer shards gather on a communicator of their own: a second one."""
+torch's reserved memory grows by this much from one GPU to two for the same 7B LoRA run under ZeRO-2 (the scaling
+rows of benchmarks/calibration.json). Layer shards gather on a communicator of their own: a second one."""
 FRAGMENTATION = 0.02
 """Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
 on the calibration runs; 2% assumed."""
@@ -142,7 +138,7 @@ class Run:
     hub_checkpoint: bool = False  # loaded from a hub id or GGUF file, not a local safetensors checkpoint
     chunked_loss: bool = True
     """ftcluster.activations' loss (bf16 logits and their gradient, float32 one chunk at a time); False: the
-    whole-batch float32 loss of transformers, which runs measured before ccfb9c9 used."""
+    whole-batch float32 loss of transformers, which older runs used (benchmarks/calibration.py names them)."""
     fused_loss: bool = False
     """Liger's fused linear + cross-entropy computes the output layer and the loss a chunk of tokens at a time
     (ftcluster.kernels; on CUDA GPUs with liger-kernel installed, not under ZeRO-3)."""
@@ -155,17 +151,17 @@ class Run:
     """model.fused_loss_chunk_scale: Liger's chunk of tokens holds logits of about this many times the hidden states."""
     zero3_buckets: bool = True
     """ZeRO-3's reduce bucket holds at most the trainable elements (deepspeed_setup.tuned_config); False: DeepSpeed's
-    5e8, which runs measured before af1b04f used."""
+    5e8, which older runs used."""
     layer_gather: bool = True
     """ZeRO-3 gathers a decoder layer at a time (ftcluster.deepspeed_setup.zero3_schedule); False: DeepSpeed's
-    defaults, which runs measured before ccfb9c9 used."""
+    defaults, which older runs used."""
     layer_shards: bool = False
     """ZeRO-3 with the frozen base in ftcluster's layer shards and the adapters under ZeRO-2
-    (``RunConfig.frozen_base_by_layers``); runs measured before 9f5ca73 used DeepSpeed's ZeRO-3 throughout."""
+    (``Plan.frozen_base``); older runs used DeepSpeed's ZeRO-3 throughout."""
     recomputed_weights_kept: bool = True
     """QLoRA under checkpointing would keep a recomputed layer's dequantized weights for its backward
-    (``quantization.keep_recomputed_weights``; the setting, whatever the method); QLoRA runs measured at 9c017d5 or
-    before dequantized them again."""
+    (``quantization.keep_recomputed_weights``; the setting, whatever the method); older QLoRA runs dequantized them
+    again."""
 
 
 def preset_of(model: str) -> str | None:
@@ -179,28 +175,6 @@ def preset_of(model: str) -> str | None:
     return name if name in PRESETS and not (Path(model).expanduser() / "config.json").is_file() else None
 
 
-def shape_from(cfg) -> Shape:
-    """The architecture a run trains (a ``config.RunConfig``): its preset, its config.json, or the config
-    transformers reads for a hub id or a GGUF file (from the local cache: the estimator never downloads)."""
-    m = cfg.model
-    preset = preset_of(m.name_or_path)
-    path = Path(m.name_or_path).expanduser()
-    if preset or path.is_dir() or path.suffix == ".json":
-        return shape_of(preset or m.name_or_path, m.config_overrides)
-    from transformers import AutoConfig
-
-    from ftcluster import models
-
-    src, kw = models.resolve_source(m)
-    try:
-        fields = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=m.trust_remote_code,
-                                            **kw).to_dict()
-    except Exception as e:  # noqa: BLE001 - any reason the config cannot be read is reported the same way
-        raise SystemExit(f"model.name_or_path={m.name_or_path}: its config is not in the local cache, so its memory "
-                         f"cannot be estimated here ({type(e).__name__})") from None
-    return shape_of_fields({**fields, **m.config_overrides}, m.name_or_path)
-
-
 def shape_of_fields(c: dict, model: str) -> Shape:
     try:
         return Shape(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
@@ -208,47 +182,6 @@ def shape_of_fields(c: dict, model: str) -> Shape:
                      vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise SystemExit(f"{model}: its config has no {e.args[0]}; only Llama-style decoders are modelled")
-
-
-def fused_loss_of(cfg, liger_installed: bool) -> bool:
-    """Whether the run's workers compute the loss with Liger's fused linear + cross-entropy (ftcluster.kernels)."""
-    m = cfg.model
-    auto = m.liger_kernel == "auto" and liger_installed and cfg.scaling.use_gpu is not False
-    wanted = m.liger_kernel == "on" or auto
-    return wanted and not cfg.partitions_parameters
-
-
-def run_of(cfg, chunked_loss: bool = True, layer_gather: bool = True, sized_buckets: bool = True,
-           fused_loss: bool | None = None, zero3_buckets: bool = True, layer_shards: bool | None = None,
-           recomputed_weights_kept: bool = True) -> Run:
-    """The estimator's view of a run (a ``config.RunConfig``), as the code of today runs it unless told that the
-    loss or ZeRO-3's gather schedule were the earlier ones (benchmarks/calibration.py, for older measurements)."""
-    targets = cfg.lora.target_modules
-    d, m = cfg.deepspeed, cfg.model
-    offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
-    name = m.name_or_path
-    hub_id = not (name.startswith(("embedded:", "/", ".", "~")) or Path(name).expanduser().exists())
-    whole_load = not m.random_init and (name.endswith(".gguf") or hub_id)  # see loading_peak
-    zero = 2 if cfg.frozen_base_whole_on_one_worker else d.zero_stage
-    return Run(method=cfg.method, gpus=cfg.scaling.num_workers, zero=zero, offload=offload or "none",
-               seq_len=cfg.data.max_seq_len, micro_batch=cfg.training.micro_batch_size,
-               grad_ckpt=m.gradient_checkpointing, ckpt_layers=m.checkpointed_layers,
-               activation_offload=m.activation_offloading, lora_r=cfg.lora.r,
-               lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
-               optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,
-               double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
-               chunked_loss=chunked_loss, layer_gather=layer_gather, sized_buckets=sized_buckets,
-               zero3_buckets=zero3_buckets,
-               layer_shards=cfg.frozen_base_by_layers if layer_shards is None else layer_shards,
-               recomputed_weights_kept=recomputed_weights_kept and cfg.would_keep_recomputed_weights,
-               fused_loss=fused_loss_of(cfg, _liger_installed()) if fused_loss is None else fused_loss,
-               compiled=compiled.compiles(cfg, "cuda"), fused_loss_chunk_scale=m.fused_loss_chunk_scale)
-
-
-def _liger_installed() -> bool:
-    from ftcluster import kernels
-
-    return kernels.installed()
 
 
 def trainable_params(shape: Shape, run: Run) -> int:
@@ -331,13 +264,10 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
                        + 2 * shape.hidden * kept["qkv"] + 2 * shape.hidden * kept["gate_up"]
                        + 2 * shape.intermediate * kept["down"])
     # A compiled layer keeps 4H + 4I bytes a token less: Inductor's partitioner recomputes the norms' float32
-    # upcasts and SwiGLU's elementwise products in backward rather than saving them. Measured on the llama-1b
-    # shape without checkpointing (full fine-tuning 12.65 GiB, LoRA 6.31;
-    # reports/llama-1b/2026-11-27-1xh200-no-ckpt); the one recomputed layer of a checkpointed run keeps the eager
-    # figure. A compiled QLoRA layer outside a checkpoint keeps what an eager one does: the checkpoint that has it
-    # recompute the dequantization (activations.recompute_only) leaves the partitioner saving the rest (llama-1b
-    # shape: 5.01 GiB compiled against 4.91 eager, reports/llama-1b/2026-11-28-1xh200-qlora-compile; 135M, 2.46 and
-    # 2.44).
+    # upcasts and SwiGLU's elementwise products in backward rather than saving them (the llama-1b rows of
+    # benchmarks/calibration.json without checkpointing); the one recomputed layer of a checkpointed run keeps the
+    # eager figure. A compiled QLoRA layer outside a checkpoint keeps what an eager one does: the checkpoint that has
+    # it recompute the dequantization (activations.recompute_only) leaves the partitioner saving the rest.
     smaller = run.compiled and run.method != "qlora"
     kept_layer = per_token_layer - (4 * shape.hidden + 4 * shape.intermediate if smaller else 0)
     if run.grad_ckpt:
@@ -573,94 +503,3 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
             else:
                 lines.append("no single change makes it fit; combine them (e.g. QLoRA on more GPUs)")
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ftcluster estimate", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="a YAML recipe: estimate the run `python -m ftcluster.train --config` starts "
-                                    "with the same recipe and overrides")
-    p.add_argument("overrides", nargs="*", help="with --config: dotted overrides, e.g. scaling.num_workers=4")
-    p.add_argument("--model", help=f"without --config: a preset ({', '.join(PRESETS)}), a model directory or "
-                                   "config.json; the flags below make the run")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2)
-    p.add_argument("--offload", choices=["none", "optimizer", "param", "optimizer+param"], default="none")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
-    p.add_argument("--checkpointed-layers", type=int, default=None,
-                   help="with --grad-ckpt: checkpoint only this many decoder layers (default: all)")
-    p.add_argument("--activation-offloading", action="store_true",
-                   help="with --grad-ckpt: the checkpoints wait for backward in host memory")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-targets", default="all-linear", help="all-linear, or a comma list: q_proj,v_proj")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_BYTES), default=None,
-                   help="default: paged_adamw_8bit for qlora, adamw otherwise (and with an offloaded optimizer)")
-    p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the optimizer steps the bf16 weights themselves (optimizer.master_weights)")
-    p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--hub-checkpoint", action="store_true",
-                   help="the model loads from a hub id or GGUF file, not a local safetensors checkpoint")
-    p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(GPUS_GIB)}): say whether it fits")
-    p.add_argument("--json", action="store_true", help="print the terms as JSON")
-    return p
-
-
-def config_of_flags(a: argparse.Namespace):
-    """The run the preset/flag form describes, as the ``RunConfig`` the trainer would take."""
-    from ftcluster import config as C
-
-    optimizer = a.optimizer or ("paged_adamw_8bit" if a.method == "qlora" and "optimizer" not in a.offload
-                                else "adamw")
-    targets = "all-linear" if a.lora_targets == "all-linear" else a.lora_targets.split(",")
-    return C.from_dict({
-        "method": a.method, "optimizer": {"name": optimizer, "master_weights": a.master_weights},
-        "model": {"name_or_path": a.model, "gradient_checkpointing": a.grad_ckpt,
-                  "checkpointed_layers": a.checkpointed_layers, "activation_offloading": a.activation_offloading},
-        "lora": {"r": a.lora_r, "target_modules": targets},
-        "quantization": {"double_quant": not a.no_double_quant},
-        "data": {"max_seq_len": a.seq_len}, "training": {"micro_batch_size": a.micro_batch},
-        "scaling": {"num_workers": a.gpus},
-        "deepspeed": {"zero_stage": a.zero, "offload_optimizer": "cpu" if "optimizer" in a.offload else "none",
-                      "offload_param": "cpu" if "param" in a.offload else "none"},
-    }, "the estimate flags")
-
-
-def gpu_budget_gib(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        if text not in GPUS_GIB:
-            raise SystemExit(f"--gpu-memory {text}: a number of GiB or one of {', '.join(GPUS_GIB)}") from None
-        return GPUS_GIB[text] * 1e9 / GiB
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ftcluster import config as C
-
-    a = parser().parse_args(argv)
-    if (a.config is None) == (a.model is None):
-        raise SystemExit("give --config RECIPE [overrides] (the run the trainer would start) or --model with flags")
-    if a.model is not None and (a.gpus < 1 or a.seq_len < 1 or a.micro_batch < 1):
-        raise SystemExit("--gpus, --seq-len and --micro-batch must be positive")
-    try:
-        cfg = C.load(a.config, a.overrides) if a.config else config_of_flags(a)
-    except C.ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    shape, run = (shape_from(cfg) if a.config else shape_of(a.model)), run_of(cfg)
-    if a.hub_checkpoint or not a.config:  # a preset name says nothing about where its weights would come from
-        run = replace(run, hub_checkpoint=a.hub_checkpoint)
-    budget = gpu_budget_gib(a.gpu_memory) if a.gpu_memory else cfg.resources.gpu_memory_gib
-    if a.json:
-        e = estimate(shape, run)
-        print(json.dumps({"run": asdict(run), "terms_gib": {k: v / GiB for k, v in e.terms.items()},
-                          "allocated_gib": e.allocated / GiB, "device_gib": e.device / GiB,
-                          "loading_gib": e.loading / GiB, "need_gib": e.need / GiB}, indent=2))
-    else:
-        print(explain(cfg.model.name_or_path, shape, run, budget))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ packed weight in its autograd context (``B = B.view(-1, 1)``; ``ctx.tensors = (N
 the layer's backward. Under ZeRO-3 that weight is a copy gathered from every rank's shard, which DeepSpeed frees
 after the layer's forward by swapping the parameter's data for an empty tensor; the view keeps the gathered
 copy alive. So by the end of a forward every rank held every layer's gathered weights, and 4-bit models took
-more memory per GPU on two GPUs than on one (7B: 7.2 GiB on one GPU, 11.5 on two; 70B: 42 and 90).
+more memory per GPU on two GPUs than on one.
 
 Here the context keeps the parameter object, not its data: DeepSpeed gathers it again before the layer's
 backward, and nothing outlives its use. Without ZeRO-3 the weight is simply resident and the two compute the
@@ -14,9 +14,9 @@ training-sized inputs). It also skips bitsandbytes' CPU inference repacking, whi
 weight's data in place during evaluation on CPUs with AVX512-BF16.
 
 A checkpointed layer dequantizes each weight three times a step: in the forward, again in the recompute, and in
-the backward. Every dequantization is two bitsandbytes kernels behind a few hundred microseconds of host Python
-(profiled on an H100, reports/llama-7b/2026-11-27-1xh100-qlora-profile), and at 7B that host time, 672 times a
-step, is most of what makes a QLoRA step slower than a LoRA one. With ``keep_dequantized`` (set on the 4-bit
+the backward. Every dequantization is two bitsandbytes kernels behind a few hundred microseconds of host Python,
+and at 7B that host time, hundreds of times a step, is most of what makes a QLoRA step slower than a LoRA one
+(docs/design.md). With ``keep_dequantized`` (set on the 4-bit
 layers of checkpointed decoder layers, ``quantization.keep_recomputed_weights``) the dequantized weight is saved
 for backward like any activation: the checkpoint drops it after the first forward, and the recompute's copy lives
 on to the backward, which then needs no third dequantization. That holds one decoder layer's weights in the

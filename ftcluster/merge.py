@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ftcluster import config as C
-from ftcluster import models
+from ftcluster import models, sources
 
 
 def dequantize_linears_(model: nn.Module, dtype: torch.dtype) -> None:
@@ -46,6 +46,11 @@ def dequantize_linears_(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def run_config_of(adapter_dir: Path) -> C.RunConfig:
+    if not adapter_dir.is_dir():
+        runs = sorted(str(p.parent) for p in Path("runs").glob("*/final")) if Path("runs").is_dir() else []
+        found = f"; the runs here with one: {', '.join(runs)}" if runs else ""
+        raise C.ConfigError(f"--adapter {adapter_dir} does not exist: point it at a finished run's final/ directory, "
+                            f"<output.storage_path>/<output.name>/final{found}")
     record = adapter_dir / "run.yaml"
     if not record.exists():
         raise C.ConfigError(f"{adapter_dir} has no run.yaml; point --adapter at a run's final/ directory")
@@ -58,9 +63,12 @@ def run_config_of(adapter_dir: Path) -> C.RunConfig:
 
 
 def merged_base(cfg: C.RunConfig, device: str) -> nn.Module:
-    """The base the adapter was trained on, as bf16 (dequantized when it was 4-bit)."""
+    """The base the adapter was trained on, as bf16 (dequantized when it was 4-bit), built as the run's plan on this
+    device builds it."""
+    from ftcluster import hardware, plan
 
-    base = models.build_base_model(cfg, torch.device(device))
+    hw = hardware.Hardware(device=torch.device(device).type, device_source=f"merge --device {device}")
+    base = models.build_base_model(cfg, plan.make(cfg, hw), torch.device(device))
     if cfg.method == "qlora":
         dequantize_linears_(base, models.DTYPES[cfg.quantization.compute_dtype])
     return base.to(torch.bfloat16)
@@ -76,14 +84,14 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> 
     model = PeftModel.from_pretrained(merged_base(cfg, device), adapter_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
-    models.load_tokenizer(cfg.model).save_pretrained(out_dir)
+    sources.load_tokenizer(cfg.model).save_pretrained(out_dir)
     (out_dir / "merged_from.json").write_text(json.dumps({"adapter": str(adapter_dir.resolve()),
                                                           "method": cfg.method}, indent=2))
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ftcluster merge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ftcluster merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="a run's final/ directory (adapter + run.yaml)")
     p.add_argument("--out", required=True, help="a new directory for the merged bf16 model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -11,8 +11,9 @@ from typing import ContextManager, Protocol
 import torch
 from torch import nn
 
-from ftcluster import activations, compiled, embedded, kernels, layer_shards
-from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
+from ftcluster import activations, compiled, kernels, layer_shards, patches, sources
+from ftcluster.config import ConfigError, RunConfig
+from ftcluster.plan import Plan
 
 
 class Partition(Protocol):
@@ -39,45 +40,6 @@ class Partition(Protocol):
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_source(model: ModelConfig) -> tuple[str, dict]:
-    """Where to load from, and the extra ``from_pretrained`` keywords that location needs."""
-    src = model.name_or_path
-    if src == EMBEDDED_MODEL:
-        return str(embedded.checkpoint_dir()), {}
-    p = Path(src).expanduser()
-    if p.suffix == ".gguf":
-        return str(p.parent), {"gguf_file": p.name}
-    return src, {}
-
-
-def load_tokenizer(model: ModelConfig):
-    from transformers import AutoTokenizer
-
-    if model.tokenizer:
-        tok = AutoTokenizer.from_pretrained(model.tokenizer, trust_remote_code=model.trust_remote_code)
-    else:
-        src, kw = resolve_source(model)
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code, **kw)
-    if tok.pad_token is None:
-        # Packed batches carry no padding; unpacked ones pad with EOS and mask those labels.
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_hf_config(model: ModelConfig):
-    from transformers import AutoConfig
-
-    src, kw = resolve_source(model)
-    hf = AutoConfig.from_pretrained(src, trust_remote_code=model.trust_remote_code, **kw)
-    if hasattr(hf, "quantization_config") and "gguf_file" in kw:
-        del hf.quantization_config  # GGUF weights are dequantized on load
-    for key, value in model.config_overrides.items():
-        if not hasattr(hf, key):
-            raise ConfigError(f"model.config_overrides.{key}: the {hf.model_type} config has no field {key!r}")
-        setattr(hf, key, value)
-    return hf
 
 
 def linear_module_names(model: nn.Module) -> set[str]:
@@ -108,7 +70,8 @@ def check_target_modules(model: nn.Module, cfg: RunConfig) -> None:
         raise ConfigError(f"lora.modules_to_save: {missing_save} not found in {model.config.model_type}")
 
 
-def bnb_config(cfg: RunConfig):
+def bnb_config(cfg: RunConfig, quant_storage: str):
+    """bitsandbytes' 4-bit config for QLoRA; ``quant_storage``: the plan's dtype for the packed weights."""
     from transformers import BitsAndBytesConfig
 
     q = cfg.quantization
@@ -117,7 +80,7 @@ def bnb_config(cfg: RunConfig):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-        bnb_4bit_quant_storage=torch.uint8 if cfg.quant_storage_dtype == "uint8" else DTYPES[cfg.quant_storage_dtype],
+        bnb_4bit_quant_storage=torch.uint8 if quant_storage == "uint8" else DTYPES[quant_storage],
     )
 
 
@@ -177,10 +140,10 @@ class SafetensorsCheckpoint:
 
 
 def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: Partition | None = None,
-                           checkpoint: SafetensorsCheckpoint | None = None, **from_config) -> nn.Module:
+                           checkpoint: SafetensorsCheckpoint | None = None, quant=None, **from_config) -> nn.Module:
     """The model built one module at a time: made weightless on the meta device, then each module is given memory
     on ``device`` and filled, from ``checkpoint`` or else by the model's own ``_init_weights`` (random init); for
-    QLoRA each linear layer is quantized to NF4 as soon as it is filled. The peak is the finished model plus one
+    QLoRA (``quant``: its ``bnb_config``) each linear layer is quantized to NF4 as soon as it is filled. The peak is the finished model plus one
     16-bit layer, so a 70B QLoRA model (~40 GB in 4 bits, 140 GB in 16) is built on one GPU. With ``partition``
     (ZeRO-3) each module's parameters are handed to it as soon as they are final, so a worker holds only its shard
     plus one module."""
@@ -190,7 +153,7 @@ def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: 
         model = AutoModelForCausalLM.from_config(hf, **from_config)
     if partition is not None:
         partition.plan(model)
-    q = bnb_config(cfg) if cfg.method == "qlora" else None
+    q = quant
     # PEFT's fp32 upcast of the non-quantized parameters would cast a partitioned parameter's empty placeholder and
     # not its shard: cast them here instead, before they are partitioned, and PEFT finds nothing left to cast.
     upcast = q is not None and partition is not None and cfg.quantization.upcast_non_quantized
@@ -216,7 +179,7 @@ def build_module_by_module(cfg: RunConfig, hf, device: torch.device, partition: 
                     continue
                 child.to_empty(device=device, recurse=False)
                 if checkpoint is None:
-                    model._init_weights(child)
+                    patches.init_module_weights(model, child)
                 else:
                     checkpoint.fill(child, qualified, recurse=False)
                 if q is not None and isinstance(child, nn.Linear) and name != "lm_head":
@@ -253,28 +216,21 @@ def checkpoint_for_module_build(src: str, kw: dict, meta_model: nn.Module) -> Sa
     return ckpt if required <= set(ckpt.files) <= names else None
 
 
-def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
-    from ftcluster import attention
-
-    choice = cfg.model.attn_implementation
-    if choice == "auto":
-        choice = attention.NAME if device.type == "cuda" and cfg.data.packing and attention.available() else "sdpa"
-    if choice == attention.NAME:
-        attention.register()
-    return choice
-
-
-def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition | None = None):
+def build_base_model(cfg: RunConfig, plan: Plan, device: torch.device, partition: Partition | None = None):
+    """The base model as the plan builds it (its attention, its 4-bit storage), on ``device`` or partitioned."""
     from transformers import AutoModelForCausalLM
 
+    from ftcluster import attention
+
     m = cfg.model
-    hf = load_hf_config(m)
-    dtype = DTYPES[m.dtype]
-    common = dict(dtype=dtype, attn_implementation=attn_implementation(cfg, device),
-                  trust_remote_code=m.trust_remote_code)
+    hf = sources.load_hf_config(m)
+    if plan.attention == attention.NAME:
+        attention.register()
+    common = dict(dtype=DTYPES[m.dtype], attn_implementation=plan.attention, trust_remote_code=m.trust_remote_code)
+    quant = bnb_config(cfg, plan.quant_storage) if cfg.method == "qlora" else None
     if m.random_init:
-        return build_module_by_module(cfg, hf, device, partition, **common)
-    src, kw = resolve_source(m)
+        return build_module_by_module(cfg, hf, device, partition, quant=quant, **common)
+    src, kw = sources.resolve_source(m)
     if partition is not None and cfg.method != "qlora" and partition.loads_checkpoints:
         with partition.loading():  # device placement is zero.Init's: no device_map
             return AutoModelForCausalLM.from_pretrained(src, config=hf, **common, **kw)
@@ -285,12 +241,12 @@ def build_base_model(cfg: RunConfig, device: torch.device, partition: Partition 
         with torch.device("meta"):
             checkpoint = checkpoint_for_module_build(src, kw, AutoModelForCausalLM.from_config(hf, **common))
         if checkpoint is not None:
-            return build_module_by_module(cfg, hf, device, partition, checkpoint, **common)
+            return build_module_by_module(cfg, hf, device, partition, checkpoint, quant=quant, **common)
         print(f"model.name_or_path={src}: not a local safetensors checkpoint with this model's tensor names; "
               "each GPU loads the whole model before ZeRO-3 partitions it (download it to a directory to "
               "load it partitioned)", flush=True)
-    if cfg.method == "qlora":
-        kw["quantization_config"] = bnb_config(cfg)
+    if quant is not None:
+        kw["quantization_config"] = quant
     # device_map pins the weights to this worker's device: Ray remaps CUDA_VISIBLE_DEVICES, so "auto" or a bare
     # index would land 4-bit weights on the wrong GPU (accelerate#2713).
     model = AutoModelForCausalLM.from_pretrained(src, config=hf, device_map={"": device}, **common, **kw)
@@ -312,35 +268,36 @@ def _prepare_for_kbit(model: nn.Module, cfg: RunConfig) -> None:
     # inputs that require grad, and norms/embeddings stay in bf16.
 
 
-def build_model(cfg: RunConfig, device: torch.device | str = "cpu", partition: Partition | None = None) -> nn.Module:
-    """The model to train, on ``device``: all parameters trainable for ``full``, LoRA adapters only otherwise.
-    ``partition`` (ZeRO-3's, from ``deepspeed_setup.zero3_partition``) shards the base model as it is built or loaded."""
+def build_model(cfg: RunConfig, plan: Plan, device: torch.device | str = "cpu",
+                partition: Partition | None = None) -> nn.Module:
+    """The model to train, as the plan says, on ``device``: all parameters trainable for ``full``, LoRA adapters only
+    otherwise. ``partition`` (ZeRO-3's, from ``deepspeed_setup.zero3_partition``) shards the base model as it is
+    built or loaded."""
     device = torch.device(device)
-    model = build_base_model(cfg, device, partition)
+    model = build_base_model(cfg, plan, device, partition)
     if partition is not None:
         partition.finish(model)
     model.config.use_cache = False
-    line = kernels.apply(model, cfg, device.type)
+    line = kernels.apply(model, cfg, plan)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(line, flush=True)
     activations.use_chunked_loss(model)
-    checkpointed = 0
-    must_recompute = compiled.must_recompute(cfg, device.type)
-    if cfg.model.gradient_checkpointing:
-        checkpointed = activations.checkpoint_layers(
-            model, offload=cfg.model.activation_offloading, count=cfg.model.checkpointed_layers,
-            must_recompute=must_recompute).layers
-    if must_recompute:
-        activations.recompute_only(activations.decoder_layers(model)[checkpointed:], must_recompute)
+    recompute = frozenset(plan.recompute_only)
+    checkpointed = plan.checkpointed_layers
+    if checkpointed:
+        activations.checkpoint_layers(model, offload=plan.activation_offloading, count=checkpointed,
+                                      must_recompute=recompute)
+    if recompute:
+        activations.recompute_only(activations.decoder_layers(model)[checkpointed:], recompute)
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
         model = _with_adapters(model, cfg)
-    if cfg.keeps_recomputed_weights:
+    if plan.keep_recomputed_weights:
         from ftcluster import linear4bit
 
         linear4bit.keep_dequantized_in(activations.decoder_layers(model)[:checkpointed])
-    line = compiled.apply(model, cfg, device.type)
+    line = compiled.apply(model, plan)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(line, flush=True)
     return model

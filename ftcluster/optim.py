@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ftcluster.config import RunConfig
+from ftcluster.plan import Plan
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -22,11 +23,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
+def build_optimizer(cfg: RunConfig, plan: Plan, model: torch.nn.Module, device: torch.device):
     if cfg.deepspeed.offload_optimizer == "cpu":
         return None  # DeepSpeed builds its CPU Adam from the config
     groups = param_groups(model, cfg.optimizer.weight_decay)
-    if cfg.keeps_float32_masters:
+    if plan.masters == "optimizer":
         return Float32Masters(groups, lambda master_groups: _optimizer(cfg, master_groups, device))
     return _optimizer(cfg, groups, device)
 
@@ -45,21 +46,20 @@ def _optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) -> torc
 
 class Float32Masters(torch.optim.Optimizer):
     """Float32 master weights kept by the optimizer itself, where DeepSpeed hands it the model's 16-bit weights
-    (ZeRO-0, ``RunConfig.keeps_float32_masters``): the inner optimizer steps float32 copies of them, with float32
+    (ZeRO-0, ``Plan.masters`` is ``optimizer``): the inner optimizer steps float32 copies of them, with float32
     gradients, and each step ends by rounding the copies back into the model. Small updates then accumulate in the
-    copies instead of vanishing below a bf16 weight's spacing (at lr 5e-5 most do: stepping the bf16 weights
-    themselves scored 67.7% against 93.8% on the default suite, reports/default/2026-11-27-1xh200-full-bf16-master).
+    copies instead of vanishing below a bf16 weight's spacing (at lr 5e-5 most do, and stepping the bf16 weights
+    themselves scored far lower on the default suite: docs/design.md).
 
     The copies of each parameter group are one flat float32 tensor (with one flat gradient), as DeepSpeed's are, so
     the inner optimizer steps one tensor a group: bitsandbytes' 8-bit optimizers launch a kernel per tensor, 420 for
     the 135M model's adapters. DeepSpeed's bf16 mode keeps the same copies at ZeRO-0, but adds a hook per gradient
-    and steps in Python one tensor at a time (0.17-0.19 s a step of the 135M shape on an H200); here a step is one
-    cast-copy of the gradients into the flat one, the inner optimizer's step, and one copy back (0.050-0.058 s).
+    and steps in Python one tensor at a time; here a step is one cast-copy of the gradients into the flat one, the
+    inner optimizer's step, and one copy back.
 
     Memory is what DeepSpeed's takes: 4 bytes a weight for the copy, and 4 for its gradient only during the step
-    (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, the 135M model peaked 0.50 GiB
-    above ZeRO-1, its float32 gradients' size, reports/default/2026-11-27-1xh200-zero0-ablation; the peak since is
-    not yet measured). Gradients accumulate over micro batches in the model's dtype, as in the HF Trainer's bf16
+    (freed after it, as DeepSpeed's ZeRO-1 frees its own: held through backward, they would add their float32 size
+    to the peak). Gradients accumulate over micro batches in the model's dtype, as in the HF Trainer's bf16
     loop; a weight no loss reached steps on a zero gradient, as in DeepSpeed's flat groups. Float32 weights (PEFT's
     upcast adapters) need no copy: the inner optimizer steps them in place. The copies are part of ``state_dict``,
     so a resumed run continues from them, not from their rounding."""

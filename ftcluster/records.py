@@ -63,6 +63,8 @@ class WorkerRecord:
     first_step_unix: float | None = None
     """Wall clock at the end of this process's first optimizer step (the harness's time to first step)."""
     stopped: str | None = None
+    checkpoint: str | None = None
+    """The checkpoint this step saved (its directory), or None."""
 
     loss: float | None = None
     lr: float | None = None
@@ -99,10 +101,9 @@ PER_WORKER = ("peak_allocated_gib", "peak_reserved_gib", "peak_device_used_gib",
 
 @dataclass
 class Line(WorkerRecord):
-    """One line of metrics.jsonl: rank 0's record, every worker's ``PER_WORKER`` figures, when the driver wrote it
-    and the checkpoint the step saved."""
+    """One line of metrics.jsonl: rank 0's record, every worker's ``PER_WORKER`` figures, and when the driver wrote
+    it."""
     time: float = 0.0
-    checkpoint: str | None = None
     peak_allocated_gib_per_worker: list | None = None
     peak_reserved_gib_per_worker: list | None = None
     peak_device_used_gib_per_worker: list | None = None
@@ -112,10 +113,11 @@ class Line(WorkerRecord):
     node_id_per_worker: list | None = None
 
     @classmethod
-    def of_workers(cls, records: list[WorkerRecord], checkpoint: str | None = None) -> "Line":
-        per_worker = {f"{k}_per_worker": [getattr(r, k) for r in records] for k in PER_WORKER
-                      if getattr(records[0], k) is not None}
-        return cls(**asdict(records[0]), **per_worker, time=time.time(), checkpoint=checkpoint)
+    def of_workers(cls, records: list[WorkerRecord]) -> "Line":
+        first = min(records, key=lambda r: r.rank)
+        per_worker = {f"{k}_per_worker": [getattr(r, k) for r in sorted(records, key=lambda r: r.rank)]
+                      for k in PER_WORKER if getattr(first, k) is not None}
+        return cls(**asdict(first), **per_worker, time=time.time())
 
     def largest(self, key: str) -> float | None:
         """The largest figure over workers (the one that must fit on every device)."""

@@ -2,7 +2,8 @@
 
     <storage_path>/<name>/config.yaml      the resolved config (the claim)
                          metrics.jsonl     one Line per report (ftcluster.records)
-                         checkpoint_step*  checkpoints (Ray's; with ray.local_mode, written by save_checkpoint)
+                         plan.json         the run's plan (ftcluster.plan)
+                         checkpoint_step*  checkpoints (ftcluster.checkpoint)
                          final/            the model or adapter in Hugging Face format
                          summary.json      ftcluster.records.Summary
 """
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import uuid
 import socket
 import time
 from pathlib import Path
@@ -61,6 +60,21 @@ def _same_run(cfg: RunConfig) -> None:
             f"output.name: {cfg.run_dir} already holds a run with a different config (see {record}). Choose "
             "another output.name (or output.storage_path); to resume that run, use its config unchanged."
         )
+
+
+def finished(cfg: RunConfig) -> dict | None:
+    """The summary of the run this directory holds, if that run finished (its last record is its last step, and no
+    stop): a second start has nothing to do. None otherwise (no run, or one to resume)."""
+    from ftcluster import records
+
+    run_dir = cfg.run_dir
+    if not (run_dir / "summary.json").is_file():
+        return None
+    lines = records.read_lines(run_dir)
+    last = lines[-1] if lines else None
+    if last is None or last.stopped or not last.total_steps or last.step < last.total_steps:
+        return None
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def prepare(cfg: RunConfig) -> Path:
@@ -159,41 +173,6 @@ def publish_final(run_dir: Path, checkpoint_path: str | None) -> Path | None:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
-
-
-CHECKPOINT = re.compile(r"checkpoint_step(\d{7})")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_step{step:07d}"
-
-
-def save_checkpoint(run_dir: Path, step: int, write, keep: int) -> Path:
-    """A checkpoint written by ``write(directory)`` into the run directory, as Ray Train keeps them there for runs on
-    a cluster (ray.local_mode has no Ray to do it): filled under a temporary name and renamed into place, so a
-    directory of that name is always whole; then only the ``keep`` latest are kept."""
-    final = run_dir / checkpoint_name(step)
-    tmp = run_dir / f".{final.name}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if final.exists():  # a step saved again (a stop checkpoint at the step a periodic one took)
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    saved = sorted((d for d in run_dir.iterdir() if d.is_dir() and CHECKPOINT.fullmatch(d.name)),
-                   key=lambda d: int(d.name[-7:]))
-    for old in saved[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint of the latest step in the run directory (what a resumed run restores), or None."""
-    steps = [int(m.group(1)) for d in run_dir.iterdir() if (m := CHECKPOINT.fullmatch(d.name)) and d.is_dir()]
-    return run_dir / checkpoint_name(max(steps)) if steps else None
 
 
 def dir_bytes(path: Path) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -56,35 +55,19 @@ def on_signals(run_dir: Path) -> None:
         signal.signal(sig, handler)
 
 
-def _preempted() -> bool:
-    """Whether Ray Train's preemption watcher has marked this worker. The public
-    ``ray.train.get_preemption_info()`` answers the same question but through a Ray collective (a round trip
-    through the object store, every worker in lockstep) on each call, too slow for every step; this reads the
-    worker's own mark, which that function reads too (ray 2.60, train/v2/_internal/execution/train_fn_utils.py).
-    A worker that did not import Ray Train (local mode) is not one of its workers: importing it here would cost the
-    first step a second."""
-    if "ray.train" not in sys.modules:
-        return False
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        return get_train_context().preemption_context.preemption_info is not None
-    except Exception:  # noqa: BLE001 - outside Ray Train, or another Ray: no preemption signal, not an error
-        return False
-
-
 class StopCheck:
     """Called once per optimizer step on every worker (at the same steps: the flag is a collective); returns the
     reason to stop, the same on every worker."""
 
     REASONS = ("", "stop requested", "node preempted")
 
-    def __init__(self, run_dir: Path, device, poll_s: float = 1.0):
+    def __init__(self, run_dir: Path, device, preempted=lambda: False, poll_s: float = 1.0):
         import torch
         import torch.distributed as dist
 
         self.path = Path(run_dir) / STOP_FILE
         self.device = device
+        self.preempted = preempted
         self.poll_s = poll_s
         self._next_poll = 0.0
         self._file_seen = False
@@ -105,7 +88,7 @@ class StopCheck:
             self._file_seen = os.path.exists(self.path)
         if self._file_seen:
             return 1
-        return 2 if _preempted() else 0
+        return 2 if self.preempted() else 0
 
     def __call__(self) -> str | None:
         flag = self._local_flag()

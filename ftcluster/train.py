@@ -19,7 +19,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ftcluster.train", description="Fine-tune a causal LM on Ray + DeepSpeed.")
     p.add_argument("--config", help="a YAML recipe (see configs/); the defaults train the embedded model with LoRA")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20 method=qlora")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config with every auto resolved for this host, and exit")
     p.add_argument("--force", action="store_true",
                    help="start even if the memory estimator says the run will not fit its GPUs")
     return p
@@ -48,19 +49,11 @@ def after_failure(error: str, run_dir: Path) -> str:
 
 def bytecode_note() -> str | None:
     """A line to print where Python writes no bytecode cache (PYTHONDONTWRITEBYTECODE, which many container images
-    set): then every process compiles each module it imports from source again. On an H200 host, a 7B QLoRA run's
-    time to its first step was 26-40 s with it set and 18-19 s without (reports/ttfs/2026-11-27-1xh200.md)."""
+    set): then every process compiles each module it imports from source again, seconds of every start."""
     if not sys.flags.dont_write_bytecode:
         return None
     return ("note: PYTHONDONTWRITEBYTECODE is set, so this process and every worker compile torch, transformers and "
             "Ray from source at each start (7-20 s more before the first step); unset it to let Python cache bytecode")
-
-
-def _ray_training_failed() -> tuple[type, ...]:
-    """Ray Train's error for failed workers, where Ray Train was imported: a local-mode run, which imports no Ray,
-    gets its worker's own error instead (evaluated when an error reaches the ``except``)."""
-    ray_train = sys.modules.get("ray.train")
-    return (ray_train.TrainingFailedError,) if ray_train is not None else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,26 +69,22 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = C.load(args.config, args.overrides)
         if args.print_config:
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            from ftcluster import hardware, plan
+
+            print(json.dumps(plan.resolved_config(cfg, plan.make(cfg, hardware.here(cfg))), indent=2))
             return 0
         if note := bytecode_note():
             print(note, flush=True)
-        from ftcluster import launch
+        from ftcluster import backends, launch
 
-        cfg = launch.settle_local_mode(cfg)
-        summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
+        try:
+            summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
+        except backends.WorkerFailed as e:
+            print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
+            return 1
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except _ray_training_failed() as e:
-        print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - in local mode the worker's own error arrives here, not wrapped by Ray
-        if not cfg.ray.local_mode:
-            raise
-        error = f"{type(e).__name__}: {e}"
-        print(f"error: training failed: {error}\n{after_failure(error, cfg.run_dir)}", file=sys.stderr)
-        return 1
     print(json.dumps(summary, indent=2))
     if (summary.get("stopped") or "").startswith(stop.DIVERGED):
         kept = f"its last good checkpoint is {summary['checkpoint']}" if summary["checkpoint"] else \

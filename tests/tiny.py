@@ -97,3 +97,36 @@ def train_recording(loop, cfg, tokenizer, progress, held) -> tuple[list[float], 
 
     engine.train(loop, progress, engine.Hooks(report))
     return losses, states
+
+
+def plan_for(cfg, device: str = "cpu", **hardware):
+    """The run's plan on a worker of ``device`` (``hardware``: more ``Hardware`` fields, e.g. liger_installed),
+    with the data source left unread unless ``read_data=True``."""
+    from ftcluster import plan
+    from ftcluster.hardware import Hardware
+
+    read_data = hardware.pop("read_data", False)
+    return plan.make(cfg, Hardware(device=device, device_source="the test", **hardware), read_data=read_data)
+
+
+def model_for(cfg, device="cpu"):
+    """The model a worker on ``device`` builds for ``cfg``, by its plan."""
+    from ftcluster import models
+
+    return models.build_model(cfg, plan_for(cfg, str(device)), device)
+
+
+def base_for(cfg, device="cpu"):
+    """The base model (no adapters, no kernels) a worker on ``device`` loads for ``cfg``, by its plan."""
+    import torch
+
+    from ftcluster import models
+
+    return models.build_base_model(cfg, plan_for(cfg, str(device)), torch.device(device))
+
+
+def plan_here(cfg):
+    """The run's plan on this host's hardware, as the driver makes it (the GPU tests: Liger as installed there)."""
+    from ftcluster import hardware, plan
+
+    return plan.make(cfg, hardware.here(cfg), read_data=False)

@@ -9,6 +9,7 @@ import torch
 from ftcluster import config as C
 from ftcluster import models
 from ftcluster.presets import PRESETS
+from tests import tiny
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +27,7 @@ def test_offloading_frees_each_layers_checkpoint_and_keeps_the_loss(tmp_path, ti
                             "model.random_init=true", "model.attn_implementation=sdpa", "lora.r=8",
                             "model.gradient_checkpointing=true", f"model.activation_offloading={offload}"])
         torch.manual_seed(0)
-        model = models.build_model(cfg, device)
+        model = models.build_model(cfg, tiny.plan_here(cfg), device)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)

@@ -11,6 +11,7 @@ import torch
 from ftcluster import config as C
 from ftcluster import models
 from ftcluster.presets import PRESETS
+from tests import tiny
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +25,7 @@ def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, pres
     LlamaConfig(**{**PRESETS[preset], "num_hidden_layers": 4}).save_pretrained(tmp_path)
     device = torch.device("cuda")
     ids = torch.randint(0, 32000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
-    # Two packed examples a row, as data.collate passes them to the varlen attention.
+    # Two packed examples a row, as data.packing.collate passes them to the varlen attention.
     lengths = torch.tensor([0, 1500, 2048, 3548, 4096], dtype=torch.int32, device=device)
     packed = {"position_ids": torch.cat([torch.arange(1500), torch.arange(548)] * 2).view(2, 2048).to(device),
               "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": 1500, "max_length_k": 1500}
@@ -34,7 +35,7 @@ def test_compiled_layers_match_the_eager_ones(tmp_path, tiny_model, method, pres
                             "model.random_init=true", "lora.r=8", f"model.gradient_checkpointing={checkpointing}",
                             f"model.compile={mode}", "scaling.use_gpu=true"])
         torch.manual_seed(0)
-        model = models.build_model(cfg, device)
+        model = models.build_model(cfg, tiny.plan_here(cfg), device)
         if mode == "on":
             assert "compiled layers: 4 x LlamaDecoderLayer with torch.compile (inductor)" in capsys.readouterr().out
         model.train()

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from ftcluster import config as C
-from ftcluster import kernels, models
+from ftcluster import hardware, models
 from ftcluster.presets import PRESETS
+from tests import tiny
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not kernels.installed(), reason="liger-kernel not installed")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not hardware.liger_here(), reason="liger-kernel not installed")]
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -22,12 +23,12 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
     ids = torch.randint(0, 128000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
     losses, peaks = {}, {}
     for mode in ("off", "on"):
-        # Eager layers: compiled ones take only Liger's fused loss (kernels.plan).
+        # Eager layers: compiled ones take only Liger's fused loss (Plan.liger_layers).
         cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", f"method={method}",
                             "model.random_init=true", "model.attn_implementation=sdpa", "lora.r=8", "model.compile=off",
                             "model.gradient_checkpointing=true", f"model.liger_kernel={mode}", "scaling.use_gpu=true"])
         torch.manual_seed(0)
-        model = models.build_model(cfg, device)
+        model = models.build_model(cfg, tiny.plan_here(cfg), device)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         torch.cuda.synchronize()
@@ -67,7 +68,7 @@ def test_a_model_built_after_a_liger_one_gets_its_own_plan_only(tmp_path, tiny_m
         cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", "method=lora",
                             "model.random_init=true", "model.gradient_checkpointing=true", "model.liger_kernel=auto",
                             f"model.compile={compile_}", "scaling.use_gpu=true"])
-        built[compile_] = models.build_model(cfg, torch.device("cuda")).get_base_model()
+        built[compile_] = models.build_model(cfg, tiny.plan_here(cfg), torch.device("cuda")).get_base_model()
         if compile_ == "off":
             assert built["off"].model.norm.forward.__func__ is LigerRMSNorm.forward  # the instance is patched
             assert not transformers_own(modeling_llama.apply_rotary_pos_emb)  # Liger's RoPE is module-wide
@@ -93,7 +94,7 @@ def test_larger_fused_loss_chunks_give_the_same_loss_and_output_layer_gradient(t
                             "model.random_init=true", "model.compile=off", f"model.fused_loss_chunk_scale={scale}",
                             "scaling.use_gpu=true"])
         torch.manual_seed(0)
-        model = models.build_model(cfg, device)
+        model = models.build_model(cfg, tiny.plan_here(cfg), device)
         model.train()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

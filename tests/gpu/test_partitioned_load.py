@@ -7,6 +7,7 @@ import torch
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, models
 from ftcluster.presets import PRESETS
+from tests import tiny
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +28,7 @@ def test_zero3_qlora_checkpoint_is_read_module_by_module_into_the_same_model(tmp
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     ids = torch.randint(0, 1000, (1, 128), device=device)
-    reference = models.build_base_model(cfg, device)  # transformers' 4-bit loader, the whole model
+    reference = models.build_base_model(cfg, tiny.plan_here(cfg), device)  # transformers' 4-bit loader, the whole model
     four_bit_model = torch.cuda.memory_allocated(device)
     with torch.no_grad():
         want = reference(input_ids=ids, labels=ids).loss.item()
@@ -38,7 +39,7 @@ def test_zero3_qlora_checkpoint_is_read_module_by_module_into_the_same_model(tmp
     try:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        model = models.build_base_model(cfg, device, deepspeed_setup.zero3_partition(cfg, deepspeed_setup.deepspeed_config(cfg, 1)))
+        model = models.build_base_model(cfg, tiny.plan_here(cfg), device, deepspeed_setup.zero3_partition(tiny.plan_here(cfg), deepspeed_setup.deepspeed_config(cfg, tiny.plan_here(cfg), 1)))
         peak = torch.cuda.max_memory_allocated(device) - before
         assert all(hasattr(p, "ds_id") for p in model.parameters())  # partitioned as it was read
         embedding_bytes = 2 * shape.vocab_size * shape.hidden_size  # the largest module read in 16 bits

@@ -6,6 +6,7 @@ import torch
 from ftcluster import config as C
 from ftcluster import models
 from ftcluster.presets import PRESETS
+from tests import tiny
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +21,7 @@ def test_random_init_qlora_build_peaks_far_below_the_16_bit_model(tmp_path, tiny
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)  # whatever earlier tests left
-    model = models.build_base_model(cfg, device)
+    model = models.build_base_model(cfg, tiny.plan_here(cfg), device)
     peak = torch.cuda.max_memory_allocated(device) - before
     bf16_linear_bytes = 2 * 4096 * 14336  # the largest single layer held in 16 bits at once
     four_bit_model = torch.cuda.memory_allocated(device) - before
@@ -51,7 +52,7 @@ def test_zero3_offload_build_keeps_only_one_module_on_the_gpu(tmp_path, tiny_mod
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # whatever earlier tests left
-        model = models.build_model(cfg, device, deepspeed_setup.zero3_partition(cfg, deepspeed_setup.deepspeed_config(cfg, 1)))
+        model = models.build_model(cfg, tiny.plan_here(cfg), device, deepspeed_setup.zero3_partition(tiny.plan_here(cfg), deepspeed_setup.deepspeed_config(cfg, tiny.plan_here(cfg), 1)))
         peak = torch.cuda.max_memory_allocated(device) - before
         held = torch.cuda.memory_allocated(device) - before
         base = [p for n, p in model.named_parameters() if "lora_" not in n]

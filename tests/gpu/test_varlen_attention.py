@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ftcluster import attention, data
+from ftcluster import attention
+from ftcluster.data import packing
 
 pytestmark = pytest.mark.gpu
 
@@ -16,8 +17,8 @@ def test_varlen_attention_gives_the_logits_of_each_example_alone(tiny_model):
     sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", **kw).eval()
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (37, 5, 80, 21)]
-    rows = data.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=128)
-    batch = data.collate(rows, pad_id=0, packed=True, pad_to=128)
+    rows = packing.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=128)
+    batch = packing.collate(rows, pad_id=0, packed=True, pad_to=128)
     batch.pop("num_tokens")
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():

@@ -54,7 +54,7 @@ class GatheredDuringForward:
 
 
 def _run(cfg, rank: int) -> dict:
-    loop, tokenizer = worker.setup(cfg, rank, WORLD, torch.device("cpu"))
+    loop, tokenizer = worker.setup(cfg, tiny.plan_for(cfg), rank, WORLD, torch.device("cpu"))
     shards = layer_shards.of(loop.engine.module)
     progress = Progress()
     if shards is None:
@@ -82,11 +82,9 @@ def _run(cfg, rank: int) -> dict:
 def _adopted(cfg) -> dict:
     """A model loaded whole (as from a hub id), then partitioned: the same loss, forward and backward, from half
     the bytes."""
-    from ftcluster import models
-
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(cfg.training.seed)
-    model = models.build_base_model(cfg, torch.device("cpu"))
+    model = tiny.base_for(cfg)
     want = model(input_ids=ids, labels=ids).loss.item()
     shards = layer_shards.LayerShards()
     shards.adopt(model)
@@ -150,13 +148,14 @@ def _one_worker_main(rank: int, tiny_model, port: int, storage: str, out: dict) 
     runs = {}
     for name, stage in (("zero3", 3), ("zero2", 2)):
         cfg = _cfg(tiny_model, "qlora", "auto", storage, tied=False, stage=stage, workers=1)
-        loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+        plan = tiny.plan_for(cfg)
+        loop, _ = worker.setup(cfg, plan, 0, 1, torch.device("cpu"))
         model = loop.engine.module
         losses = []
         engine.train(loop, Progress(), engine.Hooks(lambda record, kind: losses.append(record.loss)))
         runs[name] = {"shards": layer_shards.of(model) is not None, "stage": loop.engine.zero_optimization_stage(),
                       "empty": [n for n, p in model.named_parameters() if p.numel() == 0], "losses": losses,
-                      "whole_on_one": cfg.frozen_base_whole_on_one_worker}
+                      "whole_on_one": plan.frozen_base == "whole"}
     out[0] = runs
     dist.destroy_process_group()
 

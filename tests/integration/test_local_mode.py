@@ -35,7 +35,7 @@ def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_di
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "cluster: none (ray.local_mode" in out and "Started a local Ray instance" not in out
+    assert "cluster: none (the worker runs in this process" in out and "Started a local Ray instance" not in out
     assert "ray modules: []" in out  # Ray Train's import alone took 1.0-1.3 s of a GPU host's start
     local = json.loads((tmp_path / "local" / "summary.json").read_text())
     assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
@@ -71,10 +71,17 @@ def test_sigterm_checkpoints_a_local_mode_run_and_the_same_command_resumes_it(ti
     assert after[after.index(last) + 1]["step"] == last["step"] + 1  # not one step lost or repeated
     assert (cfg.run_dir / "final").is_dir()
 
+    # A finished run started again says so at once and changes nothing in its directory.
+    before = {p: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file()}
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
+    assert "plan:" not in again.stdout  # nothing was started
+    assert {p: p.read_bytes() for p in cfg.run_dir.rglob("*") if p.is_file()} == before
+
 
 def test_a_failing_local_mode_worker_gets_the_advice_a_ray_worker_gets(tiny_model, tmp_path, monkeypatch, capsys):
-    """Ray wraps a worker's error in TrainingFailedError; in local mode it arrives as itself, and is still told apart
-    (a data or config error would fail again: fix it first) with exit code 1."""
+    """Either backend's worker error reaches the driver as backends.WorkerFailed, and is told apart the same way (a
+    data or config error would fail again: fix it first) with exit code 1."""
     from ftcluster import train, worker
 
     def broken_setup(*args, **kwargs):
@@ -95,7 +102,8 @@ def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_full_collec
     (ftcluster/collector.py), its thresholds back once the command returns."""
     import gc
 
-    from ftcluster import collector, models, row_cache, train
+    from ftcluster import collector, models, sources, train
+    from ftcluster.data import prepare
 
     calls = {"load_tokenizer": 0, "rows_for": 0, "build_model": 0}
     collecting = []
@@ -110,7 +118,7 @@ def test_a_local_mode_worker_takes_the_checks_inputs_and_starts_with_full_collec
 
         monkeypatch.setattr(module, name, call)
 
-    for module, name in ((models, "load_tokenizer"), (row_cache, "rows_for"), (models, "build_model")):
+    for module, name in ((sources, "load_tokenizer"), (prepare, "rows_for"), (models, "build_model")):
         counted(module, name)
     thresholds = gc.get_threshold()
     code = train.main(["--config", str(RECIPE), *tiny_overrides(

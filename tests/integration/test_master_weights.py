@@ -19,7 +19,7 @@ def _run(tiny_model, tmp_path, name, steps=6, **extra):
         "training.eval_every": 0, "training.save_every": 0, "optimizer.lr": 1e-3, **extra}))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    loop, _ = worker.setup(cfg, tiny.plan_for(cfg), 0, 1, torch.device("cpu"))
     logged = []
     engine.train(loop, Progress(), engine.Hooks(lambda record, kind: logged.append(record) if record.logged else None))
     return loop, logged
@@ -68,7 +68,7 @@ def test_the_loop_clips_to_max_grad_norm_before_the_optimizer_steps(tiny_model, 
         "method": "full", "scaling.num_workers": 1, "training.max_steps": 3, "training.log_every": 1,
         "training.eval_every": 0, "training.save_every": 0, **base}))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    loop, _ = worker.setup(cfg, tiny.plan_for(cfg), 0, 1, torch.device("cpu"))
     loop.engine.basic_optimizer.register_step_pre_hook(norm_at_step)
     logged = []
     engine.train(loop, Progress(), engine.Hooks(lambda record, kind: logged.append(record) if record.logged else None))
@@ -148,7 +148,7 @@ def _engine(tiny_model, tmp_path, name, **extra):
         "training.save_every": 0, **extra}))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    loop, _ = worker.setup(cfg, 0, 1, torch.device("cpu"))
+    loop, _ = worker.setup(cfg, tiny.plan_for(cfg), 0, 1, torch.device("cpu"))
     return loop.engine
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ftcluster import config as C
 from ftcluster import launch, stop
+from tests import tiny
 from tests.tiny import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -115,12 +116,12 @@ def test_merged_model_gives_the_adapter_models_logits(runs, key, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ftcluster import merge, models
+    from ftcluster import merge
 
     s = runs(key, **METHOD_RUNS[key], **{"optimizer.lr": LR[METHOD_RUNS[key]["method"]]})
     final = Path(s["final_model"])
     cfg = merge.run_config_of(final)
-    adapter_model = PeftModel.from_pretrained(models.build_base_model(cfg, torch.device("cpu")), final).eval()
+    adapter_model = PeftModel.from_pretrained(tiny.base_for(cfg), final).eval()
     out = merge.merge(final, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -276,14 +277,17 @@ def test_a_killed_worker_is_restarted_by_ray_and_finishes_like_an_uninterrupted_
     assert summary["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-3)
 
 
-def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_starts_it(ray_local, tiny_model, storage):
-    cfg = tiny_cfg(tiny_model, storage, "too-big", **{"scaling.use_gpu": "null", "resources.gpu_memory_gib": 0.5,
+def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_lets_it_past(ray_local, tiny_model, storage):
+    """GPU workers whose GPUs are too small: refused before anything is written. With force the run goes past the
+    memory check, to the next: this CPU cluster has no GPU for a worker (a GPU host would start training)."""
+    cfg = tiny_cfg(tiny_model, storage, "too-big", **{"scaling.use_gpu": True, "resources.gpu_memory_gib": 0.5,
                                                          "training.max_steps": 2})
     with pytest.raises(C.ConfigError, match="GPUs have 0.5.*--force"):
         launch.run(cfg)
     assert not cfg.run_dir.exists()  # refused before anything was written
-    s = launch.run(cfg, force=True)
-    assert s["final_step"] == 2
+    with pytest.raises(C.ConfigError, match=r"scaling.num_workers=2 x scaling.gpus_per_worker=1 needs 2 GPU"):
+        launch.run(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"resources_wait_s": 0})}), force=True)
+    assert not cfg.run_dir.exists()
 
 
 def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkpoint_and_writes_no_model(

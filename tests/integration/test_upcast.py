@@ -12,9 +12,9 @@ from tests import tiny
 def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model, process_group, upcast):
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "deepspeed.zero_stage=2",
                         f"quantization.upcast_non_quantized={upcast}", "training.micro_batch_size=2"])
-    model = models.build_model(cfg, "cpu")
-    ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
-    ds, _, _ = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
+    model = models.build_model(cfg, tiny.plan_for(cfg), "cpu")
+    ds_config = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 1)
+    ds, _, _ = deepspeed_setup.initialize(cfg, tiny.plan_for(cfg), model, torch.device("cpu"), ds_config, total_steps=5)
     norm = ds.module.base_model.model.model.norm.weight
     assert norm.dtype == (torch.float32 if upcast else torch.bfloat16)
     losses = tiny.engine_losses(ds, 4)
@@ -24,9 +24,9 @@ def test_qlora_norms_keep_the_dtype_chosen_for_them_inside_deepspeed(tiny_model,
 def test_zero2_buckets_hold_the_adapters_not_half_a_billion_elements(tiny_model, process_group):
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=2",
                         "training.micro_batch_size=2"])
-    model = models.build_model(cfg, "cpu")
+    model = models.build_model(cfg, tiny.plan_for(cfg), "cpu")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), deepspeed_setup.deepspeed_config(cfg, 1),
+    ds, _, final = deepspeed_setup.initialize(cfg, tiny.plan_for(cfg), model, torch.device("cpu"), deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 1),
                                               total_steps=5)
     assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
     assert ds.optimizer.reduce_bucket_size == trainable  # what the engine allocates its two buckets with
@@ -41,12 +41,12 @@ def test_zero3_sizes_its_reduce_bucket_keeps_adapters_whole_and_torchs_linear_un
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=3", "lora.r=8",
                         "deepspeed.zero3_frozen=deepspeed",
                         "model.gradient_checkpointing=true", "training.micro_batch_size=2"])
-    ds_config = deepspeed_setup.deepspeed_config(cfg, 1)
-    model = models.build_model(cfg, "cpu", deepspeed_setup.zero3_partition(cfg, ds_config))
+    ds_config = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 1)
+    model = models.build_model(cfg, tiny.plan_for(cfg), "cpu", deepspeed_setup.zero3_partition(tiny.plan_for(cfg), ds_config))
     # zero.Init would have replaced torch.nn.functional.linear, process-wide, with DeepSpeed's Python function.
     assert torch.nn.functional.linear is linear
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    ds, _, final = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=5)
+    ds, _, final = deepspeed_setup.initialize(cfg, tiny.plan_for(cfg), model, torch.device("cpu"), ds_config, total_steps=5)
     assert final["zero_optimization"]["reduce_bucket_size"] == trainable < deepspeed_setup.DEFAULT_BUCKET
     assert [b.buffer.numel() for b in ds.optimizer.ipg_buckets.values()] == [trainable]  # what it allocated
     # LoRA's matrices stay whole on every rank (no gather or release each layer), the base's are partitioned.

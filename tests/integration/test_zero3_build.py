@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, models
 from ftcluster.cluster import free_port
+from tests import tiny
 
 WORLD = 2
 
@@ -31,14 +32,14 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
     cfg = _cfg(tiny_model, case)
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(cfg.training.seed)
-    reference = models.build_base_model(cfg, torch.device("cpu"))  # unpartitioned, same seed
+    reference = tiny.base_for(cfg)  # unpartitioned, same seed
     with torch.no_grad():
         reference_loss = reference(input_ids=ids, labels=ids).loss.item()
     del reference
 
     torch.manual_seed(cfg.training.seed)
-    ds_config = deepspeed_setup.deepspeed_config(cfg, WORLD)
-    model = models.build_model(cfg, torch.device("cpu"), deepspeed_setup.zero3_partition(cfg, ds_config))
+    ds_config = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), WORLD)
+    model = models.build_model(cfg, tiny.plan_for(cfg), torch.device("cpu"), deepspeed_setup.zero3_partition(tiny.plan_for(cfg), ds_config))
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     held = sum(p.ds_tensor.numel() for p in base if hasattr(p, "ds_tensor"))
     full = sum(p.ds_numel for p in base if hasattr(p, "ds_numel"))
@@ -49,7 +50,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, out: dict) -> None:
               "norm_dtype": str(getattr(model, "get_base_model", lambda: model)().model.norm.weight.ds_tensor.dtype),
               "want_norm_dtype": str(torch.float32 if cfg.quantization.upcast_non_quantized else torch.bfloat16)}
 
-    ds, _, _ = deepspeed_setup.initialize(cfg, model, torch.device("cpu"), ds_config, total_steps=6)
+    ds, _, _ = deepspeed_setup.initialize(cfg, tiny.plan_for(cfg), model, torch.device("cpu"), ds_config, total_steps=6)
     losses = []
     for _ in range(6):
         loss = ds(input_ids=ids, labels=ids).loss

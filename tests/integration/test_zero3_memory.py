@@ -58,7 +58,7 @@ def _rank_main(rank: int, tiny_model, case: str, port: int, storage: str, out: d
         "training.micro_batch_size=2", "training.max_steps=3", "training.log_every=1", "training.eval_batches=2",
         f"output.storage_path={storage}", f"output.name={case}", "optimizer.lr=3e-3"])
     device = torch.device("cpu")
-    loop, tokenizer = worker.setup(cfg, rank, WORLD, device)
+    loop, tokenizer = worker.setup(cfg, tiny.plan_for(cfg), rank, WORLD, device)
     model = loop.engine.module
     base = [p for n, p in model.named_parameters() if "lora_" not in n]
     gathered = GatheredAfterForward(model, base)

@@ -4,6 +4,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ftcluster import activations, models
 from ftcluster.config import load
+from tests import tiny
 
 
 @pytest.mark.parametrize("num_items", [None, 37])
@@ -35,8 +36,9 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(tiny_model):
     grads, mlp_calls = [], []
     for ckpt, count in ((False, None), (True, None), (True, 1)):
         torch.manual_seed(0)
-        model = models.build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"gradient_checkpointing": ckpt, "checkpointed_layers": count})}), "cpu")
+        run = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"gradient_checkpointing": ckpt, "checkpointed_layers": count})})
+        model = models.build_model(run, tiny.plan_for(run), "cpu")
         calls = {0: 0, 1: 0}
         for i, layer in enumerate(activations.decoder_layers(model)):
             layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -53,8 +55,8 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(tiny_model):
 def test_checkpointing_more_layers_than_the_model_has_names_the_field(tiny_model):
     cfg = load(None, [f"model.name_or_path={tiny_model}", "model.gradient_checkpointing=true",
                       "model.checkpointed_layers=3"])
-    with pytest.raises(Exception, match=r"model.checkpointed_layers=3: LlamaForCausalLM has 2 decoder layers"):
-        models.build_model(cfg, "cpu")
+    with pytest.raises(Exception, match=r"model.checkpointed_layers=3: llama has 2 decoder layers"):
+        tiny.plan_for(cfg)
     with pytest.raises(Exception, match=r"checkpointed_layers=1 needs model.gradient_checkpointing=true"):
         load(None, ["model.checkpointed_layers=1"])
 
@@ -70,7 +72,7 @@ def test_offloaded_checkpoints_hold_only_each_layers_input_and_change_no_gradien
     grads = []
     for offload in (False, True):
         torch.manual_seed(0)
-        model = models.build_model(cfg, "cpu")
+        model = models.build_model(cfg, tiny.plan_for(cfg), "cpu")
         ckpt = activations.checkpoint_layers(model.get_base_model(), offload=offload)
         loss = model(input_ids=ids, labels=ids).loss
         if offload:  # what went to host memory: each layer's input, and nothing else

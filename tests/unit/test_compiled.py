@@ -13,18 +13,16 @@ from tests import tiny
 def test_auto_compiles_on_gpus_only_and_on_is_refused_where_it_cannot_run(tiny_model, capsys):
     assert C.load(None, []).model.compile == "auto"
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "model.compile=auto"])
-    model = models.build_model(cfg, "cpu")
-    assert "compiled layers: no, the device is cpu" in capsys.readouterr().out
+    model = models.build_model(cfg, tiny.plan_for(cfg), "cpu")
+    assert "compiled layers: none (model.compile=auto: the device is cpu" in capsys.readouterr().out
     assert all(layer._compiled_call_impl is None for layer in model.get_base_model().model.layers)
-    for clash, message in [("scaling.use_gpu=false", "scaling.use_gpu=false"),
-                           ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3"),
-                           ("model.activation_offloading=true", "model.activation_offloading=true")]:
+    for clash, message in [("scaling.use_gpu=false", "the device is cpu"),
+                           ("deepspeed.zero_stage=3", "ZeRO-3 gathers and releases"),
+                           ("model.activation_offloading=true", "model.activation_offloading's saved-tensor hooks")]:
         extra = ["model.gradient_checkpointing=true"] if "offloading" in clash else []
-        with pytest.raises(C.ConfigError, match=f"model.compile=on with {message}"):
-            C.load(None, ["model.compile=on", clash, *extra])
-    on = C.load(None, ["model.compile=on", "scaling.use_gpu=true"])
-    with pytest.raises(C.ConfigError, match="model.compile=on: the device is cpu"):
-        compiled.apply(model, on, "cpu")
+        on = C.load(None, [f"model.name_or_path={tiny_model}", "model.compile=on", clash, *extra])
+        with pytest.raises(C.ConfigError, match=f"model.compile=on: {message}"):
+            tiny.plan_for(on, "cpu" if "use_gpu" in clash else "cuda")
     assert C.load(None, ["model.compile=off"]).fingerprint() == C.load(None, []).fingerprint()  # resumable
 
 
@@ -45,9 +43,11 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_model, method):
     losses = {}
     for backend in (None, aot_eager):
         torch.manual_seed(0)
-        model = models.build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": "off"})}))
+        eager = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": "off"})})
+        model = models.build_model(eager, tiny.plan_for(eager))
         if backend:
-            assert compiled.apply(model, cfg, "cpu", backend=backend).startswith("compiled layers: 3 x LlamaDecoderLayer")
+            line = compiled.apply(model, tiny.plan_for(cfg, "cuda"), backend=backend)
+            assert line.startswith("compiled layers: 3 x LlamaDecoderLayer")
         model.train()
         losses[backend] = tiny.adamw_losses(model, 3, lr=1e-3 if method == "full" else 1e-2)
     assert losses[aot_eager] == pytest.approx(losses[None], rel=1e-3)
@@ -55,23 +55,23 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_model, method):
     assert len(graphs) == 1
 
 
-def test_auto_compiles_on_one_gpu_and_qlora_layers_must_recompute_their_dequantization():
-    def cfg(*overrides):
-        return C.load(None, ["scaling.use_gpu=true", "model.gradient_checkpointing=true", *overrides])
+def test_auto_compiles_on_one_gpu_and_qlora_layers_must_recompute_their_dequantization(tiny_model):
+    def plan(*overrides, device="cuda"):
+        return tiny.plan_for(C.load(None, [f"model.name_or_path={tiny_model}", "scaling.use_gpu=true",
+                                           "model.gradient_checkpointing=true", *overrides]), device)
 
-    assert compiled.compiles(cfg("method=lora"), "cuda") and compiled.compiles(cfg("method=qlora"), "cuda")
-    assert compiled.compiles(cfg("method=full"), "cuda")
-    assert not compiled.compiles(cfg("method=qlora", "scaling.num_workers=2"), "cuda")
+    assert plan("method=lora").compile and plan("method=qlora").compile and plan("method=full").compile
+    assert not plan("method=qlora", "scaling.num_workers=2").compile
     # QLoRA's layers outside a checkpoint too (activations.recompute_only).
-    assert compiled.compiles(cfg("method=qlora", "model.checkpointed_layers=4"), "cuda")
-    assert compiled.compiles(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda")
-    assert compiled.must_recompute(cfg("method=qlora", "model.gradient_checkpointing=false"), "cuda") == {"bitsandbytes"}
-    assert compiled.compiles(cfg("method=lora", "model.checkpointed_layers=4"), "cuda")
-    assert compiled.compiles(cfg("method=full", "scaling.num_workers=2", "model.compile=on"), "cuda")
-    assert compiled.must_recompute(cfg("method=qlora"), "cuda") == {"bitsandbytes"}
-    assert not compiled.must_recompute(cfg("method=qlora"), "cpu")  # not compiled: no policy, no dispatch per op
-    assert not compiled.must_recompute(cfg("method=qlora", "model.compile=off"), "cuda")
-    assert not compiled.must_recompute(cfg("method=lora"), "cuda")
+    assert plan("method=qlora", "model.checkpointed_layers=1").compile
+    assert plan("method=qlora", "model.gradient_checkpointing=false").compile
+    assert plan("method=qlora", "model.gradient_checkpointing=false").recompute_only == ("bitsandbytes",)
+    assert plan("method=lora", "model.checkpointed_layers=1").compile
+    assert plan("method=full", "scaling.num_workers=2", "model.compile=on").compile
+    assert plan("method=qlora").recompute_only == ("bitsandbytes",)
+    assert not plan("method=qlora", device="cpu").recompute_only  # not compiled: no policy, no dispatch per op
+    assert not plan("method=qlora", "model.compile=off").recompute_only
+    assert not plan("method=lora").recompute_only
 
 
 def test_compiled_qlora_layers_are_told_to_recompute_the_dequantization(tiny_model):
@@ -103,7 +103,7 @@ def test_compiled_qlora_layers_are_told_to_recompute_the_dequantization(tiny_mod
     losses = {}
     for compile_ in (False, True):
         torch.manual_seed(0)
-        model = models.build_model(cfg)
+        model = models.build_model(cfg, tiny.plan_for(cfg))
         activations.checkpoint_layers(model, must_recompute=frozenset({"bitsandbytes"}))
         if compile_:
             for layer in activations.decoder_layers(model):
@@ -146,7 +146,7 @@ def test_compiled_qlora_layers_outside_a_checkpoint_recompute_only_the_dequantiz
 
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = models.build_model(cfg)
+        model = models.build_model(cfg, tiny.plan_for(cfg))
         layers = activations.decoder_layers(model)
         if mode == "recompute_only":
             activations.recompute_only(layers, frozenset({"bitsandbytes"}))
@@ -192,10 +192,10 @@ def test_a_compiled_qlora_layer_comes_from_aotautograds_cache_at_the_next_start(
             torch._dynamo.reset()
             counters.clear()
             eager = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": "off"})})
-            model = models.build_model(eager)
+            model = models.build_model(eager, tiny.plan_for(eager))
             # As on a GPU: checkpointed under the policy that has the compiled layer recompute the dequantization.
             activations.checkpoint_layers(model, must_recompute=frozenset({"bitsandbytes"}))
-            compiled.apply(model, cfg, "cpu", backend=inductor)
+            compiled.apply(model, tiny.plan_for(cfg, "cuda"), backend=inductor)
             model.train()
             tiny.adamw_losses(model, 1, lr=1e-2)
             aot = dict(counters["aot_autograd"])

@@ -57,51 +57,9 @@ def test_qlora_zero3_with_uint8_storage_is_refused_with_the_fix():
         C.load(None, ["method=qlora", "deepspeed.zero_stage=3", "quantization.quant_storage=uint8"])
 
 
-def test_qlora_zero3_stores_4bit_weights_in_the_compute_dtype_by_default():
-    assert C.load(None, ["method=qlora", "deepspeed.zero_stage=3"]).quant_storage_dtype == "bfloat16"
-    assert C.load(None, ["method=qlora", "deepspeed.zero_stage=2"]).quant_storage_dtype == "uint8"
-
-
 def test_param_offload_needs_zero3():
     with pytest.raises(C.ConfigError, match=r"offload_param=cpu needs deepspeed.zero_stage=3"):
         C.load(None, ["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"])
-
-
-def test_zero3_partitions_a_frozen_base_by_layers_where_it_can_and_says_why_not_when_asked_to():
-    z3 = ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "scaling.num_workers=2"]
-    assert C.load(None, z3).frozen_base_by_layers
-    assert C.load(None, [*z3, "method=qlora"]).frozen_base_by_layers
-    # auto falls back to DeepSpeed's ZeRO-3 where layer shards do not apply; layers says which setting is in the way.
-    for clash, named in [("method=full", "method=full"), ("deepspeed.offload_param=cpu", "offload_param=cpu"),
-                         ("model.gradient_checkpointing=false", "gradient_checkpointing=false"),
-                         ("model.checkpointed_layers=2", "checkpointed_layers"),
-                         ("lora.modules_to_save=[lm_head]", "modules_to_save"),
-                         ("deepspeed.zero3_frozen=deepspeed", None)]:
-        assert not C.load(None, [*z3, clash]).frozen_base_by_layers, clash
-        if named:
-            with pytest.raises(C.ConfigError, match=rf"zero3_frozen=layers with .*{named}.*Set deepspeed.zero3_frozen"):
-                C.load(None, [*z3, clash, "deepspeed.zero3_frozen=layers"])
-    assert not C.load(None, ["deepspeed.zero_stage=2", "model.gradient_checkpointing=true"]).frozen_base_by_layers
-
-
-def test_zero3_for_adapters_on_one_worker_is_zero2_with_the_base_whole_and_keeps_what_zero2_allows(monkeypatch):
-    """One worker has no other rank to hold a shard: DeepSpeed runs ZeRO-2 over the adapters, nothing is
-    partitioned, so the fused loss and compiled layers apply as under ZeRO-2."""
-    from ftcluster import compiled, kernels
-
-    monkeypatch.setattr(kernels, "installed", lambda: True)  # the plan, not the kernels, is tested here
-    one = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", "method=lora"])
-    assert one.frozen_base_whole_on_one_worker and not one.frozen_base_by_layers
-    assert one.deepspeed_stage == 2 and not one.partitions_parameters
-    assert compiled.why_not(one, "cuda") is None
-    assert kernels.plan(one, "llama", "cuda")[0]["fused_linear_cross_entropy"] is True
-    two = one.model_copy(update={"scaling": one.scaling.model_copy(update={"num_workers": 2})})
-    assert two.frozen_base_by_layers and two.deepspeed_stage == 2 and two.partitions_parameters
-    assert compiled.why_not(two, "cuda") and kernels.plan(two, "llama", "cuda")[0]["fused_linear_cross_entropy"] is False
-    # DeepSpeed's own ZeRO-3, asked for, stays ZeRO-3 on one worker too (and so does full fine-tuning).
-    for other in (["deepspeed.zero3_frozen=deepspeed"], ["method=full"]):
-        cfg = C.load(None, ["deepspeed.zero_stage=3", "model.gradient_checkpointing=true", *other])
-        assert not cfg.frozen_base_whole_on_one_worker and cfg.deepspeed_stage == 3 and cfg.partitions_parameters
 
 
 def test_a_zero_stage_set_inside_the_deepspeed_json_must_be_deepspeed_zero_stage(tmp_path):
@@ -199,45 +157,6 @@ def test_the_advice_after_a_worker_failure_offers_resuming_only_where_it_can_hel
     assert "ran out of memory" in oom and "ftcluster estimate" in oom
 
 
-def test_local_mode_runs_one_worker_joins_no_cluster_and_is_part_of_the_runs_identity():
-    with pytest.raises(C.ConfigError, match="ray.local_mode=true with scaling.num_workers=2"):
-        C.load(None, ["ray.local_mode=true", "scaling.num_workers=2"])
-    with pytest.raises(C.ConfigError, match="ray.local_mode=true with ray.address=auto"):
-        C.load(None, ["ray.local_mode=true", "ray.address=auto"])
-    # A run's checkpoints are Ray's in one mode and ftcluster's in the other: a run directory resumes in its mode.
-    assert C.load(None, ["ray.local_mode=true"]).fingerprint() != C.load(None, ["ray.local_mode=false"]).fingerprint()
-    assert C.load(None, ["ray.max_failures=3"]).fingerprint() == C.load(None, []).fingerprint()
-    # Speed knobs are not the run's identity: a run resumes with Liger's loss chunked otherwise.
-    assert C.load(None, ["model.fused_loss_chunk_scale=8"]).fingerprint() == C.load(None, []).fingerprint()
-    assert C.load(None, ["optimizer.master_weights=bf16"]).fingerprint() != C.load(None, []).fingerprint()
-
-
-def test_local_mode_checkpoints_appear_whole_and_only_the_latest_are_kept(tmp_path):
-    from ftcluster import run_dir
-
-    def write(d):
-        (d / "progress.json").write_text("{}")
-
-    assert run_dir.latest_checkpoint(tmp_path) is None
-    for step in (2, 4, 6):
-        saved = run_dir.save_checkpoint(tmp_path, step, write, keep=2)
-        assert saved == tmp_path / f"checkpoint_step{step:07d}" and (saved / "progress.json").exists()
-    assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint_step0000004", "checkpoint_step0000006"]
-    assert run_dir.latest_checkpoint(tmp_path) == tmp_path / "checkpoint_step0000006"
-
-    def fails(d):
-        (d / "half").write_text("")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        run_dir.save_checkpoint(tmp_path, 8, fails, keep=2)
-    # A write that failed leaves nothing a resume could take, and the kept checkpoints are untouched.
-    assert sorted(d.name for d in tmp_path.iterdir()) == ["checkpoint_step0000004", "checkpoint_step0000006"]
-    run_dir.save_checkpoint(tmp_path, 6, lambda d: (d / "again").write_text(""), keep=2)  # the same step again
-    assert (tmp_path / "checkpoint_step0000006" / "again").exists()
-    assert not (tmp_path / "checkpoint_step0000006" / "progress.json").exists()
-
-
 def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
     assert C.load(None, ["optimizer.master_weights=bf16"]).optimizer.master_weights == "bf16"
     with pytest.raises(C.ConfigError, match="optimizer.master_weights=bf16 with model.dtype=float32"):
@@ -246,34 +165,3 @@ def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
         C.load(None, ["optimizer.master_weights=bf16", "method=qlora", "quantization.upcast_non_quantized=true"])
 
 
-def test_local_mode_auto_runs_one_worker_in_process_unless_there_is_a_cluster_to_join(tmp_path):
-    """Decided by the driver before anything starts; a live cluster recorded on this host is joined, a stale record
-    (nothing answers at its address) is no cluster. In a fresh process: the test session's own Ray would count as a
-    cluster to join."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    script = ("import json, sys; from ftcluster import config as C, launch; "
-              "print(json.dumps([launch.settle_local_mode(C.load(None, o)).ray.local_mode "
-              "for o in json.loads(sys.argv[1])]))")
-    cases = [[], ["scaling.num_workers=2"], ["ray.address=auto"], ["ray.max_failures=2"], ["ray.local_mode=false"],
-             ["ray.local_mode=true"]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
-    settled = lambda cases, **extra: json.loads(subprocess.run(
-        [sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, check=True,
-        env=env | extra).stdout)
-    assert C.load(None, []).ray.local_mode == "auto"
-    assert settled(cases) == [True, False, False, False, False, True]
-    record = tmp_path / "ray" / "ray_current_cluster"
-    record.parent.mkdir()
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        port = listening.getsockname()[1]
-        record.write_text(f"127.0.0.1:{port}\n")
-        assert settled([[]]) == [False]  # a live cluster recorded on this host: joined
-    assert settled([[]]) == [True]  # closed now: the record of a cluster that died
-    assert settled([[]], RAY_ADDRESS="10.0.0.1:6379") == [False]

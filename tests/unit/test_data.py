@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from ftcluster import data
+from ftcluster import plan
+from ftcluster.data import cache, formatting, packing, prepare, reading, streaming
 from ftcluster.config import DataConfig
 
 EX = {"instruction": "What does `math.sqrt(x)` do?", "input": "", "output": "Return the square root of x."}
@@ -17,31 +18,31 @@ def tok(tiny_model):
 
 
 def decode_targets(tok, ex):
-    return tok.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != data.IGNORE])
+    return tok.decode([i for i, l in zip(ex["input_ids"], ex["labels"]) if l != formatting.IGNORE])
 
 
 def test_alpaca_loss_covers_only_the_response_and_its_end_of_turn(tok):
-    ex = data.tokenize_example(tok, EX, DataConfig(format="alpaca"))
+    ex = formatting.tokenize_example(tok, EX, DataConfig(format="alpaca"))
     assert decode_targets(tok, ex) == "Return the square root of x.<|im_end|>\n"
     assert tok.decode(ex["input_ids"]).startswith("<|im_start|>user\nWhat does")
 
 
 def test_train_on_prompt_makes_every_token_but_the_first_a_target(tok):
-    ex = data.tokenize_example(tok, EX, DataConfig(format="alpaca", train_on_prompt=True))
-    assert ex["labels"][0] == data.IGNORE and ex["labels"][1:] == ex["input_ids"][1:]
+    ex = formatting.tokenize_example(tok, EX, DataConfig(format="alpaca", train_on_prompt=True))
+    assert ex["labels"][0] == formatting.IGNORE and ex["labels"][1:] == ex["input_ids"][1:]
 
 
 def test_chat_loss_covers_every_assistant_turn_and_no_user_turn(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
             {"role": "assistant", "content": "Goodbye."}]
-    ex = data.tokenize_example(tok, {"messages": msgs}, DataConfig(format="chat"))
+    ex = formatting.tokenize_example(tok, {"messages": msgs}, DataConfig(format="chat"))
     assert decode_targets(tok, ex) == "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
 
 
 def test_text_format_trains_on_all_tokens_and_truncates(tok):
     cfg = DataConfig(format="text", max_seq_len=16)
-    ex = data.tokenize_example(tok, {"text": "word " * 100}, cfg)
+    ex = formatting.tokenize_example(tok, {"text": "word " * 100}, cfg)
     assert len(ex["input_ids"]) == 16 and ex["labels"][1:] == ex["input_ids"][1:]
 
 
@@ -49,32 +50,32 @@ def test_wrong_fields_name_the_format_and_the_fix(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"question": "a", "answer": "b"}\n' * 4)
     with pytest.raises(ValueError, match=r"data.format=alpaca needs fields \['instruction', 'output'\].*answer"):
-        data.load_examples(DataConfig(source=str(f)), seed=0)
+        reading.load_examples(DataConfig(source=str(f)), seed=0)
 
 
 def test_local_jsonl_loads_with_a_held_out_split(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(40)))
-    loaded = data.load_examples(DataConfig(source=str(f), eval_fraction=0.25), seed=0)
+    loaded = reading.load_examples(DataConfig(source=str(f), eval_fraction=0.25), seed=0)
     train, evaluation = loaded.train, loaded.evaluation
     assert len(train) == 30 and len(evaluation) == 10
     assert not {e["instruction"] for e in train} & {e["instruction"] for e in evaluation}
 
 
 def test_builtin_pydoc_eval_split_shares_no_answer_with_train():
-    loaded = data.load_examples(DataConfig(source="builtin:pydoc"), seed=0)
+    loaded = reading.load_examples(DataConfig(source="builtin:pydoc"), seed=0)
     train, evaluation = loaded.train, loaded.evaluation
     assert len(train) > 300 and len(evaluation) > 30
     assert not {e["output"] for e in train} & {e["output"] for e in evaluation}
 
 
 def test_packing_restarts_positions_and_ignores_each_first_label():
-    exs = [{"input_ids": list(range(10, 10 + n)), "labels": [data.IGNORE] + list(range(11, 10 + n))} for n in (5, 4, 6, 3)]
-    rows = data.pack(exs, max_len=10)
+    exs = [{"input_ids": list(range(10, 10 + n)), "labels": [formatting.IGNORE] + list(range(11, 10 + n))} for n in (5, 4, 6, 3)]
+    rows = packing.pack(exs, max_len=10)
     # Best fit, longest first: 6 opens a row, 5 does not fit beside it, 4 fills the first row to 10, 3 joins the 5.
     assert [len(r["input_ids"]) for r in rows] == [10, 8]
     assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
-    assert rows[0]["labels"][6] == data.IGNORE and rows[1]["input_ids"] == exs[0]["input_ids"] + exs[3]["input_ids"]
+    assert rows[0]["labels"][6] == formatting.IGNORE and rows[1]["input_ids"] == exs[0]["input_ids"] + exs[3]["input_ids"]
 
 
 def test_best_fit_packing_fills_rows_where_greedy_packing_leaves_padding():
@@ -85,11 +86,11 @@ def test_best_fit_packing_fills_rows_where_greedy_packing_leaves_padding():
 
     rng = random.Random(0)
     exs = [{"input_ids": [i] * (n := rng.randint(20, 200)), "labels": [i] * n} for i in range(3000)]
-    rows = data.pack(exs, max_len=2048)
+    rows = packing.pack(exs, max_len=2048)
     assert sorted(t for r in rows for t in set(r["input_ids"])) == list(range(3000))
     assert all(len(r["input_ids"]) <= 2048 for r in rows)
     fill = sum(len(r["input_ids"]) for r in rows) / (2048 * len(rows))
-    greedy = data.Packer(2048)
+    greedy = packing.Packer(2048)
     greedy_rows = [r for ex in exs if (r := greedy.add(ex)) is not None] + [greedy.flush()]
     greedy_fill = sum(len(r["input_ids"]) for r in greedy_rows) / (2048 * len(greedy_rows))
     assert sum(len(r["input_ids"]) > 2048 - 20 for r in rows) >= len(rows) - 1
@@ -104,8 +105,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(5, 500, (7,), generator=g).tolist(), torch.randint(5, 500, (5,), generator=g).tolist()
-    rows = data.pack([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}], max_len=16)
-    batch = data.collate(rows, pad_id=0, packed=True, pad_to=16)
+    rows = packing.pack([{"input_ids": a, "labels": a}, {"input_ids": b, "labels": b}], max_len=16)
+    batch = packing.collate(rows, pad_id=0, packed=True, pad_to=16)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone_b = model(input_ids=torch.tensor([b])).logits[0]
@@ -137,36 +138,36 @@ def test_batches_with_different_example_counts_compile_once():
     torch._dynamo.reset()
     for counts in ([3, 5], [2, 2, 4], [1, 1, 1, 3, 2]):
         rows = [{"input_ids": [1] * n, "labels": [1] * n, "position_ids": list(range(n))} for n in counts]
-        batch = engine.to_device(data.collate(rows, pad_id=0, packed=True, pad_to=16), torch.device("cpu"))
+        batch = engine.to_device(packing.collate(rows, pad_id=0, packed=True, pad_to=16), torch.device("cpu"))
         uses_the_packing(torch.ones(2), batch["cu_seq_lens_q"], batch["max_length_q"])
     assert len(graphs) == 1
 
 
 def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
     rows = [{"input_ids": [i], "labels": [i]} for i in range(103)]
-    shards = [data.ShardedBatches(rows, 4, r, 3, seed=1, pad_id=0, packed=False) for r in range(3)]
+    shards = [packing.ShardedBatches(rows, 4, r, 3, seed=1, pad_id=0, packed=False) for r in range(3)]
     orders = [s.order(0) for s in shards]
     assert len({len(o) for o in orders}) == 1 and len(shards[0]) == 34 // 4
     assert not set(orders[0]) & set(orders[1]) and not set(orders[1]) & set(orders[2])
-    assert shards[0].order(0) == data.ShardedBatches(rows, 4, 0, 3, 1, 0, False).order(0)  # deterministic
+    assert shards[0].order(0) == packing.ShardedBatches(rows, 4, 0, 3, 1, 0, False).order(0)  # deterministic
     assert shards[0].order(1) != shards[0].order(0)
 
 
 def test_resumed_epoch_yields_the_remaining_batches_unchanged():
     rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(40)]
-    s = data.ShardedBatches(rows, 2, 0, 2, seed=3, pad_id=0, packed=False)
+    s = packing.ShardedBatches(rows, 2, 0, 2, seed=3, pad_id=0, packed=False)
     full = [b["input_ids"].tolist() for b in s.epoch(1)]
     assert [b["input_ids"].tolist() for b in s.epoch(1, start_batch=4)] == full[4:]
 
 
 def test_batches_per_epoch_are_whole_accumulation_groups():
     rows = [{"input_ids": [i], "labels": [i]} for i in range(22)]
-    assert len(data.ShardedBatches(rows, 1, 0, 2, 0, 0, False, accumulation=4)) == 8
+    assert len(packing.ShardedBatches(rows, 1, 0, 2, 0, 0, False, accumulation=4)) == 8
 
 
 def test_too_little_data_names_the_fix():
     with pytest.raises(ValueError, match="micro_batch_size"):
-        data.ShardedBatches([{"input_ids": [1], "labels": [1]}] * 3, 2, 0, 2, 0, 0, False)
+        packing.ShardedBatches([{"input_ids": [1], "labels": [1]}] * 3, 2, 0, 2, 0, 0, False)
 
 
 def test_required_args_task_answers_from_the_signature_and_holds_out_unseen_prompts():
@@ -202,7 +203,7 @@ def test_answers_that_look_like_dates_or_numbers_reach_the_tokenizer_as_written(
                        ("d.csv", "instruction,output,input\n" + "".join(f"q{i},2001-05-01,007\n" for i in range(6)))):
         f = tmp_path / name
         f.write_text(text)
-        loaded = data.load_examples(DataConfig(source=str(f), eval_fraction=0.0), seed=0)
+        loaded = reading.load_examples(DataConfig(source=str(f), eval_fraction=0.0), seed=0)
         assert all(r["output"] == "2001-05-01" and r["input"] == "007" for r in loaded.train), name
 
 
@@ -211,87 +212,83 @@ def test_chat_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path):
     drop = {"messages": [{"role": "user", "content": "hi"}]}
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in [keep, drop, keep, drop, drop]))
-    loaded = data.load_examples(DataConfig(source=str(f), format="chat", eval_fraction=0.0), seed=0)
+    loaded = reading.load_examples(DataConfig(source=str(f), format="chat", eval_fraction=0.0), seed=0)
     assert len(loaded.train) == 2 and loaded.dropped == {"chat rows without an assistant turn": 3}
 
 
 def test_rows_say_how_many_examples_were_cut_and_dropped(tok):
     long_prompt = {"instruction": "word " * 200, "output": "yes"}
-    rows, stats = data.build_rows(tok, [EX, EX, long_prompt], DataConfig(format="alpaca", max_seq_len=64), seed=0)
+    rows, stats = packing.build_rows(tok, [EX, EX, long_prompt], DataConfig(format="alpaca", max_seq_len=64), seed=0)
     assert stats.examples == 3 and stats.truncated == 1 and stats.no_target == 1 and stats.longest > 64
     assert stats.rows == len(rows) > 0 and "1 cut to data.max_seq_len=64, 1 dropped" in stats.describe(64)
 
 
 def _batches(rows, packed=True):
-    b = data.ShardedBatches(rows, 2, 0, 1, 7, 0, packed, 256 if packed else None)
+    b = packing.ShardedBatches(rows, 2, 0, 1, 7, 0, packed, 256 if packed else None)
     return [{k: v.tolist() if torch.is_tensor(v) else v for k, v in batch.items()} for batch in b.epoch(0)]
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_rows_are_prepared_once_and_a_second_run_reads_them_without_tokenizing(tok, tmp_path, monkeypatch, packing):
-    from ftcluster import row_cache
 
     cfg = DataConfig(source="builtin:required-args", max_seq_len=256, packing=packing)
-    examples = data.load_examples(cfg, 3)
-    rows, stats, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    examples = reading.load_examples(cfg, 3)
+    rows, stats, line = cache.prepared(tok, examples, cfg, 3, tmp_path)
     assert line.startswith("rows saved to ") and stats.rows == len(rows["train"]) > 4
-    monkeypatch.setattr(data, "tokenize_example", lambda *a: pytest.fail("the second run tokenized"))
-    again, stats2, line2 = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    monkeypatch.setattr(formatting, "tokenize_example", lambda *a: pytest.fail("the second run tokenized"))
+    again, stats2, line2 = cache.prepared(tok, examples, cfg, 3, tmp_path)
     assert line2.startswith("rows reused from ") and "no tokenizing" in line2 and stats2 == stats
     assert len(again["evaluation"]) == len(rows["evaluation"]) > 0
     assert _batches(again["train"], packing) == _batches(rows["train"], packing)  # the same batches, memory-mapped
 
 
 def test_cached_rows_read_back_as_written_across_record_batches_without_importing_datasets(tok, tmp_path, monkeypatch):
-    """The row cache's reader (row_cache.ArrowRows): every row as it was written, through several record batches;
+    """The row cache's reader (cache.ArrowRows): every row as it was written, through several record batches;
     negative indices and the end as a list has them; pickled as its path; and no import of ``datasets`` (0.15-0.18
     s of a start), checked in a fresh interpreter."""
     import pickle
     import subprocess
     import sys
 
-    from ftcluster import row_cache
 
-    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 512)  # a record batch every few rows
+    monkeypatch.setattr(cache.RowWriter, "BATCH_TOKENS", 512)  # a record batch every few rows
     cfg = DataConfig(source="builtin:required-args", max_seq_len=128, packing=True)
-    examples = data.load_examples(cfg, 3)
-    written, _, _ = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
-    again, _, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    examples = reading.load_examples(cfg, 3)
+    written, _, _ = cache.prepared(tok, examples, cfg, 3, tmp_path)
+    again, _, line = cache.prepared(tok, examples, cfg, 3, tmp_path)
     rows = again["train"]
-    assert line.startswith("rows reused from ") and isinstance(rows, row_cache.ArrowRows) and len(rows.chunks) > 3
+    assert line.startswith("rows reused from ") and isinstance(rows, cache.ArrowRows) and len(rows.chunks) > 3
     assert list(rows) == written["train"] and rows[-1] == written["train"][-1] and rows[2:5] == written["train"][2:5]
     assert all(type(v) is list for v in rows[0].values())  # collate concatenates lists
     with pytest.raises(IndexError):
         rows[len(rows)]
     assert list(pickle.loads(pickle.dumps(rows))) == written["train"]
-    probe = (f"import sys; from ftcluster import row_cache; r = row_cache.ArrowRows({rows.file!r}); r[0]; "
+    probe = (f"import sys; from ftcluster.data import cache; r = cache.ArrowRows({rows.file!r}); r[0]; "
              "sys.exit('datasets' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
 def test_a_run_without_evaluation_rows_reads_its_cached_rows_back(tok, tmp_path):
-    from ftcluster import row_cache
 
     cfg = DataConfig(source="builtin:required-args", max_seq_len=256, eval_fraction=0.0)
-    examples = data.load_examples(cfg, 3)
-    examples = data.Examples(train=examples.train, evaluation=[], dropped=examples.dropped)
-    rows, _, _ = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
-    again, _, line = row_cache.prepared(tok, examples, cfg, 3, tmp_path)
+    examples = reading.load_examples(cfg, 3)
+    examples = reading.Examples(train=examples.train, evaluation=[], dropped=examples.dropped)
+    rows, _, _ = cache.prepared(tok, examples, cfg, 3, tmp_path)
+    again, _, line = cache.prepared(tok, examples, cfg, 3, tmp_path)
     assert line.startswith("rows reused from ") and len(again["evaluation"]) == 0
     assert len(again["train"]) == len(rows["train"]) > 0
 
 
 def test_other_inputs_make_other_rows(tok, tmp_path):
-    from ftcluster import row_cache
 
     cfg = DataConfig(source="builtin:required-args", max_seq_len=64)
-    examples = data.load_examples(cfg, 3)
-    k = row_cache.key(tok, examples, cfg, 3)
-    assert row_cache.key(tok, examples, cfg.model_copy(update={"max_seq_len": 128}), 3) != k
-    assert row_cache.key(tok, examples, cfg, 4) != k  # the seed shuffles before packing
-    changed = data.Examples(train=[{**examples.train[0], "output": "other"}] + examples.train[1:],
+    examples = reading.load_examples(cfg, 3)
+    k = cache.key(tok, examples, cfg, 3)
+    assert cache.key(tok, examples, cfg.model_copy(update={"max_seq_len": 128}), 3) != k
+    assert cache.key(tok, examples, cfg, 4) != k  # the seed shuffles before packing
+    changed = reading.Examples(train=[{**examples.train[0], "output": "other"}] + examples.train[1:],
                             evaluation=examples.evaluation, dropped=examples.dropped)
-    assert row_cache.key(tok, changed, cfg, 3) != k
+    assert cache.key(tok, changed, cfg, 3) != k
 
 
 # --- streaming ---------------------------------------------------------------------------------------------------
@@ -310,16 +307,15 @@ def _as_multiset(rows):
 
 
 def test_a_streamed_corpus_gives_the_rows_and_counts_of_the_corpus_read_whole(tok, tmp_path):
-    from ftcluster import row_cache, streaming
 
     src = _corpus(tmp_path / "d.jsonl", 300)
-    for packing in (False, True):
-        cfg = DataConfig(source=str(src), max_seq_len=48, eval_fraction=0.0, packing=packing, shuffle_buffer=50)
-        whole, whole_stats, _ = row_cache.prepared(tok, data.load_examples(cfg, 3), cfg, 3, tmp_path / "whole")
+    for packed in (False, True):
+        cfg = DataConfig(source=str(src), max_seq_len=48, eval_fraction=0.0, packing=packed, shuffle_buffer=50)
+        whole, whole_stats, _ = cache.prepared(tok, reading.load_examples(cfg, 3), cfg, 3, tmp_path / "whole")
         streamed, stats, line = streaming.prepared(tok, cfg, 3, tmp_path / "streamed")
         assert line.startswith(f"rows streamed from {src} in one pass")
         assert stats == whole_stats and stats.truncated > 0
-        if packing:  # the buffered shuffle packs other neighbours together, so compare what the rows hold
+        if packed:  # the buffered shuffle packs other neighbours together, so compare what the rows hold
             assert sum(len(r["input_ids"]) for r in streamed["train"]) == stats.tokens == whole_stats.tokens
             assert max(len(r["input_ids"]) for r in streamed["train"]) <= 48
         else:
@@ -329,7 +325,6 @@ def test_a_streamed_corpus_gives_the_rows_and_counts_of_the_corpus_read_whole(to
 def test_streaming_holds_a_buffer_not_the_corpus_and_the_workers_read_no_examples(tok, tmp_path, monkeypatch):
     import tracemalloc
 
-    from ftcluster import row_cache
 
     import datasets  # noqa: F401 - imported before tracing: a first import's objects are not the corpus
     import pyarrow  # noqa: F401
@@ -338,35 +333,33 @@ def test_streaming_holds_a_buffer_not_the_corpus_and_the_workers_read_no_example
     size = src.stat().st_size
     cfg = DataConfig(source=str(src), max_seq_len=128, streaming="on", shuffle_buffer=64, eval_fraction=0.05,
                      num_proc=2)
-    data.tokenize_example(tok, data.load_examples(DataConfig(), 0).train[0], DataConfig())  # the tokenizer warm
-    from ftcluster import streaming
+    formatting.tokenize_example(tok, reading.load_examples(DataConfig(), 0).train[0], DataConfig())  # the tokenizer warm
 
     # The writer's batch and the examples in flight to the tokenizing processes are constants sized for corpora of
     # gigabytes; made small here so that the corpus would show if it were held.
-    monkeypatch.setattr(row_cache.RowWriter, "BATCH_TOKENS", 4096)
+    monkeypatch.setattr(cache.RowWriter, "BATCH_TOKENS", 4096)
     monkeypatch.setattr(streaming, "CHUNK", 16)
     tracemalloc.start()
-    rows, stats, line = row_cache.rows_for(tok, cfg, 3, tmp_path)
+    rows, stats, line = prepare.rows_for(tok, cfg, 3, tmp_path, plan.streaming(cfg)[0])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert "one pass" in line and len(rows["evaluation"]) > 0 and len(rows["train"]) > 1000
     assert peak < size / 3, f"streaming held {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB corpus"
 
     tracemalloc.start()
-    data.load_examples(cfg.model_copy(update={"streaming": "off"}), 3)
+    reading.load_examples(cfg.model_copy(update={"streaming": "off"}), 3)
     whole_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert whole_peak > size  # what streaming saves: the examples read whole hold more than the file
 
     # A worker (and a second run) finds the rows by the file's identity, reading no example.
-    monkeypatch.setattr(data, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
-    again, stats2, line2 = row_cache.rows_for(tok, cfg, 3, tmp_path)
+    monkeypatch.setattr(reading, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
+    again, stats2, line2 = prepare.rows_for(tok, cfg, 3, tmp_path, plan.streaming(cfg)[0])
     assert line2.startswith("rows reused from ") and stats2 == stats and len(again["train"]) == len(rows["train"])
     assert _batches(again["train"]) == _batches(rows["train"])
 
 
 def test_streamed_holdout_is_a_seeded_fraction_disjoint_from_train(tok, tmp_path):
-    from ftcluster import streaming
 
     src = _corpus(tmp_path / "d.jsonl", 2000)
     cfg = DataConfig(source=str(src), max_seq_len=512, packing=False, eval_fraction=0.1, shuffle_buffer=100,
@@ -385,21 +378,22 @@ def test_streamed_holdout_is_a_seeded_fraction_disjoint_from_train(tok, tmp_path
 def test_which_sources_stream(tmp_path, monkeypatch):
     from ftcluster import config as C
 
+    streams = lambda d: plan.streaming(d)[0]
+
     src = _corpus(tmp_path / "d.jsonl", 10)
     array = tmp_path / "d.json"
     array.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 10))
-    assert not data.streams(DataConfig(source=str(src)))  # 1 KB: read whole
-    monkeypatch.setattr(data, "STREAM_ABOVE", 100)
-    assert data.streams(DataConfig(source=str(src)))
-    assert not data.streams(DataConfig(source=str(array)))  # one JSON document: read whole either way
-    assert not data.streams(DataConfig(source=str(src), streaming="off"))
-    assert not data.streams(DataConfig(source="builtin:pydoc"))
+    assert not streams(DataConfig(source=str(src)))  # 1 KB: read whole
+    monkeypatch.setattr(reading, "STREAM_ABOVE", 100)
+    assert streams(DataConfig(source=str(src)))
+    assert not streams(DataConfig(source=str(array)))  # one JSON document: read whole either way
+    assert not streams(DataConfig(source=str(src), streaming="off"))
+    assert not streams(DataConfig(source="builtin:pydoc"))
     with pytest.raises(C.ConfigError, match="data.streaming=on with data.source=builtin:pydoc"):
         C.load(None, ["data.streaming=on"])
 
 
 def test_a_bad_row_in_a_streamed_corpus_is_named_and_leaves_no_rows_behind(tok, tmp_path):
-    from ftcluster import streaming
 
     src = _corpus(tmp_path / "d.jsonl", 50)
     lines = src.read_text().splitlines()
@@ -413,15 +407,14 @@ def test_a_bad_row_in_a_streamed_corpus_is_named_and_leaves_no_rows_behind(tok, 
 
 def test_a_dataset_directory_streams_through_datasets_and_is_found_again_by_its_cached_files(tok, tmp_path,
                                                                                               monkeypatch):
-    from ftcluster import row_cache
 
     folder = tmp_path / "corpus"
     folder.mkdir()
     _corpus(folder / "part.jsonl", 200)
     cfg = DataConfig(source=str(folder), max_seq_len=512, packing=False, eval_fraction=0.0, streaming="on")
-    rows, stats, line = row_cache.rows_for(tok, cfg, 3, tmp_path / "s")
-    whole, _, _ = row_cache.rows_for(tok, cfg.model_copy(update={"streaming": "off"}), 3, tmp_path / "w")
+    rows, stats, line = prepare.rows_for(tok, cfg, 3, tmp_path / "s", plan.streaming(cfg)[0])
+    whole, _, _ = prepare.rows_for(tok, cfg.model_copy(update={"streaming": "off"}), 3, tmp_path / "w", False)
     assert "one pass" in line and stats.examples == 200
     assert _as_multiset(rows["train"]) == _as_multiset(whole["train"])
-    monkeypatch.setattr(data, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
-    assert row_cache.rows_for(tok, cfg, 3, tmp_path / "s")[2].startswith("rows reused from ")
+    monkeypatch.setattr(reading, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
+    assert prepare.rows_for(tok, cfg, 3, tmp_path / "s", True)[2].startswith("rows reused from ")

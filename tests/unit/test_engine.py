@@ -5,13 +5,18 @@ import torch
 
 from ftcluster import config as C
 from ftcluster import deepspeed_setup, engine, metrics, optim
+from tests import tiny
+
+
+def ds_config(cfg, world):
+    return deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), world)
 
 
 def test_deepspeed_config_follows_ours():
     cfg = C.load(None, ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
                         "training.micro_batch_size=4", "training.gradient_accumulation_steps=8",
                         "training.max_grad_norm=0.5"])
-    ds = deepspeed_setup.deepspeed_config(cfg, world_size=16)
+    ds = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), world_size=16)
     assert ds["train_batch_size"] == 4 * 8 * 16 and ds["gradient_clipping"] == 0.5
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
@@ -25,7 +30,7 @@ def test_user_json_then_overrides_are_merged_over_the_generated_config(tmp_path)
     f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "wall_clock_breakdown": True}))
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=1",
                         "deepspeed.overrides={zero_optimization: {stage: 1, overlap_comm: false}}"])
-    ds = deepspeed_setup.deepspeed_config(cfg, 1)
+    ds = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 1)
     z = ds["zero_optimization"]
     assert z["reduce_bucket_size"] == 1000 and z["stage"] == 1 and z["contiguous_gradients"] is True
     assert z["overlap_comm"] is False
@@ -38,15 +43,15 @@ def test_zero2_overlaps_gradient_reduction_only_where_the_gradients_fill_several
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     model[0].requires_grad_(False)  # "frozen base"; 64 * 8 + 8 = 520 trainable elements
     adapters = C.load(None, ["deepspeed.zero_stage=2"])
-    z = deepspeed_setup.tuned_config(adapters, deepspeed_setup.deepspeed_config(adapters, 2), model)["zero_optimization"]
+    z = deepspeed_setup.tuned_config(adapters, deepspeed_setup.deepspeed_config(adapters, tiny.plan_for(adapters), 2), model)["zero_optimization"]
     assert z["reduce_bucket_size"] == 520 and z["overlap_comm"] is False
     # More trainable elements than a bucket holds: several reductions, each overlapping the rest of backward.
     small = C.load(None, ["deepspeed.zero_stage=2", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 100}}"])
-    z = deepspeed_setup.tuned_config(small, deepspeed_setup.deepspeed_config(small, 2), model)["zero_optimization"]
+    z = deepspeed_setup.tuned_config(small, deepspeed_setup.deepspeed_config(small, tiny.plan_for(small), 2), model)["zero_optimization"]
     assert z["reduce_bucket_size"] == 100 and z["overlap_comm"] is True
     # The user's own setting wins.
     forced = C.load(None, ["deepspeed.zero_stage=2", "deepspeed.overrides={zero_optimization: {overlap_comm: true}}"])
-    z = deepspeed_setup.tuned_config(forced, deepspeed_setup.deepspeed_config(forced, 2), model)["zero_optimization"]
+    z = deepspeed_setup.tuned_config(forced, deepspeed_setup.deepspeed_config(forced, tiny.plan_for(forced), 2), model)["zero_optimization"]
     assert z["overlap_comm"] is True
 
 
@@ -93,8 +98,8 @@ def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):
 
 
 def test_the_fp32_upcast_turns_off_deepspeeds_16bit_cast():
-    assert deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
-    ds = deepspeed_setup.deepspeed_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
+    assert ds_config(C.load(None, ["method=qlora"]), 1)["bf16"]["enabled"] is True
+    ds = ds_config(C.load(None, ["method=qlora", "quantization.upcast_non_quantized=true"]), 1)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
 
 
@@ -117,11 +122,11 @@ def test_zero3_schedule_is_derived_from_the_layer_size_and_the_users_settings_wi
 
     cfg = C.load(None, ["deepspeed.zero_stage=3", "deepspeed.overrides={zero_optimization: "
                         "{stage3_max_live_parameters: 123, leaf_module: {classes: []}}}"])
-    tuned = deepspeed_setup.tuned_config(cfg, deepspeed_setup.deepspeed_config(cfg, 2), model)["zero_optimization"]
+    tuned = deepspeed_setup.tuned_config(cfg, deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 2), model)["zero_optimization"]
     assert tuned["stage3_max_live_parameters"] == 123 and tuned["leaf_module"] == {"classes": []}
     assert tuned["stage3_prefetch_bucket_size"] == layer
     cfg0 = C.load(None, ["deepspeed.zero_stage=0"])
-    ds0 = deepspeed_setup.deepspeed_config(cfg0, 2)
+    ds0 = deepspeed_setup.deepspeed_config(cfg0, tiny.plan_for(cfg0), 2)
     assert deepspeed_setup.tuned_config(cfg0, ds0, model) == ds0  # no partitioning, nothing to size
 
 
@@ -129,7 +134,7 @@ def test_zero_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_defa
     model = _meta_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
                         num_key_value_heads=2, vocab_size=1000)
     cfg = C.load(None, ["deepspeed.zero_stage=2"])
-    ds = deepspeed_setup.deepspeed_config(cfg, 2)
+    ds = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 2)
     everything = sum(p.numel() for p in model.parameters())
     assert deepspeed_setup.tuned_config(cfg, ds, model)["zero_optimization"]["reduce_bucket_size"] == everything
     model.requires_grad_(False)
@@ -137,10 +142,10 @@ def test_zero_buckets_are_the_trainable_elements_when_fewer_than_deepspeeds_defa
     zero = deepspeed_setup.tuned_config(cfg, ds, model)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1000 * 256
     user = C.load(None, ["deepspeed.zero_stage=2", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 7}}"])
-    zero = deepspeed_setup.tuned_config(user, deepspeed_setup.deepspeed_config(user, 2), model)["zero_optimization"]
+    zero = deepspeed_setup.tuned_config(user, deepspeed_setup.deepspeed_config(user, tiny.plan_for(user), 2), model)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 7 and zero["allgather_bucket_size"] == 1000 * 256
     z3 = C.load(None, ["deepspeed.zero_stage=3"])
-    assert deepspeed_setup.tuned_config(z3, deepspeed_setup.deepspeed_config(z3, 2), model)["zero_optimization"][
+    assert deepspeed_setup.tuned_config(z3, deepspeed_setup.deepspeed_config(z3, tiny.plan_for(z3), 2), model)["zero_optimization"][
         "reduce_bucket_size"] == 1000 * 256
 
 
@@ -180,35 +185,34 @@ def test_a_frozen_base_in_layer_shards_leaves_deepspeed_the_adapters_under_zero2
     f.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1}}))
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
                         "scaling.num_workers=2"])
-    assert cfg.frozen_base_by_layers
-    assert deepspeed_setup.deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 2
+    assert tiny.plan_for(cfg).frozen_base == "layer-shards"
+    assert deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 2)["zero_optimization"]["stage"] == 2
     cfg = C.load(None, [f"deepspeed.config_file={f}", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true",
                         "deepspeed.zero3_frozen=deepspeed", "scaling.num_workers=2"])
-    assert deepspeed_setup.deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 3
+    assert deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg), 2)["zero_optimization"]["stage"] == 3
 
 
 def test_zero3_keeps_deepspeeds_linear_unless_every_layer_is_checkpointed():
     # DeepSpeed's linear saves the weight parameter, not a view of its gathered data: a layer that is not
     # checkpointed would otherwise hold its gathered weights from forward to backward.
     z3 = ["deepspeed.zero_stage=3", "deepspeed.zero3_frozen=deepspeed", "model.gradient_checkpointing=true"]
-    every = deepspeed_setup.deepspeed_config(C.load(None, z3), 2)["zero_optimization"]
-    some = deepspeed_setup.deepspeed_config(C.load(None, [*z3, "model.checkpointed_layers=2"]), 2)["zero_optimization"]
+    every = ds_config(C.load(None, z3), 2)["zero_optimization"]
+    some = ds_config(C.load(None, [*z3, "model.checkpointed_layers=2"]), 2)["zero_optimization"]
     assert every["memory_efficient_linear"] is False and "memory_efficient_linear" not in some
 
 
 def test_bf16_master_weights_turn_off_deepspeeds_fp32_copies_and_at_zero0_its_clipping():
-    z0 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=0",
-                                                        "optimizer.master_weights=bf16"]), 1)
+    z0 = ds_config(C.load(None, ["method=full", "deepspeed.zero_stage=0", "optimizer.master_weights=bf16"]), 1)
     assert z0["bf16"] == {"enabled": False} and z0["gradient_clipping"] == 0.0  # the loop clips (engine.GradClip)
-    z2 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "optimizer.master_weights=bf16"]), 1)
+    z2 = ds_config(C.load(None, ["method=full", "optimizer.master_weights=bf16"]), 1)
     assert z2["bf16"] == {"enabled": True, "check_grad_overflow": False, "bf16_master_weights_and_grads": True,
                           "bf16_optimizer_states": True}
     assert z2["gradient_clipping"] == 1.0
     # float32 master weights: at ZeRO-0 the optimizer keeps them (optim.Float32Masters), at ZeRO-1-3 DeepSpeed does.
     fp32_z0 = C.load(None, ["method=full", "deepspeed.zero_stage=0"])
-    assert fp32_z0.keeps_float32_masters
-    assert deepspeed_setup.deepspeed_config(fp32_z0, 1)["bf16"] == {"enabled": False}
-    fp32 = deepspeed_setup.deepspeed_config(C.load(None, ["method=full", "deepspeed.zero_stage=1"]), 1)
+    assert tiny.plan_for(fp32_z0).masters == "optimizer"
+    assert deepspeed_setup.deepspeed_config(fp32_z0, tiny.plan_for(fp32_z0), 1)["bf16"] == {"enabled": False}
+    fp32 = ds_config(C.load(None, ["method=full", "deepspeed.zero_stage=1"]), 1)
     assert fp32["bf16"] == {"enabled": True, "check_grad_overflow": False} and fp32["gradient_clipping"] == 1.0
 
 

@@ -173,13 +173,19 @@ def test_a_commit_git_cannot_place_is_rendered_as_recent_code():
 
 def test_layer_shards_hold_two_layers_and_leave_the_adapters_gradients_to_zero2():
     from ftcluster import config as C
+    from ftcluster import plan
+    from ftcluster.hardware import Hardware
 
     shape = E.shape_of("llama-2-7b")
     recipe = ["method=lora", "deepspeed.zero_stage=3", "scaling.num_workers=2", "model.gradient_checkpointing=true",
               "lora.target_modules=[q_proj, v_proj]", "lora.r=8"]
-    shards = E.run_of(C.load(None, recipe), fused_loss=False)
+    def run_of(overrides):
+        cfg = C.load(None, overrides)
+        return plan.estimator_run(cfg, plan.make(cfg, Hardware.gpu(liger_installed=False), read_data=False))
+
+    shards = run_of(recipe)
     assert shards.layer_shards  # what the config runs by default
-    deepspeed = E.run_of(C.load(None, [*recipe, "deepspeed.zero3_frozen=deepspeed"]), fused_loss=False)
+    deepspeed = run_of([*recipe, "deepspeed.zero3_frozen=deepspeed"])
     assert not deepspeed.layer_shards
     a, b = E.terms(shape, shards), E.terms(shape, deepspeed)
     layer = 2 * sum(x * y for x, y in shape.linear_shapes().values())

@@ -7,12 +7,13 @@ import torch
 
 from ftcluster import activations, linear4bit, models
 from ftcluster.config import load
+from tests import tiny
 
 
 def _layer(cls, seed: int = 0):
     torch.manual_seed(seed)
     dense = torch.nn.Linear(128, 64, bias=True, dtype=torch.bfloat16)
-    q = models.bnb_config(load(None, ["method=qlora", "deepspeed.zero_stage=3"]))  # 4 bits stored as bf16
+    q = models.bnb_config(load(None, ["method=qlora"]), "bfloat16")  # 4 bits stored as bf16, as under ZeRO-3
     layer = models.linear_to_4bit(dense, q, torch.device("cpu"))
     layer.__class__ = cls
     layer.bias.requires_grad_(True)
@@ -70,7 +71,7 @@ def _qlora_grads_and_dequantizations(tiny_model, monkeypatch, *overrides):
     cfg = load(None, [f"model.name_or_path={tiny_model}", "method=qlora", "model.gradient_checkpointing=true",
                       *overrides])
     torch.manual_seed(0)
-    model = models.build_model(cfg, "cpu")
+    model = tiny.model_for(cfg)
     calls = []
     dequantize = linear4bit._dequantized
     monkeypatch.setattr(linear4bit, "_dequantized", lambda w, dtype: calls.append(w) or dequantize(w, dtype))
@@ -104,7 +105,8 @@ def test_keeping_recomputed_weights_is_on_by_default_except_under_zero3():
     """Where ZeRO-3 partitions the parameters to save memory, ``auto`` leaves the recomputed layer's 4-bit weights
     to be dequantized again; ``on`` keeps them there too. Only QLoRA with checkpointing has them."""
     def keeps(*overrides):
-        return load(None, ["method=qlora", "model.gradient_checkpointing=true", *overrides]).keeps_recomputed_weights
+        return tiny.plan_for(load(None, ["method=qlora", "model.gradient_checkpointing=true", *overrides]),
+                             "cuda").keep_recomputed_weights
 
     assert keeps() and keeps("deepspeed.zero_stage=2")
     assert not keeps("deepspeed.zero_stage=3", "scaling.num_workers=2")

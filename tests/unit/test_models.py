@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ftcluster import config as C
-from ftcluster import models
+from ftcluster import models, sources
 from ftcluster.preflight import check_adapter_targets, check_inputs
 from tests import tiny
 
@@ -29,13 +29,13 @@ def test_llama2_7b_with_r8_on_q_and_v_reports_4194304_trainable():
 def test_a_target_module_the_model_lacks_is_an_error_before_training(tiny_model):
     cfg = cfg_for(tiny_model, "lora.target_modules=[q_proj,query_key_value]")
     with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['query_key_value'\] not found in llama.*'v_proj'"):
-        check_inputs(cfg)
+        check_inputs(cfg, tiny.plan_for(cfg))
 
 
 def test_full_trains_everything_and_lora_only_adapters(tiny_model):
-    full = models.build_model(cfg_for(tiny_model, "method=full"))
+    full = tiny.model_for(cfg_for(tiny_model, "method=full"))
     assert all(p.requires_grad for p in full.parameters())
-    lora = models.build_model(cfg_for(tiny_model, "method=lora", "lora.target_modules=[q_proj,v_proj]"))
+    lora = tiny.model_for(cfg_for(tiny_model, "method=lora", "lora.target_modules=[q_proj,v_proj]"))
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert all(p.dtype == torch.bfloat16 for p in lora.parameters())
@@ -48,7 +48,7 @@ def test_qlora_is_4bit_and_trains_with_finite_loss_with_or_without_the_fp32_upca
 
     cfg = cfg_for(tiny_model, "method=qlora", f"quantization.upcast_non_quantized={upcast}",
                   "model.gradient_checkpointing=true")
-    model = models.build_model(cfg)
+    model = tiny.model_for(cfg)
     assert isinstance(model.base_model.model.model.layers[0].mlp.down_proj.base_layer, bnb.nn.Linear4bit)
     norm_dtype = model.base_model.model.model.norm.weight.dtype
     assert norm_dtype == (torch.float32 if upcast else torch.bfloat16)
@@ -60,7 +60,7 @@ def test_qlora_is_4bit_and_trains_with_finite_loss_with_or_without_the_fp32_upca
 def test_random_init_qlora_quantizes_every_linear_but_lm_head(tiny_model):
     import bitsandbytes as bnb
 
-    model = models.build_base_model(cfg_for(tiny_model, "method=qlora", "model.random_init=true"), torch.device("cpu"))
+    model = tiny.base_for(cfg_for(tiny_model, "method=qlora", "model.random_init=true"))
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears if m is not model.lm_head)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
@@ -73,14 +73,14 @@ def test_random_init_built_module_by_module_matches_a_whole_from_config_build(ti
 
     cfg = cfg_for(tiny_model, f"method={method}", "model.random_init=true",
                   "model.config_overrides={tie_word_embeddings: true}")
-    model = models.build_base_model(cfg, torch.device("cpu"))
-    reference = AutoModelForCausalLM.from_config(models.load_hf_config(cfg.model), dtype=torch.bfloat16)
+    model = tiny.base_for(cfg)
+    reference = AutoModelForCausalLM.from_config(sources.load_hf_config(cfg.model), dtype=torch.bfloat16)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after each got memory
     rotary, want = model.model.rotary_emb, reference.model.rotary_emb
     assert torch.equal(rotary.inv_freq, want.inv_freq) and rotary.attention_scaling == want.attention_scaling
     assert all(torch.all(m.weight == 1) for n, m in model.named_modules() if "RMSNorm" in type(m).__name__)
-    std = models.load_hf_config(cfg.model).initializer_range
+    std = sources.load_hf_config(cfg.model).initializer_range
     weight = model.model.embed_tokens.weight.float()
     assert abs(weight.std().item() - std) < 0.1 * std and abs(weight.mean().item()) < 0.1 * std
     if method == "lora":  # same module tree, shapes and dtypes as the whole build
@@ -93,7 +93,7 @@ def test_random_init_built_module_by_module_matches_a_whole_from_config_build(ti
 
 def test_config_overrides_must_name_real_fields(tiny_model):
     with pytest.raises(C.ConfigError, match="model.config_overrides.num_layerz"):
-        models.load_hf_config(cfg_for(tiny_model, "model.config_overrides={num_layerz: 2}").model)
+        sources.load_hf_config(cfg_for(tiny_model, "model.config_overrides={num_layerz: 2}").model)
 
 
 def test_a_refused_config_leaves_no_run_directory_behind(tiny_model, tmp_path):
@@ -129,8 +129,7 @@ def _qwen2_moe_with_a_dense_first_layer(tmp_path):
 def test_a_target_module_only_later_layers_have_is_found(tmp_path):
     cfg = C.load(None, [f"model.name_or_path={_qwen2_moe_with_a_dense_first_layer(tmp_path)}",
                         "lora.target_modules=[q_proj,shared_expert_gate]"])
-    hf = models.load_hf_config(cfg.model)
-    check_adapter_targets(cfg, hf)  # the first layer lacks shared_expert_gate; the second has it
+    check_adapter_targets(cfg)  # the first layer lacks shared_expert_gate; the second has it
     with pytest.raises(C.ConfigError, match=r"lora.target_modules: \['expert_gate_up'\] not found in qwen2_moe"):
         check_adapter_targets(C.load(None, [f"model.name_or_path={tmp_path}",
-                                            "lora.target_modules=[q_proj,expert_gate_up]"]), hf)
+                                            "lora.target_modules=[q_proj,expert_gate_up]"]))

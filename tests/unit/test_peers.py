@@ -8,7 +8,7 @@ import torch
 
 from benchmarks import hf_baseline
 from ftcluster import config as C
-from ftcluster import models
+from ftcluster import models, sources
 
 
 def random_cfg(model_dir):
@@ -31,7 +31,7 @@ def test_the_random_checkpoint_holds_the_weights_the_hf_recipe_trains_and_is_wri
     assert loaded.keys() == built.keys()
     for name, tensor in built.items():
         assert torch.equal(loaded[name], tensor), name
-    assert len(AutoTokenizer.from_pretrained(path)) == len(models.load_tokenizer(cfg.model))
+    assert len(AutoTokenizer.from_pretrained(path)) == len(sources.load_tokenizer(cfg.model))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial write left beside it
 
     def build_again(*args, **kwargs):

@@ -5,46 +5,56 @@ import sys
 
 import pytest
 
+from ftcluster import cluster, estimate, plan, preflight
 from ftcluster import config as C
-from ftcluster import estimate, preflight
+from ftcluster.hardware import Hardware
+
+
+def fit(cfg, force=False, hw=None):
+    """The driver's fit check of ``cfg`` on GPUs of ``resources.gpu_memory_gib`` (the data source unread)."""
+    hw = hw or Hardware.gpu(cfg.resources.gpu_memory_gib, liger_installed=False)
+    return preflight.check_fit(cfg, plan.make(cfg, hw, read_data=False), hw, force)
 
 
 def test_a_run_that_fits_is_let_through_and_says_its_figure():
     cfg = C.load("configs/llama2_7b_qlora.yaml", ["resources.gpu_memory_gib=80"])
-    line = preflight.check_fit(cfg)
-    need = estimate.estimate(estimate.shape_from(cfg), estimate.run_of(cfg)).need / estimate.GiB
-    assert f"{need:.1f} GiB per GPU" in line and "fits" in line
+    line = fit(cfg)
+    planned = plan.make(cfg, Hardware.gpu(80, liger_installed=False), read_data=False)
+    need = estimate.estimate(plan.architecture(cfg).shape, plan.estimator_run(cfg, planned)).need / estimate.GiB
+    assert f"memory: {need:.1f} GiB estimated per GPU" in line and line.endswith("of 80.0 GiB: fits")
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_cheapest_fix_in_config_terms():
     cfg = C.load("configs/llama2_7b_lora.yaml", ["resources.gpu_memory_gib=14"])
     with pytest.raises(C.ConfigError, match=r"needs about \d+\.\d GiB per GPU and its GPUs have 14\.0.*cheapest change"
                                             r".*--force") as e:
-        preflight.check_fit(cfg)
+        fit(cfg)
     # The fix is named as the overrides that make it, and they do make it fit.
     fix = str(e.value).split("cheapest change that fits: ", 1)[1].split(") -> ")[0].split("(", 1)[1].split()
     fixed = C.load("configs/llama2_7b_lora.yaml", ["resources.gpu_memory_gib=14", *fix])
-    assert "fits" in preflight.check_fit(fixed)
-    assert "does NOT fit" in preflight.check_fit(cfg, force=True)
-    assert "does NOT fit" in preflight.check_fit(cfg.model_copy(update={"resources": C.ResourcesConfig(
+    assert fit(fixed).endswith(": fits")
+    assert "does NOT fit" in fit(cfg, force=True)
+    assert "does NOT fit" in fit(cfg.model_copy(update={"resources": C.ResourcesConfig(
         gpu_memory_gib=14, check_fit=False)}))
 
 
 def test_a_hub_4bit_model_under_zero3_is_refused_for_its_loading_phase():
     cfg = C.load("configs/llama3_70b_qlora.yaml", ["resources.gpu_memory_gib=24", "scaling.num_workers=16"])
     with pytest.raises(C.ConfigError, match="loads whole onto each GPU.*download it to a directory"):
-        preflight.check_fit(cfg)
+        fit(cfg)
 
 
-def test_cpu_runs_and_unknown_gpus_are_not_refused(monkeypatch):
-    assert "CPU run" in preflight.check_fit(C.load("configs/tiny_cpu.yaml"))
-    monkeypatch.setattr(preflight, "visible_gpu_memory_gib", lambda: None)  # a driver host without GPUs
-    assert "fit not checked" in preflight.check_fit(C.load("configs/llama2_7b_qlora.yaml"))
+def test_cpu_runs_and_unknown_gpus_are_not_refused():
+    tiny_cpu = C.load("configs/tiny_cpu.yaml")
+    assert "CPU run" in fit(tiny_cpu, hw=Hardware(device="cpu", device_source="test"))
+    # A driver host without GPUs and no resources.gpu_memory_gib: the GPUs' memory is not known.
+    assert "fit not checked" in fit(C.load("configs/llama2_7b_qlora.yaml"), hw=Hardware.gpu(None))
 
 
 def test_the_trainer_refuses_before_ray_and_leaves_no_run_directory(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", "configs/smollm2_135m_lora.yaml",
-                           "resources.gpu_memory_gib=1", f"output.storage_path={tmp_path}", "output.name=refused"],
+                           "resources.gpu_memory_gib=1", "scaling.use_gpu=true", "ray.local_mode=false",
+                           f"output.storage_path={tmp_path}", "output.name=refused"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "per GPU and its GPUs have 1.0" in proc.stderr, proc.stderr[-2000:]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
@@ -54,12 +64,12 @@ def test_the_trainer_refuses_before_ray_and_leaves_no_run_directory(tmp_path):
 def test_a_cluster_too_small_for_the_workers_is_named_with_the_fields_to_change():
     cfg = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=16", "scaling.resources_per_worker={nvme: 1}"])
     nodes = [{"CPU": 64.0, "GPU": 8.0, "nvme": 8.0}, {"CPU": 64.0, "GPU": 8.0, "nvme": 8.0}]
-    assert preflight.check_cluster(cfg, True, nodes) is None
-    short = preflight.check_cluster(cfg, True, nodes[:1])
+    assert cluster.check_cluster(cfg, True, nodes) is None
+    short = cluster.check_cluster(cfg, True, nodes[:1])
     assert "scaling.num_workers=16 x scaling.gpus_per_worker=1 needs 16 GPU" in short and "has 8" in short
-    assert "resources_per_worker.nvme" in preflight.check_cluster(cfg, False, [{"CPU": 64.0, "nvme": 1.0}] * 2)
+    assert "resources_per_worker.nvme" in cluster.check_cluster(cfg, False, [{"CPU": 64.0, "nvme": 1.0}] * 2)
     huge = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=100"])
-    assert "no node of the Ray cluster can hold one worker" in preflight.check_cluster(huge, True, nodes)
+    assert "no node of the Ray cluster can hold one worker" in cluster.check_cluster(huge, True, nodes)
 
 
 @pytest.mark.parametrize("dont_write", [True, False])

@@ -12,8 +12,8 @@ def _worker(rank, **kw):
 
 
 def test_a_line_is_rank_0s_record_with_every_workers_figures_and_round_trips(tmp_path):
-    line = Line.of_workers([_worker(0), _worker(1)], checkpoint="/ckpt/step4")
-    assert line.rank == 0 and line.peak_allocated_gib_per_worker == [3.0, 4.0] and line.pid_per_worker == [10, 11]
+    line = Line.of_workers([_worker(1, checkpoint="/ckpt/step4"), _worker(0, checkpoint="/ckpt/step4")])
+    assert line.rank == 0 and line.checkpoint == "/ckpt/step4" and line.peak_allocated_gib_per_worker == [3.0, 4.0] and line.pid_per_worker == [10, 11]
     assert line.largest("peak_allocated_gib") == 4.0 and line.peak_reserved_gib_per_worker is None
     records.append_line(tmp_path, line)
     records.append_line(tmp_path, Line.of_workers([_worker(0, step=5, loss=None), _worker(1, step=5, loss=None)]))
@@ -26,7 +26,7 @@ def test_the_progress_line_renders_a_line():
     text = records.progress_line(Line.of_workers([_worker(0, eval_loss=2.0, eval_perplexity=7.39)]))
     assert text.startswith("[############") and "step 4/10" in text and "loss 2.5000" in text
     assert "grad norm 0.75" in text and "2,001 tok/s" in text and "MFU 40.0%" in text and "ppl 7.39" in text
-    stopped = records.progress_line(Line.of_workers([_worker(0, loss=None, stopped="SIGTERM")], "/ckpt"))
+    stopped = records.progress_line(Line.of_workers([_worker(0, loss=None, stopped="SIGTERM", checkpoint="/ckpt")]))
     assert "stopped early (SIGTERM), checkpoint saved" in stopped and "loss" not in stopped
 
 

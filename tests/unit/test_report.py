@@ -49,3 +49,13 @@ def test_a_failed_runs_error_is_its_exception_line_not_the_banner_around_it():
     ])
     assert error_of(tail) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 96.00 GiB."
     assert error_of("loading\nKilled") == "Killed"
+
+
+def test_docs_results_and_the_readme_table_are_generated_from_the_committed_reports():
+    """Neither is written by hand: ``python -m benchmarks.results`` rewrites both from reports/**/results.json."""
+    from benchmarks import results
+
+    assert results.DOCS.read_text() == results.page()
+    readme = results.README.read_text()
+    assert results.readme(readme) == readme
+    assert readme.count("| 7B QLoRA |") == 1 and "[1× H100](reports/llama-7b/2026-11-28-1xh100-peers/report.md)" in readme

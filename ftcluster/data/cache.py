@@ -1,7 +1,7 @@
 """Tokenized, packed rows prepared once and kept on disk: the driver tokenizes and packs while it checks the data,
 saves the rows as Arrow files under ``<output.storage_path>/.rows/<key>/`` (storage every node sees), and each
 worker memory-maps them instead of tokenizing the whole corpus again. A corpus larger than memory is prepared the
-same way in one streaming pass (``ftcluster/streaming.py``). A later run with the same data config,
+same way in one streaming pass (``ftcluster/data/streaming.py``). A later run with the same data config,
 tokenizer and examples finds them and says so.
 
 The key hashes what decides the rows: the data config, the seed (it shuffles before packing), the tokenizer (its
@@ -21,8 +21,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from ftcluster import data
 from ftcluster.config import DataConfig
+from ftcluster.data import packing, reading
 
 SPLITS = ("train", "evaluation")
 
@@ -36,10 +36,10 @@ def tokenizer_identity(tokenizer) -> str:
 
 FORMAT = 3
 """How rows are made and stored (2: one Arrow stream file per split, int32 token lists; 3: the same, rows packed
-best-fit decreasing by data.pack). In every key, so a cache written in another format is never read."""
+best-fit decreasing by packing.pack). In every key, so a cache written in another format is never read."""
 
 
-def key(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int) -> str:
+def key(tokenizer, examples: reading.Examples, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed, "format": FORMAT},
                         sort_keys=True).encode())
@@ -98,9 +98,8 @@ class RowWriter:
 
 class ArrowRows:
     """The rows of one Arrow stream file (:class:`RowWriter`'s), memory-mapped: ``rows[i]`` is row ``i`` as a dict of
-    int lists, read from the mapped pages. pyarrow's own reader, where ``datasets.Dataset.from_file`` did the same at
-    the cost of importing ``datasets``: 0.15-0.18 s of every start (7B QLoRA on one H100,
-    reports/ttfs/2026-11-28-1xh100-collector.md). Pickled as its file's path."""
+    int lists, read from the mapped pages. pyarrow's own reader: ``datasets.Dataset.from_file`` does the same at the
+    cost of importing ``datasets`` in every worker. Pickled as its file's path."""
 
     def __init__(self, file: str | Path):
         import pyarrow as pa
@@ -145,7 +144,7 @@ def new_directory(path: Path) -> Path:
     return tmp
 
 
-def publish(tmp: Path, path: Path, stats: data.RowStats) -> None:
+def publish(tmp: Path, path: Path, stats: packing.RowStats) -> None:
     """Write the stats and rename the filled directory into place, atomically: a reader never sees half a cache,
     and of two writers of the same key one wins and the other's copy is removed."""
     (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
@@ -155,7 +154,7 @@ def publish(tmp: Path, path: Path, stats: data.RowStats) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
+def save(path: Path, rows: dict[str, list[dict]], stats: packing.RowStats) -> None:
     """Write each split's rows and the train split's stats, atomically."""
     tmp = new_directory(path)
     for split, split_rows in rows.items():
@@ -166,17 +165,17 @@ def save(path: Path, rows: dict[str, list[dict]], stats: data.RowStats) -> None:
     publish(tmp, path, stats)
 
 
-def load(path: Path) -> tuple[dict, data.RowStats] | None:
+def load(path: Path) -> tuple[dict, packing.RowStats] | None:
     """The splits (memory-mapped Arrow datasets, indexable like lists of rows) and the stats, or None."""
     if not (path / "stats.json").exists():
         return None
     rows = {split: ArrowRows(path / f"{split}.arrow") if (path / f"{split}.arrow").exists() else []
             for split in SPLITS}
-    return rows, data.RowStats(**json.loads((path / "stats.json").read_text()))
+    return rows, packing.RowStats(**json.loads((path / "stats.json").read_text()))
 
 
-def prepared(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int,
-             storage_path: str | Path) -> tuple[dict, data.RowStats, str]:
+def prepared(tokenizer, examples: reading.Examples, cfg: DataConfig, seed: int,
+             storage_path: str | Path) -> tuple[dict, packing.RowStats, str]:
     """Rows for every split, from the cache when there, else built and saved. Returns (rows by split, the train
     split's stats, a line saying which)."""
     path = directory(storage_path, key(tokenizer, examples, cfg, seed))
@@ -184,18 +183,8 @@ def prepared(tokenizer, examples: data.Examples, cfg: DataConfig, seed: int,
     if found is not None:
         rows, stats = found
         return rows, stats, f"rows reused from {path} (no tokenizing)"
-    train, stats = data.build_rows(tokenizer, examples.train, cfg, seed)
+    train, stats = packing.build_rows(tokenizer, examples.train, cfg, seed)
     stats.dropped = dict(examples.dropped)
-    evaluation = data.build_rows(tokenizer, examples.evaluation, cfg, seed)[0] if examples.evaluation else []
+    evaluation = packing.build_rows(tokenizer, examples.evaluation, cfg, seed)[0] if examples.evaluation else []
     save(path, {"train": train, "evaluation": evaluation}, stats)
     return {"train": train, "evaluation": evaluation}, stats, f"rows saved to {path}"
-
-
-def rows_for(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) -> tuple[dict, data.RowStats, str]:
-    """The run's rows by split, its stats and a line saying where they came from: streamed in one pass over the
-    source when ``data.streams``, else from the examples read whole."""
-    if data.streams(cfg):
-        from ftcluster import streaming
-
-        return streaming.prepared(tokenizer, cfg, seed, storage_path)
-    return prepared(tokenizer, data.load_examples(cfg, seed), cfg, seed, storage_path)

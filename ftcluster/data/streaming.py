@@ -1,7 +1,7 @@
 """Rows from a corpus larger than memory, prepared in one pass: each source row is read, checked, tokenized and
 routed to its split as it comes; a seeded buffer of ``data.shuffle_buffer`` examples shuffles them before packing;
 full rows are appended to the split's Arrow file a batch at a time. What is held is the buffer and one batch of
-rows, whatever the corpus's size. The files land where ``row_cache`` keeps every run's rows, and workers
+rows, whatever the corpus's size. The files land where ``cache`` keeps every run's rows, and workers
 memory-map them the same way.
 
 Two things differ from rows made from examples read whole, because both need the whole corpus at once:
@@ -24,8 +24,8 @@ import random
 from array import array
 from pathlib import Path
 
-from ftcluster import data, row_cache
 from ftcluster.config import DataConfig
+from ftcluster.data import cache, formatting, packing, reading
 
 
 def source_identity(cfg: DataConfig) -> str:
@@ -38,16 +38,16 @@ def source_identity(cfg: DataConfig) -> str:
         return "\n".join(stamp(f) for f in sorted(path.rglob("*")) if f.is_file())
     splits = [cfg.split] + ([cfg.eval_split] if cfg.eval_split else [])
     # A hub dataset is kept as Arrow files in datasets' cache: name it by those, as a directory by its files.
-    files = sorted({Path(f["filename"]) for s in splits for f in data.hub_split(cfg, s).cache_files})
+    files = sorted({Path(f["filename"]) for s in splits for f in reading.hub_split(cfg, s).cache_files})
     return cfg.source + "\n" + "\n".join(stamp(f) for f in files)
 
 
 def key(tokenizer, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed,
-                         "format": row_cache.FORMAT,
+                         "format": cache.FORMAT,
                          "streamed": True}, sort_keys=True).encode())
-    h.update(row_cache.tokenizer_identity(tokenizer).encode())
+    h.update(cache.tokenizer_identity(tokenizer).encode())
     h.update(source_identity(cfg).encode())
     return h.hexdigest()[:16]
 
@@ -65,8 +65,8 @@ class SplitRows:
     def __init__(self, file: Path, cfg: DataConfig, seed: int):
         self.cfg, self.rng = cfg, random.Random(seed)
         self.buffer: list[dict] = []
-        self.packer = data.Packer(cfg.max_seq_len) if cfg.packing else None
-        self.writer = row_cache.RowWriter(file)
+        self.packer = packing.Packer(cfg.max_seq_len) if cfg.packing else None
+        self.writer = cache.RowWriter(file)
         self.examples = self.truncated = self.no_target = self.tokens = 0
         self.lengths: collections.Counter = collections.Counter()
 
@@ -77,7 +77,7 @@ class SplitRows:
         self.examples += 1
         self.lengths[tokenized["length"]] += 1
         self.truncated += tokenized["length"] > self.cfg.max_seq_len
-        if all(label == data.IGNORE for label in tokenized["labels"]):
+        if all(label == formatting.IGNORE for label in tokenized["labels"]):
             self.no_target += 1
             return
         if len(self.buffer) < self.cfg.shuffle_buffer:
@@ -93,7 +93,7 @@ class SplitRows:
             self.tokens += len(row["input_ids"])
             self.writer.add(row)
 
-    def close(self) -> data.RowStats:
+    def close(self) -> packing.RowStats:
         self.rng.shuffle(self.buffer)
         for example in self.buffer:
             self._pack(example)
@@ -103,7 +103,7 @@ class SplitRows:
             self.tokens += len(last["input_ids"])
             self.writer.add(last)
         rows = self.writer.close()
-        return data.RowStats(examples=self.examples, truncated=self.truncated, no_target=self.no_target, rows=rows,
+        return packing.RowStats(examples=self.examples, truncated=self.truncated, no_target=self.no_target, rows=rows,
                              tokens=self.tokens, longest=max(self.lengths, default=0), median=_median(self.lengths))
 
 
@@ -120,12 +120,12 @@ def _median(counts: collections.Counter) -> int:
 def _examples(cfg: DataConfig, split: str, dropped: dict[str, int]):
     """(row number, example) for every usable row of ``split``, each checked as it is read."""
     n = 0
-    for n, (_, row) in enumerate(data.iter_rows(cfg, split), 1):
+    for n, (_, row) in enumerate(reading.iter_rows(cfg, split), 1):
         if n == 1:
-            data.check_fields(cfg, row)
-        data.check_row(cfg, row, n, split)
-        if not data.has_answer(cfg, row):
-            dropped[data.NO_ANSWER] = dropped.get(data.NO_ANSWER, 0) + 1
+            reading.check_fields(cfg, row)
+        reading.check_row(cfg, row, n, split)
+        if not reading.has_answer(cfg, row):
+            dropped[reading.NO_ANSWER] = dropped.get(reading.NO_ANSWER, 0) + 1
             continue
         yield n, row
     if n == 0:
@@ -161,7 +161,7 @@ def _start_worker(tokenizer, cfg: DataConfig) -> None:
 
 def _tokenize_chunk(chunk: list[tuple[bool, dict]]) -> list[tuple[bool, dict]]:
     tokenizer, cfg = _worker
-    return [(is_eval, data.tokenize_example(tokenizer, ex, cfg)) for is_eval, ex in chunk]
+    return [(is_eval, formatting.tokenize_example(tokenizer, ex, cfg)) for is_eval, ex in chunk]
 
 
 def _tokenized(tokenizer, cfg: DataConfig, routed, processes: int):
@@ -169,7 +169,7 @@ def _tokenized(tokenizer, cfg: DataConfig, routed, processes: int):
     two chunks per process are in flight, so reading never runs ahead of tokenizing by more than that."""
     if processes <= 1:
         for is_eval, ex in routed:
-            yield is_eval, data.tokenize_example(tokenizer, ex, cfg)
+            yield is_eval, formatting.tokenize_example(tokenizer, ex, cfg)
         return
     import concurrent.futures
     import itertools
@@ -186,7 +186,7 @@ def _tokenized(tokenizer, cfg: DataConfig, routed, processes: int):
             yield from pending.popleft().result()
 
 
-def build(tokenizer, cfg: DataConfig, seed: int, tmp: Path) -> data.RowStats:
+def build(tokenizer, cfg: DataConfig, seed: int, tmp: Path) -> packing.RowStats:
     """One pass over the source (and ``data.eval_split``'s), writing each split's rows into ``tmp``; returns the
     train split's stats."""
     dropped: dict[str, int] = {}
@@ -203,13 +203,13 @@ def build(tokenizer, cfg: DataConfig, seed: int, tmp: Path) -> data.RowStats:
     return stats
 
 
-def prepared(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) -> tuple[dict, data.RowStats, str]:
+def prepared(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) -> tuple[dict, packing.RowStats, str]:
     """Rows for every split, from the cache when there, else streamed from the source and saved; as
-    ``row_cache.prepared``."""
-    path = row_cache.directory(storage_path, key(tokenizer, cfg, seed))
-    found = row_cache.load(path)
+    ``cache.prepared``."""
+    path = cache.directory(storage_path, key(tokenizer, cfg, seed))
+    found = cache.load(path)
     if found is None:
-        tmp = row_cache.new_directory(path)
+        tmp = cache.new_directory(path)
         try:
             stats = build(tokenizer, cfg, seed, tmp)
         except BaseException:
@@ -217,8 +217,8 @@ def prepared(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) ->
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        row_cache.publish(tmp, path, stats)
-        rows, stats = row_cache.load(path)
+        cache.publish(tmp, path, stats)
+        rows, stats = cache.load(path)
         return rows, stats, f"rows streamed from {cfg.source} in one pass and saved to {path}"
     rows, stats = found
     return rows, stats, f"rows reused from {path} (no tokenizing)"

@@ -1,0 +1,104 @@
+"""What a run will run on, as far as its plan needs to know: where the workers compute, how much memory their GPUs
+have, which optional kernels this installation has, and whether there is a Ray cluster for the driver to join.
+Facts only; ``ftcluster.plan`` makes the decisions from them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, replace
+
+from ftcluster.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str
+    """Where the workers compute: ``cuda`` or ``cpu``."""
+    device_source: str
+    """How ``device`` was found, for the plan's reason."""
+    gpu_memory_gib: float | None = None
+    """Memory of each worker's GPU: ``resources.gpu_memory_gib``, else the smallest GPU NVML shows on this host."""
+    liger_installed: bool = False
+    varlen_kernel: bool = False
+    """torch ships the variable-length flash-attention kernel (``torch.nn.attention.varlen``)."""
+    ray_cluster: str | None = None
+    """A Ray cluster the driver would join (RAY_ADDRESS, one this process started, or a live one `ray start`
+    recorded on this host), described; None when there is none."""
+
+    @classmethod
+    def gpu(cls, gpu_memory_gib: float | None = None, liger_installed: bool | None = None) -> "Hardware":
+        """A GPU machine, for planning a run elsewhere (the estimator, ``python -m ftcluster plan --device cuda``);
+        the optional kernels as installed here unless said."""
+        return cls(device="cuda", device_source="assumed", gpu_memory_gib=gpu_memory_gib,
+                   liger_installed=liger_installed if liger_installed is not None else liger_here(),
+                   varlen_kernel=varlen_kernel_here())
+
+
+def liger_here() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def varlen_kernel_here() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def visible_gpu_memory_gib() -> float | None:
+    """The smallest GPU this host can see, by NVML (None without GPUs or a driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        sizes = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total for i in range(n)]
+    except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the same answer
+        return None
+    return min(sizes) / 2**30 if sizes else None
+
+
+def ray_cluster_to_join(cfg: RunConfig) -> str | None:
+    """The Ray cluster this driver would join, described, or None: ``ray.address``, RAY_ADDRESS, one started in
+    this process, or a live one `ray start` recorded on this host (a stale record, left by a cluster that died, is
+    no cluster). Ray is not imported to find out (0.3 s)."""
+    from ftcluster import cluster
+
+    if cfg.ray.address:
+        return f"ray.address={cfg.ray.address}"
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return "the Ray cluster this process already joined"
+    recorded = cluster.live_recorded()
+    return f"the Ray cluster `ray start` recorded on this host ({recorded})" if recorded else None
+
+
+def here(cfg: RunConfig) -> Hardware:
+    """This host, as the driver sees it before any cluster is joined: its GPUs (or ``scaling.use_gpu``), its
+    installed kernels, and the cluster it would join."""
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu is None:
+        import torch
+
+        device, source = ("cuda" if torch.cuda.is_available() else "cpu"), "this host"
+    else:
+        device, source = ("cuda" if use_gpu else "cpu"), f"scaling.use_gpu={str(use_gpu).lower()}"
+    return Hardware(device=device, device_source=source,
+                    gpu_memory_gib=cfg.resources.gpu_memory_gib or visible_gpu_memory_gib(),
+                    liger_installed=liger_here(), varlen_kernel=varlen_kernel_here(),
+                    ray_cluster=ray_cluster_to_join(cfg))
+
+
+def on_ray_cluster(cfg: RunConfig, hw: Hardware, resources: dict[str, float]) -> Hardware:
+    """``hw`` once the driver has joined a Ray cluster: its workers compute where the cluster has GPUs (unless
+    ``scaling.use_gpu`` says)."""
+    if cfg.scaling.use_gpu is not None:
+        return hw
+    has_gpus = resources.get("GPU", 0) > 0
+    return replace(hw, device="cuda" if has_gpus else "cpu",
+                   device_source="the Ray cluster's resources" + ("" if has_gpus else " (no GPU)"))

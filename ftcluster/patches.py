@@ -1,0 +1,246 @@
+"""Every place ftcluster reaches into another library's internals, in one module: each names the version range it
+was written for (``PATCHES``), a version outside that range is warned about when this module is imported, and
+tests/unit/test_patches.py fails when the behaviour a patch relies on changes upstream.
+
+The libraries are imported by each function when it runs, never here: an in-process run imports no Ray at all.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    """The function below (or the module) that holds it."""
+    package: str
+    """The distribution whose internals it relies on."""
+    versions: str
+    """The versions it was written for and tested with, as a specifier."""
+    why: str
+
+
+PATCHES = (
+    Patch("ray_worker_preempted", "ray", ">=2.60,<2.61",
+          "reads the worker's own preemption mark, which ray.train.get_preemption_info() reads through a collective"),
+    Patch("quiet_ray_train_reports", "ray", ">=2.60,<2.61",
+          "Ray Train's per-report INFO line comes from a logger named by its file's path (ray-project/ray#61550)"),
+    Patch("start_local_ray_cluster", "ray", ">=2.60,<2.61",
+          "the state API finds its cluster by RAY_API_SERVER_ADDRESS, else by the host's record (ray-project/ray#65447)"),
+    Patch("expandable_segments_now", "torch", ">=2.11,<2.15",
+          "applies the allocator setting to an allocator already running (torch.cuda.memory._set_allocator_settings)"),
+    Patch("cache_custom_autograd_functions", "torch", ">=2.11,<2.15",
+          "AOTAutograd's cache keeps graphs holding a custom autograd.Function only behind a flag "
+          "(pytorch/pytorch#149751)"),
+    Patch("deepspeed_nvtx", "deepspeed", ">=0.19,<0.20",
+          "DeepSpeed's NVTX ranges are a module switch (deepspeed.utils.nvtx.enable_nvtx)"),
+    Patch("zero3_full_state_dict", "deepspeed", ">=0.19,<0.20",
+          "the 16-bit model gathered from ZeRO-3 partitions (DeepSpeedEngine._zero3_consolidated_16bit_state_dict)"),
+    Patch("liger_apply_to_instance", "liger-kernel", ">=0.8.5,<0.9",
+          "Liger's apply functions also replace names in transformers' modeling module, for every later model"),
+    Patch("liger_fused_loss_chunks", "liger-kernel", ">=0.8.5,<0.9",
+          "Liger's causal-LM forward hands extra keywords on to its fused loss (chunk_mem_const)"),
+    Patch("init_module_weights", "transformers", ">=5.0,<6",
+          "PreTrainedModel._init_weights initialises one module as from_config would"),
+    Patch("linear4bit.adopt", "bitsandbytes", ">=0.48,<0.51",
+          "MatMul4Bit keeps a view of the packed weight in its autograd context (ftcluster/linear4bit.py)"),
+    Patch("quiet_bitsandbytes_cpu_notice", "bitsandbytes", ">=0.48,<0.51",
+          "bitsandbytes' CPU backend logs a warning when the optional `kernels` package is absent"),
+    Patch("quiet_liger_backend_discovery", "liger-kernel", ">=0.8.5,<0.9",
+          "Liger's backend registry logs a warning for every optional kernel backend that does not import"),
+)
+
+
+def _out_of_range() -> list[str]:
+    out = []
+    for p in PATCHES:
+        try:
+            installed = importlib.metadata.version(p.package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if Version(installed).release and Version(installed) not in SpecifierSet(p.versions, prereleases=True):
+            out.append(f"{p.package} {installed} is outside {p.versions}, the versions ftcluster's patch {p.name} "
+                       f"was written for ({p.why}); check it still holds (tests/unit/test_patches.py)")
+    return out
+
+
+for _message in _out_of_range():
+    warnings.warn(_message, RuntimeWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray
+
+def ray_worker_preempted() -> bool:
+    """Whether Ray Train's preemption watcher has marked this worker (its node is draining). The public
+    ``ray.train.get_preemption_info()`` answers the same question but through a Ray collective on each call, too
+    slow for every step; this reads the worker's own mark, which that function reads too
+    (train/v2/_internal/execution/train_fn_utils.py)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info is not None
+    except Exception:  # noqa: BLE001 - outside Ray Train, or another Ray: no preemption signal, not an error
+        return False
+
+
+def quiet_ray_train_reports(level: str) -> None:
+    """Ray Train logs an INFO line with the whole metrics dict at every ``ray.train.report``, beside our own
+    progress line. ``RunConfig(logging_config=...)`` does not reach it: its filter matches loggers named
+    ``ray.train*``, and this one is named by its file's path (``logging.getLogger(__file__)`` in
+    ray/train/v2/_internal/execution/context.py)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray, another layout: its lines show, training goes on
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+def start_local_ray_cluster(port: int, **init_kwargs) -> None:
+    """``ray.init`` of a new local cluster whose dashboard (which serves the state API) listens on ``port``, its
+    processes started with RAY_API_SERVER_ADDRESS naming it.
+
+    Ray Train's placement-group cleaner asks the state API whether the run's controller is alive, and the state API
+    finds its cluster by RAY_ADDRESS or else by the record `ray start` leaves on the host (ray-project/ray#65447). A
+    record of a dead cluster made every run end late, with a traceback ("Failed to stop PlacementGroupCleaner
+    gracefully"); a record of another live cluster would answer that the controller does not exist, and the cleaner
+    would remove the run's placement group. The cluster's processes inherit the driver's environment when
+    ``ray.init`` starts them; the driver's own is restored after."""
+    import ray
+
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", dashboard_port=port, log_to_driver=True, **init_kwargs)
+    finally:
+        if saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch
+
+def expandable_segments_now() -> None:
+    """Expandable segments for a CUDA caching allocator that may already be running (Ray set the device up):
+    PYTORCH_CUDA_ALLOC_CONF is read only when the allocator starts."""
+    import torch
+
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+
+def cache_custom_autograd_functions() -> None:
+    """Let AOTAutograd's cache keep a graph that holds a custom ``autograd.Function`` (QLoRA's 4-bit matmul,
+    ftcluster.linear4bit): otherwise every start traces and partitions the QLoRA layer again. PyTorch checked that
+    such an op is pure in its inputs and keeps it behind this flag while it tests it (pytorch/pytorch#149751); the
+    graph, the function's forward and backward traced into it, is the key."""
+    import torch._functorch.config
+
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers, Liger Kernel, bitsandbytes
+
+def init_module_weights(model, module) -> None:
+    """Initialise one module's parameters as the model's ``from_config`` would (``_init_weights``): for a model
+    built one module at a time."""
+    model._init_weights(module)
+
+
+_LIGER_REPLACED: dict[str, dict[str, object]] = {}
+"""transformers' own objects that a Liger apply function replaced in a modeling module, by module name."""
+
+
+def liger_apply_to_instance(model, apply_name: str | None, kinds: dict) -> None:
+    """Liger's ``apply_name`` (e.g. ``apply_liger_kernel_to_llama``) with ``kinds``, for this model instance only;
+    with ``apply_name`` None, only undo what an earlier model's call left behind.
+
+    Liger's apply functions patch the instance and also replace names in transformers' modeling module: its norm
+    and MLP classes (so every model built later in the process is built from Liger's modules, whatever its own
+    plan: a compiled layer then traced Liger's autograd functions, which a selective checkpoint cannot) and its
+    RoPE function (looked up at every call; no instance holds it). Here a model gets its own kernels only: the
+    classes go back as soon as the instance is patched, and a RoPE function an earlier model's call put in place
+    goes back before this one's kernels are applied."""
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    for name, own in _LIGER_REPLACED.get(module.__name__, {}).items():
+        setattr(module, name, own)
+    if apply_name is None:
+        return
+    import liger_kernel.transformers as liger
+
+    before = dict(vars(module))
+    getattr(liger, apply_name)(model=model, **kinds)
+    for name, own in before.items():
+        if vars(module).get(name) is not own:
+            _LIGER_REPLACED.setdefault(module.__name__, {})[name] = own
+            if isinstance(own, type):
+                setattr(module, name, own)
+
+
+def liger_fused_loss_chunks(model, scale: int) -> None:
+    """Liger's fused linear + cross-entropy in chunks ``scale`` times its default size. Liger's causal-LM forward
+    hands its keyword arguments on to its loss, which takes those of ``liger_fused_linear_cross_entropy``
+    (``LigerForCausalLMLoss``, ``chunk_mem_const``); the decoder's layers ignore the extra one."""
+    import functools
+
+    model.forward = functools.partial(model.forward, chunk_mem_const=scale)
+
+
+class _DropNotice(logging.Filter):
+    """Drops the records whose message holds ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _drop(logger_name: str, text: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropNotice) and f.text == text for f in logger.filters):
+        logger.addFilter(_DropNotice(text))
+
+
+def quiet_bitsandbytes_cpu_notice() -> None:
+    """bitsandbytes' CPU backend warns, once a process, that it "Failed to load CPU gemm_4bit_forward from
+    kernels-community" when the optional ``kernels`` package is not installed, and falls back to its own kernel:
+    nothing for the user to do, so nothing to show."""
+    _drop("bitsandbytes.backends.cpu.ops", "pip install kernels")
+
+
+def quiet_liger_backend_discovery() -> None:
+    """Liger's backend registry warns "Backend impl ... could not be imported" for each optional implementation
+    of an op that does not import here (another vendor's, another Triton's) and uses one that does: nothing for the
+    user to do. ``liger_kernel.backends.registry.get_discovery_failures()`` still lists them."""
+    _drop("liger_kernel.backends.registry", "could not be imported")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+def deepspeed_nvtx(enabled: bool) -> None:
+    """DeepSpeed's NVTX ranges on or off: a module switch, the one DeepSpeed's own ``engine.compile()`` turns off.
+    Off, ZeRO-3 stops opening and closing a range around every gather, wait and release of every parameter."""
+    import deepspeed.utils.nvtx
+
+    deepspeed.utils.nvtx.enable_nvtx = enabled
+
+
+def zero3_full_state_dict(engine) -> dict | None:
+    """The 16-bit model's state dict gathered from ZeRO-3's partitions, a module at a time (on rank 0; None on the
+    others)."""
+    return engine._zero3_consolidated_16bit_state_dict()

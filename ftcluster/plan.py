@@ -1,0 +1,474 @@
+"""The run's plan: every decision a run makes, resolved once from its config, the model's architecture and the
+hardware it will run on, each with a one-line reason.
+
+    python -m ftcluster plan --config configs/llama2_7b_qlora.yaml [overrides] [--device cuda] [--diff key=value]
+
+The driver makes the plan before anything starts, prints it, and saves it as ``plan.json`` in the run directory;
+the backend hands it to every worker, and the builders (model, kernels, compiled layers, DeepSpeed, optimizer,
+data) read its answers instead of deriving their own. The memory estimator reads it too (``estimator_run``), so
+what is estimated is what runs. No rule below is stated anywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from ftcluster import estimate
+from ftcluster.config import ConfigError, DataConfig, RunConfig, layers_clash
+from ftcluster.data import reading
+from ftcluster.hardware import Hardware
+from ftcluster.presets import PRESETS
+
+LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Architectures whose Liger kernels are wired (ftcluster.kernels.APPLY)."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the plan needs of the model: its type, its decoder layers, and its shape for the memory estimate (None
+    where the estimator does not model it)."""
+    model_type: str
+    layers: int | None
+    shape: estimate.Shape | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of one run. ``reasons`` holds a one-line reason for each field above it."""
+    backend: str
+    """``in-process`` (the one worker in the driver's process, without Ray) or ``ray`` (Ray Train workers)."""
+    device: str
+    """Where the workers compute: ``cuda`` or ``cpu``."""
+    workers: int
+    zero_stage: int
+    """The ZeRO stage DeepSpeed's engine runs."""
+    frozen_base: str | None
+    """Adapters only: ``whole`` (every worker holds it), ``layer-shards`` (partitioned by decoder layers,
+    ftcluster/layer_shards.py) or ``deepspeed`` (DeepSpeed's ZeRO-3 partitions it); None for full fine-tuning."""
+    compile: bool
+    """Each decoder layer compiled with torch.compile (ftcluster/compiled.py)."""
+    liger_layers: bool
+    """Liger's RMSNorm, SwiGLU and RoPE in the decoder layers (ftcluster/kernels.py)."""
+    loss: str
+    """``liger-fused`` (Liger's linear + cross-entropy, a chunk of tokens at a time) or ``chunked`` (the output
+    layer's logits in bf16, the loss in float32 a chunk at a time: ftcluster/activations.py)."""
+    attention: str
+    checkpointed_layers: int
+    """Decoder layers whose activations are recomputed in backward (from the first); 0: none."""
+    activation_offloading: bool
+    recompute_only: tuple[str, ...]
+    """Operator namespaces every compiled layer recomputes rather than saves (bitsandbytes' dequantization)."""
+    keep_recomputed_weights: bool
+    """QLoRA: a checkpointed layer's recomputed dequantized weights are kept for its backward."""
+    masters: str
+    """Where float32 master weights live: ``deepspeed``, ``optimizer`` (optim.Float32Masters), or ``none`` (the
+    16-bit weights are stepped, or the model is float32)."""
+    clips_gradients: str
+    """Who clips the gradients: ``deepspeed`` or ``ftcluster`` (where DeepSpeed wraps nothing around the optimizer,
+    ZeRO-0 over the model's own weights)."""
+    quant_storage: str | None
+    """QLoRA: the dtype the packed 4-bit weights are stored in."""
+    streaming: bool
+    """Rows prepared in one streaming pass over the source (ftcluster/data/streaming.py)."""
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    """Sequences (rows) per optimizer step, over every worker."""
+    memory_gib: float | None
+    """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
+    model."""
+    model_type: str = ""
+    layers: int | None = None
+    reasons: dict = field(default_factory=dict)
+
+    @property
+    def partitions_parameters(self) -> bool:
+        """Parameters are split across workers and gathered in hooks on each layer's call (DeepSpeed's ZeRO-3, or
+        layer shards): a weight read outside its module's call would be a shard."""
+        return self.zero_stage == 3 or self.frozen_base == "layer-shards"
+
+    @property
+    def in_process(self) -> bool:
+        return self.backend == "in-process"
+
+    @property
+    def steps_model_weights(self) -> bool:
+        """DeepSpeed hands the optimizer the model's own weights and gradients and wraps nothing around it."""
+        return self.clips_gradients == "ftcluster"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "recompute_only": list(self.recompute_only)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        return cls(**{**d, "recompute_only": tuple(d.get("recompute_only", ()))})
+
+    def save(self, run_dir: Path) -> None:
+        (Path(run_dir) / "plan.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def decisions(self) -> list[tuple[str, object, str]]:
+        """(name, value, reason) of every decision, in order."""
+        return [(f.name, getattr(self, f.name), self.reasons.get(f.name, "")) for f in fields(self)
+                if f.name in self.reasons]
+
+    def describe(self) -> str:
+        """The plan as the run prints it: one line per decision, with its reason."""
+        lines = ["plan:"]
+        for name, value, reason in self.decisions():
+            lines.append(f"  {name:<23} {_shown(value):<13} {reason}")
+        return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value) or "-"
+    if isinstance(value, float):
+        return f"{value:.1f} GiB"
+    return "-" if value is None else str(value)
+
+
+def changes(before: Plan, after: Plan) -> list[str]:
+    """The decisions that differ between two plans, each with its new reason."""
+    out = []
+    for (name, old, _), (_, new, reason) in zip(before.decisions(), after.decisions()):
+        if old != new:
+            out.append(f"{name}: {_shown(old)} -> {_shown(new)} ({reason})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The architecture
+
+@functools.cache
+def _architecture_of(model_json: str) -> Architecture:
+    from ftcluster import sources
+    from ftcluster.config import ModelConfig
+
+    m = ModelConfig.model_validate_json(model_json)
+    preset = estimate.preset_of(m.name_or_path)
+    if preset:
+        fields_ = {**PRESETS[preset], **m.config_overrides}
+        model_type = "llama"
+    else:
+        path = Path(m.name_or_path).expanduser()
+        config_json = path if path.suffix == ".json" else path / "config.json"
+        if config_json.is_file():  # read as written: transformers is not needed for a local config
+            fields_ = {**json.loads(config_json.read_text()), **m.config_overrides}
+        if not config_json.is_file() or "num_hidden_layers" not in fields_:  # a hub id, a GGUF file, other names
+            hf = sources.load_hf_config(m)
+            fields_ = {**hf.to_dict(), "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}
+        model_type = fields_.get("model_type", "")
+    try:
+        shape = estimate.shape_of_fields(fields_, m.name_or_path)
+    except SystemExit:
+        shape = None
+    return Architecture(model_type=model_type, layers=fields_.get("num_hidden_layers"), shape=shape)
+
+
+def architecture(cfg: RunConfig) -> Architecture:
+    """The model's type, layer count and shape: from its preset (a known hub id or the embedded model: no read),
+    else its config.json, locally or from the hub."""
+    return _architecture_of(cfg.model.model_dump_json())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decisions, one function each: (value, reason)
+
+def _backend(cfg: RunConfig, hw: Hardware) -> tuple[str, str]:
+    r = cfg.ray
+    if r.local_mode is True:
+        return "in-process", "ray.local_mode=true"
+    if r.local_mode is False:
+        return "ray", "ray.local_mode=false"
+    why_ray = (f"scaling.num_workers={cfg.scaling.num_workers}" if cfg.scaling.num_workers != 1
+               else f"ray.max_failures={r.max_failures}: restarts are Ray Train's" if r.max_failures
+               else f"ray.address={r.address}" if r.address
+               else f"there is a cluster to join: {hw.ray_cluster}" if hw.ray_cluster else None)
+    if why_ray:
+        return "ray", f"{why_ray} (ray.local_mode=auto)"
+    return "in-process", ("one worker, no restarts and no Ray cluster to join: the worker runs in this process "
+                          "without Ray (ray.local_mode=auto; false runs it on Ray)")
+
+
+def _zero(cfg: RunConfig) -> tuple[int, str | None, str, str]:
+    """(the stage DeepSpeed runs, the frozen base's placement, and a reason for each)."""
+    stage = cfg.deepspeed.zero_stage
+    if not cfg.trains_adapter:
+        return stage, None, f"deepspeed.zero_stage={stage}", "full fine-tuning: nothing is frozen"
+    if stage != 3:
+        return (stage, "whole", f"deepspeed.zero_stage={stage}",
+                f"ZeRO-{stage} partitions the adapters' gradients and optimizer state, never parameters")
+    clash = layers_clash(cfg)
+    if cfg.deepspeed.zero3_frozen == "deepspeed" or clash:
+        why = "deepspeed.zero3_frozen=deepspeed" if not clash else f"layer shards cannot apply: {clash}"
+        return 3, "deepspeed", f"deepspeed.zero_stage=3 ({why})", f"DeepSpeed's ZeRO-3 partitions it ({why})"
+    if cfg.scaling.num_workers == 1:
+        why = "one worker: no other rank could hold a shard (deepspeed.zero3_frozen=auto)"
+        return 2, "whole", f"ZeRO-3 for adapters on {why}; the adapters run under ZeRO-2", f"kept whole on {why}"
+    return (2, "layer-shards", "the frozen base is in layer shards; DeepSpeed's ZeRO-2 runs the adapters",
+            "deepspeed.zero_stage=3 with deepspeed.zero3_frozen=auto: one gather per decoder layer and pass "
+            "(ftcluster/layer_shards.py)")
+
+
+def _compile(cfg: RunConfig, device: str, partitions: bool) -> tuple[bool, str]:
+    mode = cfg.model.compile
+    if mode == "off":
+        return False, "model.compile=off"
+    why_not = ("ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call" if partitions
+               else "model.activation_offloading's saved-tensor hooks cannot be traced" if cfg.model.activation_offloading
+               else f"the device is {device}; compiled layers pay off on GPUs, whose kernels the host must keep fed"
+               if device != "cuda" else None)
+    if why_not:
+        if mode == "on":
+            raise ConfigError(f"model.compile=on: {why_not}; set model.compile=auto or off")
+        return False, f"model.compile=auto: {why_not}"
+    if mode == "auto" and cfg.scaling.num_workers != 1:
+        return False, "model.compile=auto: several workers are not measured compiled yet; model.compile=on compiles"
+    return True, f"model.compile={mode}: each decoder layer compiled once, reused by all of them"
+
+
+def _liger(cfg: RunConfig, hw: Hardware, arch: Architecture, partitions: bool,
+           compiled: bool) -> tuple[bool, str, str, str]:
+    """(Liger in the layers, the loss, and a reason for each)."""
+    mode = cfg.model.liger_kernel
+    why_not = ("model.liger_kernel=off" if mode == "off"
+               else f"the device is {hw.device}; Liger's kernels are Triton kernels for CUDA GPUs" if hw.device != "cuda"
+               else "liger_kernel is not installed (pip install 'ftcluster[liger]')" if not hw.liger_installed
+               else f"Liger has no kernels wired here for model_type {arch.model_type!r}"
+               if arch.model_type not in LIGER_MODEL_TYPES else None)
+    chunked = "chunked: the logits in bf16, the loss in float32 one chunk at a time"
+    if why_not:
+        if mode == "on":
+            raise ConfigError(f"model.liger_kernel=on: {why_not}; set model.liger_kernel=auto or off")
+        return False, "chunked", f"Liger not applied: {why_not}", f"{chunked} (Liger not applied)"
+    in_layers = not compiled
+    layers_why = ("compiled layers fuse their norms, SwiGLU and RoPE themselves (Liger's autograd functions would "
+                  "break the layer's graph)" if compiled else f"model.liger_kernel={mode}: RMSNorm, SwiGLU and RoPE")
+    if partitions:
+        # The fused loss reads the output layer's weight directly, not through the module's call: under ZeRO-3 it
+        # would see an empty partition.
+        return in_layers, "chunked", layers_why, f"{chunked} (the fused loss would read a ZeRO-3 partition)"
+    scale = cfg.model.fused_loss_chunk_scale
+    return (in_layers, "liger-fused", layers_why,
+            "Liger's fused linear + cross-entropy: never holds the logits"
+            + (f" (chunks {scale}x Liger's, model.fused_loss_chunk_scale)" if scale != 1 else ""))
+
+
+def _attention(cfg: RunConfig, hw: Hardware) -> tuple[str, str]:
+    choice = cfg.model.attn_implementation
+    if choice != "auto":
+        return choice, f"model.attn_implementation={choice}"
+    if hw.device == "cuda" and cfg.data.packing and hw.varlen_kernel:
+        return "varlen", "auto: PyTorch's varlen flash kernel over packed rows, no mask"
+    why = ("rows are not packed" if not cfg.data.packing else "the device is not a GPU" if hw.device != "cuda"
+           else "this torch has no varlen kernel")
+    return "sdpa", f"auto: {why}"
+
+
+def _checkpointing(cfg: RunConfig, arch: Architecture) -> tuple[int, str]:
+    m = cfg.model
+    if not m.gradient_checkpointing:
+        return 0, "model.gradient_checkpointing=false: every layer keeps its activations"
+    if arch.layers is not None and m.checkpointed_layers is not None and m.checkpointed_layers > arch.layers:
+        raise ConfigError(f"model.checkpointed_layers={m.checkpointed_layers}: {arch.model_type} has {arch.layers} "
+                          f"decoder layers; set at most {arch.layers}, or leave it unset to checkpoint all of them")
+    n = m.checkpointed_layers if m.checkpointed_layers is not None else arch.layers or 0
+    where = ", the checkpoints in host memory" if m.activation_offloading else ""
+    if m.checkpointed_layers is None:
+        return n, f"model.gradient_checkpointing=true: every decoder layer{where}"
+    return n, f"model.checkpointed_layers={n} of {arch.layers}{where}; the others skip their recompute"
+
+
+def _keep_recomputed(cfg: RunConfig, partitions: bool) -> tuple[bool, str]:
+    mode = cfg.quantization.keep_recomputed_weights
+    if cfg.method != "qlora" or not cfg.model.gradient_checkpointing:
+        return False, "QLoRA's checkpointed layers only"
+    if mode != "auto":
+        return mode == "on", f"quantization.keep_recomputed_weights={mode}"
+    if partitions:
+        return False, "auto: off where ZeRO-3 partitions the parameters, which is chosen to save memory"
+    return True, "auto: each 4-bit weight dequantized twice a step, not three times, for one layer's 16-bit weights"
+
+
+def _masters(cfg: RunConfig, zero_stage: int) -> tuple[str, str, str, str]:
+    """(where the float32 masters are, who clips, and a reason for each)."""
+    dtype, masters = cfg.model.dtype, cfg.optimizer.master_weights
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        return ("deepspeed", "deepspeed", "deepspeed.offload_optimizer=cpu: DeepSpeed's CPU Adam steps float32 "
+                "copies on the host", "DeepSpeed")
+    steps_model = zero_stage == 0 and dtype in ("bfloat16", "float32")
+    clips = "ftcluster" if steps_model else "deepspeed"
+    clip_why = ("ZeRO-0 over the model's own weights: one foreach norm and scale, at each optimizer step"
+                if steps_model else f"DeepSpeed's ZeRO-{zero_stage} engine")
+    if dtype == "float32":
+        return "none", clips, "model.dtype=float32: the weights are float32 themselves", clip_why
+    if masters == "bf16":
+        return "none", clips, "optimizer.master_weights=bf16: the optimizer steps the bf16 weights", clip_why
+    if steps_model and dtype == "bfloat16":
+        return ("optimizer", clips, "ZeRO-0: the optimizer keeps flat float32 copies (optim.Float32Masters), "
+                "stepped with foreach kernels", clip_why)
+    return "deepspeed", clips, f"DeepSpeed's {dtype} mode keeps float32 copies of what trains", clip_why
+
+
+def _quant_storage(cfg: RunConfig) -> tuple[str | None, str]:
+    q = cfg.quantization
+    if cfg.method != "qlora":
+        return None, "QLoRA only"
+    if q.quant_storage != "auto":
+        return q.quant_storage, f"quantization.quant_storage={q.quant_storage}"
+    if cfg.deepspeed.zero_stage == 3:
+        return q.compute_dtype, "auto: in the compute dtype under deepspeed.zero_stage=3, so ZeRO can shard them"
+    return "uint8", "auto: bitsandbytes' packed bytes"
+
+
+def streaming(d: DataConfig, read_data: bool = True) -> tuple[bool, str]:
+    """Whether rows are prepared in one streaming pass over the source, and why."""
+    if d.source.startswith("builtin:"):
+        return False, f"{d.source} is made in memory"
+    if d.streaming != "auto":
+        return d.streaming == "on", f"data.streaming={d.streaming}"
+    path = Path(d.source).expanduser()
+    if path.is_file() and path.suffix == ".json" and reading.is_json_array(path):
+        return False, "auto: a JSON array is one document, read whole either way"
+    if not read_data:
+        return False, "auto: decided by the source's size when the run reads it (not read here)"
+    try:
+        size = reading.source_bytes(d)
+    except (ConnectionError, OSError) as e:
+        raise ConfigError(f"data.source={d.source}: cannot read it from the hub or the datasets cache to size it "
+                          f"({type(e).__name__}: {str(e)[:160]}); check the name and the network (HF_TOKEN for a "
+                          "gated dataset, HF_HOME for the cache), or set data.streaming=on or off to decide without "
+                          "reading it") from None
+    above = size > reading.STREAM_ABOVE
+    return above, (f"auto: the source is {size / 2**30:.2f} GiB, " + ("over" if above else "within")
+                   + f" {reading.STREAM_ABOVE / 2**30:.0f} GiB")
+
+
+def _batch(cfg: RunConfig) -> tuple[int, str]:
+    t, n = cfg.training, cfg.scaling.num_workers
+    g = t.micro_batch_size * t.gradient_accumulation_steps * n
+    return g, (f"training.micro_batch_size={t.micro_batch_size} x gradient_accumulation_steps="
+               f"{t.gradient_accumulation_steps} x {n} worker(s), rows of up to {cfg.data.max_seq_len} tokens")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_data: bool = True) -> Plan:
+    """The plan of ``cfg`` on ``hw``. Refuses (``ConfigError``, naming the field) what cannot run there: a setting
+    forced ``on`` where it cannot apply, more checkpointed layers than the model has. ``read_data=False`` leaves the
+    data source unread (the memory estimate does not depend on it): ``data.streaming=auto`` is then not decided by
+    its size."""
+    arch = arch or architecture(cfg)
+    backend, backend_why = _backend(cfg, hw)
+    stage, frozen, stage_why, frozen_why = _zero(cfg)
+    partitions = stage == 3 or frozen == "layer-shards"
+    compiled, compile_why = _compile(cfg, hw.device, partitions)
+    liger_layers, loss, liger_why, loss_why = _liger(cfg, hw, arch, partitions, compiled)
+    attention, attention_why = _attention(cfg, hw)
+    ckpt, ckpt_why = _checkpointing(cfg, arch)
+    recompute = ("bitsandbytes",) if cfg.method == "qlora" and compiled else ()
+    keep, keep_why = _keep_recomputed(cfg, partitions)
+    masters, clips, masters_why, clips_why = _masters(cfg, stage)
+    storage, storage_why = _quant_storage(cfg)
+    streams, streams_why = streaming(cfg.data, read_data)
+    global_batch, batch_why = _batch(cfg)
+    t = cfg.training
+    plan = Plan(
+        backend=backend, device=hw.device, workers=cfg.scaling.num_workers, zero_stage=stage, frozen_base=frozen,
+        compile=compiled, liger_layers=liger_layers, loss=loss, attention=attention, checkpointed_layers=ckpt,
+        activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
+        keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
+        streaming=streams, micro_batch=t.micro_batch_size, accumulation=t.gradient_accumulation_steps,
+        global_batch=global_batch, memory_gib=None, model_type=arch.model_type, layers=arch.layers,
+        reasons={
+            "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
+            "zero_stage": stage_why, "frozen_base": frozen_why, "compile": compile_why, "liger_layers": liger_why,
+            "loss": loss_why, "attention": attention_why, "checkpointed_layers": ckpt_why,
+            "activation_offloading": ("model.activation_offloading=true: each checkpoint waits for backward in "
+                                      "pinned host memory" if cfg.model.activation_offloading
+                                      else "model.activation_offloading=false"),
+            "recompute_only": ("compiled QLoRA layers: Inductor would otherwise save every dequantized weight"
+                               if recompute else "nothing compiled holds a 4-bit weight"),
+            "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
+            "quant_storage": storage_why, "streaming": streams_why, "micro_batch": "training.micro_batch_size",
+            "accumulation": "training.gradient_accumulation_steps", "global_batch": batch_why,
+        })
+    memory, memory_why = _memory(cfg, plan, arch, hw)
+    return replace(plan, memory_gib=memory, reasons={**plan.reasons, "memory_gib": memory_why})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory estimate of the plan
+
+def estimator_run(cfg: RunConfig, plan: Plan, **earlier_code) -> estimate.Run:
+    """The estimator's view of the planned run. ``earlier_code``: ``estimate.Run`` fields that describe code older
+    than today's, for measurements made with it (benchmarks/calibration.py)."""
+    d, m = cfg.deepspeed, cfg.model
+    targets = cfg.lora.target_modules
+    offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
+    from ftcluster.sources import is_hub_id
+
+    # A 4-bit model from a hub id or a GGUF file loads whole onto each GPU (see estimate.loading_peak).
+    whole_load = not m.random_init and (m.name_or_path.endswith(".gguf") or is_hub_id(m.name_or_path))
+    checkpointed = m.gradient_checkpointing
+    run = estimate.Run(
+        method=cfg.method, gpus=plan.workers, zero=3 if plan.frozen_base == "layer-shards" else plan.zero_stage,
+        offload=offload or "none", seq_len=cfg.data.max_seq_len, micro_batch=plan.micro_batch,
+        grad_ckpt=checkpointed, ckpt_layers=m.checkpointed_layers if checkpointed else None,
+        activation_offload=plan.activation_offloading, lora_r=cfg.lora.r,
+        lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
+        optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,
+        double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
+        layer_shards=plan.frozen_base == "layer-shards", recomputed_weights_kept=_kept_if_qlora(cfg, plan),
+        fused_loss=plan.loss == "liger-fused", compiled=plan.compile,
+        fused_loss_chunk_scale=m.fused_loss_chunk_scale)
+    return replace(run, **earlier_code)
+
+
+def _kept_if_qlora(cfg: RunConfig, plan: Plan) -> bool:
+    """``quantization.keep_recomputed_weights`` as resolved for this run were it QLoRA with checkpointing: the
+    estimator's suggestions may turn either on."""
+    mode = cfg.quantization.keep_recomputed_weights
+    return mode == "on" or (mode == "auto" and not plan.partitions_parameters)
+
+
+def _memory(cfg: RunConfig, plan: Plan, arch: Architecture, hw: Hardware) -> tuple[float | None, str]:
+    if plan.device != "cuda":
+        return None, "a CPU run: device memory not estimated"
+    if arch.shape is None:
+        return None, f"not estimated: the estimator models Llama-style decoders, not {arch.model_type!r}"
+    e = estimate.estimate(arch.shape, estimator_run(cfg, plan))
+    need = e.need / estimate.GiB
+    line = f"estimated per GPU ({e.allocated / estimate.GiB:.1f} GiB allocated by torch"
+    line += f"; {e.loading / estimate.GiB:.1f} while loading)" if e.loading > e.device else ")"
+    budget = hw.gpu_memory_gib
+    if budget is not None:
+        budget *= min(1.0, cfg.scaling.gpus_per_worker)  # workers that share a GPU share its memory
+        line += f" of {budget:.1f} GiB: " + ("fits" if need <= budget else "does NOT fit")
+    return need, line
+
+
+def resolved_config(cfg: RunConfig, plan: Plan) -> dict:
+    """``cfg`` as JSON with every ``auto`` that takes effect in this run replaced by the plan's answer (what
+    ``--print-config`` shows). A setting with no effect here (``quantization.*`` of a LoRA run, say) keeps its
+    value."""
+    out = cfg.model_dump(mode="json")
+    on_off = lambda b: "on" if b else "off"
+    m, q, d = out["model"], out["quantization"], out["deepspeed"]
+    m["compile"] = on_off(plan.compile)
+    m["liger_kernel"] = on_off(plan.liger_layers or plan.loss == "liger-fused")
+    m["attn_implementation"] = plan.attention
+    out["data"]["streaming"] = on_off(plan.streaming)
+    out["ray"]["local_mode"] = plan.in_process
+    if cfg.method == "qlora":
+        q["quant_storage"] = plan.quant_storage
+        if cfg.model.gradient_checkpointing:
+            q["keep_recomputed_weights"] = on_off(plan.keep_recomputed_weights)
+    if plan.frozen_base is not None and cfg.deepspeed.zero_stage == 3:
+        d["zero3_frozen"] = "deepspeed" if plan.frozen_base == "deepspeed" else "layers"
+    return out

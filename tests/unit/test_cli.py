@@ -1,0 +1,45 @@
+"""What a newcomer meets first: the commands' help, and the errors for what is not there (a run directory, a hub
+model offline), each one line that names the thing and what to do."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftcluster import config as C
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_the_commands_and_exits_0():
+    proc = _run("ftcluster", "--help")
+    assert proc.returncode == 0
+    assert all(f"  {c}" in proc.stdout for c in ("train", "plan", "estimate", "merge"))
+    assert _run("ftcluster").returncode == 2  # no command: the same list, on stderr
+    merge = _run("ftcluster", "merge", "--help").stdout
+    assert "save safetensors." in merge  # the description whole, not cut at its first line
+
+
+def test_merge_names_a_missing_adapter_directory(tmp_path, monkeypatch):
+    from ftcluster import merge
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine-cpu" / "final").mkdir(parents=True)
+    with pytest.raises(C.ConfigError, match=r"--adapter runs/mine/final does not exist: .*runs/mine-cpu"):
+        merge.merge("runs/mine/final", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_that_cannot_be_read_offline_is_one_line_naming_it_and_the_cache(tmp_path):
+    proc = _run("ftcluster.train", "model.name_or_path=nobody/no-such-model", f"output.storage_path={tmp_path}",
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+    assert "model.name_or_path=nobody/no-such-model" in error[0] and str(tmp_path / "hf") in error[0]
+    assert "HF_TOKEN" in error[0] and "HF_HOME" in error[0]
+    assert not (tmp_path / "no-such-model-lora").exists()
