@@ -137,6 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     cfg, plan = from_dict(config["cfg"]), Plan.from_json(config["plan"])
+    patches.ray_train_plain_print()
+    patches.quiet_library_notices()
     patches.quiet_ray_train_reports(cfg.ray.train_log_level)
     collector.hold()  # this process's start-up, until its first step (ftcluster/collector.py)
     ctx = ray.train.get_context()
@@ -156,6 +158,7 @@ class OnRay:
 
         started = time.time()
         self.own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
+        patches.quiet_ray_preemption_watcher_notice()
         hw = on_ray_cluster(cfg, hw, ray.cluster_resources())
         print(f"cluster: {time.time() - started:.1f} s, "
               f"{'started' if self.own_cluster else 'joined'}", flush=True)

@@ -70,7 +70,12 @@ def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
         shutil.rmtree(partial, ignore_errors=True)  # a partial one a failed attempt left
         partial.mkdir(parents=True)
     _barrier()
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        if _rank() == 0:  # a half-written checkpoint is never left for a resume to find, nor to fill the disk
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     _barrier()
     if _rank() == 0:
         if final.exists():  # a step saved again (a stop checkpoint at the step a periodic one took)

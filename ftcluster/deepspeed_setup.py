@@ -259,4 +259,6 @@ def initialize(cfg: RunConfig, plan: Plan, model, device: torch.device, ds_confi
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config, dist_init_required=False,
     )
+    if cfg.trains_adapter:
+        patches.checkpoints_without_tied_frozen_weights(engine)  # checkpoints hold what trains, nothing frozen
     return engine, scheduler, ds_config

@@ -8,6 +8,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ftcluster.config import RunConfig
 
@@ -26,6 +27,8 @@ class Hardware:
     ray_cluster: str | None = None
     """A Ray cluster the driver would join (RAY_ADDRESS, one this process started, or a live one `ray start`
     recorded on this host), described; None when there is none."""
+    cpu_bf16: bool = True
+    """This host's CPUs compute bfloat16 natively (AVX512-BF16 or AMX); most others emulate it, many times slower."""
 
     @classmethod
     def gpu(cls, gpu_memory_gib: float | None = None, liger_installed: bool | None = None) -> "Hardware":
@@ -46,6 +49,15 @@ def varlen_kernel_here() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cpu_bf16_here() -> bool:
+    """Whether this host's CPUs have bfloat16 instructions (Linux's /proc/cpuinfo flags; assumed elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def visible_gpu_memory_gib() -> float | None:
@@ -91,7 +103,7 @@ def here(cfg: RunConfig) -> Hardware:
     return Hardware(device=device, device_source=source,
                     gpu_memory_gib=cfg.resources.gpu_memory_gib or visible_gpu_memory_gib(),
                     liger_installed=liger_here(), varlen_kernel=varlen_kernel_here(),
-                    ray_cluster=ray_cluster_to_join(cfg))
+                    ray_cluster=ray_cluster_to_join(cfg), cpu_bf16=cpu_bf16_here())
 
 
 def on_ray_cluster(cfg: RunConfig, hw: Hardware, resources: dict[str, float]) -> Hardware:

@@ -44,6 +44,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
         fit = preflight.check_fit(cfg, plan, hw, force)
     print(plan.describe(), flush=True)
     print(fit, flush=True)
+    for note in preflight.notes(cfg, plan, hw):
+        print(note, flush=True)
     backend.check(cfg, plan)
     ready = time.time()
     run_dir = rundir.prepare(cfg)

@@ -13,9 +13,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
-
 
 @dataclass(frozen=True)
 class Patch:
@@ -42,6 +39,8 @@ PATCHES = (
           "(pytorch/pytorch#149751)"),
     Patch("deepspeed_nvtx", "deepspeed", ">=0.19,<0.20",
           "DeepSpeed's NVTX ranges are a module switch (deepspeed.utils.nvtx.enable_nvtx)"),
+    Patch("checkpoints_without_tied_frozen_weights", "deepspeed", ">=0.19,<0.20",
+          "exclude_frozen_parameters leaves out frozen parameters by named_parameters(), which skips tied ones"),
     Patch("zero3_full_state_dict", "deepspeed", ">=0.19,<0.20",
           "the 16-bit model gathered from ZeRO-3 partitions (DeepSpeedEngine._zero3_consolidated_16bit_state_dict)"),
     Patch("liger_apply_to_instance", "liger-kernel", ">=0.8.5,<0.9",
@@ -56,10 +55,21 @@ PATCHES = (
           "bitsandbytes' CPU backend logs a warning when the optional `kernels` package is absent"),
     Patch("quiet_liger_backend_discovery", "liger-kernel", ">=0.8.5,<0.9",
           "Liger's backend registry logs a warning for every optional kernel backend that does not import"),
+    Patch("ray_train_plain_print", "ray", ">=2.60,<2.61",
+          "Ray Train's workers route print() to a logger and, where stdout is Ray's, print it too: each line twice"),
+    Patch("quiet_ray_preemption_watcher_notice", "ray", ">=2.60,<2.61",
+          "Ray core logs an error-level notice for Ray Train's PreemptionWatcher actor in every run"),
+    Patch("quiet_library_notices", "deepspeed", ">=0.19,<0.20",
+          "DeepSpeed warns at import, in every CPU process, that it set its accelerator to CPU"),
 )
 
 
 def _out_of_range() -> list[str]:
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+    except ImportError:  # a Python without ftcluster's dependencies: the trainer says so itself
+        return []
     out = []
     for p in PATCHES:
         try:
@@ -125,6 +135,51 @@ def start_local_ray_cluster(port: int, **init_kwargs) -> None:
             del os.environ["RAY_API_SERVER_ADDRESS"]
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def ray_train_plain_print() -> None:
+    """``print`` as Python's own in a Ray Train worker. Ray Train replaces it with one that logs each line through
+    the root logger and, where stdout is Ray's redirect (always, in a worker), also prints it: every line the
+    worker printed reached the driver twice. ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` would do the same, but must be in
+    the worker's environment before it starts."""
+    import builtins
+
+    from ray.train.v2._internal.logging import patch_print
+
+    builtins.print = patch_print._original_print
+
+
+_RAY_NOTICE = "has constructor arguments in the object store"
+
+
+def quiet_ray_preemption_watcher_notice() -> None:
+    """Drop, from the worker logs the driver prints, Ray core's error-level notice that Ray Train's own
+    PreemptionWatcher actor "has constructor arguments in the object store and max_restarts > 0": printed by every
+    run on Ray, about Ray Train's internals, and nothing for the user to act on. After ``ray.init``, which registers
+    the printing handler (``ray_print_logs``) with the log dispatcher."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def filtered(handler):
+        def handle(data):
+            lines = [line for line in data.get("lines", []) if _RAY_NOTICE not in line]
+            if lines:
+                handler({**data, "lines": lines})
+
+        handle.ftcluster_filtered = True
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, filtered(h) if name == "ray_print_logs" and not getattr(
+            h, "ftcluster_filtered", False) else h) for name, h in dispatcher.handlers]
+
+
+def quiet_library_notices() -> None:
+    """In a training process: no deprecation warnings from the libraries (theirs to fix, nothing the user can act
+    on), and not DeepSpeed's notice, at import in every CPU process, that it chose the CPU accelerator."""
+    for module in (r"transformers\.", r"torch\.", r"deepspeed\.", r"peft\.", r"bitsandbytes\.", r"ray\."):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    _drop("DeepSpeed", "Setting accelerator to CPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +293,24 @@ def deepspeed_nvtx(enabled: bool) -> None:
     import deepspeed.utils.nvtx
 
     deepspeed.utils.nvtx.enable_nvtx = enabled
+
+
+def checkpoints_without_tied_frozen_weights(engine) -> None:
+    """Have ``engine.save_checkpoint(..., exclude_frozen_parameters=True)`` leave out every frozen parameter,
+    a tied one too. DeepSpeed drops the frozen entries of the module's state dict by ``named_parameters()``, which
+    lists a tied parameter once, under its first name: a LoRA checkpoint of a model with tied embeddings held the
+    whole frozen output layer (its vocabulary x hidden weight) under ``lm_head.weight``."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 def zero3_full_state_dict(engine) -> dict | None:

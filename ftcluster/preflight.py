@@ -94,5 +94,15 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
     raise ConfigError(message)
 
 
+def notes(cfg: RunConfig, plan: P.Plan, hw: Hardware) -> list[str]:
+    """What the user should know before a run starts that is not an error: lines to print."""
+    out = []
+    if plan.device == "cpu" and cfg.model.dtype != "float32" and not hw.cpu_bf16:
+        out.append(f"note: no GPU, and this CPU has no {cfg.model.dtype} instructions (AVX512-BF16 or AMX): torch "
+                   f"emulates {cfg.model.dtype}, minutes a step even for a small model. Run it where GPUs are, or "
+                   "set model.dtype=float32 as the CPU recipes do (configs/*_cpu.yaml)")
+    return out
+
+
 def _gib(value: float | None) -> str:
     return "" if value is None else f"{value:.1f} GiB "

@@ -162,14 +162,22 @@ def release(run_dir: Path) -> None:
 
 
 def publish_final(run_dir: Path, checkpoint_path: str | None) -> Path | None:
-    """Copy the last checkpoint's Hugging Face model (``hf/``) to ``final/``, replacing an earlier one only once the
-    new copy is complete. None when the checkpoint holds none (a resume checkpoint, or save_final_model=false)."""
-    hf_dir = Path(checkpoint_path) / "hf" if checkpoint_path else None
-    if hf_dir is None or not hf_dir.is_dir():
+    """Move the last checkpoint's Hugging Face model (``hf/``) to ``final/`` and leave ``hf`` a link to it: the model
+    is on disk once. An earlier ``final/`` is replaced only once the new one is whole, and a move a crash
+    interrupted is finished. None when the checkpoint holds no model (a resume checkpoint, or
+    save_final_model=false)."""
+    if not checkpoint_path:
         return None
-    final, tmp = run_dir / "final", run_dir / "final.tmp"
+    hf_dir, final, tmp = Path(checkpoint_path) / "hf", run_dir / "final", run_dir / "final.tmp"
+    if hf_dir.is_symlink():
+        if not final.is_dir() and tmp.is_dir():
+            tmp.rename(final)
+        return final if final.is_dir() else None
+    if not hf_dir.is_dir():
+        return None
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(hf_dir, tmp)
+    hf_dir.rename(tmp)
+    hf_dir.symlink_to(Path("..") / final.name)  # the checkpoint still names its model
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

@@ -12,7 +12,11 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ftcluster import collector, config as C, stop  # noqa: E402
+try:
+    from ftcluster import collector, config as C, patches, stop  # noqa: E402
+except ModuleNotFoundError as missing:  # the command run with a Python that lacks ftcluster's dependencies
+    sys.exit(f"error: {missing.name} is not installed in this Python ({sys.executable}). Run `make install`, then "
+             "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "AttributeError", "AssertionError",
-                 "NotImplementedError", "IndexError")
+                 "NotImplementedError", "IndexError", "ModuleNotFoundError", "ImportError")
 """Worker errors that the same data, config and code raise again: resuming would fail the same way."""
 
 
@@ -58,6 +62,7 @@ def bytecode_note() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     collector.hold()  # until the first step, or until Ray's workers start: see ftcluster/collector.py
+    patches.quiet_library_notices()
     try:
         return _main(argv)
     finally:
@@ -75,8 +80,13 @@ def _main(argv: list[str] | None) -> int:
             return 0
         if note := bytecode_note():
             print(note, flush=True)
-        from ftcluster import backends, launch
-
+        try:
+            from ftcluster import backends, launch
+        except ModuleNotFoundError as e:
+            print(f"error: {e.name} is not installed in this Python ({sys.executable}). Run `make install`, then "
+                  "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.",
+                  file=sys.stderr)
+            return 2
         try:
             summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
         except backends.WorkerFailed as e:

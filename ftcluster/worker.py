@@ -175,7 +175,9 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
         trackers.log(record)
         if kind is not None:
             write = lambda d: checkpoint.save(loop.engine, cfg, progress, d, kind, tokenizer=tokenizer)
-            saved = checkpoint.keep(cfg.run_dir, progress.step, write, cfg.output.keep_checkpoints)
+            # Once the run has finished, no earlier checkpoint is needed to resume it.
+            keep = 1 if kind is CheckpointKind.FINAL else cfg.output.keep_checkpoints
+            saved = checkpoint.keep(cfg.run_dir, progress.step, write, keep)
             record = replace(record, checkpoint=str(saved))
         reporter.report(record)
 

@@ -41,8 +41,9 @@ def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_di
     assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
     assert local["final_step"] == on_ray["final_step"] == 6 and local["eval_loss"] == pytest.approx(on_ray["eval_loss"])
     kept = {d.name for d in (tmp_path / "local").glob("checkpoint_step*")}
-    assert kept == {d.name for d in (tmp_path / "on-ray").glob("checkpoint_step*")} == {
-        "checkpoint_step0000004", "checkpoint_step0000006"}  # output.keep_checkpoints=2, as Ray keeps them
+    # The finished run keeps its final checkpoint only, whose model is final/ (on disk once).
+    assert kept == {d.name for d in (tmp_path / "on-ray").glob("checkpoint_step*")} == {"checkpoint_step0000006"}
+    assert (tmp_path / "local" / "checkpoint_step0000006" / "hf").resolve() == (tmp_path / "local" / "final")
     assert local["checkpoint"].endswith("checkpoint_step0000006") and (tmp_path / "local" / "final").is_dir()
     lines = records(tmp_path / "local")
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -56,3 +56,38 @@ def test_zero3_sizes_its_reduce_bucket_keeps_adapters_whole_and_torchs_linear_un
     assert deepspeed.utils.nvtx.enable_nvtx is False  # no NVTX range around every gather without a profiler
     losses = tiny.engine_losses(ds, 3)
     assert losses[-1] < losses[0]
+
+
+def test_an_adapter_checkpoint_of_a_model_with_tied_embeddings_holds_no_frozen_weight(tiny_model, process_group,
+                                                                                   tmp_path):
+    """The output layer tied to the frozen embedding is frozen too, and stays out of the checkpoint (DeepSpeed's
+    exclude_frozen_parameters missed it: patches.checkpoints_without_tied_frozen_weights); the resumed run still
+    has it, from the base."""
+    from ftcluster import checkpoint
+    from ftcluster.records import CheckpointKind, Progress
+
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "method=lora", "deepspeed.zero_stage=2",
+                        "model.random_init=true", "model.config_overrides={tie_word_embeddings: true}",
+                        "training.micro_batch_size=2", "output.save_final_model=false"])
+    plan = tiny.plan_for(cfg)
+    torch.manual_seed(0)
+    model = models.build_model(cfg, plan, "cpu")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ds, _, _ = deepspeed_setup.initialize(cfg, plan, model, torch.device("cpu"),
+                                          deepspeed_setup.deepspeed_config(cfg, plan, 1), total_steps=5)
+    tiny.engine_losses(ds, 2)
+    checkpoint.save(ds, cfg, Progress(step=2), tmp_path, CheckpointKind.RESUME)
+    saved = torch.load(tmp_path / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved and all("lora_" in name for name in saved), [n for n in saved if "lora_" not in n]
+    torch.manual_seed(0)  # the same random base
+    again = models.build_model(cfg, plan, "cpu")
+    with torch.no_grad():
+        for p in again.parameters():
+            if p.requires_grad:
+                p.fill_(0.5)  # the checkpoint must bring the trained adapters back
+    ds2, _, _ = deepspeed_setup.initialize(cfg, plan, again, torch.device("cpu"),
+                                           deepspeed_setup.deepspeed_config(cfg, plan, 1), total_steps=5)
+    checkpoint.restore(ds2, cfg, tmp_path)
+    for (name, a), b in zip(ds.module.named_parameters(), ds2.module.parameters()):
+        assert torch.equal(a, b), name
+    assert ds2.module.get_output_embeddings().weight is ds2.module.get_input_embeddings().weight

@@ -43,3 +43,12 @@ def test_a_hub_model_that_cannot_be_read_offline_is_one_line_naming_it_and_the_c
     assert "model.name_or_path=nobody/no-such-model" in error[0] and str(tmp_path / "hf") in error[0]
     assert "HF_TOKEN" in error[0] and "HF_HOME" in error[0]
     assert not (tmp_path / "no-such-model-lora").exists()
+
+
+def test_the_trainer_run_by_a_python_without_its_dependencies_says_how_to_enter_the_environment():
+    """``-S``: no site-packages, as a Python outside the project's environment."""
+    proc = subprocess.run([sys.executable, "-S", "-m", "ftcluster.train", "--config", "configs/tiny_cpu.yaml"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is not installed in this Python" in proc.stderr and "source .venv/bin/activate" in proc.stderr
+    assert "resume" not in proc.stderr

@@ -122,3 +122,56 @@ def test_liger_replaces_transformers_module_names_and_passes_keywords_to_its_los
     assert "modeling_llama.LlamaRMSNorm = " in source  # the module-wide replacement the patch undoes
     assert inspect.Parameter.VAR_KEYWORD in {p.kind for p in inspect.signature(liger_llama.lce_forward).parameters.values()}
     assert modeling_llama.LlamaRMSNorm.__module__ == modeling_llama.__name__
+
+
+def test_ray_trains_print_is_put_back_to_pythons_own(monkeypatch):
+    import builtins
+
+    from ray.train.v2._internal.execution.worker_group import worker
+    from ray.train.v2._internal.logging import patch_print
+
+    assert "patch_print_function()" in inspect.getsource(worker)  # what every Ray Train worker does at start
+    assert "_original_print(*objects" in inspect.getsource(patch_print.redirected_print)  # and why it doubled
+    monkeypatch.setattr(builtins, "print", patch_print.redirected_print)
+    patches.ray_train_plain_print()
+    assert builtins.print is patch_print._original_print
+
+
+def test_the_driver_drops_rays_preemption_watcher_notice_from_the_worker_logs_it_prints(monkeypatch):
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    assert '"ray_print_logs",' in inspect.getsource(ray_worker.init) or '"ray_print_logs",' in inspect.getsource(
+        ray_worker.connect)  # the handler ray.init registers to print the workers' lines
+    printed = []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda data: printed.append(data["lines"]))])
+    patches.quiet_ray_preemption_watcher_notice()
+    patches.quiet_ray_preemption_watcher_notice()  # once is enough: not wrapped twice
+    notice = ("core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: '2ab2' has constructor "
+              "arguments in the object store and max_restarts > 0.")
+    dispatcher.emit({"lines": [notice, "step 2/4 loss 1.0"], "pid": 1, "is_err": True})
+    dispatcher.emit({"lines": [notice], "pid": 1, "is_err": True})
+    assert printed == [["step 2/4 loss 1.0"]]
+
+
+def test_library_deprecations_and_deepspeeds_cpu_notice_are_not_shown(recwarn):
+    import warnings
+
+    with warnings.catch_warnings():
+        patches.quiet_library_notices()
+        warnings.warn_explicit("old", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", FutureWarning, "plan.py", 1, module="ftcluster.plan")
+    assert [str(w.message) for w in recwarn] == ["ours"]
+    from deepspeed.accelerator import real_accelerator
+
+    assert "Setting accelerator to CPU" in inspect.getsource(real_accelerator)
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, "", 1, "Setting accelerator to CPU. If you have ...",
+                               None, None)
+    assert not all(f.filter(record) for f in logging.getLogger("DeepSpeed").filters)
+
+
+def test_deepspeed_still_drops_frozen_parameters_by_named_parameters_which_skips_tied_ones():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    source = inspect.getsource(DeepSpeedEngine.module_state_dict)
+    assert "self.module.named_parameters()" in source and "remove_duplicate=False" not in source

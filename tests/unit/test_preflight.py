@@ -87,3 +87,13 @@ def test_the_trainer_says_when_python_caches_no_bytecode(dont_write):
         assert "PYTHONDONTWRITEBYTECODE is set" in out and "unset it" in out
     else:
         assert out == "None"
+
+
+def test_a_bfloat16_run_on_a_cpu_without_bfloat16_is_told_so_at_start():
+    cpu = Hardware(device="cpu", device_source="test", cpu_bf16=False)
+    gpu_recipe = C.load("configs/smollm2_135m_lora.yaml")
+    (note,) = preflight.notes(gpu_recipe, plan.make(gpu_recipe, cpu, read_data=False), cpu)
+    assert "no bfloat16 instructions" in note and "model.dtype=float32" in note
+    cpu_recipe = C.load("configs/smollm2_135m_lora_cpu.yaml")
+    assert preflight.notes(cpu_recipe, plan.make(cpu_recipe, cpu, read_data=False), cpu) == []
+    assert preflight.notes(gpu_recipe, plan.make(gpu_recipe, Hardware.gpu(), read_data=False), Hardware.gpu()) == []
