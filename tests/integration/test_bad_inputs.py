@@ -44,7 +44,7 @@ CASES = [
      ["model.gradient_checkpointing=true", "model.checkpointed_layers=9"], 2,
      "model.checkpointed_layers=9: llama has 2 decoder layers"),
     ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
-     ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=null"], 2, "--force"),
+     ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=true"], 2, "--force"),
 ]
 
 
