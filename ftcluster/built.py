@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ftcluster import activations, layer_shards
+from ftcluster import activations, layer_shards, patches
 from ftcluster.plan import Plan
 
 
@@ -42,10 +42,10 @@ def observe(model: nn.Module, engine) -> dict:
     return {
         "zero_stage": engine.zero_optimization_stage(),
         "frozen_base": frozen_base,
-        "compile": bool(layers) and all(layer._compiled_call_impl is not None for layer in layers),
+        "compile": bool(layers) and all(patches.is_compiled(layer) for layer in layers),
         "liger_layers": norm is not None and _module_of(norm.forward).startswith("liger_kernel"),
         "loss": "liger-fused" if _module_of(vars(base).get("forward")).startswith("liger_kernel") else "chunked",
-        "attention": base.config._attn_implementation,
+        "attention": patches.attention_of(base.config),
         "checkpointed_layers": sum(getattr(layer, "ftcluster_checkpoint", None) == "layer" for layer in layers),
         "recompute_only": ("bitsandbytes",) if any(_policy(layer) is not None for layer in layers) else (),
         "keep_recomputed_weights": any(m.keep_dequantized for m in four_bit),

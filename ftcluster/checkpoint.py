@@ -169,4 +169,6 @@ def restore(engine, cfg: RunConfig, directory: Path) -> Progress:
     if client is None:
         raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state for this run (different ZeRO layout?)")
     _restore_rng(directory / "rng" / f"rank{_rank()}")
-    return Progress(**json.loads((directory / "progress.json").read_text()))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return Progress.from_json(json.loads((directory / "progress.json").read_text()), cfg.training.micro_batch_size,
+                              world)

@@ -69,9 +69,9 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int) -> dict:
         # ZeRO-1-3 partition bf16 weights and states instead of float32 ones.
         bf16 = {**bf16, "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     ds = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "train_batch_size": plan.micro_batch * plan.accumulation * world_size,
         # Where the optimizer steps the model's own weights, DeepSpeed would clip with a float32 copy and a norm of
         # each gradient in turn; the loop clips them with foreach kernels (engine.GradClip).
         "gradient_clipping": 0.0 if plan.steps_model_weights else t.max_grad_norm,

@@ -220,14 +220,14 @@ def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
 
 def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     cfg, engine, t = loop.cfg, loop.engine, loop.cfg.training
-    gas = t.gradient_accumulation_steps
+    gas = loop.plan.accumulation
     window, loss_sum = Window(), torch.zeros((), device=loop.device)
     profiler = step_profiler(cfg, loop.device)
     first_step_unix = None
     guard = DivergenceGuard(t.divergence_loss_factor, t.divergence_zero_grad_logs)
     step_started = time.perf_counter()
     while progress.step < loop.total_steps:
-        for batch in loop.batches.epoch(progress.epoch, progress.batch_in_epoch):
+        for batch in loop.batches.epoch(progress.epoch, progress.rows_in_epoch):
             window.tokens += int(batch.pop("num_tokens"))
             batch = to_device(batch, loop.device)
             loss = engine(**batch).loss
@@ -238,8 +238,8 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             engine.step()
             loss_sum += loss.detach().float()
             window.loss_count += 1
-            progress.batch_in_epoch += 1
-            if progress.batch_in_epoch % gas:
+            progress.rows_in_epoch += loop.batches.rows_per_micro_step
+            if progress.rows_in_epoch % (loop.batches.rows_per_micro_step * gas):
                 continue
             progress.step += 1
             if profiler is not None:
@@ -287,5 +287,5 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             if last or stopped:
                 return progress
         progress.epoch += 1
-        progress.batch_in_epoch = 0
+        progress.rows_in_epoch = 0
     return progress

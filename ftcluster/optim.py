@@ -160,11 +160,13 @@ def lr_lambda(cfg: RunConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def total_optimizer_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
-    per_epoch = batches_per_epoch // cfg.training.gradient_accumulation_steps
+def total_optimizer_steps(cfg: RunConfig, plan: Plan, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: ``training.max_steps``, else the epochs' (each of its whole global batches, the
+    same number whatever the worker count that keeps the plan's global batch)."""
+    per_epoch = batches_per_epoch // plan.accumulation
     if per_epoch == 0:
         raise ValueError(
-            f"one epoch gives {batches_per_epoch} micro batches per worker, fewer than "
-            f"training.gradient_accumulation_steps={cfg.training.gradient_accumulation_steps}; lower it or add data"
+            f"one epoch gives {batches_per_epoch} micro batches per worker, fewer than the "
+            f"{plan.accumulation} a step accumulates (training.gradient_accumulation_steps); lower it or add data"
         )
     return cfg.training.max_steps or per_epoch * cfg.training.epochs

@@ -32,6 +32,10 @@ PATCHES = (
           "Ray Train's per-report INFO line comes from a logger named by its file's path (ray-project/ray#61550)"),
     Patch("start_local_ray_cluster", "ray", ">=2.60,<2.61",
           "the state API finds its cluster by RAY_API_SERVER_ADDRESS, else by the host's record (ray-project/ray#65447)"),
+    Patch("is_compiled", "torch", ">=2.11,<2.15",
+          "nn.Module.compile() keeps the compiled call in the module's _compiled_call_impl"),
+    Patch("attention_of", "transformers", ">=5.0,<6",
+          "a built model's config names its attention implementation in _attn_implementation"),
     Patch("expandable_segments_now", "torch", ">=2.11,<2.15",
           "applies the allocator setting to an allocator already running (torch.cuda.memory._set_allocator_settings)"),
     Patch("cache_custom_autograd_functions", "torch", ">=2.11,<2.15",
@@ -184,6 +188,16 @@ def quiet_library_notices() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # torch
+
+def is_compiled(module) -> bool:
+    """Whether ``module.compile()`` made ``module`` call a compiled graph."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def attention_of(config) -> str:
+    """The attention implementation a built transformers model runs."""
+    return config._attn_implementation
+
 
 def expandable_segments_now() -> None:
     """Expandable segments for a CUDA caching allocator that may already be running (Ray set the device up):

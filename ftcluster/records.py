@@ -15,11 +15,26 @@ from pathlib import Path
 
 @dataclass
 class Progress:
-    """Where training is: enough to resume exactly (with the data order, which is a function of seed and epoch)."""
+    """Where training is: enough to resume exactly (with the data order, which is a function of seed and epoch),
+    on any number of workers."""
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    rows_in_epoch: int = 0
+    """Rows of the epoch's order already trained on, by all workers together (data.packing.ShardedBatches)."""
     tokens_seen: int = 0
+    workers: int = 0
+    """How many workers trained up to here (set when a checkpoint is saved)."""
+    global_batch: int = 0
+    """Rows per optimizer step over all workers (set when a checkpoint is saved): a resumed run keeps it."""
+
+    @classmethod
+    def from_json(cls, d: dict, micro_batch: int, workers: int) -> "Progress":
+        """A checkpoint's progress.json; one written before ``rows_in_epoch`` counted micro batches per worker
+        (``batch_in_epoch``), on as many workers as resume it."""
+        d = dict(d)
+        if "batch_in_epoch" in d:
+            d["rows_in_epoch"] = d.pop("batch_in_epoch") * micro_batch * workers
+        return _of_json(cls, d)
 
 
 class CheckpointKind(enum.Enum):

@@ -116,7 +116,7 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
     train_rows, eval_rows = rows["train"], rows["evaluation"]
     batches = shard(train_rows, plan.micro_batch, plan.accumulation)
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
-    total_steps = optim.total_optimizer_steps(cfg, len(batches))
+    total_steps = optim.total_optimizer_steps(cfg, plan, len(batches))
     phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
                         f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
@@ -168,6 +168,7 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
         progress = checkpoint.restore(loop.engine, cfg, latest)
         if rank == 0:
             print(f"resumed from {latest} at step {progress.step}", flush=True)
+    progress.workers, progress.global_batch = world, plan.micro_batch * plan.accumulation * world
     metrics.reset_peaks(device)
     trackers = tracking.Trackers(cfg, rank)
 

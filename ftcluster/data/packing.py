@@ -116,9 +116,12 @@ def _cumulative_lengths(position_rows: list[list[int]], width: int) -> dict:
 
 @dataclass
 class ShardedBatches:
-    """Micro batches for one worker: each epoch reshuffles all rows with (seed, epoch), then worker ``rank`` takes
-    every ``world``-th row. Every worker gets the same number of batches (DeepSpeed's collectives need it), a
-    multiple of ``accumulation``. Each batch holds ``num_tokens``, its count of real (unpadded) tokens."""
+    """Micro batches for one worker: each epoch reshuffles all rows with (seed, epoch), and every micro step takes
+    the next ``micro_batch_size x world`` rows of that order, worker ``rank`` every ``world``-th of them. Where an
+    epoch is is one number, the rows of its order already taken, whatever the number of workers that took them: a
+    run resumed on another worker count goes on from the next row, no row seen twice or skipped. Every worker gets
+    the same number of batches (DeepSpeed's collectives need it), a multiple of ``accumulation``. Each batch holds
+    ``num_tokens``, its count of real (unpadded) tokens."""
 
     rows: list[dict]
     micro_batch_size: int
@@ -131,28 +134,34 @@ class ShardedBatches:
     accumulation: int = 1
 
     def __post_init__(self):
-        self.per_worker = len(self.rows) // self.world
-        if self.per_worker < self.micro_batch_size:
+        if len(self.rows) // self.world < self.micro_batch_size:
             raise ValueError(
                 f"the data gives {len(self.rows)} rows, fewer than num_workers × micro_batch_size "
                 f"({self.world} × {self.micro_batch_size}); add data, or lower training.micro_batch_size"
             )
+        self.rows_per_micro_step = self.micro_batch_size * self.world
 
     def __len__(self) -> int:
-        n = self.per_worker // self.micro_batch_size
-        return n - n % self.accumulation  # an optimizer step never straddles two epochs
+        """This worker's micro batches in an epoch: whole optimizer steps only (a step never straddles two epochs)."""
+        n = len(self.rows) // self.rows_per_micro_step
+        return n - n % self.accumulation
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self) * self.rows_per_micro_step
 
     def order(self, epoch: int) -> list[int]:
+        """The epoch's order of all rows, the same on every worker and for every worker count."""
         idx = list(range(len(self.rows)))
         random.Random(self.seed * 100003 + epoch).shuffle(idx)
-        return idx[self.rank :: self.world][: self.per_worker]
+        return idx
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        """Batches of ``epoch`` from ``start_batch`` on (a resumed run skips what it already trained on)."""
-        idx = self.order(epoch)
-        b = self.micro_batch_size
-        for i in range(start_batch, len(self)):
-            rows = [self.rows[j] for j in idx[i * b : (i + 1) * b]]
+    def epoch(self, epoch: int, start_row: int = 0):
+        """This worker's batches of ``epoch``, from row ``start_row`` of the epoch's order on (a resumed run skips
+        the rows already trained on)."""
+        idx, b = self.order(epoch), self.micro_batch_size
+        for start in range(start_row, self.rows_per_epoch, self.rows_per_micro_step):
+            rows = [self.rows[idx[start + self.rank + self.world * j]] for j in range(b)]
             yield collate(rows, self.pad_id, self.packed, self.pad_to)
 
 

@@ -25,7 +25,7 @@ def test_runs_are_parsed_and_a_wrong_one_names_the_form():
 
 def test_scaling_report_gives_efficiency_and_zero3_against_zero2(tiny_model, tmp_path):
     out = tmp_path / "report"
-    sets = [f"model.name_or_path={tiny_model}", "data.max_examples=96", "ray.address=local",
+    sets = [f"model.name_or_path={tiny_model}", "data.max_examples=96",
             "scaling.cpus_per_worker=1"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--suite", "tiny", "--runs", "lora@zero2:1,2",
                            "--runs", "lora@zero3:2", *[a for s in sets for a in ("--set", s)], "--out", str(out),

@@ -143,21 +143,48 @@ def test_batches_with_different_example_counts_compile_once():
     assert len(graphs) == 1
 
 
+def _ids(shard, epoch=0, start_row=0):
+    return [[row[0] for row in b["input_ids"].tolist()] for b in shard.epoch(epoch, start_row)]
+
+
 def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
     rows = [{"input_ids": [i], "labels": [i]} for i in range(103)]
     shards = [packing.ShardedBatches(rows, 4, r, 3, seed=1, pad_id=0, packed=False) for r in range(3)]
-    orders = [s.order(0) for s in shards]
-    assert len({len(o) for o in orders}) == 1 and len(shards[0]) == 34 // 4
-    assert not set(orders[0]) & set(orders[1]) and not set(orders[1]) & set(orders[2])
-    assert shards[0].order(0) == packing.ShardedBatches(rows, 4, 0, 3, 1, 0, False).order(0)  # deterministic
-    assert shards[0].order(1) != shards[0].order(0)
+    taken = [sum(_ids(s), []) for s in shards]
+    assert len({len(t) for t in taken}) == 1 and len(shards[0]) == 34 // 4
+    assert not set(taken[0]) & set(taken[1]) and not set(taken[1]) & set(taken[2])
+    assert _ids(shards[0]) == _ids(packing.ShardedBatches(rows, 4, 0, 3, 1, 0, False))  # deterministic
+    assert _ids(shards[0], epoch=1) != _ids(shards[0])
 
 
 def test_resumed_epoch_yields_the_remaining_batches_unchanged():
     rows = [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(40)]
     s = packing.ShardedBatches(rows, 2, 0, 2, seed=3, pad_id=0, packed=False)
     full = [b["input_ids"].tolist() for b in s.epoch(1)]
-    assert [b["input_ids"].tolist() for b in s.epoch(1, start_batch=4)] == full[4:]
+    assert [b["input_ids"].tolist() for b in s.epoch(1, start_row=4 * s.rows_per_micro_step)] == full[4:]
+
+
+def test_an_epoch_resumed_on_another_worker_count_sees_every_row_once_in_the_same_global_batches():
+    """Two workers (micro batch 2, accumulation 2) train 3 optimizer steps; the rest of the epoch runs on one worker
+    (accumulation 4, the same global batch of 8 rows) from the rows taken so far: every row of the epoch once, and
+    each optimizer step the rows an uninterrupted two-worker run would have given it."""
+    rows = [{"input_ids": [i], "labels": [i]} for i in range(70)]
+
+    def steps(world, accumulation, start_row=0, limit=None):
+        """The rows of each optimizer step, over all workers."""
+        shards = [packing.ShardedBatches(rows, 2, r, world, 5, 0, False, accumulation=accumulation)
+                  for r in range(world)]
+        per_rank = [_ids(s, 0, start_row) for s in shards]
+        micro = [sum((per_rank[r][i] for r in range(world)), []) for i in range(len(per_rank[0]))]
+        out = [sorted(sum(micro[i:i + accumulation], [])) for i in range(0, len(micro), accumulation)]
+        return out[:limit]
+
+    uninterrupted = steps(2, 2)
+    first = steps(2, 2, limit=3)
+    rest = steps(1, 4, start_row=3 * 8)
+    assert first + rest == uninterrupted and len(uninterrupted) == 70 // 8
+    seen = sum(first + rest, [])
+    assert len(seen) == len(set(seen)) == 64  # 8 whole global batches; the 6 rows over wait for the next epoch
 
 
 def test_batches_per_epoch_are_whole_accumulation_groups():

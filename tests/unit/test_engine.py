@@ -68,11 +68,12 @@ def test_schedule_warms_up_then_decays_to_the_floor(name):
 
 def test_total_steps_from_epochs_or_max_steps():
     cfg = C.load(None, ["training.epochs=3", "training.gradient_accumulation_steps=4"])
-    assert optim.total_optimizer_steps(cfg, batches_per_epoch=40) == 30
+    assert optim.total_optimizer_steps(cfg, tiny.plan_for(cfg), batches_per_epoch=40) == 30
     cfg = C.load(None, ["training.max_steps=7"])
-    assert optim.total_optimizer_steps(cfg, batches_per_epoch=2) == 7
+    assert optim.total_optimizer_steps(cfg, tiny.plan_for(cfg), batches_per_epoch=2) == 7
+    cfg = C.load(None, ["training.gradient_accumulation_steps=8"])
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        optim.total_optimizer_steps(C.load(None, ["training.gradient_accumulation_steps=8"]), 4)
+        optim.total_optimizer_steps(cfg, tiny.plan_for(cfg), 4)
 
 
 def test_flops_per_token_full_is_6n_and_lora_about_4n():

@@ -175,3 +175,17 @@ def test_deepspeed_still_drops_frozen_parameters_by_named_parameters_which_skips
 
     source = inspect.getsource(DeepSpeedEngine.module_state_dict)
     assert "self.module.named_parameters()" in source and "remove_duplicate=False" not in source
+
+
+def test_a_compiled_module_and_a_models_attention_are_where_the_patches_read_them(tiny_model):
+    import torch
+
+    from ftcluster import config as C
+    from tests import tiny
+
+    layer = torch.nn.Linear(2, 2)
+    assert not patches.is_compiled(layer)
+    layer.compile(backend="eager")
+    assert patches.is_compiled(layer)
+    model = tiny.base_for(C.load(None, [f"model.name_or_path={tiny_model}", "model.attn_implementation=eager"]))
+    assert patches.attention_of(model.config) == "eager"
