@@ -56,10 +56,11 @@ ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
 
 
-def run_of(cfg: C.RunConfig, commit: str) -> Run:
-    """The estimator's view of a run measured at ``commit``: its plan on a GPU with Liger installed (as the GPU
-    host has had it for every run), told which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket size its code had."""
-    planned = plan.make(cfg, Hardware.gpu(liger_installed=True), read_data=False)
+def run_of(cfg: C.RunConfig, commit: str, liger: bool = True) -> Run:
+    """The estimator's view of a run measured at ``commit``: its plan on a GPU with Liger installed or not as the
+    host had it (its report's versions), told which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket size its code
+    had."""
+    planned = plan.make(cfg, Hardware.gpu(liger_installed=liger), read_data=False)
     current = since(CHUNKED_LOSS_SINCE, commit)
     layer_shards = planned.frozen_base == "layer-shards"
     run = plan.estimator_run(
@@ -103,6 +104,12 @@ def config_of(command: str | list[str], commit: str | None = None) -> C.RunConfi
     return C.from_dict(C.apply_overrides(raw, overrides), recipe)
 
 
+def _had_liger(prov: dict) -> bool:
+    """Whether the host of a report had liger-kernel: reports made before versions named it always ran with it."""
+    versions = prov.get("versions", {})
+    return "liger-kernel" not in versions or versions["liger-kernel"] is not None
+
+
 def since(ancestor: str, commit: str) -> bool:
     """Whether ``commit`` has ``ancestor``'s change. Where git cannot tell (the GPU host has no history; exit 128),
     the commit is taken to be a recent one: a report made there is rendered by the code of its commit."""
@@ -131,7 +138,8 @@ def rows() -> list[dict]:
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
                 "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
-                "shape": recorded_shape(cfg.model.name_or_path), "run": asdict(run_of(cfg, prov["git_commit"])),
+                "shape": recorded_shape(cfg.model.name_or_path),
+                "run": asdict(run_of(cfg, prov["git_commit"], liger=_had_liger(prov))),
                 "measured_gib": {"allocated": m.peak_allocated_gib, "reserved": m.peak_reserved_gib,
                                  "device": m.peak_device_used_gib},
             })
