@@ -15,8 +15,8 @@ import torch
 
 from ftcluster import built, checkpoint, deepspeed_setup, engine, metrics, models, optim, patches, sources, \
     stop, tracking
-from ftcluster.data import packing, prepare
 from ftcluster.config import RunConfig
+from ftcluster.data import packing, prepare
 from ftcluster.plan import Plan
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 

@@ -59,3 +59,18 @@ def test_docs_results_and_the_readme_table_are_generated_from_the_committed_repo
     readme = results.README.read_text()
     assert results.readme(readme) == readme
     assert readme.count("| 7B QLoRA |") == 1 and "[1× H100](reports/llama-7b/2026-11-28-1xh100-peers/report.md)" in readme
+
+
+def test_the_harness_shows_the_trainers_phases_as_they_end():
+    """make compare was silent for minutes at a time: the trainer's phase lines (each says what it did and how long
+    it took) now reach the harness's console, without Ray's prefix; its other lines stay in the log."""
+    from benchmarks.compare import PHASE, _plain
+
+    shown = ["\x1b[36m(RayTrainWorker pid=14269)\x1b[0m data: 2.9 s, 224 rows of up to 128 tokens",
+             "checks: 0.3 s", "cluster: 7.1 s, started", "model: 0.3 s, 0.00B parameters", "engine: 2.2 s, ZeRO-2",
+             "first step: done 15.0 s after the command started", "memory: a CPU run"]
+    for line in shown:
+        assert PHASE.match(_plain(line)), line
+    assert _plain(shown[0]) == "data: 2.9 s, 224 rows of up to 128 tokens"
+    for line in ("trainable params: 1 || all params: 2", "  backend   ray", "{", '  "run_dir": "/tmp/x",'):
+        assert not PHASE.match(_plain(line)), line
