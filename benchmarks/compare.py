@@ -185,13 +185,18 @@ class Harness:
         return rec
 
     def config_hash(self, method: str, seed: int, extra: tuple[str, ...] = ()) -> str | None:
+        """The run's whole config, where it writes aside: a resumed harness reruns a run whose any setting changed
+        (speed and memory depend on what a run's identity leaves out, its micro batch and kernels)."""
+        import hashlib
+
         from ftcluster import config as C
 
         try:
-            return C.load(ROOT / self.suite.recipe, [*self.overrides(method), *extra,
-                                                     f"training.seed={seed}"]).fingerprint()
+            cfg = C.load(ROOT / self.suite.recipe, [*self.overrides(method), *extra, f"training.seed={seed}"])
         except C.ConfigError:
             return None
+        body = json.dumps(cfg.model_dump(mode="json", exclude={"output"}), sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
         """One training run of ``method`` (``extra`` overrides go last; ``name`` tells runs of one method apart)."""

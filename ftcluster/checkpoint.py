@@ -25,6 +25,7 @@ import torch
 
 from ftcluster import patches
 from ftcluster.config import RunConfig, save_resolved
+from ftcluster.plan import Resume
 from ftcluster.records import CheckpointKind, Progress
 
 TAG = "state"
@@ -56,6 +57,62 @@ def latest(run_dir: Path) -> Path | None:
     """The checkpoint of the latest step in the run directory (what a resumed run restores), or None."""
     found = saved(run_dir) if Path(run_dir).is_dir() else []
     return found[-1] if found else None
+
+
+def progress_of(directory: Path) -> dict:
+    """A checkpoint's progress.json, as written."""
+    return json.loads((Path(directory) / "progress.json").read_text())
+
+
+def resume_of(run_dir: Path) -> Resume | None:
+    """The run directory's latest checkpoint, as the plan of a resumed run takes it, or None."""
+    found = latest(run_dir)
+    if found is None:
+        return None
+    p = progress_of(found)
+    return Resume(checkpoint=str(found), step=p.get("step", 0), workers=p.get("workers") or None,
+                  global_batch=p.get("global_batch") or None)
+
+
+UNIVERSAL = "universal"
+
+
+def to_universal(directory: Path) -> Path:
+    """The checkpoint's DeepSpeed state as a universal checkpoint (``deepspeed.checkpoint.ds_to_universal``): every
+    parameter's weights and optimizer state whole, from which any number of workers takes its own partitions. Made
+    once, beside the checkpoint's own state, under a temporary name renamed into place. Returns the directory to
+    load from."""
+    import argparse
+    import os
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = Path(directory) / UNIVERSAL
+    if (out / "latest_universal").is_file():
+        return out
+    partial = Path(directory) / f".{UNIVERSAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(Path(directory) / "deepspeed" / TAG), output_folder=str(partial / TAG),
+                              num_extract_workers=max(1, min(4, os.cpu_count() or 1)), num_merge_workers=1,
+                              keep_temp_folder=False, strict=True,
+                              # A model that names no tensor-parallel layout (every Hugging Face one here) says nothing of
+                              # it: the converter records that it has none.
+                              inject_missing_state=True)
+    try:
+        ds_to_universal.main(args)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    (partial / "latest_universal").write_text(TAG)
+    partial.rename(out)
+    return out
+
+
+def universal_for(directory: Path) -> None:
+    """:func:`to_universal` made by the first worker while the others wait (all call it)."""
+    if _rank() == 0:
+        to_universal(directory)
+    _barrier()
 
 
 def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
@@ -159,12 +216,13 @@ def save(engine, cfg: RunConfig, progress: Progress, directory: Path, kind: Chec
         save_hf(engine, cfg, directory / "hf", tokenizer)
 
 
-def restore(engine, cfg: RunConfig, directory: Path) -> Progress:
-    """Load engine state, RNG and progress from a checkpoint directory; training continues at the saved step."""
+def restore(engine, cfg: RunConfig, directory: Path, universal: bool = False) -> Progress:
+    """Load engine state, RNG and progress from a checkpoint directory; training continues at the saved step.
+    ``universal``: from its universal form (:func:`to_universal`), which the engine was configured to load."""
     directory = Path(directory)
     # Adapters were saved without the frozen base, so the module state is loaded non-strictly; the base is
     # already in place from the model builder (peft#746).
-    _, client = engine.load_checkpoint(str(directory / "deepspeed"), tag=TAG,
+    _, client = engine.load_checkpoint(str(directory / (UNIVERSAL if universal else "deepspeed")), tag=TAG,
                                        load_module_strict=not cfg.trains_adapter)
     if client is None:
         raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state for this run (different ZeRO layout?)")

@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, replace
 
 from ftcluster import config as C
-from ftcluster import estimate, hardware, plan as P
+from ftcluster import checkpoint, estimate, hardware, plan as P
 from ftcluster.presets import PRESETS
 
 ESTIMATE_EPILOG = """examples:
@@ -56,7 +56,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         cfg = C.load(a.config, a.overrides)
         budget = gpu_budget_gib(a.gpu_memory) if a.gpu_memory else None
         hw = _hardware(cfg, a.device, budget)
-        planned = P.make(cfg, hw)
+        planned = P.make(cfg, hw, resume=checkpoint.resume_of(cfg.run_dir))
         if a.diff:
             other = C.load(a.config, [*a.overrides, *a.diff])
             changed = P.changes(planned, P.make(other, _hardware(other, a.device, budget)))

@@ -384,17 +384,31 @@ class RunConfig(Section):
     def run_dir(self) -> Path:
         return Path(self.output.storage_path).expanduser().resolve() / self.run_name
 
+    def identity(self) -> dict:
+        """Everything that changes what is trained: not where it goes, how it is launched, tracked or sized, nor the
+        kernels, compilation and activation placement, which change speed and memory but not the result, nor how
+        a step's rows are split into micro batches (the global batch a resumed run keeps is its plan's)."""
+        return self.model_dump(mode="json", exclude={
+            "output": True, "ray": True, "scaling": True, "resources": True, "tracking": True,
+            "model": {"liger_kernel", "fused_loss_chunk_scale", "compile", "activation_offloading"},
+            "quantization": {"keep_recomputed_weights"}, "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"},
+            "training": {"micro_batch_size", "gradient_accumulation_steps"}})
+
     def fingerprint(self) -> str:
-        """A short hash of everything that changes what is trained: not where it goes, how it is launched, tracked
-        or sized, nor the kernels, compilation and activation placement, which change speed and memory but not the
-        result."""
-        body = self.model_dump(mode="json", exclude={"output": True, "ray": True, "scaling": True, "resources": True,
-                                                     "tracking": True,
-                                                     "model": {"liger_kernel", "fused_loss_chunk_scale", "compile",
-                                                               "activation_offloading"},
-                                                     "quantization": {"keep_recomputed_weights"},
-                                                     "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"}})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of :meth:`identity`."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """The fields of :meth:`identity` whose values differ from ``other``'s, as ``section.key: ours (theirs)``."""
+        def flat(d: dict, prefix: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+            return out
+
+        ours, theirs = flat(self.identity()), flat(other.identity())
+        return [f"{k}: {ours.get(k)!r} (the run's: {theirs.get(k)!r})" for k in sorted(ours.keys() | theirs.keys())
+                if ours.get(k) != theirs.get(k)]
 
 
 def layers_clash(cfg: "RunConfig") -> str | None:

@@ -32,8 +32,9 @@ def _user_config(cfg: RunConfig) -> dict:
     return user
 
 
-def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it."""
+def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON for this run; ``deepspeed.config_file`` and then ``deepspeed.overrides`` win over it.
+    ``load_universal``: the engine resumes from a universal checkpoint (``checkpoint.to_universal``)."""
     t, d = cfg.training, cfg.deepspeed
     stage = plan.zero_stage
     zero: dict = {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": True}
@@ -82,6 +83,7 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     if d.offload_optimizer == "cpu":
         o = cfg.optimizer

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from ftcluster import backends, hardware, preflight, records, run_dir as rundir, stop
+from ftcluster import backends, checkpoint, hardware, preflight, records, run_dir as rundir, stop
 from ftcluster import plan as P
 from ftcluster.config import RunConfig
 from ftcluster.progress import ProgressLog
@@ -31,7 +31,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
               "output.name.", flush=True)
         return done
     hw = hardware.here(cfg)
-    plan = P.make(cfg, hw)
+    resume = checkpoint.resume_of(cfg.run_dir)
+    plan = P.make(cfg, hw, resume=resume)
     inputs = preflight.check_inputs(cfg, plan)
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
@@ -40,7 +41,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     backend = backends.of(plan)
     started_on = backend.start(cfg, hw)
     if started_on != hw:  # a Ray cluster's GPUs: the same decisions, made with the hardware the workers have
-        hw, plan = started_on, P.make(cfg, started_on)
+        hw, plan = started_on, P.make(cfg, started_on, resume=resume)
         fit = preflight.check_fit(cfg, plan, hw, force)
     print(plan.describe(), flush=True)
     print(fit, flush=True)

@@ -36,6 +36,16 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """The run directory's latest checkpoint, as a resumed run finds it."""
+    checkpoint: str
+    step: int
+    workers: int | None
+    """How many workers saved it (None: a checkpoint of an earlier version, which did not say)."""
+    global_batch: int | None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Every decision of one run. ``reasons`` holds a one-line reason for each field above it."""
     backend: str
@@ -80,6 +90,8 @@ class Plan:
     memory_gib: float | None
     """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
     model."""
+    resume_from: str | None = None
+    """The checkpoint the run continues from (the run directory's latest), or None."""
     model_type: str = ""
     layers: int | None = None
     reasons: dict = field(default_factory=dict)
@@ -349,20 +361,61 @@ def streaming(d: DataConfig, read_data: bool = True) -> tuple[bool, str]:
                    + f" {reading.STREAM_ABOVE / 2**30:.0f} GiB")
 
 
-def _batch(cfg: RunConfig) -> tuple[int, str]:
+def accumulation_for(global_batch: int, micro_batch: int, workers: int) -> int:
+    """The gradient accumulation that makes ``global_batch`` rows a step from ``workers`` workers' micro batches of
+    ``micro_batch`` rows; ``ConfigError``, naming the worker counts and micro batches that can, where none does."""
+    per_step = micro_batch * workers
+    if global_batch % per_step == 0:
+        return global_batch // per_step
+    can = [n for n in range(1, global_batch + 1) if global_batch % (micro_batch * n) == 0]
+    micro = [m for m in range(1, global_batch + 1) if global_batch % (m * workers) == 0]
+    raise ConfigError(
+        f"scaling.num_workers={workers} with training.micro_batch_size={micro_batch} cannot keep the run's global "
+        f"batch of {global_batch} rows a step (the resumed checkpoint's): use scaling.num_workers in "
+        f"{can or '(none)'}, or training.micro_batch_size in {micro or '(none)'} with {workers} workers")
+
+
+def _batch(cfg: RunConfig, resume: Resume | None) -> tuple[int, int, str, str]:
+    """(global batch, accumulation, and a reason for each): the config's, or, for a resumed run, the checkpoint's
+    global batch with the accumulation that keeps it on this run's workers."""
     t, n = cfg.training, cfg.scaling.num_workers
-    g = t.micro_batch_size * t.gradient_accumulation_steps * n
-    return g, (f"training.micro_batch_size={t.micro_batch_size} x gradient_accumulation_steps="
-               f"{t.gradient_accumulation_steps} x {n} worker(s), rows of up to {cfg.data.max_seq_len} tokens")
+    asked = t.micro_batch_size * t.gradient_accumulation_steps * n
+    split = (f"training.micro_batch_size={t.micro_batch_size} x gradient_accumulation_steps="
+             f"{t.gradient_accumulation_steps} x {n} worker(s), rows of up to {cfg.data.max_seq_len} tokens")
+    if resume is None or not resume.global_batch or resume.global_batch == asked:
+        return asked, t.gradient_accumulation_steps, split, "training.gradient_accumulation_steps"
+    acc = accumulation_for(resume.global_batch, t.micro_batch_size, n)
+    return (resume.global_batch, acc, f"the resumed checkpoint's, kept (saved on {resume.workers} worker(s))",
+            f"{acc} micro batches of {t.micro_batch_size} on {n} worker(s) keep the checkpoint's global batch of "
+            f"{resume.global_batch} rows (training.gradient_accumulation_steps={t.gradient_accumulation_steps} would "
+            f"make {asked})")
+
+
+def reshards(saved_workers: int | None, workers: int, zero_stage: int) -> bool:
+    """Whether a checkpoint saved on ``saved_workers`` loads on ``workers`` only through DeepSpeed's universal
+    checkpoint (``checkpoint.to_universal``): ZeRO-1-3 keep each worker's partition of the optimizer state (ZeRO-3
+    of the weights too), which another worker count partitions differently. ZeRO-0 keeps it whole on every worker,
+    and a checkpoint of an earlier version (which did not say its workers) is taken to have been saved by as many
+    as load it."""
+    return zero_stage > 0 and saved_workers is not None and saved_workers != workers
+
+
+def _resume(resume: Resume | None, workers: int, zero_stage: int) -> tuple[str | None, str]:
+    if resume is None:
+        return None, "no checkpoint in the run directory: training starts at step 1"
+    how = (f"saved on {resume.workers} worker(s), converted once to DeepSpeed's universal checkpoint for {workers}"
+           if reshards(resume.workers, workers, zero_stage) else f"saved on {resume.workers or workers} worker(s)")
+    return resume.checkpoint, f"the run directory's latest checkpoint: step {resume.step}, {how}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_data: bool = True) -> Plan:
+def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_data: bool = True,
+         resume: Resume | None = None) -> Plan:
     """The plan of ``cfg`` on ``hw``. Refuses (``ConfigError``, naming the field) what cannot run there: a setting
     forced ``on`` where it cannot apply, more checkpointed layers than the model has. ``read_data=False`` leaves the
     data source unread (the memory estimate does not depend on it): ``data.streaming=auto`` is then not decided by
-    its size."""
+    its size. ``resume``: the run directory's latest checkpoint, whose global batch a resumed run keeps."""
     arch = arch or architecture(cfg)
     backend, backend_why = _backend(cfg, hw)
     stage, frozen, stage_why, frozen_why = _zero(cfg)
@@ -376,15 +429,17 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     masters, clips, masters_why, clips_why = _masters(cfg, stage)
     storage, storage_why = _quant_storage(cfg)
     streams, streams_why = streaming(cfg.data, read_data)
-    global_batch, batch_why = _batch(cfg)
+    global_batch, accumulation, batch_why, accumulation_why = _batch(cfg, resume)
+    resume_from, resume_why = _resume(resume, cfg.scaling.num_workers, stage)
     t = cfg.training
     plan = Plan(
         backend=backend, device=hw.device, workers=cfg.scaling.num_workers, zero_stage=stage, frozen_base=frozen,
         compile=compiled, liger_layers=liger_layers, loss=loss, attention=attention, checkpointed_layers=ckpt,
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
-        streaming=streams, micro_batch=t.micro_batch_size, accumulation=t.gradient_accumulation_steps,
-        global_batch=global_batch, memory_gib=None, model_type=arch.model_type, layers=arch.layers,
+        streaming=streams, micro_batch=t.micro_batch_size, accumulation=accumulation,
+        global_batch=global_batch, memory_gib=None, resume_from=resume_from, model_type=arch.model_type,
+        layers=arch.layers,
         reasons={
             "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
             "zero_stage": stage_why, "frozen_base": frozen_why, "compile": compile_why, "liger_layers": liger_why,
@@ -396,7 +451,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
                                if recompute else "nothing compiled holds a 4-bit weight"),
             "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
             "quant_storage": storage_why, "streaming": streams_why, "micro_batch": "training.micro_batch_size",
-            "accumulation": "training.gradient_accumulation_steps", "global_batch": batch_why,
+            "accumulation": accumulation_why, "global_batch": batch_why, "resume_from": resume_why,
         })
     memory, memory_why = _memory(cfg, plan, arch, hw)
     return replace(plan, memory_gib=memory, reasons={**plan.reasons, "memory_gib": memory_why})

@@ -52,13 +52,14 @@ def _same_run(cfg: RunConfig) -> None:
         return
     old = yaml.safe_load(record.read_text()) or {}
     try:
-        old_fp = from_dict(old, str(record)).fingerprint()
+        differences = cfg.differences(from_dict(old, str(record)))
     except ConfigError:
-        old_fp = None
-    if old_fp != cfg.fingerprint():
+        differences = ["its config.yaml no longer validates"]
+    if differences:
         raise ConfigError(
-            f"output.name: {cfg.run_dir} already holds a run with a different config (see {record}). Choose "
-            "another output.name (or output.storage_path); to resume that run, use its config unchanged."
+            f"output.name: {cfg.run_dir} already holds a run with a different config (see {record}): "
+            f"{'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}. To resume that run, set these "
+            "back; to start another, choose another output.name (or output.storage_path)."
         )
 
 

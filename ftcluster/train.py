@@ -74,9 +74,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = C.load(args.config, args.overrides)
         if args.print_config:
-            from ftcluster import hardware, plan
+            from ftcluster import checkpoint, hardware, plan
 
-            print(json.dumps(plan.resolved_config(cfg, plan.make(cfg, hardware.here(cfg))), indent=2))
+            planned = plan.make(cfg, hardware.here(cfg), resume=checkpoint.resume_of(cfg.run_dir))
+            print(json.dumps(plan.resolved_config(cfg, planned), indent=2))
             return 0
         if note := bytecode_note():
             print(note, flush=True)

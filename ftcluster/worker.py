@@ -17,7 +17,7 @@ from ftcluster import built, checkpoint, deepspeed_setup, engine, metrics, model
     stop, tracking
 from ftcluster.config import RunConfig
 from ftcluster.data import packing, prepare
-from ftcluster.plan import Plan
+from ftcluster.plan import Plan, reshards
 from ftcluster.records import CheckpointKind, Progress, WorkerRecord
 
 
@@ -86,10 +86,11 @@ class Phases:
 
 
 def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
-          inputs=None) -> tuple[engine.Loop, object]:
+          inputs=None, load_universal: bool = False) -> tuple[engine.Loop, object]:
     """Everything a worker needs before its first step, in order: data, model, DeepSpeed engine. ``inputs``: the
-    driver's checked tokenizer and rows (preflight.Inputs), for a worker in its process. Returns the loop's state
-    and the tokenizer (saved beside final models)."""
+    driver's checked tokenizer and rows (preflight.Inputs), for a worker in its process; ``load_universal``: the
+    engine will resume from a universal checkpoint. Returns the loop's state and the tokenizer (saved beside final
+    models)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         use_expandable_segments()
@@ -120,7 +121,7 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
     phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
                         f"batches per worker, {len(eval_rows):,} eval rows; {where}")
 
-    ds_config = deepspeed_setup.deepspeed_config(cfg, plan, world)
+    ds_config = deepspeed_setup.deepspeed_config(cfg, plan, world, load_universal)
     partition = deepspeed_setup.zero3_partition(plan, ds_config)
     if partition is not None:
         communicator.join()  # a ZeRO-3 build partitions the model with collectives
@@ -160,14 +161,19 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
     """Set up, resume from the run directory's latest checkpoint, train, and report every logging, evaluation and
     checkpoint step to ``reporter``."""
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
-    loop, tokenizer = setup(cfg, plan, rank, world, device, inputs)
+    latest = checkpoint.latest(cfg.run_dir)
+    saved_on = (checkpoint.progress_of(latest).get("workers") or None) if latest is not None else None
+    universal = reshards(saved_on, world, plan.zero_stage)
+    loop, tokenizer = setup(cfg, plan, rank, world, device, inputs, load_universal=universal)
     loop.record.node_id = reporter.node_id
     progress = Progress()
-    latest = checkpoint.latest(cfg.run_dir)
     if latest is not None:
-        progress = checkpoint.restore(loop.engine, cfg, latest)
+        if universal:
+            checkpoint.universal_for(latest)
+        progress = checkpoint.restore(loop.engine, cfg, latest, universal)
         if rank == 0:
-            print(f"resumed from {latest} at step {progress.step}", flush=True)
+            print(f"resumed from step {progress.step} on {world} workers (saved on {saved_on or world}): {latest}",
+                  flush=True)
     progress.workers, progress.global_batch = world, plan.micro_batch * plan.accumulation * world
     metrics.reset_peaks(device)
     trackers = tracking.Trackers(cfg, rank)

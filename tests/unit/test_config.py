@@ -105,6 +105,25 @@ def test_a_run_directory_holding_another_run_is_never_reused(tmp_path):
     assert C.load(tmp_path / "r" / "config.yaml").optimizer.lr == cfg.optimizer.lr
 
 
+@pytest.mark.parametrize("change, named", [
+    (["model.name_or_path=HuggingFaceTB/SmolLM2-360M"], r"model.name_or_path: 'HuggingFaceTB/SmolLM2-360M'"),
+    (["method=qlora"], r"method: 'qlora' \(the run's: 'lora'\)"),
+    (["lora.r=64"], r"lora.r: 64 \(the run's: 16\)"),
+])
+def test_resuming_with_a_changed_model_method_or_lora_shape_is_refused_naming_the_field(tmp_path, change, named):
+    base = [f"output.storage_path={tmp_path}", "output.name=r", "method=lora", "lora.r=16"]
+    prepare_run_dir(C.load(None, base))
+    with pytest.raises(C.ConfigError, match=named + r".*To resume that run, set these back"):
+        prepare_run_dir(C.load(None, [*base, *change]))
+
+
+def test_a_resumed_run_may_change_its_workers_and_how_a_step_is_split():
+    """Worker count, micro batch and accumulation are the plan's to reconcile with the checkpoint's global batch."""
+    a = C.load(None, ["scaling.num_workers=2", "training.micro_batch_size=4", "training.gradient_accumulation_steps=2"])
+    b = C.load(None, ["scaling.num_workers=1", "training.micro_batch_size=2", "training.gradient_accumulation_steps=8"])
+    assert a.differences(b) == [] and a.fingerprint() == b.fingerprint()
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = C.load(None, ["method=qlora", "lora.r=4"])
     C.save_resolved(cfg, tmp_path / "c.yaml")
