@@ -77,11 +77,13 @@ def resume_of(run_dir: Path) -> Resume | None:
 UNIVERSAL = "universal"
 
 
-def to_universal(directory: Path) -> Path:
+def to_universal(directory: Path, optimizer: str = "adamw") -> Path:
     """The checkpoint's DeepSpeed state as a universal checkpoint (``deepspeed.checkpoint.ds_to_universal``): every
     parameter's weights and optimizer state whole, from which any number of workers takes its own partitions. Made
-    once, beside the checkpoint's own state, under a temporary name renamed into place. Returns the directory to
-    load from."""
+    once, beside the checkpoint's own state, under a temporary name renamed into place. ``optimizer``: the run's
+    ``optimizer.name``; a bitsandbytes optimizer's states are handed to the converter as the AdamW moments they
+    stand for (``patches.bnb_state_as_adam``), since 8-bit blocks cut at one worker count's partitions do not
+    fit another's. Returns the directory to load from."""
     import argparse
     import os
 
@@ -92,26 +94,46 @@ def to_universal(directory: Path) -> Path:
         return out
     partial = Path(directory) / f".{UNIVERSAL}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(Path(directory) / "deepspeed" / TAG), output_folder=str(partial / TAG),
-                              num_extract_workers=max(1, min(4, os.cpu_count() or 1)), num_merge_workers=1,
-                              keep_temp_folder=False, strict=True,
-                              # A model that names no tensor-parallel layout (every Hugging Face one here) says nothing of
-                              # it: the converter records that it has none.
-                              inject_missing_state=True)
+    source = Path(directory) / "deepspeed" / TAG
     try:
+        if optimizer != "adamw":
+            source = _as_adam(source, partial / "adam")
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(partial / TAG),
+                                  num_extract_workers=max(1, min(4, os.cpu_count() or 1)), num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True,
+                                  # A model that names no tensor-parallel layout (every Hugging Face one here) says
+                                  # nothing of it: the converter records that it has none.
+                                  inject_missing_state=True)
         ds_to_universal.main(args)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    shutil.rmtree(partial / "adam", ignore_errors=True)
     (partial / "latest_universal").write_text(TAG)
     partial.rename(out)
     return out
 
 
-def universal_for(directory: Path) -> None:
+def _as_adam(source: Path, into: Path) -> Path:
+    """A copy of DeepSpeed's state in ``source`` whose optimizer files hold AdamW moments
+    (``patches.bnb_state_as_adam``); the model files are linked, not copied."""
+    into.mkdir(parents=True)
+    for f in source.iterdir():
+        if not f.name.endswith("optim_states.pt"):
+            (into / f.name).symlink_to(f.resolve())
+            continue
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        outer = sd["optimizer_state_dict"]
+        base = outer.get("base_optimizer_state") or outer["optimizer_state_dict"]  # ZeRO-1/2, ZeRO-3
+        base["state"] = {k: patches.bnb_state_as_adam(v) for k, v in base["state"].items()}
+        torch.save(sd, into / f.name)
+    return into
+
+
+def universal_for(directory: Path, optimizer: str = "adamw") -> None:
     """:func:`to_universal` made by the first worker while the others wait (all call it)."""
     if _rank() == 0:
-        to_universal(directory)
+        to_universal(directory, optimizer)
     _barrier()
 
 
@@ -226,6 +248,8 @@ def restore(engine, cfg: RunConfig, directory: Path, universal: bool = False) ->
                                        load_module_strict=not cfg.trains_adapter)
     if client is None:
         raise RuntimeError(f"checkpoint {directory} holds no DeepSpeed state for this run (different ZeRO layout?)")
+    if universal and cfg.optimizer.name != "adamw":
+        patches.bnb_state_from_adam(engine.optimizer.optimizer)
     _restore_rng(directory / "rng" / f"rank{_rank()}")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return Progress.from_json(json.loads((directory / "progress.json").read_text()), cfg.training.micro_batch_size,

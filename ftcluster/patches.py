@@ -65,6 +65,11 @@ PATCHES = (
           "Ray core logs an error-level notice for Ray Train's PreemptionWatcher actor in every run"),
     Patch("quiet_library_notices", "deepspeed", ">=0.19,<0.20",
           "DeepSpeed warns at import, in every CPU process, that it set its accelerator to CPU"),
+    Patch("bnb_state_as_adam", "bitsandbytes", ">=0.48,<0.51",
+          "bitsandbytes' Adam keeps its moments as state1/state2 (8-bit: blocks of 256 scaled by absmax1/2 through "
+          "qmap1/2), under a wrapper key in its state_dict; DeepSpeed's universal checkpoint reads exp_avg/exp_avg_sq"),
+    Patch("bnb_state_from_adam", "bitsandbytes", ">=0.48,<0.51",
+          "the inverse: Optimizer2State.init_state lays out a parameter's state, quantize_blockwise fills it"),
 )
 
 
@@ -331,3 +336,59 @@ def zero3_full_state_dict(engine) -> dict | None:
     """The 16-bit model's state dict gathered from ZeRO-3's partitions, a module at a time (on rank 0; None on the
     others)."""
     return engine._zero3_consolidated_16bit_state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bitsandbytes optimizer state through DeepSpeed's universal checkpoint
+
+_BNB_BLOCK = 256  # the block of bitsandbytes' blockwise 8-bit optimizer states (Optimizer2State.init_state)
+
+
+def bnb_state_as_adam(state: dict) -> dict:
+    """One flat parameter's bitsandbytes Adam state, as its ``state_dict`` saves it, in torch AdamW's terms:
+    float32 ``exp_avg`` and ``exp_avg_sq`` (dequantized from 8-bit blocks, or the 32-bit ones as they are) beside
+    ``step``, which is what DeepSpeed's universal checkpoint converter cuts into each parameter's state. A state
+    already in those terms is returned as it is."""
+    import torch
+
+    from bitsandbytes import functional as F
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+
+    quant = {**state.get(Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY, {}),
+             **{k: v for k, v in state.items() if k.startswith(("state", "absmax", "qmap"))}}
+    if "state1" not in quant:
+        return state
+    out = {k: v for k, v in state.items() if k == "step"}
+    for moment, i in (("exp_avg", 1), ("exp_avg_sq", 2)):
+        q = quant[f"state{i}"]
+        out[moment] = (q.float() if q.dtype != torch.uint8 else
+                       F.dequantize_blockwise(q, absmax=quant[f"absmax{i}"], code=quant[f"qmap{i}"],
+                                              blocksize=_BNB_BLOCK).float())
+    return out
+
+
+def bnb_state_from_adam(optimizer) -> None:
+    """The inverse of :func:`bnb_state_as_adam` on a live bitsandbytes optimizer, after DeepSpeed loaded a
+    universal checkpoint into it as AdamW moments: each parameter's state is laid out anew by the optimizer itself
+    (8-bit blocks of this run's partition, or 32-bit for a small one) and the moments quantized into it."""
+    import torch
+
+    from bitsandbytes import functional as F
+
+    for gindex, group in enumerate(optimizer.param_groups):
+        for pindex, p in enumerate(group["params"]):
+            state = optimizer.state.get(p)
+            if not state or "exp_avg" not in state:
+                continue
+            moments, step = (state.pop("exp_avg"), state.pop("exp_avg_sq")), state.get("step", 0)
+            state.clear()
+            optimizer.init_state(group, p, gindex, pindex)
+            state = optimizer.state[p]
+            state["step"] = int(step.item() if torch.is_tensor(step) else step)
+            for i, moment in enumerate(moments, start=1):
+                target = state[f"state{i}"]
+                if target.dtype == torch.uint8:
+                    F.quantize_blockwise(moment.to(p.device, torch.float32).contiguous(), code=state[f"qmap{i}"],
+                                         absmax=state[f"absmax{i}"], out=target, blocksize=_BNB_BLOCK)
+                else:
+                    target.copy_(moment)

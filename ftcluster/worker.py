@@ -169,7 +169,7 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
     progress = Progress()
     if latest is not None:
         if universal:
-            checkpoint.universal_for(latest)
+            checkpoint.universal_for(latest, cfg.optimizer.name)
         progress = checkpoint.restore(loop.engine, cfg, latest, universal)
         if rank == 0:
             print(f"resumed from step {progress.step} on {world} workers (saved on {saved_on or world}): {latest}",

@@ -1,6 +1,7 @@
 """A run saved on N workers resumes on M != N (2 -> 1 and 1 -> 2 gloo ranks on CPU), through the worker's own
 path (worker.run): full fine-tuning under ZeRO-0, ZeRO-2 and ZeRO-3, LoRA and QLoRA under ZeRO-2, QLoRA with its
-base in layer shards; all but ZeRO-0 partition the optimizer state by worker. The resumed run converts the checkpoint to DeepSpeed's universal checkpoint, keeps the
+base in layer shards and QLoRA with bitsandbytes' 8-bit paged AdamW; all but ZeRO-0 partition the optimizer state
+by worker. The resumed run converts the checkpoint to DeepSpeed's universal checkpoint, keeps the
 global batch (accumulation recomputed), continues the schedule and the data order, and its losses follow the
 uninterrupted run's; every parameter's optimizer state after the conversion is the one saved, tensor for tensor."""
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ftcluster import checkpoint, plan as P, worker
+from ftcluster import checkpoint, patches, plan as P, worker
 from ftcluster import config as C
 from ftcluster.cluster import free_port
 from ftcluster.hardware import Hardware
@@ -29,7 +30,11 @@ CASES = {
     "qlora": ["method=qlora", "deepspeed.zero_stage=2", "quantization.compute_dtype=float32"],
     # The base in layer shards on 2 workers, whole on 1; the adapters under ZeRO-2 on both.
     "qlora-layer-shards": ["method=qlora", "deepspeed.zero_stage=3", "quantization.compute_dtype=float32"],
+    # The recipes' QLoRA optimizer: moments in 8-bit blocks, which another worker count's partitions cut elsewhere.
+    "qlora-8bit": ["method=qlora", "deepspeed.zero_stage=2", "quantization.compute_dtype=float32",
+                   "optimizer.name=paged_adamw_8bit"],
 }
+EIGHT_BIT = {"qlora-8bit"}
 
 
 def _cfg(tiny_model, storage: str, case: str, workers: int, name: str, accumulation: int) -> C.RunConfig:
@@ -60,6 +65,14 @@ def _full_states(engine) -> dict:
         # groups have any: link them again, now that every group has stepped.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
+    if not isinstance(zero.optimizer, torch.optim.AdamW):  # bitsandbytes: its moments dequantized, as AdamW's
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            adam = patches.bnb_state_as_adam(zero.optimizer.state[flat])
+            for p in group:
+                if p._hp_mapping is not None:
+                    at = p._hp_mapping.hp_fragment_address
+                    p._hp_mapping.optim_fragment = {k: adam[k].narrow(0, at.start, at.numel)
+                                                    for k in ("exp_avg", "exp_avg_sq")}
     return {name: [safe_get_full_fp32_param(p).clone()] + [safe_get_full_optimizer_state(p, key).clone()
                                                             for key in ("exp_avg", "exp_avg_sq")]
             for name, p in engine.module.named_parameters() if p.requires_grad}
@@ -151,13 +164,24 @@ def test_a_checkpoint_saved_on_n_workers_resumes_on_m(runs, case, direction):
     assert resumed["universal"] is (case != "full-zero0")
     # The same command with only scaling.num_workers changed: the plan keeps the saved global batch of 2 rows.
     assert resumed["global_batch"] == whole["global_batch"] == 2 and resumed["accumulation"] == saved_on
-    # The optimizer state the resumed workers hold is the one saved, parameter by parameter, tensor for tensor.
+    # The optimizer state the resumed workers hold is the one saved, parameter by parameter, tensor for tensor;
+    # 8-bit moments, quantized again in blocks of the new partitions, to within the widest step of bitsandbytes'
+    # dynamic map (its signed one for the first moment, unsigned for the second) times the block's largest value.
     assert resumed["restored"].keys() == whole["saved"].keys() and whole["saved"]
-    for name, tensors in whole["saved"].items():
-        for saved, restored in zip(tensors, resumed["restored"][name]):
-            assert torch.equal(saved, restored), name
+    for name, (master, *moments) in whole["saved"].items():
+        restored_master, *restored_moments = resumed["restored"][name]
+        assert torch.equal(master, restored_master), name
+        for signed, saved, restored in zip((True, False), moments, restored_moments):
+            if case in EIGHT_BIT:
+                from bitsandbytes.functional import create_dynamic_map
+
+                widest = create_dynamic_map(signed=signed).sort().values.diff().max()
+                assert (saved - restored).abs().max() <= widest * saved.abs().max(), name
+            else:
+                assert torch.equal(saved, restored), name
     # It goes on from step 4 with the schedule and the rows the uninterrupted run took: the same losses up to the
-    # order of float32 sums over two workers or one (1e-4 of the loss here; a row out of place moved it 1e-2).
+    # order of float32 sums over two workers or one (1e-4 of the loss here; a row out of place moved it 1e-2). The
+    # 8-bit moments' rounding in new blocks stays inside it (1e-5 by step 6).
     steps = range(SAVE_AT + 1, STEPS + 1)
     assert sorted(resumed["losses"]) == list(steps)
     for step in steps:
