@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict) -> None:
 class OnRay:
     """Ray Train workers under a ``TorchTrainer`` on a Ray cluster: the one named, a running local one, or a new
     local one. Ray Train restarts a failed worker group (``ray.max_failures``); the restarted workers resume from
-    the run directory's latest checkpoint, as any resumed run does."""
+    the run directory's latest checkpoint, as any resumed run does. With scaling.min_workers the group is elastic:
+    restarted on the workers a lost node left, grown back at a checkpoint (patches.elastic_torch_trainer)."""
 
     def __init__(self):
         self.own_cluster = False
@@ -176,12 +177,17 @@ class OnRay:
 
         s, use_gpu = cfg.scaling, plan.device == "cuda"
         cfg = with_absolute_storage(cfg)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
+        # Elastic: Ray Train picks the count, from the fewest to the most the plan has an accumulation for.
+        workers = (min(plan.elastic), max(plan.elastic)) if plan.elastic else plan.workers
+        make = (lambda **kw: patches.elastic_torch_trainer(str(cfg.run_dir), **kw)) if plan.elastic \
+            else TorchTrainer
+        trainer = make(
+            train_loop_per_worker=train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_json()},
-            scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker=cluster.worker_bundle(cfg, use_gpu),
-                                         placement_strategy=s.placement_strategy),
+                                         placement_strategy=s.placement_strategy,
+                                         elastic_resize_monitor_interval_s=s.resize_check_s),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RayRunConfig(
                 name=cfg.run_name, storage_path=str(cfg.run_dir.parent),

@@ -53,10 +53,64 @@ def saved(run_dir: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+MANIFEST = "manifest.json"
+
+
+def _files(directory: Path) -> dict[str, int]:
+    """Every regular file under ``directory`` (links not followed), by relative path, with its size."""
+    return {str(f.relative_to(directory)): f.stat().st_size for f in sorted(Path(directory).rglob("*"))
+            if f.is_file() and not f.is_symlink()}
+
+
+def problem(directory: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing or not the size it was saved with, its progress
+    unreadable), or None. A checkpoint holds the manifest of its files (:func:`keep`); one of an earlier version,
+    without a manifest, is checked for its progress and DeepSpeed state only."""
+    directory = Path(directory)
+    try:
+        progress_of(directory)
+    except (OSError, ValueError) as e:
+        return f"its progress.json cannot be read ({type(e).__name__}: {e})"
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None if (directory / "deepspeed").is_dir() else "it holds no deepspeed/ state"
+    try:
+        expected = json.loads(manifest.read_text())
+    except ValueError as e:
+        return f"its {MANIFEST} cannot be read ({e})"
+    for rel, size in expected.items():
+        f = directory / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size:,} bytes, {size:,} when saved"
+    return None
+
+
 def latest(run_dir: Path) -> Path | None:
-    """The checkpoint of the latest step in the run directory (what a resumed run restores), or None."""
+    """The latest step's checkpoint in the run directory that can be resumed from (what a resumed run restores),
+    or None."""
     found = saved(run_dir) if Path(run_dir).is_dir() else []
-    return found[-1] if found else None
+    return next((d for d in reversed(found) if problem(d) is None), None)
+
+
+def set_aside_unusable(run_dir: Path) -> list[str]:
+    """Rename every checkpoint newer than the latest usable one, and unusable (:func:`problem`), to
+    ``<name>.unusable``, where neither a resume nor the keeping of the latest checkpoints counts it, and nothing of
+    it is deleted. Returns a line for each, saying why and what the run resumes from."""
+    found = saved(run_dir) if Path(run_dir).is_dir() else []
+    usable = latest(run_dir)
+    lines = []
+    for d in found:
+        if usable is not None and d.name <= usable.name:
+            continue
+        why = problem(d)
+        aside = d.with_name(f"{d.name}.unusable")
+        shutil.rmtree(aside, ignore_errors=True)
+        d.rename(aside)
+        lines.append(f"checkpoint {d.name} cannot be resumed from: {why}. Set aside as {aside.name}; the run "
+                     f"resumes from {usable.name if usable else 'step 0 (no earlier checkpoint)'}.")
+    return lines
 
 
 def progress_of(directory: Path) -> dict:
@@ -157,6 +211,7 @@ def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
         raise
     _barrier()
     if _rank() == 0:
+        (partial / MANIFEST).write_text(json.dumps(_files(partial), indent=1) + "\n")
         if final.exists():  # a step saved again (a stop checkpoint at the step a periodic one took)
             shutil.rmtree(final)
         partial.rename(final)

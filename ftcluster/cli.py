@@ -99,8 +99,8 @@ def estimate_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the optimizer steps the bf16 weights themselves (optimizer.master_weights)")
     p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--hub-checkpoint", action="store_true",
-                   help="the model loads from a hub id or GGUF file, not a local safetensors checkpoint")
+    p.add_argument("--loads-whole", action="store_true",
+                   help="the model loads from a GGUF file, not a safetensors checkpoint (local or a hub snapshot)")
     p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(estimate.GPUS_GIB)}): say whether it fits")
     p.add_argument("--json", action="store_true", help="print the terms as JSON")
     return p
@@ -151,8 +151,8 @@ def estimate_main(argv: list[str] | None = None) -> int:
     if shape is None:
         raise SystemExit(f"{cfg.model.name_or_path}: the estimator models Llama-style decoders only")
     run = P.estimator_run(cfg, planned)
-    if a.hub_checkpoint or not a.config:  # a preset name says nothing about where its weights would come from
-        run = replace(run, hub_checkpoint=a.hub_checkpoint)
+    if a.loads_whole or not a.config:  # a preset name says nothing about where its weights would come from
+        run = replace(run, loads_whole=a.loads_whole)
     if a.json:
         e = estimate.estimate(shape, run)
         print(json.dumps({"run": asdict(run), "terms_gib": {k: v / estimate.GiB for k, v in e.terms.items()},

@@ -96,14 +96,16 @@ def worker_bundle(cfg: RunConfig, use_gpu: bool) -> dict[str, float]:
 
 def check_cluster(cfg: RunConfig, use_gpu: bool, nodes: list[dict[str, float]]) -> str | None:
     """Why the cluster (each node's total resources) cannot hold the run's workers, or None. Ray would otherwise
-    retry starting the worker group for as long as it is let, a traceback a minute."""
-    bundle, n = worker_bundle(cfg, use_gpu), cfg.scaling.num_workers
+    retry starting the worker group for as long as it is let, a traceback a minute. An elastic run
+    (scaling.min_workers) starts on as few as min_workers, and grows when the cluster does."""
+    bundle, n = worker_bundle(cfg, use_gpu), cfg.scaling.min_workers or cfg.scaling.num_workers
     fields = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
     have = {k: sum(node.get(k, 0.0) for node in nodes) for k in bundle}
     for k, per in bundle.items():
         if per * n > have[k] + 1e-9:
             field = fields.get(k, f"scaling.resources_per_worker.{k}")
-            return (f"scaling.num_workers={n} x {field}={per:g} needs {per * n:g} {k}, and the Ray cluster has "
+            count = f"scaling.min_workers={n}" if cfg.scaling.min_workers else f"scaling.num_workers={n}"
+            return (f"{count} x {field}={per:g} needs {per * n:g} {k}, and the Ray cluster has "
                     f"{have[k]:g} over {len(nodes)} node(s); lower scaling.num_workers or {field}, or add nodes")
     fits = [node for node in nodes if all(node.get(k, 0.0) + 1e-9 >= per for k, per in bundle.items())]
     if not fits:

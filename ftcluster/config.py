@@ -32,6 +32,13 @@ class ModelConfig(Section):
     """A hub id, a local Hugging Face directory, a ``.gguf`` file, or ``embedded:smollm2-135m-instruct``."""
     tokenizer: str | None = None
     """Where the tokenizer lives when it is not next to the weights."""
+    revision: str | None = None
+    """For a hub id: the branch, tag or commit to train from (None: the hub's default branch). A commit keeps a
+    resumed run on the weights it started from."""
+    hub_cache: str | None = None
+    """For a hub id: the directory its snapshot is downloaded into, once, by the driver before any worker starts;
+    every worker loads it from there (partitioned under ZeRO-3), so it must be on storage every node sees. None:
+    huggingface_hub's cache where HF_HUB_CACHE or HF_HOME is set, else ``<output.storage_path>/.hub``."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """``auto``: PyTorch's varlen flash kernel for packed rows on CUDA (see ftcluster/attention.py), else sdpa."""
@@ -184,6 +191,13 @@ class DeepSpeedSection(Section):
 
 class ScalingSection(Section):
     num_workers: int = Field(1, gt=0)
+    min_workers: int | None = Field(None, gt=0)
+    """Set: the run goes on with as few as this many workers when a node is lost (Ray Train's elastic scaling,
+    restarting from the latest checkpoint), and grows back to ``num_workers`` at a checkpoint when the cluster
+    can hold them again. Needs ray.max_failures other than 0 (each loss is a restart). None: always
+    ``num_workers``."""
+    resize_check_s: float = Field(60.0, gt=0)
+    """With min_workers: seconds between Ray Train's checks for room to grow back to num_workers."""
     use_gpu: bool | None = None
     """None: use GPUs when the Ray cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -207,6 +221,9 @@ class TrainingConfig(Section):
     eval_batches: int | None = Field(None, gt=0)
     save_every: int = Field(0, ge=0)
     """Optimizer steps between checkpoints; 0 checkpoints only at the end."""
+    save_every_minutes: float = Field(0.0, ge=0)
+    """Minutes between checkpoints, counted from the last one (any kind); 0: none by time. With save_every, a
+    checkpoint comes at whichever is due first: a preempted or killed run loses at most this much."""
     seed: int = 42
     profile_steps: int = Field(0, ge=0)
     """Profile this many optimizer steps (after 3 warm-up steps) with torch.profiler; each rank writes its
@@ -306,6 +323,19 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
+    def _hub_cache(self) -> "RunConfig":
+        """A hub id's cache, decided once here, so the driver and every worker read the same one."""
+        m = self.model
+        if m.hub_cache is None and is_hub_id(m.name_or_path):
+            if os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME"):
+                from huggingface_hub import constants
+
+                m.hub_cache = str(constants.HF_HUB_CACHE)
+            else:
+                m.hub_cache = str(Path(self.output.storage_path).expanduser().resolve() / ".hub")
+        return self
+
+    @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
         ds, opt = self.deepspeed, self.optimizer
         if ds.offload_optimizer == "cpu" and opt.name != "adamw":
@@ -319,6 +349,17 @@ class RunConfig(Section):
         if self.ray.local_mode is True and self.scaling.num_workers != 1:
             raise ValueError(f"ray.local_mode=true with scaling.num_workers={self.scaling.num_workers}: local mode runs "
                              "one worker, in the driver's process. Set scaling.num_workers=1, or ray.local_mode=false.")
+        sc = self.scaling
+        if sc.min_workers is not None and sc.min_workers > sc.num_workers:
+            raise ValueError(f"scaling.min_workers={sc.min_workers} is more than scaling.num_workers={sc.num_workers}: "
+                             "min_workers is the fewest the run goes on with. Set it to at most num_workers.")
+        if sc.min_workers is not None and sc.min_workers < sc.num_workers and self.ray.max_failures == 0:
+            raise ValueError(f"scaling.min_workers={sc.min_workers} with ray.max_failures=0: a lost node ends the run "
+                             "before it can go on with fewer workers. Set ray.max_failures to the restarts to allow "
+                             "(-1: any number), or unset scaling.min_workers.")
+        if sc.min_workers is not None and sc.min_workers < sc.num_workers and self.ray.local_mode is True:
+            raise ValueError("scaling.min_workers with ray.local_mode=true: local mode runs one worker, in the "
+                             "driver's process. Set ray.local_mode=false.")
         if self.ray.local_mode is True and self.ray.address:
             raise ValueError(f"ray.local_mode=true with ray.address={self.ray.address}: local mode joins no cluster. "
                              "Unset ray.address, or set ray.local_mode=false.")
@@ -390,7 +431,7 @@ class RunConfig(Section):
         a step's rows are split into micro batches (the global batch a resumed run keeps is its plan's)."""
         return self.model_dump(mode="json", exclude={
             "output": True, "ray": True, "scaling": True, "resources": True, "tracking": True,
-            "model": {"liger_kernel", "fused_loss_chunk_scale", "compile", "activation_offloading"},
+            "model": {"liger_kernel", "fused_loss_chunk_scale", "compile", "activation_offloading", "hub_cache"},
             "quantization": {"keep_recomputed_weights"}, "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"},
             "training": {"micro_batch_size", "gradient_accumulation_steps"}})
 
@@ -495,6 +536,11 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
     cfg = from_dict(apply_overrides(raw, overrides or []), source)
     check_paths(cfg)
     return cfg
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``model.name_or_path`` names a model on the Hugging Face hub rather than something on disk."""
+    return not (name.startswith(("embedded:", "/", ".", "~")) or Path(name).expanduser().exists())
 
 
 def _looks_local(s: str) -> bool:

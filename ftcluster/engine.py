@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ftcluster import collector, metrics as M
+from ftcluster import collector, metrics as M, stop
 from ftcluster.config import RunConfig
 from ftcluster.data.formatting import IGNORE
 from ftcluster.data.packing import ShardedBatches
@@ -65,7 +65,7 @@ class GradClip:
 class Hooks:
     """What the loop calls out to. ``report(record, checkpoint)`` runs on every worker at the same steps, with the
     kind of checkpoint to save or None; ``should_stop()`` after every step (agreed between workers) gives a reason
-    to stop early, or None."""
+    to stop early, ``stop.TIMED`` for a checkpoint due by time (saved, and training goes on), or None."""
     report: Callable[[WorkerRecord, CheckpointKind | None], None]
     should_stop: Callable[[], str | None] | None = None
 
@@ -202,11 +202,12 @@ class DivergenceGuard:
         return None
 
 
-def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, stopped: str | None) -> CheckpointKind | None:
+def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, asked: str | None) -> CheckpointKind | None:
+    """``asked``: what the stop check returned (a stop, a resize, or a checkpoint due by time)."""
     if last:
         return CheckpointKind.FINAL if cfg.output.checkpoint_at_end else None
     periodic = cfg.training.save_every and step % cfg.training.save_every == 0
-    return CheckpointKind.RESUME if periodic or stopped else None
+    return CheckpointKind.RESUME if periodic or asked else None
 
 
 def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
@@ -257,8 +258,9 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             window.step_times.append(now - step_started)
             step_started = now
             last = progress.step >= loop.total_steps
-            stopped = None if last or hooks.should_stop is None else hooks.should_stop()
-            save = _checkpoint_kind(cfg, progress.step, last, stopped)
+            asked = None if last or hooks.should_stop is None else hooks.should_stop()
+            save = _checkpoint_kind(cfg, progress.step, last, asked)
+            stopped = None if asked == stop.TIMED else asked
             # A checkpoint step is a logging step: the divergence guard sees its figures before it is saved, so a
             # checkpoint is never written from diverged weights (DeepSpeed's bf16 steps skip no non-finite step).
             log = progress.step % t.log_every == 0 or last or stopped or save is not None

@@ -16,9 +16,9 @@ Memory is used in three phases, and the peak is the largest:
   and the 16-bit gradients as they arrive;
 * optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads (and
   ZeRO's buckets, which stay allocated until the next backward).
-Before them, loading: under ZeRO-3 the model is partitioned as it is built or loaded (ftcluster.models), except a
-4-bit model from a hub id or a GGUF file, which transformers loads whole onto each GPU before DeepSpeed partitions
-it.
+Before them, loading: under ZeRO-3 the model is partitioned as it is built or loaded (ftcluster.models; a hub id
+is downloaded to a local snapshot first), except a 4-bit model from a GGUF file, which transformers loads whole
+onto each GPU before DeepSpeed partitions it.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Run:
     """fp32: DeepSpeed's bf16 mode steps float32 copies of what trains; bf16: the optimizer steps the bf16 weights
     and gradients themselves, and torch's AdamW keeps its moments in their dtype (optimizer.master_weights)."""
     double_quant: bool = True
-    hub_checkpoint: bool = False  # loaded from a hub id or GGUF file, not a local safetensors checkpoint
+    loads_whole: bool = False  # loaded from a GGUF file, not a safetensors checkpoint (local, or a hub snapshot)
     chunked_loss: bool = True
     """ftcluster.activations' loss (bf16 logits and their gradient, float32 one chunk at a time); False: the
     whole-batch float32 loss of transformers, which older runs used (benchmarks/calibration.py names them)."""
@@ -364,11 +364,11 @@ class Estimate:
 
 
 def loading_peak(shape: Shape, run: Run) -> float:
-    """A 4-bit model from a hub id or GGUF file under ZeRO-3 on several GPUs: transformers does not load quantized
-    models inside zero.Init (modeling_utils: ``is_deepspeed_zero3_enabled() and not is_quantized``), so each GPU
-    holds the whole 4-bit model until deepspeed.initialize partitions it. A local safetensors checkpoint is read
-    module by module by ftcluster.models instead."""
-    if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and run.hub_checkpoint:
+    """A 4-bit model from a GGUF file under ZeRO-3 on several GPUs: transformers does not load quantized models
+    inside zero.Init (modeling_utils: ``is_deepspeed_zero3_enabled() and not is_quantized``), so each GPU holds the
+    whole 4-bit model until deepspeed.initialize partitions it. A safetensors checkpoint (a local one, or a hub
+    id's downloaded snapshot) is read module by module by ftcluster.models instead."""
+    if run.method == "qlora" and run.zero == 3 and run.gpus > 1 and run.loads_whole:
         one = terms(shape, replace(run, gpus=1))
         whole = one["weights"] + one["weights' quantization constants"]
         return whole * (1 + FRAGMENTATION) + CUDA_OVERHEAD_GIB * GiB
@@ -480,8 +480,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
               f"  {'peak device memory in training':<42} {e.device / GiB:7.2f}  ({e.device / 1e9:.1f} GB)"]
     if e.loading > e.device:
         lines += [f"  {'peak device memory while loading':<42} {e.loading / GiB:7.2f}  ({e.loading / 1e9:.1f} GB)",
-                  "    (a 4-bit model from a hub id or GGUF file loads whole onto each GPU before ZeRO-3 partitions "
-                  "it; download the checkpoint to a directory and it loads partitioned)"]
+                  "    (a 4-bit model from a GGUF file loads whole onto each GPU before ZeRO-3 partitions it; "
+                  "a safetensors checkpoint loads partitioned)"]
     need = e.need / GiB
     lines.append(f"  {'what must fit':<42} {need:7.2f}")
     if budget_gib is not None:
@@ -495,8 +495,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
             fixes = suggestions(shape, run, budget_gib)
             lines.append(f"does not fit a {budget_gib:.1f} GiB GPU (over by {need - budget_gib:.1f} GiB)")
             if e.loading > budget_gib * GiB:
-                lines.append("the whole 4-bit model must fit one GPU while it loads from the hub, whatever the GPU "
-                             "count: load it from a local directory instead (drop --hub-checkpoint)")
+                lines.append("the whole 4-bit model must fit one GPU while it loads from the GGUF file, whatever "
+                             "the GPU count: convert it to safetensors instead (drop --loads-whole)")
             elif fixes:
                 lines.append("cheapest change that fits: " + fixes[0][0] + f" -> {fixes[0][1]:.1f} GiB")
                 lines += [f"  also fits: {why} -> {need:.1f} GiB" for why, need, _ in fixes[1:4]]

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from ftcluster import backends, checkpoint, hardware, preflight, records, run_dir as rundir, stop
+from ftcluster import backends, checkpoint, hardware, preflight, records, run_dir as rundir, sources, stop
 from ftcluster import plan as P
 from ftcluster.config import RunConfig
 from ftcluster.progress import ProgressLog
@@ -30,6 +30,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
               f"(final model: {done.get('final_model')}); nothing was changed. To train again, choose another "
               "output.name.", flush=True)
         return done
+    for line in checkpoint.set_aside_unusable(cfg.run_dir):
+        print(line, flush=True)
     hw = hardware.here(cfg)
     resume = checkpoint.resume_of(cfg.run_dir)
     plan = P.make(cfg, hw, resume=resume)
@@ -38,6 +40,9 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
+    if plan.model_download:  # once, here, before any worker starts; they all read the snapshot
+        sources.download(cfg.model)
+    downloaded = time.time()
     backend = backends.of(plan)
     started_on = backend.start(cfg, hw)
     if started_on != hw:  # a Ray cluster's GPUs: the same decisions, made with the hardware the workers have
@@ -53,7 +58,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     plan.save(run_dir)
     try:
         return _train(cfg, plan, backend, run_dir, command_started, inputs,
-                      {"imports": started - command_started, "checks": checked - started, "cluster": ready - checked,
+                      {"imports": started - command_started, "checks": checked - started,
+                       "download": downloaded - checked, "cluster": ready - downloaded,
                        "ready_unix": ready})
     finally:
         rundir.release(run_dir)

@@ -318,7 +318,11 @@ def _with_adapters(model: nn.Module, cfg: RunConfig) -> nn.Module:
     )
     # Adapters in the base dtype: the fp32 master copy lives in DeepSpeed's optimizer, and fp32 adapters would
     # upcast every LoRA layer's activations.
-    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.quantization.upcast_non_quantized)
+    peft_model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=cfg.quantization.upcast_non_quantized)
+    if sources.is_hub_id(cfg.model.name_or_path):  # the adapter names the hub id, not the cache it was read from
+        peft_model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
+        peft_model.peft_config["default"].revision = cfg.model.revision
+    return peft_model
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

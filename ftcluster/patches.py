@@ -59,6 +59,8 @@ PATCHES = (
           "bitsandbytes' CPU backend logs a warning when the optional `kernels` package is absent"),
     Patch("quiet_liger_backend_discovery", "liger-kernel", ">=0.8.5,<0.9",
           "Liger's backend registry logs a warning for every optional kernel backend that does not import"),
+    Patch("elastic_torch_trainer", "ray", ">=2.60,<2.61",
+          "hands Ray Train's controller its elastic scaling policy changed to grow the workers only at a checkpoint"),
     Patch("ray_train_plain_print", "ray", ">=2.60,<2.61",
           "Ray Train's workers route print() to a logger and, where stdout is Ray's, print it too: each line twice"),
     Patch("quiet_ray_preemption_watcher_notice", "ray", ">=2.60,<2.61",
@@ -144,6 +146,57 @@ def start_local_ray_cluster(port: int, **init_kwargs) -> None:
             del os.environ["RAY_API_SERVER_ADDRESS"]
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
+def elastic_torch_trainer(run_dir: str, **trainer_kwargs):
+    """A ``TorchTrainer`` for an elastic run (``ScalingConfig(num_workers=(min, max))``) whose controller grows the
+    worker group only at a checkpoint. Ray Train's ``ElasticScalingPolicy`` restarts a group on fewer workers after
+    a lost node, from the latest checkpoint, as wanted; but when room for more workers returns it restarts the
+    running group at once, and every step since the last checkpoint is done again. Here a grow decision is held
+    back: the policy asks the workers for a checkpoint (``stop.request_resize``), they save and wait
+    (``worker.await_resize``), and the decision goes to the controller once they have answered. ``fit`` makes the
+    policy it passes to ``_initialize_and_run_controller``; this replaces it there. Ray's classes are subclassed
+    inside this function, so this module imports no Ray; cloudpickle takes them to the controller's process."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+    from ftcluster import stop
+
+    class CheckpointedResize(ElasticScalingPolicy):
+        def __init__(self, scaling_config, run_dir: str):
+            super().__init__(scaling_config)
+            self.run_dir, self.waiting, self.polls_after = run_dir, None, 0
+
+        def make_decision_for_non_running_worker_group(self):
+            if self.waiting is not None:  # the group ended before it saved: that attempt's request is void
+                self.waiting = None
+                stop.resized(self.run_dir)
+            return super().make_decision_for_non_running_worker_group()
+
+        def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+            if self.waiting is not None:
+                if stop.resize_pending(self.run_dir):
+                    return NoopDecision()
+                # Answered. The report of the step that saved was queued before the answer, and the controller
+                # reads a worker's reports one per poll: one more poll first, so that it reaches metrics.jsonl.
+                self.polls_after += 1
+                if self.polls_after < 2:
+                    return NoopDecision()
+                decision, self.waiting = self.waiting, None
+                return decision
+            decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+            if isinstance(decision, ResizeDecision) and decision.num_workers > worker_group_state.num_workers:
+                stop.request_resize(self.run_dir, decision.num_workers)
+                self.waiting, self.polls_after = decision, 0
+                return NoopDecision()
+            return decision
+
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            controller_init_kwargs["scaling_policy"] = CheckpointedResize(self.scaling_config, run_dir)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    return Trainer(**trainer_kwargs)
 
 
 def ray_train_plain_print() -> None:

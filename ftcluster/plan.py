@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ftcluster import estimate
-from ftcluster.config import ConfigError, DataConfig, RunConfig, layers_clash
+from ftcluster.config import ConfigError, DataConfig, RunConfig, is_hub_id, layers_clash
 from ftcluster.data import reading
 from ftcluster.hardware import Hardware
 from ftcluster.presets import PRESETS
@@ -90,6 +91,12 @@ class Plan:
     memory_gib: float | None
     """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
     model."""
+    elastic: dict[int, int] | None = None
+    """With scaling.min_workers: the gradient accumulation for each worker count Ray Train may run the run on
+    (``for_workers``); None: always ``workers``."""
+    model_download: str | None = None
+    """Where the driver downloads a hub id's snapshot, once, before any worker starts (``model.hub_cache``); None:
+    the model is read where it is."""
     resume_from: str | None = None
     """The checkpoint the run continues from (the run directory's latest), or None."""
     model_type: str = ""
@@ -101,6 +108,16 @@ class Plan:
         """Parameters are split across workers and gathered in hooks on each layer's call (DeepSpeed's ZeRO-3, or
         layer shards): a weight read outside its module's call would be a shard."""
         return self.zero_stage == 3 or self.frozen_base == "layer-shards"
+
+    def for_workers(self, workers: int) -> "Plan":
+        """The plan as it runs on ``workers`` workers: an elastic run's count is Ray Train's to choose, between
+        scaling.min_workers and num_workers, and each count has its accumulation (``elastic``)."""
+        if workers == self.workers:
+            return self
+        if not self.elastic or workers not in self.elastic:
+            raise ValueError(f"the plan is for {self.workers} workers, not {workers}")
+        acc = self.elastic[workers]
+        return replace(self, workers=workers, accumulation=acc, global_batch=self.micro_batch * acc * workers)
 
     @property
     def in_process(self) -> bool:
@@ -116,7 +133,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
-        return cls(**{**d, "recompute_only": tuple(d.get("recompute_only", ()))})
+        elastic = {int(n): acc for n, acc in d["elastic"].items()} if d.get("elastic") else None
+        return cls(**{**d, "recompute_only": tuple(d.get("recompute_only", ())), "elastic": elastic})
 
     def save(self, run_dir: Path) -> None:
         (Path(run_dir) / "plan.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -141,6 +159,8 @@ def _shown(value) -> str:
         return ",".join(value) or "-"
     if isinstance(value, float):
         return f"{value:.1f} GiB"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
     return "-" if value is None else str(value)
 
 
@@ -391,6 +411,30 @@ def _batch(cfg: RunConfig, resume: Resume | None) -> tuple[int, int, str, str]:
             f"make {asked})")
 
 
+def _elastic(cfg: RunConfig, global_batch: int) -> tuple[dict[int, int] | None, str]:
+    """For each worker count an elastic run may have, the accumulation that keeps ``global_batch`` rows a step.
+    Ray Train may choose any count from scaling.min_workers to num_workers, so each of them must keep it:
+    ``ConfigError``, naming the counts that cannot and the global batches that every count keeps, where not."""
+    s, micro = cfg.scaling, cfg.training.micro_batch_size
+    if s.min_workers is None or s.min_workers == s.num_workers:
+        return None, f"scaling.min_workers unset: always {s.num_workers} worker(s)"
+    counts = range(s.min_workers, s.num_workers + 1)
+    cannot = [n for n in counts if global_batch % (micro * n)]
+    if cannot:
+        every = math.lcm(*counts) * micro
+        raise ConfigError(
+            f"scaling.min_workers={s.min_workers} to num_workers={s.num_workers}: Ray Train may run the run on any "
+            f"count between, and {', '.join(map(str, cannot))} worker(s) cannot keep its global batch of "
+            f"{global_batch} rows a step (training.micro_batch_size={micro}). Use a global batch every count keeps, "
+            f"a multiple of {every} (training.gradient_accumulation_steps x num_workers x micro_batch_size), or a "
+            "narrower range of worker counts")
+    table = {n: global_batch // (micro * n) for n in counts}
+    return table, (f"scaling.min_workers={s.min_workers}: after a lost node Ray Train goes on with {s.min_workers}"
+                   f"-{s.num_workers} workers, each count with the accumulation (workers:accumulation) that keeps "
+                   f"{global_batch} rows a step; it grows back at a checkpoint (checked every "
+                   f"scaling.resize_check_s={s.resize_check_s:g} s)")
+
+
 def reshards(saved_workers: int | None, workers: int, zero_stage: int) -> bool:
     """Whether a checkpoint saved on ``saved_workers`` loads on ``workers`` only through DeepSpeed's universal
     checkpoint (``checkpoint.to_universal``): ZeRO-1-3 keep each worker's partition of the optimizer state (ZeRO-3
@@ -398,6 +442,18 @@ def reshards(saved_workers: int | None, workers: int, zero_stage: int) -> bool:
     and a checkpoint of an earlier version (which did not say its workers) is taken to have been saved by as many
     as load it."""
     return zero_stage > 0 and saved_workers is not None and saved_workers != workers
+
+
+def _download(cfg: RunConfig) -> tuple[str | None, str]:
+    m = cfg.model
+    if not is_hub_id(m.name_or_path):
+        return None, "model.name_or_path is read where it is"
+    if m.random_init:
+        return None, "model.random_init: only the hub id's config is read"
+    return m.hub_cache, (f"model.name_or_path={m.name_or_path} is a hub id: the driver downloads its safetensors "
+                         "snapshot once, before any worker starts, and every worker reads it there as a local "
+                         "checkpoint (partitioned as it loads under ZeRO-3); model.hub_cache must be on storage "
+                         "every node sees")
 
 
 def _resume(resume: Resume | None, workers: int, zero_stage: int) -> tuple[str | None, str]:
@@ -430,6 +486,8 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     storage, storage_why = _quant_storage(cfg)
     streams, streams_why = streaming(cfg.data, read_data)
     global_batch, accumulation, batch_why, accumulation_why = _batch(cfg, resume)
+    elastic, elastic_why = _elastic(cfg, global_batch)
+    download, download_why = _download(cfg)
     resume_from, resume_why = _resume(resume, cfg.scaling.num_workers, stage)
     t = cfg.training
     plan = Plan(
@@ -438,7 +496,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, micro_batch=t.micro_batch_size, accumulation=accumulation,
-        global_batch=global_batch, memory_gib=None, resume_from=resume_from, model_type=arch.model_type,
+        global_batch=global_batch, elastic=elastic, memory_gib=None, model_download=download, resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
         reasons={
             "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
@@ -451,7 +509,8 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
                                if recompute else "nothing compiled holds a 4-bit weight"),
             "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
             "quant_storage": storage_why, "streaming": streams_why, "micro_batch": "training.micro_batch_size",
-            "accumulation": accumulation_why, "global_batch": batch_why, "resume_from": resume_why,
+            "accumulation": accumulation_why, "global_batch": batch_why, "elastic": elastic_why, "model_download": download_why,
+            "resume_from": resume_why,
         })
     memory, memory_why = _memory(cfg, plan, arch, hw)
     return replace(plan, memory_gib=memory, reasons={**plan.reasons, "memory_gib": memory_why})
@@ -466,19 +525,18 @@ def estimator_run(cfg: RunConfig, plan: Plan, **earlier_code) -> estimate.Run:
     d, m = cfg.deepspeed, cfg.model
     targets = cfg.lora.target_modules
     offload = "+".join(k for k, v in (("optimizer", d.offload_optimizer), ("param", d.offload_param)) if v == "cpu")
-    from ftcluster.sources import is_hub_id
-
-    # A 4-bit model from a hub id or a GGUF file loads whole onto each GPU (see estimate.loading_peak).
-    whole_load = not m.random_init and (m.name_or_path.endswith(".gguf") or is_hub_id(m.name_or_path))
+    # A 4-bit model from a GGUF file loads whole onto each GPU (see estimate.loading_peak); a hub id is downloaded
+    # to a local snapshot first (Plan.model_download) and loads partitioned as a local checkpoint does.
+    whole_load = not m.random_init and m.name_or_path.endswith(".gguf")
     checkpointed = m.gradient_checkpointing
     run = estimate.Run(
-        method=cfg.method, gpus=plan.workers, zero=3 if plan.frozen_base == "layer-shards" else plan.zero_stage,
+        method=cfg.method, gpus=min(plan.elastic or [plan.workers]), zero=3 if plan.frozen_base == "layer-shards" else plan.zero_stage,
         offload=offload or "none", seq_len=cfg.data.max_seq_len, micro_batch=plan.micro_batch,
         grad_ckpt=checkpointed, ckpt_layers=m.checkpointed_layers if checkpointed else None,
         activation_offload=plan.activation_offloading, lora_r=cfg.lora.r,
         lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
         optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,
-        double_quant=cfg.quantization.double_quant, hub_checkpoint=whole_load,
+        double_quant=cfg.quantization.double_quant, loads_whole=whole_load,
         layer_shards=plan.frozen_base == "layer-shards", recomputed_weights_kept=_kept_if_qlora(cfg, plan),
         fused_loss=plan.loss == "liger-fused", compiled=plan.compile,
         fused_loss_chunk_scale=m.fused_loss_chunk_scale)
@@ -500,6 +558,8 @@ def _memory(cfg: RunConfig, plan: Plan, arch: Architecture, hw: Hardware) -> tup
     e = estimate.estimate(arch.shape, estimator_run(cfg, plan))
     need = e.need / estimate.GiB
     line = f"estimated per GPU ({e.allocated / estimate.GiB:.1f} GiB allocated by torch"
+    if plan.elastic:
+        line += f" on {min(plan.elastic)} workers, the fewest"
     line += f"; {e.loading / estimate.GiB:.1f} while loading)" if e.loading > e.device else ")"
     budget = hw.gpu_memory_gib
     if budget is not None:

@@ -84,8 +84,8 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
               f"({' '.join(estimate.config_overrides(run, fixes[0][2]))}) -> {fixes[0][1]:.1f} GiB" if fixes
               else "no single change makes it fit; combine them")
     if estimate.estimate(shape, run).loading > budget * estimate.GiB:
-        advice = "a 4-bit model from a hub id or GGUF file loads whole onto each GPU under ZeRO-3: download it " \
-                 "to a directory and set model.name_or_path there"
+        advice = "a 4-bit model from a GGUF file loads whole onto each GPU under ZeRO-3: convert it to a " \
+                 "safetensors checkpoint and set model.name_or_path there"
     message = (f"the run needs about {plan.memory_gib:.1f} GiB per GPU and its GPUs have {budget:.1f} "
                f"(resources.gpu_memory_gib or what NVML reports): {advice}. `python -m ftcluster estimate --config "
                f"<recipe> [overrides]` shows every term; --force (or resources.check_fit=false) starts it anyway.")

@@ -165,7 +165,9 @@ def progress_line(line: Line) -> str:
             parts.append(f"MFU {100 * line.mfu:.1f}%")
     if line.eval_loss is not None:
         parts.append(f"eval_loss {line.eval_loss:.4f}  ppl {line.eval_perplexity:.2f}")
-    if line.stopped:
+    if line.stopped == "resize":
+        parts.append("checkpoint saved: Ray Train restarts the run on more workers from it")
+    elif line.stopped:
         parts.append(f"stopped early ({line.stopped})" + (", checkpoint saved" if line.checkpoint else ""))
     return "  ".join(parts)
 
@@ -174,7 +176,8 @@ def _phases(driver: dict, first: WorkerRecord) -> dict | None:
     if not first.setup_started_unix or not first.setup_s:
         return None
     setup_end = first.setup_started_unix + sum(first.setup_s.values())
-    out = {"imports": driver["imports"], "checks": driver["checks"], "cluster": driver["cluster"],
+    out = {"imports": driver["imports"], "checks": driver["checks"],
+           **({"download": driver["download"]} if driver.get("download") else {}), "cluster": driver["cluster"],
            "workers start": first.setup_started_unix - driver["ready_unix"], **first.setup_s,
            "first step": first.first_step_unix - setup_end}
     return {k: round(v, 1) for k, v in out.items()}
@@ -231,8 +234,8 @@ class Summary:
     @classmethod
     def of_lines(cls, lines: list[Line], run_dir: Path, method: str, wall_s: float, started_unix: float,
                  driver_phases: dict | None = None, **paths) -> "Summary":
-        """``driver_phases``: the driver's own phases, ``{"checks": s, "cluster": s, "ready_unix": t}`` (when the
-        cluster was ready); with them the time to first step is split into phases."""
+        """``driver_phases``: the driver's own phases, ``{"checks": s, "download": s, "cluster": s, "ready_unix":
+        t}`` (when the cluster was ready); with them the time to first step is split into phases."""
         logged = [r for r in lines if r.logged]
         steady = logged[1:] or logged
         last = logged[-1] if logged else WorkerRecord()

@@ -1,28 +1,89 @@
 """Where a model comes from: the embedded SmolLM2, a local Hugging Face directory, a ``.gguf`` file or a hub id; its
-tokenizer and its config. A hub id that cannot be read is one line naming the model and the cache looked in."""
+tokenizer and its config. A hub id is downloaded once, by the driver, into ``model.hub_cache`` (huggingface_hub's
+``snapshot_download``: its progress bars, its resume of a stalled connection); from then on the driver and every
+worker read its snapshot there as a local directory. A hub id that cannot be read is one line naming the model and
+the cache looked in."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ftcluster import embedded
-from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, is_hub_id
+
+__all__ = ["is_hub_id", "resolve_source", "download", "snapshot", "load_tokenizer", "load_hf_config"]
+
+WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
+BESIDE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+"""What a snapshot holds: the safetensors weights, the configs, the tokenizer and the chat template. Not the
+other weight formats a repository may also carry (``*.bin``, ``*.pth``, a Llama repository's ``original/``)."""
+
+
+def _patterns(model: ModelConfig) -> tuple[list[str], list[str]]:
+    return WEIGHTS + BESIDE + (["*.py"] if model.trust_remote_code else []), ["original/*"]
+
+
+def snapshot(model: ModelConfig) -> Path | None:
+    """The hub id's whole snapshot in ``model.hub_cache`` (no network), or None: before :func:`download`, the cache
+    may hold only the config and tokenizer files read through it."""
+    import json
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    allow, ignore = _patterns(model)
+    try:
+        local = Path(snapshot_download(model.name_or_path, revision=model.revision, cache_dir=model.hub_cache,
+                                       local_files_only=True, allow_patterns=allow, ignore_patterns=ignore))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    index = local / "model.safetensors.index.json"
+    weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    return local if (local / "config.json").is_file() and all((local / w).is_file() for w in weights) else None
+
+
+def download(model: ModelConfig) -> Path:
+    """Download the hub id's snapshot into ``model.hub_cache`` (files there already are kept, a stalled connection is
+    resumed) and return its directory. The driver calls it once, before any worker starts. Offline
+    (``HF_HUB_OFFLINE=1``) it is the snapshot the cache holds."""
+    from huggingface_hub import snapshot_download
+
+    allow, ignore = _patterns(model)
+    print(f"model: {model.name_or_path}{f'@{model.revision}' if model.revision else ''} from the hub into "
+          f"{model.hub_cache} (model.hub_cache), once for every worker", flush=True)
+    started = time.time()
+    try:
+        local = Path(snapshot_download(model.name_or_path, revision=model.revision, cache_dir=model.hub_cache,
+                                       allow_patterns=allow, ignore_patterns=ignore))
+    except Exception as e:  # noqa: BLE001 - every way a download fails (network, auth, name) is one line
+        raise unreachable("model.name_or_path", model.name_or_path, e, model.hub_cache) from None
+    weights = sorted(local.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"model.name_or_path={model.name_or_path}: the hub holds no safetensors weights for it "
+                          f"(looked in {local}); convert them to safetensors in a local directory and point "
+                          "model.name_or_path there")
+    size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    print(f"model: {time.time() - started:.1f} s, {size / 1e9:.2f} GB in {len(weights)} safetensors file(s) at "
+          f"{local}", flush=True)
+    return local
 
 
 def resolve_source(model: ModelConfig) -> tuple[str, dict]:
-    """Where to load from, and the extra ``from_pretrained`` keywords that location needs."""
+    """Where to load from, and the extra ``from_pretrained`` keywords that location needs: a hub id's snapshot in
+    ``model.hub_cache`` once it is there, else the hub id itself, read through that cache."""
     src = model.name_or_path
     if src == EMBEDDED_MODEL:
         return str(embedded.checkpoint_dir()), {}
     p = Path(src).expanduser()
     if p.suffix == ".gguf":
         return str(p.parent), {"gguf_file": p.name}
+    if is_hub_id(src):
+        local = snapshot(model)
+        if local is not None:
+            return str(local), {}
+        return src, {"cache_dir": model.hub_cache, **({"revision": model.revision} if model.revision else {})}
     return src, {}
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``model.name_or_path`` names a model on the Hugging Face hub rather than something on disk."""
-    return not (name.startswith(("embedded:", "/", ".", "~")) or Path(name).expanduser().exists())
 
 
 def hub_cache() -> str:
@@ -31,13 +92,13 @@ def hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def unreachable(field: str, name: str, error: Exception) -> ConfigError:
+def unreachable(field: str, name: str, error: Exception, cache: str | None = None) -> ConfigError:
     """The error for a hub id that could not be read: no network, not in the cache, gated, or misspelt."""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
     return ConfigError(
-        f"{field}={name}: cannot read it from the Hugging Face hub or the local cache ({hub_cache()}): {first[:200]}. "
-        "Check the name; for a gated model set HF_TOKEN; offline, set HF_HOME to a cache that holds it or point "
-        f"{field} at a local directory.")
+        f"{field}={name}: cannot read it from the Hugging Face hub or the local cache ({cache or hub_cache()}): "
+        f"{first[:200]}. Check the name; for a gated model set HF_TOKEN; offline, set model.hub_cache (or HF_HOME) "
+        f"to a cache that holds it or point {field} at a local directory.")
 
 
 def load_tokenizer(model: ModelConfig):
@@ -53,7 +114,7 @@ def load_tokenizer(model: ModelConfig):
     except OSError as e:
         if not is_hub_id(name):
             raise
-        raise unreachable(field, name, e) from None
+        raise unreachable(field, name, e, model.hub_cache if field == "model.name_or_path" else None) from None
     if tok.pad_token is None:
         # Packed batches carry no padding; unpacked ones pad with EOS and mask those labels.
         tok.pad_token = tok.eos_token
@@ -70,7 +131,7 @@ def load_hf_config(model: ModelConfig):
     except OSError as e:
         if not is_hub_id(model.name_or_path):
             raise
-        raise unreachable("model.name_or_path", model.name_or_path, e) from None
+        raise unreachable("model.name_or_path", model.name_or_path, e, model.hub_cache) from None
     if hasattr(hf, "quantization_config") and "gguf_file" in kw:
         del hf.quantization_config  # GGUF weights are dequantized on load
     for key, value in model.config_overrides.items():

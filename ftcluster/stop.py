@@ -10,6 +10,11 @@ Two things ask:
   (it drains its node for ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` first). Ray Train's preemption watcher marks
   the workers on that node; every worker reads its own mark.
 
+A third thing asks for a checkpoint without ending the run: Ray Train, when an elastic run (scaling.min_workers)
+can grow back to more workers. Its scaling policy (patches.CheckpointedResize) writes ``<run_dir>/RESIZE``; the
+workers save, rank 0 removes the file, and they wait for Ray Train to restart them on more workers from that
+checkpoint, so no step is done twice.
+
 Every optimizer step the workers all-reduce one flag, so they stop at the same step whoever asked. The reduction
 is not waited for: each step reads the previous step's, so the host never waits for the GPU to finish a step to
 decide (a blocking all-reduce and ``.item()`` every step made a 7B LoRA step on several GPUs wait for the GPU
@@ -24,6 +29,11 @@ import time
 from pathlib import Path
 
 STOP_FILE = "STOP"
+TIMED = "checkpoint due"
+"""The reason a check returns when training.save_every_minutes has passed since the last checkpoint: save, go on."""
+RESIZE_FILE = "RESIZE"
+RESIZE = "resize"
+"""A record's ``stopped`` when the workers saved for Ray Train to restart them on more workers."""
 EXIT_STOPPED = 75
 """The driver's exit code for a run that stopped early with a checkpoint (EX_TEMPFAIL: run it again to resume)."""
 EXIT_DIVERGED = 3
@@ -40,6 +50,20 @@ def request(run_dir: Path, reason: str) -> None:
 def clear(run_dir: Path) -> None:
     """A new attempt must not obey the request that stopped the previous one."""
     (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+    resized(run_dir)
+
+
+def request_resize(run_dir: Path, workers: int) -> None:
+    (Path(run_dir) / RESIZE_FILE).write_text(f"{workers}\n")
+
+
+def resize_pending(run_dir: Path) -> bool:
+    return (Path(run_dir) / RESIZE_FILE).exists()
+
+
+def resized(run_dir: Path) -> None:
+    """The workers saved the checkpoint a resize asked for (or a new attempt starts): the request is answered."""
+    (Path(run_dir) / RESIZE_FILE).unlink(missing_ok=True)
 
 
 def on_signals(run_dir: Path) -> None:
@@ -59,18 +83,27 @@ class StopCheck:
     """Called once per optimizer step on every worker (at the same steps: the flag is a collective); returns the
     reason to stop, the same on every worker."""
 
-    REASONS = ("", "stop requested", "node preempted")
+    REASONS = ("", TIMED, RESIZE, "stop requested", "node preempted")
+    """By flag; the workers agree on the largest: a stop wins over a resize, and both save as a due checkpoint
+    would."""
 
-    def __init__(self, run_dir: Path, device, preempted=lambda: False, poll_s: float = 1.0):
+    def __init__(self, run_dir: Path, device, preempted=lambda: False, poll_s: float = 1.0,
+                 save_every_s: float = 0.0):
         import torch
         import torch.distributed as dist
 
         self.path = Path(run_dir) / STOP_FILE
+        self.resize_path = Path(run_dir) / RESIZE_FILE
+        self.reason: str | None = None
+        """The reason the last call returned."""
+        self.save_every_s = save_every_s
+        self._save_due = time.monotonic() + save_every_s
         self.device = device
         self.preempted = preempted
         self.poll_s = poll_s
         self._next_poll = 0.0
         self._file_seen = False
+        self._resize_seen = False
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self._calls = 0
@@ -86,11 +119,26 @@ class StopCheck:
         if self.rank == 0 and not self._file_seen and time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll_s  # a stat per second, not per step, on shared storage
             self._file_seen = os.path.exists(self.path)
+            self._resize_seen = os.path.exists(self.resize_path)
         if self._file_seen:
-            return 1
-        return 2 if self.preempted() else 0
+            return 3
+        if self.preempted():
+            return 4
+        if self.rank != 0:
+            return 0
+        if self._resize_seen:
+            return 2
+        return 1 if self.save_every_s and time.monotonic() >= self._save_due else 0
+
+    def saved(self) -> None:
+        """A checkpoint was saved: the next by time is due an interval from now."""
+        self._save_due = time.monotonic() + self.save_every_s
 
     def __call__(self) -> str | None:
+        self.reason = self._reason()
+        return self.reason
+
+    def _reason(self) -> str | None:
         flag = self._local_flag()
         if self.world == 1:
             return self.REASONS[flag] or None

@@ -161,6 +161,11 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
     """Set up, resume from the run directory's latest checkpoint, train, and report every logging, evaluation and
     checkpoint step to ``reporter``."""
     metrics.start_device_sampler(device)  # before the model exists, so its peak covers everything the run holds
+    plan = plan.for_workers(world)  # an elastic run's worker count is Ray Train's to choose
+    if rank == 0 and plan.elastic:
+        print(f"workers: {world} (scaling.min_workers={min(plan.elastic)} to num_workers={max(plan.elastic)}), "
+              f"{plan.accumulation} micro batches of {plan.micro_batch} each, {plan.global_batch} rows a step",
+              flush=True)
     latest = checkpoint.latest(cfg.run_dir)
     saved_on = (checkpoint.progress_of(latest).get("workers") or None) if latest is not None else None
     universal = reshards(saved_on, world, plan.zero_stage)
@@ -186,10 +191,30 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
             keep = 1 if kind is CheckpointKind.FINAL else cfg.output.keep_checkpoints
             saved = checkpoint.keep(cfg.run_dir, progress.step, write, keep)
             record = replace(record, checkpoint=str(saved))
+            should_stop.saved()
         reporter.report(record)
 
-    should_stop = stop.StopCheck(cfg.run_dir, device, reporter.preempted)
+    should_stop = stop.StopCheck(cfg.run_dir, device, reporter.preempted,
+                                 save_every_s=cfg.training.save_every_minutes * 60)
     try:
         engine.train(loop, progress, engine.Hooks(report, should_stop=should_stop))
     finally:
         trackers.close()
+    if should_stop.reason == stop.RESIZE:
+        await_resize(cfg, rank)
+
+
+RESIZE_WAIT_S = 300.0
+
+
+def await_resize(cfg: RunConfig, rank: int, limit_s: float = RESIZE_WAIT_S) -> None:
+    """After the checkpoint a resize asked for: answer the request and wait for Ray Train to stop these workers
+    and start more from that checkpoint. Returning would end the run as finished; a resize that does not come
+    fails the attempt instead, and Ray Train restarts it from the same checkpoint."""
+    if rank == 0:
+        stop.resized(cfg.run_dir)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    raise RuntimeError(f"the workers saved a checkpoint for Ray Train to restart them on more workers, and it did "
+                       f"not within {limit_s:.0f} s")

@@ -7,8 +7,8 @@
 # the frozen base in layer shards, 19.9 GiB allocated and 24.8 GiB in use (NVML)
 # (reports/scaling-qlora-70b/2026-11-27-4xh200); estimated for this recipe on its 16 GPUs, 8.2 GiB allocated and
 # 13.2 GiB in use while training (python -m ftcluster estimate --config configs/llama3_70b_qlora.yaml
-# scaling.num_workers=16). Its model is a hub id, which loads the whole 4-bit model onto each GPU first (39.7 GiB):
-# download the checkpoint to a directory and point model.name_or_path there, and it loads partitioned.
+# scaling.num_workers=16). Its model is a hub id: the driver downloads its snapshot once, into $FTC_STORAGE/.hub
+# (model.hub_cache; HF_HOME's cache where HF_HOME is set), before the workers start; each GPU loads its share of it.
 #SBATCH --job-name=ftc-qlora_70b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -61,18 +61,20 @@ def wait_done(env, job: str, timeout: float = 600) -> str:
                     timeout, f"job {job} to end")
 
 
-def submit(env, tmp_path: Path, tiny_model: Path, name: str, port_base: int, **extra) -> tuple[str, Path]:
+def submit(env, tmp_path: Path, tiny_model: Path, name: str, port_base: int, sbatch: tuple = (), job_env: dict = {},
+           **extra) -> tuple[str, Path]:
     """sbatch the real qlora_70b.sh with overrides for a tiny CPU run: its own recipe, ZeRO-3 over 4-bit weights
-    stored as bf16 and paged 8-bit AdamW included; one worker on each of the two nodes."""
+    stored as bf16 and paged 8-bit AdamW included; one worker on each of the two nodes (``sbatch``: options of its
+    own, ``job_env``: variables for the job)."""
     overrides = tiny_overrides(tiny_model, tmp_path, name, **{
         "data.source": "builtin:pydoc", "training.gradient_accumulation_steps": 1, "training.max_steps": 6,
         "training.save_every": 3, "training.eval_every": 0, "scaling.cpus_per_worker": 1,
         "scaling.placement_strategy": "STRICT_SPREAD", **extra})
     overrides = [o for o in overrides if not o.startswith("scaling.num_workers=")]  # the script sets it
     job_env = {**env, "FTC_ACTIVATE": f"source {Path(sys.prefix) / 'bin' / 'activate'}", "FTC_STORAGE": str(tmp_path),
-               "FTC_PORT_BASE": str(port_base), "FTC_DRAIN_S": "20"}
+               "FTC_PORT_BASE": str(port_base), "FTC_DRAIN_S": "20", **job_env}
     out = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=4000",
-                          "--time=20", f"--output={tmp_path / 'job-%j.out'}", str(SCRIPT), *overrides],
+                          "--time=20", f"--output={tmp_path / 'job-%j.out'}", *sbatch, str(SCRIPT), *overrides],
                          cwd=REPO, env=job_env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0], tmp_path / name
 
@@ -142,9 +144,33 @@ def test_sigterm_before_the_time_limit_checkpoints_requeues_and_the_job_resumes(
     rs = records(run_dir)
     stopped = next(r for r in rs if r.get("stopped"))
     assert stopped["stopped"] == "stop requested" and stopped["step"] < 40 and "checkpoint" in stopped
-    assert f"at step {stopped['step']}" in log  # "resumed from ... at step N"
+    assert f"resumed from step {stopped['step']} on 2 workers (saved on 2)" in log
     after = rs[rs.index(stopped) + 1]
     assert after["step"] == stopped["step"] + 1 and after["pid"] != stopped["pid"]
+    assert rs[-1]["step"] == 40 and (run_dir / "final").is_dir()
+
+
+def test_a_job_stopped_on_two_nodes_resumes_when_submitted_again_on_one(slurm, tmp_path, tiny_model):
+    """A requeued job that comes back with fewer nodes, by hand: the same script and overrides, sbatch --nodes=1.
+    The 70B recipe's ZeRO-3 over 4-bit layer shards and paged 8-bit AdamW go on from the saved step on one worker
+    (DeepSpeed's universal checkpoint, the global batch kept)."""
+    overrides = {"training.max_steps": 40, "training.save_every": 0, "training.log_every": 1}
+    job, run_dir = submit(slurm, tmp_path, tiny_model, "fewer", 26000, job_env={"FTC_REQUEUE": "0"}, **overrides)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the first step")
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm, check=True)
+    wait_done(slurm, job)
+    assert "ray_slurm: driver exited with 75" in log_of(tmp_path, job)
+    stopped = records(run_dir)[-1]
+    assert stopped["stopped"] == "stop requested" and stopped["world_size"] == 2 and "checkpoint" in stopped
+
+    again, _ = submit(slurm, tmp_path, tiny_model, "fewer", 26100, sbatch=("--nodes=1",), **overrides)
+    state = wait_done(slurm, again)
+    log = log_of(tmp_path, again)
+    assert state == "COMPLETED", log[-5000:]
+    assert f"resumed from step {stopped['step']} on 1 workers (saved on 2)" in log
+    rs = records(run_dir)
+    after = rs[rs.index(stopped) + 1:]
+    assert after[0]["step"] == stopped["step"] + 1 and {r["world_size"] for r in after} == {1}
     assert rs[-1]["step"] == 40 and (run_dir / "final").is_dir()
 
 

@@ -175,7 +175,7 @@ def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, 
     # Ray reaps the dead driver's workers; then the same command resumes.
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from step" in resumed.stdout + resumed.stderr
     after = [r for r in records(cfg.run_dir) if "loss" in r]
     restart = next(i for i, r in enumerate(after) if i and r["pid"] != after[0]["pid"])
     assert after[restart]["step"] == saved + 1
@@ -215,9 +215,10 @@ def _stopped_by(sig, cfg, cmd) -> tuple[str, dict]:
     return out, records(cfg.run_dir)[-1]
 
 
-def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command_resumes(ray_local, tiny_model,
-                                                                                           storage):
-    """What sbatch's --signal, scancel and `ray job stop` do to a run: it must end resumable, not lost."""
+def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_command_resumes_on_fewer_workers(
+        ray_local, tiny_model, storage):
+    """What sbatch's --signal, scancel and `ray job stop` do to a run: it must end resumable, not lost. Stopped on 2
+    workers, the same command with scaling.num_workers=1 goes on from the next step on one."""
     cfg, cmd = _driver(ray_local, tiny_model, storage, "sigterm", **{**SIGNALLED, "training.eval_batches": 2})
     out, last = _stopped_by(signal.SIGTERM, cfg, cmd)
     assert last["stopped"] == "stop requested" and "checkpoint" in last
@@ -225,11 +226,13 @@ def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_same_command
     assert "Run the same command again to resume" in out
     assert not (cfg.run_dir / "final").exists()
 
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert last["world_size"] == 2
+    resumed = subprocess.run([*cmd, "scaling.num_workers=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {last['step']}" in resumed.stdout + resumed.stderr
+    assert f"resumed from step {last['step']} on 1 workers (saved on 2)" in resumed.stdout + resumed.stderr
     after = records(cfg.run_dir)
     assert after[after.index(last) + 1]["step"] == last["step"] + 1  # not one step lost or repeated
+    assert {r["world_size"] for r in after[after.index(last) + 1:]} == {1}
     assert json.loads((cfg.run_dir / "summary.json").read_text())["stopped"] is None
     assert (cfg.run_dir / "final").is_dir()
 

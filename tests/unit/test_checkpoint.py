@@ -46,3 +46,40 @@ def test_the_final_model_is_moved_to_final_and_the_checkpoint_links_to_it(tmp_pa
     final.rename(tmp_path / "final.tmp")
     assert run_dir.publish_final(tmp_path, str(ckpt)) == final and (final / "adapter_model.safetensors").exists()
     assert run_dir.publish_final(tmp_path, str(tmp_path / "checkpoint_step0000004")) is None  # no model there
+
+
+def test_a_corrupt_or_partial_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path):
+    def write(d):
+        (d / "progress.json").write_text('{"step": 1}')
+        (d / "deepspeed" / "state").mkdir(parents=True)
+        for rank in (0, 1):
+            (d / "deepspeed" / "state" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * 1000)
+
+    for step in (2, 4, 6):
+        checkpoint.keep(tmp_path, step, write, keep_last=3)
+    newest, middle = tmp_path / "checkpoint_step0000006", tmp_path / "checkpoint_step0000004"
+    assert checkpoint.problem(newest) is None and checkpoint.latest(tmp_path) == newest
+    # Storage that lost the end of one rank's file (a node gone mid-copy, a full disk): the size tells.
+    (newest / "deepspeed" / "state" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 10)
+    assert checkpoint.problem(newest) == ("deepspeed/state/zero_pp_rank_1_optim_states.pt is 10 bytes, "
+                                          "1,000 when saved")
+    (middle / "progress.json").write_text('{"step":')  # cut short
+    assert "progress.json cannot be read" in checkpoint.problem(middle)
+    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint_step0000002"
+
+    lines = checkpoint.set_aside_unusable(tmp_path)
+    assert lines == [
+        "checkpoint checkpoint_step0000004 cannot be resumed from: its progress.json cannot be read "
+        "(JSONDecodeError: Expecting value: line 1 column 9 (char 8)). Set aside as checkpoint_step0000004.unusable; "
+        "the run resumes from checkpoint_step0000002.",
+        "checkpoint checkpoint_step0000006 cannot be resumed from: deepspeed/state/zero_pp_rank_1_optim_states.pt "
+        "is 10 bytes, 1,000 when saved. Set aside as checkpoint_step0000006.unusable; the run resumes from "
+        "checkpoint_step0000002."]
+    # Nothing is deleted; neither the resume nor the keeping of the latest three counts them.
+    assert (tmp_path / "checkpoint_step0000006.unusable" / "deepspeed").is_dir()
+    assert [d.name for d in checkpoint.saved(tmp_path)] == ["checkpoint_step0000002"]
+    assert checkpoint.resume_of(tmp_path).checkpoint == str(tmp_path / "checkpoint_step0000002")
+    # A missing file is named too.
+    (tmp_path / "checkpoint_step0000002" / "deepspeed" / "state" / "zero_pp_rank_0_optim_states.pt").unlink()
+    assert checkpoint.problem(tmp_path / "checkpoint_step0000002") == (
+        "deepspeed/state/zero_pp_rank_0_optim_states.pt is missing")

@@ -105,12 +105,12 @@ def test_a_4bit_model_from_the_hub_under_zero3_must_fit_whole_while_it_loads():
 
     shape = E.shape_of("llama-3-70b")
     run = E.Run(method="qlora", gpus=16, zero=3, seq_len=2048, grad_ckpt=True, optimizer="paged_adamw_8bit",
-                hub_checkpoint=True)
+                loads_whole=True)
     e = E.estimate(shape, run)
     one = E.terms(shape, replace(run, gpus=1))
     whole = one["weights"] + one["weights' quantization constants"]
     assert e.device < whole / 1.5 and e.need == e.loading > whole  # 19 GiB per GPU in training, 40 while loading
-    assert E.estimate(shape, replace(run, hub_checkpoint=False)).need == e.device  # read module by module
+    assert E.estimate(shape, replace(run, loads_whole=False)).need == e.device  # read module by module
     assert E.estimate(shape, replace(run, method="lora")).loading == 0  # 16-bit models load partitioned
     out = E.explain("llama-3-70b", shape, run, budget_gib=37.3)
     assert "does not fit" in out and "while it loads" in out and "more GPUs" not in out

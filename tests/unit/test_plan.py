@@ -193,3 +193,43 @@ def test_the_estimator_estimates_the_planned_run():
     one = C.load(None, ["method=qlora", "deepspeed.zero_stage=3", "model.gradient_checkpointing=true"])
     run = P.estimator_run(one, P.make(one, GPU, read_data=False))
     assert (run.zero, run.layer_shards, run.fused_loss, run.compiled) == (2, False, True, True)
+
+
+def test_an_elastic_run_has_an_accumulation_for_every_worker_count_that_keeps_its_global_batch(tmp_path):
+    plan = planned("scaling.num_workers=4", "scaling.min_workers=2", "ray.max_failures=-1",
+                   "training.gradient_accumulation_steps=3", "training.micro_batch_size=2")
+    assert plan.global_batch == 24 and plan.elastic == {2: 6, 3: 4, 4: 3}
+    assert "2:6,3:4,4:3" in plan.describe() and "scaling.min_workers=2" in plan.reasons["elastic"]
+    on_two = plan.for_workers(2)
+    assert (on_two.workers, on_two.accumulation, on_two.global_batch) == (2, 6, 24)
+    assert plan.for_workers(4) is plan
+    with pytest.raises(ValueError, match="not 5"):
+        plan.for_workers(5)
+    plan.save(tmp_path)  # JSON keys are strings: the counts come back as ints
+    assert P.Plan.from_json(json.loads((tmp_path / "plan.json").read_text())).elastic == {2: 6, 3: 4, 4: 3}
+    # The memory a worker needs is the fewest workers' (a ZeRO partition is largest there).
+    fewest = planned("scaling.num_workers=2", "training.gradient_accumulation_steps=2", "deepspeed.zero_stage=3",
+                     "method=full")
+    elastic = planned("scaling.num_workers=2", "scaling.min_workers=1", "ray.max_failures=1",
+                      "training.gradient_accumulation_steps=2", "deepspeed.zero_stage=3", "method=full")
+    assert elastic.memory_gib > fewest.memory_gib and "on 1 workers, the fewest" in elastic.reasons["memory_gib"]
+    assert planned("scaling.num_workers=2").elastic is None
+
+
+def test_an_elastic_range_with_a_count_that_cannot_keep_the_global_batch_is_refused_with_what_every_count_keeps():
+    with pytest.raises(C.ConfigError) as refused:
+        planned("scaling.num_workers=4", "scaling.min_workers=2", "ray.max_failures=-1")
+    message = str(refused.value)
+    assert "scaling.min_workers=2 to num_workers=4" in message and "3 worker(s) cannot keep" in message
+    assert "global batch of 4 rows" in message and "a multiple of 12" in message
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["scaling.num_workers=2", "scaling.min_workers=3", "ray.max_failures=1"], "scaling.min_workers=3 is more"),
+    (["scaling.num_workers=2", "scaling.min_workers=1"], "with ray.max_failures=0"),
+    (["scaling.num_workers=2", "scaling.min_workers=1", "ray.max_failures=1", "ray.local_mode=true"],
+     "ray.local_mode"),
+])
+def test_elastic_settings_that_cannot_work_are_refused_naming_the_field(overrides, field):
+    with pytest.raises(Exception, match=field):
+        C.load(None, overrides)

@@ -38,10 +38,15 @@ def test_a_run_that_does_not_fit_is_refused_with_the_cheapest_fix_in_config_term
         gpu_memory_gib=14, check_fit=False)}))
 
 
-def test_a_hub_4bit_model_under_zero3_is_refused_for_its_loading_phase():
-    cfg = C.load("configs/llama3_70b_qlora.yaml", ["resources.gpu_memory_gib=24", "scaling.num_workers=16"])
-    with pytest.raises(C.ConfigError, match="loads whole onto each GPU.*download it to a directory"):
-        fit(cfg)
+def test_a_hub_4bit_70b_under_zero3_fits_24_gib_gpus_once_downloaded_it_loads_partitioned(tmp_path):
+    """A hub id loaded whole onto each GPU (37 GiB at 70B) once refused this run; downloaded by the driver to a
+    snapshot it loads as a local checkpoint does, a share on each GPU."""
+    cfg = C.load("configs/llama3_70b_qlora.yaml", ["resources.gpu_memory_gib=24", "scaling.num_workers=16",
+                                                   f"output.storage_path={tmp_path}"])
+    assert "fits" in fit(cfg)
+    planned = plan.make(cfg, Hardware.gpu(24), read_data=False)
+    assert planned.model_download == str(tmp_path.resolve() / ".hub") == cfg.model.hub_cache
+    assert "downloads its safetensors snapshot once" in planned.reasons["model_download"]
 
 
 def test_cpu_runs_and_unknown_gpus_are_not_refused():
@@ -68,6 +73,12 @@ def test_a_cluster_too_small_for_the_workers_is_named_with_the_fields_to_change(
     short = cluster.check_cluster(cfg, True, nodes[:1])
     assert "scaling.num_workers=16 x scaling.gpus_per_worker=1 needs 16 GPU" in short and "has 8" in short
     assert "resources_per_worker.nvme" in cluster.check_cluster(cfg, False, [{"CPU": 64.0, "nvme": 1.0}] * 2)
+    # An elastic run starts on as few as its min_workers, and grows when the cluster does.
+    elastic = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=16", "scaling.min_workers=8",
+                                                      "ray.max_failures=-1"])
+    assert cluster.check_cluster(elastic, True, nodes[:1]) is None
+    assert "scaling.min_workers=8 x scaling.gpus_per_worker=1 needs 8 GPU" in cluster.check_cluster(
+        elastic, True, [{"CPU": 64.0, "GPU": 4.0}])
     huge = C.load("configs/llama2_7b_qlora.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=100"])
     assert "no node of the Ray cluster can hold one worker" in cluster.check_cluster(huge, True, nodes)
 

@@ -2,6 +2,7 @@
 step in flight (it is the previous step's reduction)."""
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -39,3 +40,43 @@ def test_one_worker_obeys_at_once(tmp_path):
     assert check() is None
     stop.request(tmp_path, "SIGTERM")
     assert check() == "stop requested"
+
+
+def _resize_then_stop(rank: int, world: int, port: int, run_dir: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    check = stop.StopCheck(run_dir, torch.device("cpu"), poll_s=0.0)
+    answers = []
+    for call in range(1, 7):
+        if call == 2 and rank == 0:
+            stop.request_resize(run_dir, 4)
+        if call == 4 and rank == 0:
+            stop.request(run_dir, "SIGTERM")
+        dist.barrier()
+        answers.append(check())
+    out[rank] = (answers, check.reason)
+    dist.destroy_process_group()
+
+
+def test_a_resize_request_is_obeyed_by_every_worker_and_a_stop_request_wins_over_it(tmp_path):
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_resize_then_stop, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
+        answers = dict(out)
+    assert answers[0] == answers[1] == ([None, None, "resize", "resize", "stop requested", "stop requested"],
+                                        "stop requested")
+    assert stop.resize_pending(tmp_path)
+    stop.clear(tmp_path)  # a new attempt obeys neither
+    assert not stop.resize_pending(tmp_path) and not (tmp_path / stop.STOP_FILE).exists()
+
+
+def test_a_checkpoint_is_due_by_time_an_interval_after_the_last_one():
+    check = stop.StopCheck("/nonexistent", torch.device("cpu"), poll_s=0.0, save_every_s=0.3)
+    assert check() is None
+    time.sleep(0.35)
+    assert check() == stop.TIMED
+    check.saved()  # the worker saved it: the next is an interval away
+    assert check() is None
+    time.sleep(0.35)
+    assert check() == stop.TIMED
+    assert stop.StopCheck("/nonexistent", torch.device("cpu"), poll_s=0.0)() is None  # 0: never by time
