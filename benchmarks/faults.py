@@ -4,6 +4,7 @@ per event).
 
     python -m benchmarks.faults                        # every event
     python -m benchmarks.faults --events node-loss     # node-loss, sigterm-resume, slurm-requeue
+    python -m benchmarks.faults --from reports/faults/<dir>/drill.json   # render again, running nothing
 
 * ``node-loss``: two Ray nodes on this host (``ray start``, one CPU each, one worker each); the run has
   ``scaling.min_workers=1``. The second node is killed (SIGKILL to its processes) mid-run; the run goes on with one
@@ -265,11 +266,16 @@ def plot(drill: Drill, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if drill.undisturbed:
-        ax.plot(list(drill.undisturbed), list(drill.undisturbed.values()), color="0.6", lw=1.2, label="undisturbed")
-    ax.plot(list(drill.losses), list(drill.losses.values()), color="C0", lw=1.2, label=drill.event)
-    for e in drill.events:
+        steps = sorted(int(k) for k in drill.undisturbed)
+        ax.plot(steps, [drill.undisturbed[str(k)] if str(k) in drill.undisturbed else drill.undisturbed[k]
+                        for k in steps], color="0.7", lw=3.5, label="undisturbed")
+    steps = sorted(int(k) for k in drill.losses)
+    ax.plot(steps, [drill.losses[str(k)] if str(k) in drill.losses else drill.losses[k] for k in steps], color="C0",
+            lw=1.0, label=drill.event)
+    top = ax.get_ylim()[1]
+    for i, e in enumerate(drill.events):
         ax.axvline(e.at_step, color="C3", ls="--", lw=1)
-        ax.text(e.at_step, ax.get_ylim()[1], f" {e.kind}", color="C3", va="top", fontsize=8)
+        ax.text(e.at_step, top - i * 0.06 * (top - ax.get_ylim()[0]), f" {e.kind}", color="C3", va="top", fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=8)
@@ -281,8 +287,10 @@ def plot(drill: Drill, out: Path) -> None:
 def render(drills: list[Drill], header: dict) -> str:
     out = ["# Fault drill", "",
            f"{header['date']}, {header['host']}, commit {header['commit']}, command `{header['command']}`.", "",
-           "The CPU recipe (configs/tiny_cpu.yaml: the embedded model's architecture at 2 layers, random weights, "
-           "LoRA, ZeRO-2) through each event, beside the same run left alone. *Time lost*: from the event until the "
+           "Each run is on CPUs, the embedded model's architecture at 2 layers with random weights: "
+           "configs/tiny_cpu.yaml (LoRA, ZeRO-2) for the Ray events, the Slurm script's recipe (QLoRA, ZeRO-3 "
+           "over 4-bit layer shards, paged 8-bit AdamW) for the Slurm one; each beside the same run left alone (the "
+           "grey curve, under the event's where they agree). *Time lost*: from the event until the "
            "run was back at the step it had reached, less the time those steps took before the event. *Steps "
            "redone*: those after the checkpoint it went on from.", "",
            "| event | what happened | workers | at step | resumed from | steps redone | time lost | run ended |",
@@ -413,7 +421,15 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--events", nargs="+", choices=EVENTS, default=list(EVENTS))
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of each run")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "faults")
+    p.add_argument("--from", dest="source", type=Path, help="render again from a drill.json, running nothing")
     args = p.parse_args(argv)
+    if args.source:
+        saved = json.loads(args.source.read_text())
+        drills = [Drill(**{**d, "events": [Event(**e) for e in d["events"]]}) for d in saved.pop("drills")]
+        for d in drills:
+            plot(d, args.source.parent)
+        (args.source.parent / "report.md").write_text(render(drills, saved))
+        return args.source.parent
     temp = Path(tempfile.mkdtemp(prefix="ftcdrill", dir="/tmp"))  # short: Ray's socket paths
     storage = temp / "runs"
     storage.mkdir()
