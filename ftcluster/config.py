@@ -428,12 +428,14 @@ class RunConfig(Section):
     def identity(self) -> dict:
         """Everything that changes what is trained: not where it goes, how it is launched, tracked or sized, nor the
         kernels, compilation and activation placement, which change speed and memory but not the result, nor how
-        a step's rows are split into micro batches (the global batch a resumed run keeps is its plan's)."""
+        a step's rows are split into micro batches (the global batch a resumed run keeps is its plan's), nor how
+        often it logs, evaluates, profiles or checkpoints."""
         return self.model_dump(mode="json", exclude={
             "output": True, "ray": True, "scaling": True, "resources": True, "tracking": True,
             "model": {"liger_kernel", "fused_loss_chunk_scale", "compile", "activation_offloading", "hub_cache"},
             "quantization": {"keep_recomputed_weights"}, "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"},
-            "training": {"micro_batch_size", "gradient_accumulation_steps"}})
+            "training": {"micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_every",
+                         "eval_batches", "save_every", "save_every_minutes", "profile_steps"}})
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`identity`."""

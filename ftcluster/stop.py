@@ -11,7 +11,7 @@ Two things ask:
   the workers on that node; every worker reads its own mark.
 
 A third thing asks for a checkpoint without ending the run: Ray Train, when an elastic run (scaling.min_workers)
-can grow back to more workers. Its scaling policy (patches.CheckpointedResize) writes ``<run_dir>/RESIZE``; the
+can grow back to more workers. Its scaling policy (patches.elastic_torch_trainer) writes ``<run_dir>/RESIZE``; the
 workers save, rank 0 removes the file, and they wait for Ray Train to restart them on more workers from that
 checkpoint, so no step is done twice.
 
@@ -81,7 +81,7 @@ def on_signals(run_dir: Path) -> None:
 
 class StopCheck:
     """Called once per optimizer step on every worker (at the same steps: the flag is a collective); returns the
-    reason to stop, the same on every worker."""
+    reason to stop (or ``TIMED``: a checkpoint is due), the same on every worker."""
 
     REASONS = ("", TIMED, RESIZE, "stop requested", "node preempted")
     """By flag; the workers agree on the largest: a stop wins over a resize, and both save as a due checkpoint

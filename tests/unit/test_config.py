@@ -122,6 +122,10 @@ def test_a_resumed_run_may_change_its_workers_and_how_a_step_is_split():
     a = C.load(None, ["scaling.num_workers=2", "training.micro_batch_size=4", "training.gradient_accumulation_steps=2"])
     b = C.load(None, ["scaling.num_workers=1", "training.micro_batch_size=2", "training.gradient_accumulation_steps=8"])
     assert a.differences(b) == [] and a.fingerprint() == b.fingerprint()
+    # Nor how often it checkpoints, logs or evaluates: a run resumed to save more often is the same run.
+    c = C.load(None, ["training.save_every=5", "training.save_every_minutes=10", "training.log_every=1",
+                      "training.eval_every=50"])
+    assert c.differences(C.load(None, [])) == []
 
 
 def test_resolved_config_round_trips(tmp_path):
