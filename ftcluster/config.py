@@ -122,7 +122,8 @@ class DataConfig(Section):
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     split: str = "train"
     eval_split: str | None = None
-    """A split of ``source`` to evaluate on; when absent, ``eval_fraction`` of the train split is held out."""
+    """A split of ``source`` to evaluate on (a directory's or hub dataset's: a local file has none); when absent,
+    ``eval_fraction`` of the train split is held out."""
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_examples: int | None = Field(None, gt=0)
     max_seq_len: int = Field(1024, gt=8)
@@ -144,6 +145,22 @@ class DataConfig(Section):
     @classmethod
     def _yaml_on_off(cls, v):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
+
+    @model_validator(mode="after")
+    def _one_split_in_a_file(self) -> "DataConfig":
+        """A local file has no splits: a split named for one would read the file itself, and an evaluation on
+        ``data.eval_split`` would be on the training rows."""
+        if not Path(self.source).expanduser().is_file():
+            return self
+        if self.eval_split is not None:
+            raise ValueError(
+                f"data.eval_split={self.eval_split} with data.source={self.source}: a file has no splits, so the "
+                "evaluation would be on the training rows. Unset data.eval_split and hold rows out with "
+                "data.eval_fraction, or use a directory or hub dataset that has the split.")
+        if self.split != "train":
+            raise ValueError(f"data.split={self.split} with data.source={self.source}: a file has no splits, and "
+                             "all of it is trained on. Unset data.split.")
+        return self
 
 
 class OptimizerConfig(Section):

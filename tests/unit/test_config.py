@@ -188,3 +188,15 @@ def test_bf16_master_weights_need_a_bf16_model_without_the_qlora_upcast():
         C.load(None, ["optimizer.master_weights=bf16", "method=qlora", "quantization.upcast_non_quantized=true"])
 
 
+
+
+def test_a_split_named_for_a_local_file_is_refused_rather_than_evaluating_on_training_rows(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    with pytest.raises(C.ConfigError, match=r"data.eval_split=validation .* evaluation would be on the training"):
+        C.load(None, [f"data.source={data}", "data.eval_split=validation"])
+    with pytest.raises(C.ConfigError, match=r"data.split=test .* a file has no splits"):
+        C.load(None, [f"data.source={data}", "data.split=test"])
+    assert C.load(None, [f"data.source={data}", "data.eval_fraction=0.1"]).data.eval_split is None
+    # A hub dataset or directory keeps its splits.
+    assert C.load(None, ["data.source=yahma/alpaca-cleaned", "data.eval_split=test"]).data.eval_split == "test"
