@@ -266,12 +266,8 @@ def plot(drill: Drill, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if drill.undisturbed:
-        steps = sorted(int(k) for k in drill.undisturbed)
-        ax.plot(steps, [drill.undisturbed[str(k)] if str(k) in drill.undisturbed else drill.undisturbed[k]
-                        for k in steps], color="0.7", lw=3.5, label="undisturbed")
-    steps = sorted(int(k) for k in drill.losses)
-    ax.plot(steps, [drill.losses[str(k)] if str(k) in drill.losses else drill.losses[k] for k in steps], color="C0",
-            lw=1.0, label=drill.event)
+        ax.plot(list(drill.undisturbed), list(drill.undisturbed.values()), color="0.7", lw=3.5, label="undisturbed")
+    ax.plot(list(drill.losses), list(drill.losses.values()), color="C0", lw=1.0, label=drill.event)
     top = ax.get_ylim()[1]
     for i, e in enumerate(drill.events):
         ax.axvline(e.at_step, color="C3", ls="--", lw=1)
@@ -425,7 +421,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if args.source:
         saved = json.loads(args.source.read_text())
-        drills = [Drill(**{**d, "events": [Event(**e) for e in d["events"]]}) for d in saved.pop("drills")]
+        by_step = lambda losses: {int(step): loss for step, loss in sorted(losses.items(), key=lambda i: int(i[0]))}
+        drills = [Drill(**{**d, "events": [Event(**e) for e in d["events"]], "losses": by_step(d["losses"]),
+                           "undisturbed": by_step(d["undisturbed"])}) for d in saved.pop("drills")]
         for d in drills:
             plot(d, args.source.parent)
         (args.source.parent / "report.md").write_text(render(drills, saved))
