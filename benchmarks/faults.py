@@ -177,8 +177,9 @@ class Event:
 
 def cost(event: Event, run: list[dict], step_time_s: float) -> Event:
     """``event`` with its time lost and steps done twice, from the run's lines (in the order logged): the first line
-    after the event at or past the step it had reached, less the time the redone steps took."""
-    after = [l for l in run if l["time"] > event.at_unix]
+    after the event on its new worker count at or past the step it had reached, less the time the redone steps
+    took."""
+    after = [l for l in run if l["time"] > event.at_unix and l["world_size"] == event.workers_after]
     back = next(l for l in after if l["step"] >= max(event.at_step, event.resumed_from + 1))
     event.steps_redone = max(0, event.at_step - event.resumed_from)
     event.back_unix = back["time"]
@@ -220,10 +221,14 @@ def node_loss(storage: Path, temp: Path, steps: int = 400, kill_after: int = 30,
                             f"step {kill_after}", driver)
             nodes.kill(1)
             killed_at = time.time()
-            before = [l for l in lines(run_dir) if l["time"] <= killed_at]
+            wait_for(lambda: any(l["world_size"] == 1 for l in lines(run_dir)), 600, "steps on one worker", driver)
+            # What the run had done on two workers: every line before its first on one. Not the lines written
+            # before the kill: the driver writes a step's line when it reads the workers' report, which can be
+            # after the step, and so after the kill.
+            run = lines(run_dir)
+            before = run[:next(i for i, l in enumerate(run) if l["world_size"] == 1)]
             saved = max((l["step"] for l in before if l.get("checkpoint")), default=0)
             events = [Event("node lost", before[-1]["step"], killed_at, saved, 2, 1)]
-            wait_for(lambda: any(l["world_size"] == 1 for l in lines(run_dir)), 600, "steps on one worker", driver)
             if regrow:
                 nodes.start(1)
                 back_at = time.time()
