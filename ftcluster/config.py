@@ -122,16 +122,25 @@ class DataConfig(Section):
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     split: str = "train"
     eval_split: str | None = None
-    """A split of ``source`` to evaluate on (a directory's or hub dataset's: a local file has none); when absent,
-    ``eval_fraction`` of the train split is held out."""
+    """What to evaluate on: a split of a directory or hub dataset (``test``), or, with a local file as the source,
+    another local file of the same format (``test.jsonl``). When absent, ``eval_fraction`` of the train split is held
+    out."""
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """The share of the train split held out for evaluation when no ``eval_split`` is named (a builtin dataset's
+    held-out share, chosen by a hash of each example's name)."""
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Hold this share of the training examples out and evaluate on them instead of the held-out (test) examples,
+    which the run then leaves unused: what choosing hyperparameters scores on, so that the test examples stay
+    unseen until the runs at the chosen settings (``benchmarks.compare --tune``)."""
     max_examples: int | None = Field(None, gt=0)
     max_seq_len: int = Field(1024, gt=8)
     packing: bool = True
     train_on_prompt: bool = False
     """Loss on prompt tokens too. Off by default: loss on response tokens only."""
     text_field: str = "text"
+    """The field of the text (``format: text`` only)."""
     messages_field: str = "messages"
+    """The field of the list of messages (``format: chat`` only)."""
     streaming: Literal["auto", "on", "off"] = "auto"
     """Prepare rows in one pass over the source, holding ``shuffle_buffer`` examples rather than the corpus.
     ``auto`` streams sources over 1 GiB (a file's size, a directory's files, a hub dataset's Arrow data); see
@@ -147,20 +156,47 @@ class DataConfig(Section):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
     @model_validator(mode="after")
-    def _one_split_in_a_file(self) -> "DataConfig":
-        """A local file has no splits: a split named for one would read the file itself, and an evaluation on
-        ``data.eval_split`` would be on the training rows."""
-        if not Path(self.source).expanduser().is_file():
-            return self
-        if self.eval_split is not None:
-            raise ValueError(
-                f"data.eval_split={self.eval_split} with data.source={self.source}: a file has no splits, so the "
-                "evaluation would be on the training rows. Unset data.eval_split and hold rows out with "
-                "data.eval_fraction, or use a directory or hub dataset that has the split.")
-        if self.split != "train":
-            raise ValueError(f"data.split={self.split} with data.source={self.source}: a file has no splits, and "
-                             "all of it is trained on. Unset data.split.")
+    def _what_the_source_has(self) -> "DataConfig":
+        """Every field is honoured by the kind of source named, or refused: a split named for a file would read the
+        file itself (an evaluation on ``data.eval_split`` would be on the training rows), and a builtin dataset has
+        its own held-out split."""
+        if self.source.startswith("builtin:"):
+            for name, value, default in (("split", self.split, "train"), ("eval_split", self.eval_split, None),
+                                         ("format", self.format, "alpaca")):
+                if value != default:
+                    raise ValueError(
+                        f"data.{name}={value} with data.source={self.source}: a builtin dataset is alpaca-format "
+                        "rows with its own held-out split (data.eval_fraction of them, chosen by a hash of each "
+                        f"example's name). Unset data.{name}.")
+        elif Path(self.source).expanduser().is_file():
+            if self.eval_split is not None and not self.eval_split.endswith(FILE_SUFFIXES):
+                raise ValueError(
+                    f"data.eval_split={self.eval_split} with data.source={self.source}: a file has no splits, so the "
+                    "evaluation would be on the training rows. Name another file to evaluate on (data.eval_split="
+                    "test.jsonl; .json, .jsonl, .csv or .parquet), or unset data.eval_split and hold rows out with "
+                    "data.eval_fraction.")
+            if self.eval_split is not None and _same_file(self.eval_split, self.source):
+                raise ValueError(f"data.eval_split={self.eval_split} is data.source itself: the evaluation would be "
+                                 "on the training rows. Name another file, or unset data.eval_split.")
+            if self.split != "train":
+                raise ValueError(f"data.split={self.split} with data.source={self.source}: a file has no splits, and "
+                                 "all of it is trained on. Unset data.split.")
+        if self.text_field != "text" and self.format != "text":
+            raise ValueError(f"data.text_field={self.text_field} with data.format={self.format}: only format=text "
+                             "reads it. Set data.format=text, or unset data.text_field.")
+        if self.messages_field != "messages" and self.format != "chat":
+            raise ValueError(f"data.messages_field={self.messages_field} with data.format={self.format}: only "
+                             "format=chat reads it. Set data.format=chat, or unset data.messages_field.")
         return self
+
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+"""What a local data file may be (ftcluster/data/reading.py reads each)."""
+
+
+def _same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() or (pa.exists() and pb.exists() and pa.samefile(pb))
 
 
 class OptimizerConfig(Section):
@@ -581,6 +617,10 @@ def check_paths(cfg: RunConfig) -> None:
     src = cfg.data.source
     if not src.startswith("builtin:") and _looks_local(src) and not Path(src).expanduser().exists():
         raise ConfigError(f"data.source: {src} does not exist (a hub dataset name, a local file or directory, or builtin:pydoc)")
+    ev = cfg.data.eval_split
+    if ev is not None and Path(src).expanduser().is_file() and not Path(ev).expanduser().is_file():
+        raise ConfigError(f"data.eval_split: {ev} does not exist (with a local file as data.source, the file to "
+                          "evaluate on)")
     if src.startswith("builtin:") and src not in BUILTIN_DATASETS:
         raise ConfigError(f"data.source: unknown builtin dataset {src!r}; the builtin datasets are "
                           f"{', '.join(BUILTIN_DATASETS)}")

@@ -84,6 +84,9 @@ class Plan:
     """QLoRA: the dtype the packed 4-bit weights are stored in."""
     streaming: bool
     """Rows prepared in one streaming pass over the source (ftcluster/data/streaming.py)."""
+    evaluation: str
+    """What the evaluation examples are: ``held-out`` (a share of the train split), ``split`` (a split or file
+    named for it), ``validation`` (a share of the training examples; the held-out ones unused) or ``none``."""
     micro_batch: int
     accumulation: int
     global_batch: int
@@ -381,6 +384,21 @@ def streaming(d: DataConfig, read_data: bool = True) -> tuple[bool, str]:
                    + f" {reading.STREAM_ABOVE / 2**30:.0f} GiB")
 
 
+def evaluation(d: DataConfig) -> tuple[str, str]:
+    """What the run evaluates on, and why (ftcluster/data/reading.py makes the split)."""
+    if d.validation_fraction > 0:
+        return "validation", (f"data.validation_fraction={d.validation_fraction}: that share of the training "
+                              "examples; the held-out (test) examples are not used")
+    if d.eval_split:
+        return "split", f"data.eval_split={d.eval_split}"
+    if d.source.startswith("builtin:"):
+        return "held-out", (f"data.eval_fraction={d.eval_fraction or 0.1} of {d.source}, chosen by a hash of each "
+                            "example's name")
+    if d.eval_fraction > 0:
+        return "held-out", f"data.eval_fraction={d.eval_fraction} of the train split, never trained on"
+    return "none", "data.eval_fraction=0 and no data.eval_split"
+
+
 def accumulation_for(global_batch: int, micro_batch: int, workers: int) -> int:
     """The gradient accumulation that makes ``global_batch`` rows a step from ``workers`` workers' micro batches of
     ``micro_batch`` rows; ``ConfigError``, naming the worker counts and micro batches that can, where none does."""
@@ -485,6 +503,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     masters, clips, masters_why, clips_why = _masters(cfg, stage)
     storage, storage_why = _quant_storage(cfg)
     streams, streams_why = streaming(cfg.data, read_data)
+    evaluates, evaluates_why = evaluation(cfg.data)
     global_batch, accumulation, batch_why, accumulation_why = _batch(cfg, resume)
     elastic, elastic_why = _elastic(cfg, global_batch)
     download, download_why = _download(cfg)
@@ -495,7 +514,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
         compile=compiled, liger_layers=liger_layers, loss=loss, attention=attention, checkpointed_layers=ckpt,
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
-        streaming=streams, micro_batch=t.micro_batch_size, accumulation=accumulation,
+        streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
         global_batch=global_batch, elastic=elastic, memory_gib=None, model_download=download, resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
         reasons={
@@ -508,7 +527,8 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
             "recompute_only": ("compiled QLoRA layers: Inductor would otherwise save every dequantized weight"
                                if recompute else "nothing compiled holds a 4-bit weight"),
             "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
-            "quant_storage": storage_why, "streaming": streams_why, "micro_batch": "training.micro_batch_size",
+            "quant_storage": storage_why, "streaming": streams_why, "evaluation": evaluates_why,
+            "micro_batch": "training.micro_batch_size",
             "accumulation": accumulation_why, "global_batch": batch_why, "elastic": elastic_why, "model_download": download_why,
             "resume_from": resume_why,
         })

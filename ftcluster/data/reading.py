@@ -103,13 +103,23 @@ def _loaded(source: str, split: str):
     return load_dataset(source, split=split)
 
 
+def split_file(cfg: DataConfig, split: str) -> Path | None:
+    """The local file that holds ``split``: with a file as the source, the source for the train split and
+    ``data.eval_split``'s file for the evaluation one (config.DataConfig refuses any other split of a file); None
+    for a directory or hub dataset."""
+    path = Path(cfg.source).expanduser()
+    if not path.is_file():
+        return None
+    return Path(cfg.eval_split).expanduser() if cfg.eval_split and split == cfg.eval_split else path
+
+
 def iter_rows(cfg: DataConfig, split: str):
     """(row number, row) for every row of ``split``, one at a time: no more of the source in memory than a line
     (a JSON array excepted)."""
-    path = Path(cfg.source).expanduser()
-    if path.is_file():
+    path = split_file(cfg, split)
+    if path is not None:
         if path.suffix not in _READERS:
-            raise ValueError(f"{cfg.source} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
+            raise ValueError(f"{path} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
         yield from _READERS[path.suffix](path)
         return
     yield from enumerate(hub_split(cfg, split), 1)
@@ -117,8 +127,8 @@ def iter_rows(cfg: DataConfig, split: str):
 
 def _load_split(cfg: DataConfig, split: str) -> list[dict]:
     rows = [row for _, row in iter_rows(cfg, split)]
-    if not rows and Path(cfg.source).expanduser().is_file():
-        raise ValueError(f"{cfg.source} holds no rows")
+    if not rows and split_file(cfg, split) is not None:
+        raise ValueError(f"{split_file(cfg, split)} holds no rows")
     return rows
 
 
@@ -130,7 +140,7 @@ def source_bytes(cfg: DataConfig) -> int:
     """The source's size: a file's, a directory's files', a hub dataset's Arrow data (downloaded to disk first)."""
     path = Path(cfg.source).expanduser()
     if path.is_file():
-        return path.stat().st_size
+        return path.stat().st_size + (split_file(cfg, cfg.eval_split).stat().st_size if cfg.eval_split else 0)
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return hub_split(cfg, cfg.split).data.nbytes
@@ -156,7 +166,9 @@ def load_examples(cfg: DataConfig, seed: int) -> Examples:
     else:
         rows = _load_split(cfg, cfg.split)
         _check_rows(cfg, rows, cfg.split)
-        if cfg.eval_split:
+        if cfg.eval_split and cfg.validation_fraction > 0:
+            train, evaluation = rows, []  # the named evaluation rows are the test ones: left unread
+        elif cfg.eval_split:
             evaluation = _load_split(cfg, cfg.eval_split)
             _check_rows(cfg, evaluation, cfg.eval_split)
             train = rows
@@ -169,11 +181,22 @@ def load_examples(cfg: DataConfig, seed: int) -> Examples:
             train, evaluation = rows, []
         if cfg.format == "chat":
             train, evaluation = _with_answers(cfg, train, dropped), _with_answers(cfg, evaluation, dropped)
+    if cfg.validation_fraction > 0:
+        train, evaluation = validation_split(train, cfg.validation_fraction, seed)
     if cfg.max_examples:
         train = train[: cfg.max_examples]
     if not train:
         raise ValueError(f"{cfg.source} has no training examples" + (f" (left out: {dropped})" if dropped else ""))
     return Examples(train, evaluation, dropped)
+
+
+def validation_split(train: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): ``fraction`` of the training examples, chosen by a seeded shuffle, set apart to evaluate
+    on in place of the held-out (test) examples (``data.validation_fraction``)."""
+    order = list(range(len(train)))
+    random.Random(f"validation:{seed}").shuffle(order)
+    n = max(1, round(fraction * len(train)))
+    return [train[i] for i in sorted(order[n:])], [train[i] for i in sorted(order[:n])]
 
 
 def _with_answers(cfg: DataConfig, rows: list[dict], dropped: dict[str, int]) -> list[dict]:

@@ -33,7 +33,8 @@ def source_identity(cfg: DataConfig) -> str:
     path = Path(cfg.source).expanduser().resolve()
     stamp = lambda f: f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
     if path.is_file():
-        return stamp(path)
+        return "\n".join(stamp(reading.split_file(cfg, s).resolve())
+                         for s in [cfg.split] + ([cfg.eval_split] if cfg.eval_split else []))
     if path.is_dir():
         return "\n".join(stamp(f) for f in sorted(path.rglob("*")) if f.is_file())
     splits = [cfg.split] + ([cfg.eval_split] if cfg.eval_split else [])
@@ -52,7 +53,7 @@ def key(tokenizer, cfg: DataConfig, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def held_out(seed: int, n: int, fraction: float) -> bool:
+def held_out(seed: int | str, n: int, fraction: float) -> bool:
     """Whether source row ``n`` is an evaluation example: a hash of (seed, n), the same in every process."""
     digest = hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
@@ -133,17 +134,23 @@ def _examples(cfg: DataConfig, split: str, dropped: dict[str, int]):
 
 
 def _routed(cfg: DataConfig, seed: int, dropped: dict[str, int]):
-    """(is_eval, example) for every example of the pass, in source order."""
+    """(is_eval, example) for every example of the pass, in source order. With ``data.validation_fraction`` the
+    evaluation examples are that share of the training ones, and the held-out (test) examples are not used."""
     kept = 0
+    validating = cfg.validation_fraction > 0
     for n, ex in _examples(cfg, cfg.split, dropped):
         if not cfg.eval_split and cfg.eval_fraction > 0 and held_out(seed, n, cfg.eval_fraction):
+            if not validating:
+                yield True, ex
+            continue
+        if validating and held_out(f"validation:{seed}", n, cfg.validation_fraction):
             yield True, ex
             continue
         yield False, ex
         kept += 1
         if cfg.max_examples and kept == cfg.max_examples:
             break
-    if cfg.eval_split:
+    if cfg.eval_split and not validating:
         for _, ex in _examples(cfg, cfg.eval_split, dropped):
             yield True, ex
 

@@ -200,3 +200,22 @@ def test_a_split_named_for_a_local_file_is_refused_rather_than_evaluating_on_tra
     assert C.load(None, [f"data.source={data}", "data.eval_fraction=0.1"]).data.eval_split is None
     # A hub dataset or directory keeps its splits.
     assert C.load(None, ["data.source=yahma/alpaca-cleaned", "data.eval_split=test"]).data.eval_split == "test"
+    # With a file, data.eval_split names another file: there, not the source itself.
+    with pytest.raises(C.ConfigError, match=r"data.eval_split: .*held.jsonl does not exist"):
+        C.load(None, [f"data.source={data}", f"data.eval_split={tmp_path / 'held.jsonl'}"])
+    with pytest.raises(C.ConfigError, match=r"data.eval_split=.*rows.jsonl is data.source itself"):
+        C.load(None, [f"data.source={data}", f"data.eval_split={data}"])
+    (tmp_path / "held.jsonl").write_text('{"instruction": "c", "output": "d"}\n')
+    assert C.load(None, [f"data.source={data}", f"data.eval_split={tmp_path / 'held.jsonl'}"]).data.eval_split
+
+
+def test_a_data_field_the_source_or_format_would_ignore_is_refused():
+    for field, value in (("split", "test"), ("eval_split", "test"), ("format", "chat")):
+        with pytest.raises(C.ConfigError, match=rf"data.{field}={value} with data.source=builtin:pydoc: .*Unset "
+                                                rf"data.{field}"):
+            C.load(None, [f"data.{field}={value}"])
+    with pytest.raises(C.ConfigError, match="data.text_field=body with data.format=alpaca: only format=text"):
+        C.load(None, ["data.source=org/rows", "data.text_field=body"])
+    with pytest.raises(C.ConfigError, match="data.messages_field=turns with data.format=text: only format=chat"):
+        C.load(None, ["data.source=org/rows", "data.format=text", "data.messages_field=turns"])
+    assert C.load(None, ["data.source=org/rows", "data.format=chat", "data.messages_field=turns"])

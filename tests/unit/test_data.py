@@ -36,12 +36,12 @@ def test_chat_loss_covers_every_assistant_turn_and_no_user_turn(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
             {"role": "assistant", "content": "Goodbye."}]
-    ex = formatting.tokenize_example(tok, {"messages": msgs}, DataConfig(format="chat"))
+    ex = formatting.tokenize_example(tok, {"messages": msgs}, DataConfig(source="chats.jsonl", format="chat"))
     assert decode_targets(tok, ex) == "Hello.<|im_end|>\nGoodbye.<|im_end|>\n"
 
 
 def test_text_format_trains_on_all_tokens_and_truncates(tok):
-    cfg = DataConfig(format="text", max_seq_len=16)
+    cfg = DataConfig(source="texts.jsonl", format="text", max_seq_len=16)
     ex = formatting.tokenize_example(tok, {"text": "word " * 100}, cfg)
     assert len(ex["input_ids"]) == 16 and ex["labels"][1:] == ex["input_ids"][1:]
 
