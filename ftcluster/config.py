@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
-BUILTIN_DATASETS = ("builtin:pydoc", "builtin:required-args")  # made by ftcluster/pydoc_data.py
+BUILTIN_DATASETS = ("builtin:pydoc", "builtin:required-args", "builtin:extract-json")
+"""Made offline: the first two by ftcluster/pydoc_data.py, the last by ftcluster/extraction_data.py."""
 
 
 class ConfigError(ValueError):
@@ -117,8 +118,9 @@ class QuantizationConfig(Section):
 
 class DataConfig(Section):
     source: str = "builtin:pydoc"
-    """A hub dataset name, a local .json/.jsonl/.parquet/.csv file or directory, ``builtin:pydoc`` or
-    ``builtin:required-args`` (see ftcluster/pydoc_data.py)."""
+    """A hub dataset name, a local .json/.jsonl/.parquet/.csv file or directory, or a builtin dataset:
+    ``builtin:pydoc``, ``builtin:required-args`` (ftcluster/pydoc_data.py) or ``builtin:extract-json``
+    (ftcluster/extraction_data.py)."""
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     split: str = "train"
     eval_split: str | None = None

@@ -209,6 +209,27 @@ def test_required_args_task_answers_from_the_signature_and_holds_out_unseen_prom
     assert sum(e["output"] == "none" for e in train) < len(train) / 2
 
 
+def test_extraction_task_answers_from_the_sentence_in_json_and_holds_out_unseen_sentences():
+    import datetime as dt
+
+    from ftcluster import extraction_data
+
+    got = reading.load_examples(DataConfig(source="builtin:extract-json", eval_fraction=0.25), 0)
+    train, evaluation = got.train, got.evaluation
+    assert len(train) > 800 and len(evaluation) >= 200  # one answer moves the score by at most 0.5 point
+    assert not {e["input"] for e in train} & {e["input"] for e in evaluation}
+    for ex in train + evaluation:
+        answer = json.loads(ex["output"])
+        assert list(answer) == ["name", "city", "date", "amount"]
+        assert answer["name"] in ex["input"] and answer["city"] in ex["input"]
+        day = dt.date.fromisoformat(answer["date"])
+        assert str(day.year) in ex["input"] and (extraction_data.MONTHS[day.month - 1][:3] in ex["input"]
+                                                 or answer["date"] in ex["input"])
+        assert f"{answer['amount']:,}" in ex["input"] or str(answer["amount"]) in ex["input"]
+    assert len({e["input"].split(" ", 3)[-1][:12] for e in train}) > 100  # phrasings vary, not one template
+    assert extraction_data.examples() == extraction_data.examples()
+
+
 def test_builtin_datasets_are_identical_in_every_process():
     # Defaults such as `<function f at 0x7f...>` carry a per-process address, and logging.shutdown's default lists
     # the handlers registered so far (a Ray worker has Ray's): prompts must show neither, or the driver and the
