@@ -34,7 +34,7 @@ def test_a_run_goes_on_through_a_lost_node_on_the_workers_left_and_grows_back_at
     assert run[first_on_one]["step"] == lost.resumed_from + 1
     assert (lost.resumed_from, 1, 2) in faults.resumed_steps(out)
     # Back to two at a checkpoint the workers saved for it, going on from the next step: nothing done twice.
-    assert back.at_step > lost.at_step and back.steps_redone == 0
+    assert back.at_step > lost.resumed_from and back.steps_redone == 0
     after_back = [l for l in run if l["time"] > back.at_unix]
     assert after_back[0]["step"] == back.at_step + 1 and {l["world_size"] for l in after_back} == {2}
     assert (back.at_step, 2, 1) in faults.resumed_steps(out)
