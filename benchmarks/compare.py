@@ -2,6 +2,7 @@
 memory, time and quality, written to ``reports/<suite>/<date>-<hardware>/``.
 
     python -m benchmarks.compare                                   # the default suite, all three methods
+    python -m benchmarks.compare --repeats 3                       # each at its best grid point, 3 seeds
     python -m benchmarks.compare --suite llama-7b --methods lora,qlora --baseline hf
     python -m benchmarks.compare --from reports/default/<dir>/results.json     # re-render only
 
@@ -9,6 +10,11 @@ Every run is its own process (``python -m ftcluster.train``, the command users r
 starts clean; then the trained model is scored in another (``benchmarks.quality``), and with ``--baseline hf``
 the plain Hugging Face recipe runs the same shapes (``benchmarks.hf_baseline``). ``results.json`` is rewritten
 after every run: a failure is recorded with its error, and nothing measured before it is lost.
+
+With ``--tune lr`` (the default on a suite with a grid) each method first runs every point of its grid (learning
+rates, and LoRA ranks where the suite lists them) once, scored on validation rows carved from the training data
+(``data.validation_fraction``: the test rows are never read), and its seeds then run at the best point and are
+scored on the test rows. A suite with several tasks runs all of this on each.
 """
 
 from __future__ import annotations
@@ -155,10 +161,22 @@ class Harness:
         self.results = {"suite": {"name": suite.name, "description": suite.description, "recipe": suite.recipe,
                                   "quality": suite.quality}, "provenance": meta, "records": []}
 
-    def overrides(self, method: str) -> list[str]:
+    def overrides(self, method: str, task: str | None = None) -> list[str]:
         mine = [s.split(":", 1)[1] for s in self.user_sets if s.startswith(f"{method}:")]
         common = [s for s in self.user_sets if not re.match(r"^(full|lora|qlora|base):", s)]
-        return [*self.suite.overrides(method), *common, *mine]
+        return [*self.suite.overrides(method, task), *common, *mine]
+
+    @property
+    def tasks(self) -> tuple[str | None, ...]:
+        return self.suite.tasks or (None,)
+
+    def name(self, what: str, task: str | None) -> str:
+        """A run's name (and its logs' and score's): prefixed by its task where the suite has several."""
+        return f"{task_slug(task)}-{what}" if len(self.tasks) > 1 else what
+
+    def validation(self) -> tuple[str, ...]:
+        """What a grid point's runs add: evaluate on validation rows carved from the training data."""
+        return (f"data.validation_fraction={self.suite.validation_fraction}",)
 
     def record(self, rec: dict) -> dict:
         self.results["records"].append(rec)
@@ -184,7 +202,7 @@ class Harness:
             print(f"  {label}  FAILED (exit {code}): {rec['error']}", flush=True)
         return rec
 
-    def config_hash(self, method: str, seed: int, extra: tuple[str, ...] = ()) -> str | None:
+    def config_hash(self, method: str, seed: int, extra: tuple[str, ...] = (), task: str | None = None) -> str | None:
         """The run's whole config, where it writes aside: a resumed harness reruns a run whose any setting changed
         (speed and memory depend on what a run's identity leaves out, its micro batch and kernels)."""
         import hashlib
@@ -192,26 +210,30 @@ class Harness:
         from ftcluster import config as C
 
         try:
-            cfg = C.load(ROOT / self.suite.recipe, [*self.overrides(method), *extra, f"training.seed={seed}"])
+            cfg = C.load(ROOT / self.suite.recipe, [*self.overrides(method, task), *extra, f"training.seed={seed}"])
         except C.ConfigError:
             return None
         body = json.dumps(cfg.model_dump(mode="json", exclude={"output"}), sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
-    def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None) -> dict:
-        """One training run of ``method`` (``extra`` overrides go last; ``name`` tells runs of one method apart)."""
-        name = name or f"{method}-seed{seed}"
-        cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method),
+    def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None,
+              task: str | None = None) -> dict:
+        """One training run of ``method`` on ``task`` (``extra`` overrides go last; ``name`` tells runs of one
+        method apart); the trained model is scored with the same overrides."""
+        name = name or self.name(f"{method}-seed{seed}", task)
+        cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method, task),
                *extra, f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json")
-        rec["config_hash"] = self.config_hash(method, seed, extra)
+        rec["config_hash"] = self.config_hash(method, seed, extra, task)
+        rec["task"] = task
         if rec["status"] == "ok":
             run_dir = self.work / "runs" / name
             rec["metrics"]["losses"] = rec["metrics"].get("losses") or []
             rec["metrics"]["eval_loss_in_training"] = rec["metrics"].pop("eval_loss", None)
             rec["metrics"].pop("eval_perplexity", None)
             if self.suite.quality and rec["metrics"].get("final_model"):
-                q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name)
+                q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name,
+                                 extra, task)
                 rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
             rec["run_dir"] = str(run_dir)
             if not self.keep_runs:
@@ -221,32 +243,54 @@ class Harness:
                           "keeps their sizes; --keep-runs keeps them)", flush=True)
         return rec
 
-    def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str) -> dict:
-        """Score ``trained`` (None: the base model, with ``method``'s settings) into ``quality-<tag>.json``."""
+    def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str,
+                extra: tuple[str, ...] = (), task: str | None = None) -> dict:
+        """Score ``trained`` (None: the base model, with ``method``'s settings) into ``quality-<tag>.json``, on the
+        evaluation rows the run's own config names (validation rows for a grid point's run)."""
         out = self.work / f"quality-{tag}.json"
         cmd = [sys.executable, "-m", "benchmarks.quality", "--config", self.suite.recipe, "--out", str(out)]
         if trained is not None:
             cmd += ["--trained", str(trained)]
         if self.suite.eval_examples:
             cmd += ["--max-examples", str(self.suite.eval_examples)]
-        cmd += [*self.overrides(method), f"training.seed={seed}"]
-        return self.execute("quality", method, seed, cmd, label, out)
+        cmd += [*self.overrides(method, task), *extra, f"training.seed={seed}"]
+        return {**self.execute("quality", method, seed, cmd, label, out), "task": task}
 
     def hf_baseline(self, method: str, label: str, recipe: str = "hf") -> dict:
         out = self.work / f"{recipe}-{method}.json"
         cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", self.suite.recipe, "--recipe", recipe,
-               "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method),
+               "--steps", str(self.suite.hf_steps), "--out", str(out), *self.overrides(method, self.tasks[0]),
                *self.suite.peer]
-        return {**self.execute("hf", method, None, cmd, label, out), "recipe": recipe}
+        return {**self.execute("hf", method, None, cmd, label, out), "recipe": recipe, "task": self.tasks[0]}
 
 
 @dataclass(frozen=True)
 class Planned:
-    kind: str  # base | train | hf | ablation
+    kind: str  # base | tune | train | hf | ablation
     method: str
     seed: int | None
     recipe: str | None = None  # the peer recipe of an hf run
-    change: str | None = None  # an ablation's override
+    change: str | None = None  # an ablation's override, or a grid point's (space-separated)
+    task: str | None = None
+
+
+def task_slug(task: str | None) -> str:
+    return re.sub(r"[^\w]+", "-", (task or "recipe").removeprefix("builtin:")).strip("-")
+
+
+def tuning(text: str | None, suite: suites.Suite) -> bool:
+    """Whether each method's grid runs first (``--tune``): by default where the suite has a grid and scores
+    quality."""
+    if text is None:
+        return bool(suite.grid) and suite.quality
+    if text == "none":
+        return False
+    if text != "lr":
+        raise SystemExit(f"--tune {text}: choose lr (the suite's grid of learning rates and ranks) or none")
+    if not suite.grid or not suite.quality:
+        raise SystemExit(f"--tune lr: suite {suite.name} has " + ("no grid" if suite.quality else
+                         "random weights, whose quality means nothing") + "; use --tune none")
+    return True
 
 
 def parse_baselines(text: str) -> list[str]:
@@ -264,6 +308,16 @@ def run(args, argv: list[str]) -> Path:
     suite = suites.get(args.suite, gpu=gpus > 0)
     if args.skip_quality:
         suite = dataclasses.replace(suite, quality=False)
+    if args.tasks:
+        from ftcluster import config as C
+
+        chosen = tuple(t for t in args.tasks.split(",") if t)
+        for task in chosen:
+            try:
+                C.load(ROOT / suite.recipe, [f"data.source={task}"])
+            except C.ConfigError as e:
+                raise SystemExit(f"--tasks {task}: {e}") from None
+        suite = dataclasses.replace(suite, tasks=chosen)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in suites.METHODS]
     if unknown:
@@ -272,9 +326,12 @@ def run(args, argv: list[str]) -> Path:
     out = Path(args.out or f"reports/{suite.name}/{stamp}-{hardware_slug()}")
     work = Path(args.work or f"runs/bench/{suite.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
     work.mkdir(parents=True, exist_ok=True)
+    tune = tuning(args.tune, suite)
     h = Harness(suite, work, args.set, out / "results.json", provenance(argv), keep_runs=args.keep_runs)
+    h.results["suite"]["tasks"] = list(h.tasks)
     h.results["settings"] = {"methods": methods, "repeats": args.repeats, "baseline": args.baseline,
-                             "sets": args.set, "work_dir": str(work)}
+                             "sets": args.set, "work_dir": str(work), "tune": tune,
+                             "validation_fraction": suite.validation_fraction if tune else None}
     done = set()
     if args.resume and (out / "results.json").exists():
         # Keep what an interrupted invocation of the same command measured; run only what is missing.
@@ -283,21 +340,28 @@ def run(args, argv: list[str]) -> Path:
         h.results["records"] = kept
         h.results["provenance"]["resumed_from"] = previous["provenance"]
         done = {Planned(r["kind"], r["method"], r.get("seed"), r.get("recipe", "hf") if r["kind"] == "hf" else None,
-                        r.get("change")) for r in kept}
+                        r.get("change"), r.get("task")) for r in kept}
     seeds = [42 + i for i in range(args.repeats)]
     peers = parse_baselines(args.baseline)
     plan = []
-    if suite.quality and not args.skip_base:
-        plan.append(Planned("base", "base", seeds[0]))
-    for method in methods:
-        plan += [Planned("train", method, s) for s in seeds]
-        plan += [Planned("ablation", method, seeds[0], change=change) for change in args.ablate]
-        plan += [Planned("hf", method, None, recipe) for recipe in peers
-                 if recipe != "hf-tuned" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
+    for task in h.tasks:
+        first = task == h.tasks[0]
+        if suite.quality and not args.skip_base:
+            plan.append(Planned("base", "base", seeds[0], task=task))
+        for method in methods:
+            if tune:
+                plan += [Planned("tune", method, seeds[0], change=" ".join(point), task=task)
+                         for point in suite.grid.get(method, ())]
+            plan += [Planned("train", method, s, task=task) for s in seeds]
+            if first:  # speed, memory and the peers: measured on the first task
+                plan += [Planned("ablation", method, seeds[0], change=change, task=task) for change in args.ablate]
+                plan += [Planned("hf", method, None, recipe, task=task) for recipe in peers
+                         if recipe != "hf-tuned" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
     print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
           flush=True)
     for i, item in enumerate(plan, 1):
-        label = " ".join(x for x in (f"[{i}/{len(plan)}]", item.recipe or item.kind, item.method,
+        label = " ".join(x for x in (f"[{i}/{len(plan)}]", task_slug(item.task) if len(h.tasks) > 1 else "",
+                                     item.recipe or item.kind, item.method,
                                      f"seed {item.seed}" if item.kind == "train" else item.change or "") if x)
         print(label, flush=True)
         if item in done:
@@ -309,14 +373,24 @@ def run(args, argv: list[str]) -> Path:
                       "status": "skipped", "error": f"needs {need} GPUs, this machine has {gpus}"})
             continue
         if item.kind == "base":
-            rec = h.quality("lora", seeds[0], None, label, "base")
+            rec = h.quality("lora", seeds[0], None, label, h.name("base", item.task), task=item.task)
             rec.update(kind="base", method="base")
+        elif item.kind == "tune":
+            point = tuple(item.change.split())
+            slug = re.sub(r"[^\w.]+", "-", item.change).strip("-")
+            rec = {**h.train(item.method, item.seed, label, extra=(*point, *h.validation()),
+                             name=h.name(f"{item.method}-tune-{slug}", item.task), task=item.task),
+                   "kind": "tune", "change": item.change}
         elif item.kind == "train":
-            rec = h.train(item.method, item.seed, label)
+            point = report.chosen_point(h.results["records"], item.task, item.method) if tune else None
+            if point is not None:
+                print(f"  at {point} (the best of its grid on validation rows)", flush=True)
+            rec = {**h.train(item.method, item.seed, label, extra=tuple(point.split()) if point else (),
+                             task=item.task), "setting": point}
         elif item.kind == "ablation":
             slug = re.sub(r"[^\w]+", "-", item.change).strip("-")
-            rec = {**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}"),
-                   "kind": "ablation", "change": item.change}
+            rec = {**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}",
+                             task=item.task), "kind": "ablation", "change": item.change}
         else:
             rec = h.hf_baseline(item.method, label, item.recipe)
         h.record(rec)
@@ -331,6 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", default="default", help=f"one of {', '.join(suites.SUITES)}")
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--repeats", type=int, default=1, help="seeds per method (mean ± std in the report)")
+    p.add_argument("--tasks", metavar="SOURCE[,SOURCE]",
+                   help="the data sources each method is trained and scored on, in turn (default: the suite's; "
+                        "e.g. builtin:extract-json, or a local file)")
+    p.add_argument("--tune", choices=("lr", "none"), default=None,
+                   help="lr: run each method's grid from the suite (learning rates, LoRA ranks) first, scored on "
+                        "validation rows carved from the training data, and run its seeds at the best point; "
+                        "default: lr on suites with a grid")
     p.add_argument("--baseline", default="none", metavar="none|hf[,hf-tuned,unsloth]",
                    help="peers timed on the same shapes: hf, the plain transformers + PEFT + bitsandbytes recipe; "
                         "hf-tuned, the same without prepare_model_for_kbit_training's float32 upcast (QLoRA); "

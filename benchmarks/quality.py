@@ -135,7 +135,8 @@ def score(cfg: C.RunConfig, trained: Path | None, max_examples: int | None, batc
     return {
         "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "task_score": sum(hits) / len(hits),
         "eval_examples": len(examples), "quality_time_s": round(time.perf_counter() - started, 1),
-        "samples": [{"prompt": ex["instruction"], "reference": ex["output"], "answer": a, "match": h}
+        "samples": [{"prompt": ex["instruction"], "input": ex.get("input") or "", "reference": ex["output"],
+                     "answer": a, "match": h}
                     for ex, a, h in list(zip(examples, answers, hits))[:5]],
     }
 

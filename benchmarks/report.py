@@ -4,6 +4,7 @@ so ``benchmarks.compare --from results.json`` reproduces a report exactly."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def figures(rec: dict) -> dict:
         "time_to_first_step_s": m.time_to_first_step_s, "step_time_s": m.step_time_s,
         "tokens_per_s": m.tokens_per_s_total,
         "tokens_per_s_per_device": m.tokens_per_s_total / world if m.tokens_per_s_total else None,
-        "mfu_pct": 100 * m.mfu if m.mfu is not None else None,
+        "mfu_pct": 100 * m.mfu_datasheet if m.mfu_datasheet is not None else None,
+        "mfu_measured_pct": 100 * m.mfu if m.mfu is not None else None,
         "trainable_params": trainable, "total_params": total,
         "trainable_pct": 100 * trainable / total if trainable and total else None,
         "checkpoint_mb": m.checkpoint_bytes / 1e6 if m.checkpoint_bytes else None,
@@ -55,6 +57,7 @@ def figures(rec: dict) -> dict:
         "eval_loss": q.get("eval_loss", m.eval_loss),
         "eval_perplexity": q.get("eval_perplexity", m.eval_perplexity),
         "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
+        "eval_examples": q.get("eval_examples"),
     }
     return out
 
@@ -66,10 +69,18 @@ def _stats(values: list) -> tuple[float | None, float | None, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
-def summary_rows(results: dict) -> list[dict]:
-    """One row per method (the base model first), mean and std over its successful seeds."""
+def tasks(results: dict) -> list[str | None]:
+    """The tasks the suite ran, the first the one speed and memory are measured on (None: the recipe's own, as
+    every record made before suites had tasks)."""
+    return results["suite"].get("tasks") or [None]
+
+
+def summary_rows(results: dict, task: str | None = ...) -> list[dict]:
+    """One row per method (the base model first) on ``task`` (default: the first), mean and std over its
+    successful seeds."""
     rows = []
-    records = results["records"]
+    task = tasks(results)[0] if task is ... else task
+    records = [r for r in results["records"] if r.get("task") == task]
     for method in METHOD_ORDER:
         kind = "base" if method == "base" else "train"
         mine = [r for r in records if r["kind"] == kind and r["method"] == method]
@@ -82,7 +93,7 @@ def summary_rows(results: dict) -> list[dict]:
             if kind == "base":
                 f = {k: f[k] for k in ("eval_loss", "eval_perplexity", "task_score_pct")}
             per_run.append(f)
-        row = {"method": method, "runs": len(mine), "ok": len(ok),
+        row = {"method": method, "runs": len(mine), "ok": len(ok), "setting": next((r.get("setting") for r in ok), None),
                "errors": [f"{r.get('seed')}: {r.get('error')}" for r in mine if r["status"] != "ok"]}
         for key in (per_run[0] if per_run else {}):
             row[key], row[f"{key}_std"], _ = _stats([f[key] for f in per_run])
@@ -91,21 +102,86 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        15: 2.13, 20: 2.09, 30: 2.04}
+"""Student's t, two-sided 95%, by degrees of freedom (between listed ones, the next smaller's: wider)."""
+
+
+def t975(df: float) -> float:
+    if df == math.inf:
+        return 1.96
+    return next((T975[k] for k in sorted(T975, reverse=True) if k <= df), T975[1]) if df < 30 else 2.04
+
+
+def score_noise(row: dict) -> tuple[float, float, str] | None:
+    """(standard error of the row's mean task score in points, its degrees of freedom, what it measures): over
+    seeds where two or more ran, else the test set's sampling error of one run's score (binomial, with one
+    success and one failure added so that a score of 0 or 100% is not exact)."""
+    score, n = row.get("task_score_pct"), row.get("ok") or 0
+    if score is None:
+        return None
+    if n >= 2 and row.get("task_score_pct_std") is not None:
+        return row["task_score_pct_std"] / math.sqrt(n), n - 1, f"{n} seeds"
+    examples = row.get("eval_examples")
+    if not examples:
+        return None
+    p = (score / 100 * examples + 1) / (examples + 2)
+    return 100 * math.sqrt(p * (1 - p) / examples), math.inf, f"one seed; {examples:.0f} test examples"
+
+
 def _quality_vs_full(rows: list[dict]) -> None:
-    """Quality as % of full fine-tuning: the task score ratio, or, when full fine-tuning scores 0 (or was not
-    run), the inverse perplexity ratio, so a row never compares against nothing."""
+    """Quality as % of full fine-tuning: the task score ratio, with its 95% interval and whether the difference
+    from full fine-tuning is within noise (``score_noise``); or, when full fine-tuning scores 0 (or was not run),
+    the inverse perplexity ratio, so a row never compares against nothing."""
     full = next((r for r in rows if r["method"] == "full" and r["ok"]), None)
     for r in rows:
         r["quality_pct_of_full"], r["quality_basis"] = None, None
+        r["quality_ci"], r["quality_verdict"], r["quality_noise"] = None, None, None
         if full is None or not r["ok"]:
             continue
         if full.get("task_score_pct"):
             if r.get("task_score_pct") is not None:
-                r["quality_pct_of_full"] = 100 * r["task_score_pct"] / full["task_score_pct"]
+                ratio = r["task_score_pct"] / full["task_score_pct"]
+                r["quality_pct_of_full"] = 100 * ratio
                 r["quality_basis"] = "task score"
+                mine, theirs = score_noise(r), score_noise(full)
+                if r is full or mine is None or theirs is None:
+                    continue
+                t = t975(min(mine[1], theirs[1]))
+                rel = math.hypot(mine[0] / max(r["task_score_pct"], 1e-9), theirs[0] / full["task_score_pct"])
+                r["quality_ci"] = 100 * t * (ratio * rel if r["task_score_pct"] else mine[0] / full["task_score_pct"])
+                diff = r["task_score_pct"] - full["task_score_pct"]
+                within = abs(diff) <= t * math.hypot(mine[0], theirs[0])
+                r["quality_verdict"] = "within noise" if within else "below full" if diff < 0 else "above full"
+                r["quality_noise"] = mine[2]
         elif full.get("eval_perplexity") and r.get("eval_perplexity"):
             r["quality_pct_of_full"] = 100 * full["eval_perplexity"] / r["eval_perplexity"]
             r["quality_basis"] = "perplexity"
+
+
+def tune_rows(results: dict) -> list[dict]:
+    """Every grid point's run (``--tune``): its task, method, setting and validation scores, and whether it was
+    chosen."""
+    out = []
+    for rec in results["records"]:
+        if rec["kind"] != "tune":
+            continue
+        q = rec.get("quality") or {}
+        out.append({"task": rec.get("task"), "method": rec["method"], "setting": rec["change"],
+                    "status": rec["status"], "error": rec.get("error") or q.get("error"),
+                    "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
+                    "eval_loss": q.get("eval_loss"), "eval_examples": q.get("eval_examples"),
+                    "chosen": rec["change"] == chosen_point(results["records"], rec.get("task"), rec["method"])})
+    return out
+
+
+def chosen_point(records: list[dict], task: str | None, method: str) -> str | None:
+    """The grid point ``method``'s seeds run at on ``task``: the best validation task score, a lower validation
+    loss breaking ties; None where no grid point was scored."""
+    scored = [(r["quality"]["task_score"], -r["quality"]["eval_loss"], r["change"]) for r in records
+              if r["kind"] == "tune" and r.get("task") == task and r["method"] == method and r["status"] == "ok"
+              and (r.get("quality") or {}).get("task_score") is not None]
+    return max(scored)[2] if scored else None
 
 
 PEERS = {"hf": "HF recipe", "hf-tuned": "HF tuned (no fp32 upcast)", "unsloth": "Unsloth"}
@@ -194,6 +270,45 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
             *["| " + " | ".join(row) + " |" for row in body]]
 
 
+def quality_sections(results: dict) -> list[str]:
+    """Quality on every task, with its noise; the grid and what it chose."""
+    names = {None: "the recipe's data"}
+    lines = ["", "## Quality by task", "",
+             "Task score: exact match on the test rows, mean ± std over the seeds that ran. % of full: the mean over "
+             "full fine-tuning's, with its 95% interval (Student's t over seeds; with one seed, the test set's "
+             "sampling error). Within noise: the difference from full fine-tuning is inside that interval.", ""]
+    body = []
+    for task in tasks(results):
+        for r in summary_rows(results, task):
+            if r["method"] == "base":
+                continue
+            pct = fmt(r.get("quality_pct_of_full"), None, 0, "%")
+            if r.get("quality_ci") is not None:
+                pct += f" ± {r['quality_ci']:.0f}"
+            body.append([f"`{names.get(task, task)}`", LABELS[r["method"]], f"`{r['setting']}`" if r.get("setting")
+                         else "the suite's", f"{r['ok']}/{r['runs']}",
+                         fmt(r.get("task_score_pct"), r.get("task_score_pct_std"), 1, "%"),
+                         f"{r['eval_examples']:.0f}" if r.get("eval_examples") else "n/a", pct,
+                         "—" if r["method"] == "full" else (r.get("quality_verdict") or "n/a")])
+    lines += _table(["Task", "Method", "Setting", "Seeds ok", "Task score", "Test examples", "% of full",
+                     "Against full"], body)
+    grid = tune_rows(results)
+    if grid:
+        settings = results.get("settings", {})
+        lines += ["", "## Settings chosen on validation rows", "",
+                  f"Each grid point trained once (seed {min(r['seed'] for r in results['records'] if r['kind'] == 'tune')})"
+                  f" and scored on {100 * (settings.get('validation_fraction') or 0):.0f}% of the training examples "
+                  "held out of its training (`data.validation_fraction`); the test rows are not read. The chosen "
+                  "point (**bold**) has the best validation score, a lower validation loss breaking ties.", ""]
+        body = [[f"`{names.get(g['task'], g['task'])}`", LABELS[g["method"]],
+                 (f"**`{g['setting']}`**" if g["chosen"] else f"`{g['setting']}`"),
+                 fmt(g["task_score_pct"], None, 1, "%") if g["status"] == "ok" else f"failed: {g['error']}",
+                 fmt(g["eval_loss"], None, 3), str(g["eval_examples"] or "n/a")] for g in grid]
+        lines += _table(["Task", "Method", "Setting", "Validation task score", "Validation eval loss",
+                         "Validation examples"], body)
+    return lines
+
+
 def markdown(results: dict) -> str:
     suite, prov, settings = results["suite"], results["provenance"], results.get("settings", {})
     rows = summary_rows(results)
@@ -237,7 +352,7 @@ def markdown(results: dict) -> str:
             q(fmt(r.get("task_score_pct"), r.get("task_score_pct_std"), 1, "%")),
             q(fmt(r.get("quality_pct_of_full"), None, 0, "%")),
         ])
-    lines += _table(["Method", "Peak memory (GiB)", "Wall time", "Tokens/s", "MFU", "Trainable params", "Eval loss",
+    lines += _table(["Method", "Peak memory (GiB)", "Wall time", "Tokens/s", "MFU (datasheet)", "Trainable params", "Eval loss",
                      "Task score", "Quality % of full"], body)
     basis = next((memory_basis(r["metrics"]) for r in results["records"]
                   if r["kind"] == "train" and r["status"] == "ok"), "n/a")
@@ -261,13 +376,16 @@ def markdown(results: dict) -> str:
     body = [[LABELS[r["method"]], f"{r['ok']}/{r['runs']}", fmt(r.get("peak_allocated_gib"), None),
              fmt(r.get("peak_reserved_gib"), None), fmt(r.get("peak_rss_gib"), None),
              fmt(r.get("time_to_first_step_s"), None, 1, " s"), fmt(r.get("step_time_s"), None, 3, " s"),
-             fmt(r.get("tokens_per_s_per_device"), None, 0), _count(r.get("total_params")),
+             fmt(r.get("tokens_per_s_per_device"), None, 0), fmt(r.get("mfu_measured_pct"), None, 1, "%"),
+             _count(r.get("total_params")),
              fmt(r.get("checkpoint_mb"), None, 1, " MB"), q(fmt(r.get("eval_perplexity"), None, 2))]
             for r in trained]
     lines += _table(["Method", "Runs ok", "Peak allocated (GiB)", "Peak reserved (GiB)", "Peak RSS (GiB)",
-                     "Time to first step", "Step time", "Tokens/s per device", "Total params",
+                     "Time to first step", "Step time", "Tokens/s per device", "MFU (measured matmul)", "Total params",
                      "Checkpoint on disk", "Eval perplexity"], body)
     lines += ["", f"**FLOPs and MFU.** {FLOP_FORMULA}"]
+    if quality:
+        lines += quality_sections(results)
     baseline = baseline_rows(results, rows)
     if baseline:
         lines += ["", "## Against the plain Hugging Face recipe", "",
@@ -309,11 +427,14 @@ def markdown(results: dict) -> str:
         lines += ["", "## Runs that did not finish", ""]
         lines += [f"- {r['kind']} {r['method']} seed {r.get('seed')}: **{r['status']}** — {r.get('error')}"
                   + (f" (log: `{r['log']}`)" if r.get("log") else "") for r in problems]
-    samples = [(r["method"], r.get("quality", r.get("metrics") if r["kind"] == "base" else None))
-               for r in results["records"] if r["status"] == "ok" and r["kind"] in ("base", "train")]
-    samples = [(m, q_["samples"]) for m, q_ in samples if q and q_ and q_.get("samples")]
-    if quality and samples:
-        lines += ["", "## Sample answers (first held-out prompts)", ""]
+    for task in tasks(results) if quality else []:
+        samples = [(r["method"], r.get("quality", r.get("metrics") if r["kind"] == "base" else None))
+                   for r in results["records"]
+                   if r["status"] == "ok" and r["kind"] in ("base", "train") and r.get("task") == task]
+        samples = [(m, q_["samples"]) for m, q_ in samples if q_ and q_.get("samples")]
+        if not samples:
+            continue
+        lines += ["", "## Sample answers (first held-out prompt" + (f" of `{task}`)" if task else ")"), ""]
         seen = set()
         for method, ss in samples:
             if method in seen:
@@ -322,7 +443,8 @@ def markdown(results: dict) -> str:
             s = ss[0]
             lines.append(f"- {LABELS[method]}: `{s['answer'].strip()[:120]}` "
                          f"({'match' if s['match'] else 'reference: `' + s['reference'] + '`'})")
-        lines.append(f"  (prompt: {samples[0][1][0]['prompt']})")
+        first = samples[0][1][0]
+        lines.append(f"  (prompt: {first['prompt']}" + (f" {first['input']}" if first.get("input") else "") + ")")
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({name}.png)" for name in plot_names(results)]
     return "\n".join(lines) + "\n"
@@ -348,6 +470,8 @@ def plot_names(results: dict) -> list[str]:
         names.append("loss")
     if results["suite"].get("quality", True):
         names.append("quality")
+    if any(r["kind"] == "tune" for r in results["records"]):
+        names.append("tuning")
     return names
 
 
@@ -406,6 +530,30 @@ def plots(results: dict, out: Path) -> None:
         a2.bar([r["method"] for r in allrows], [r.get("task_score_pct") or 0 for r in allrows], color="#55a868")
         a2.set_title("task score (exact match %)")
         save(fig, "quality")
+
+    if "tuning" in plot_names(results):
+        grid = [g for g in tune_rows(results) if g["task_score_pct"] is not None]
+        panels = tasks(results)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], panels):
+            series: dict[tuple, list] = {}
+            for g in (g for g in grid if g["task"] == task):
+                parts = g["setting"].split()
+                lr = next((float(x.split("=", 1)[1]) for x in parts if x.startswith("optimizer.lr=")), None)
+                rest = " ".join(x for x in parts if not x.startswith("optimizer.lr="))
+                series.setdefault((g["method"], rest), []).append((lr, g["task_score_pct"], g["chosen"]))
+            for (method, rest), pts in series.items():
+                pts.sort(key=lambda x: x[0] or 0)
+                line, = ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o" if not rest else "s",
+                                label=method + (f" {rest}" if rest else ""))
+                ax.scatter([x for x, _, c in pts if c], [y for _, y, c in pts if c], s=120, facecolors="none",
+                           edgecolors=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("validation task score (%)")
+            ax.set_title(task or "recipe", fontsize=9)
+            ax.legend(fontsize=7)
+        save(fig, "tuning")
 
 
 def render(results: dict, out: Path, draw=None, write=None) -> None:

@@ -102,7 +102,7 @@ def markdown(results: dict) -> str:
     lines += _table(["Run", "GPUs", "Tokens/s (all GPUs)", "Tokens/s per GPU", "Scaling efficiency",
                      "Step-time efficiency",
                      "Peak allocated per GPU (GiB)", "Estimated", "Peak NVML per GPU (GiB)", "Estimated",
-                     "Step time", "Time to first step", "MFU"], body)
+                     "Step time", "Time to first step", "MFU (measured matmul)"], body)
     lines += ["", EFFICIENCY + " Peak allocated: torch's peak allocation, largest over the GPUs; NVML: device "
               "memory in use as NVML reports it (CUDA context, NCCL and paged optimizer state included). Estimated: "
               "`python -m ftcluster estimate` for the run's own config (ftcluster/estimate.py)."]

@@ -31,9 +31,18 @@ class Suite:
     peer: list[str] = field(default_factory=list)
     """Overrides for the HF recipe's runs, after the method's: where ftcluster's recipe leaves out what the
     tutorials' recipe does (checkpointing that memory does not need), the peer keeps the tutorials' setting."""
+    tasks: tuple[str, ...] = ()
+    """The data sources every method is trained and scored on, each in turn (empty: the recipe's own). Speed,
+    memory and the peers are measured on the first."""
+    grid: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    """Per method, the settings ``--tune`` tries (each a tuple of overrides, e.g. a learning rate and a LoRA
+    rank), each scored on validation rows carved from the training data; the best is the one the seeds run."""
+    validation_fraction: float = 0.1
+    """The share of the training examples the grid's runs hold out to be scored on (``data.validation_fraction``)."""
 
-    def overrides(self, method: str) -> list[str]:
-        return [*self.common, f"method={method}", *self.methods.get(method, [])]
+    def overrides(self, method: str, task: str | None = None) -> list[str]:
+        source = [f"data.source={task}"] if task else []
+        return [*self.common, *source, f"method={method}", *self.methods.get(method, [])]
 
 
 # Per-method optimizer settings shared by the real-weight suites: full fine-tuning takes a 10x smaller learning
@@ -45,6 +54,15 @@ _REAL = {
 }
 
 
+TASKS = ("builtin:required-args", "builtin:extract-json")
+"""The default suite's tasks: a pydoc task (a signature's required parameters) and a structured extraction."""
+
+
+def lrs(*values: float, also: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
+    """A grid of learning rates (each point with the overrides ``also``)."""
+    return tuple((f"optimizer.lr={v:g}", *also) for v in values)
+
+
 def _default(gpu: bool) -> Suite:
     if gpu:
         # The 135M model's steps are host-bound (4,096 tokens a step, 30 layers): QLoRA is checkpointed so that
@@ -52,15 +70,21 @@ def _default(gpu: bool) -> Suite:
         # (random-init shape, 1x H200, 2026-11-27), and the peer keeps its own faster unchecked form. Liger's fused
         # loss takes 4 chunks of 1,024 tokens rather than 64 of 64 (a 49k vocabulary over a 576 hidden size).
         return Suite("default", "configs/bench/default_gpu.yaml",
-                     "SmolLM2-135M-Instruct (real weights), builtin:required-args, 5 epochs, one GPU; QLoRA "
-                     "checkpointed (so compiled), the HF recipe not",
+                     "SmolLM2-135M-Instruct (real weights), two tasks, 5 epochs, one GPU; QLoRA checkpointed (so "
+                     "compiled), the HF recipe not",
                      common=["model.fused_loss_chunk_scale=16"],
                      methods={**_REAL, "qlora": [*_REAL["qlora"], "model.gradient_checkpointing=true"]},
-                     peer=["model.gradient_checkpointing=false"])
+                     peer=["model.gradient_checkpointing=false"], tasks=TASKS,
+                     # Adapters take learning rates about 10-40x full fine-tuning's; the rank is tried at the
+                     # adapters' middle learning rate.
+                     grid={"full": lrs(1e-5, 3e-5, 1e-4, 3e-4),
+                           "lora": lrs(3e-4, 1e-3, 3e-3, 6e-3) + lrs(3e-3, also=("lora.r=64", "lora.alpha=128")),
+                           "qlora": lrs(3e-4, 1e-3, 3e-3, 6e-3) + lrs(3e-3, also=("lora.r=64", "lora.alpha=128"))})
     # On CPU there are no paged optimizers (they page GPU memory): QLoRA keeps torch AdamW there.
     return Suite("default", "configs/bench/default_cpu.yaml",
-                 "SmolLM2-135M-Instruct (real weights), builtin:required-args, 6 steps, CPU (float32)",
-                 methods={**_REAL, "qlora": []}, eval_examples=32, hf_steps=4)
+                 "SmolLM2-135M-Instruct (real weights), two tasks, 6 steps, CPU (float32)",
+                 methods={**_REAL, "qlora": []}, eval_examples=32, hf_steps=4, tasks=TASKS,
+                 grid={"full": lrs(5e-5, 2e-4), "lora": lrs(1e-3, 3e-3), "qlora": lrs(1e-3, 3e-3)})
 
 
 def _llama_7b() -> Suite:
@@ -95,7 +119,8 @@ def _llama_1b() -> Suite:
 
 def _tiny() -> Suite:
     return Suite("tiny", "configs/bench/tiny.yaml", "2-layer random-init SmolLM2 architecture, 4 CPU steps",
-                 methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2)
+                 methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2,
+                 grid={"full": lrs(1e-4), "lora": lrs(1e-3, 1e-2), "qlora": lrs(1e-3, 1e-2)})
 
 
 def _sizes(size: str) -> Suite:

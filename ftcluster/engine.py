@@ -173,6 +173,8 @@ def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress
             "step_time_s": statistics.median(window.step_times),
             "tokens_per_s": tok_s, "tokens_per_s_total": tok_s * world, "tokens_seen": progress.tokens_seen,
             "mfu": tok_s * flops / loop.peak_flops if loop.peak_flops and flops else None,
+            "mfu_datasheet": (tok_s * flops / (loop.record.datasheet_tflops * 1e12)
+                              if loop.record.datasheet_tflops and flops else None),
             **M.memory(loop.device)}
 
 

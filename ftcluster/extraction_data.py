@@ -2,10 +2,9 @@
 
 Each example is one sentence about a payment (a receipt, an invoice line, a refund note...) in one of several
 phrasings, with its date and amount written in one of several styles; the answer is the same facts as one line of
-JSON with fixed keys, the date as ``YYYY-MM-DD`` and the amount in whole dollars::
-
-    On March 5, 2021, Alice Moreau from Lyon paid $1,250 for the order.
-    -> {"name": "Alice Moreau", "city": "Lyon", "date": "2021-03-05", "amount": 1250}
+JSON with fixed keys, the date as ``YYYY-MM-DD`` and the amount in whole dollars: "Invoice for Alice Moreau,
+Lyon: $1,250, dated 5 March 2021." is answered ``{"name": "Alice Moreau", "city": "Lyon", "date": <that day as
+YYYY-MM-DD>, "amount": 1250}``.
 
 The answer follows from the sentence, so it is scored by exact match. A model must learn the output format and
 the normalisation (month names to numbers, thousands separators and currency words dropped); a small instruct

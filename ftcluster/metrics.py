@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import threading
@@ -13,13 +14,35 @@ _peak_cache: dict[str, float] = {}
 
 
 FLOP_FORMULA = (
-    "Model FLOPs per trained token, PaLM appendix B convention: full fine-tuning 6·N + 12·L·s·d; LoRA and QLoRA "
-    "4·N + 2·N_trainable + 12·L·s·d (frozen weights get no weight gradient), with N all parameters (a 4-bit "
-    "weight counted as its unpacked values), L layers, s the sequence length, d the hidden size; recomputation "
-    "by gradient checkpointing is not counted. MFU = tokens/s per device × FLOPs per token ÷ the matmul rate "
-    "measured on that device in the compute dtype at start-up (GPUs only: on CPUs it is n/a, as no single "
-    "matmul timing stands for the threads a training step gets)."
+    "Model FLOPs per trained token, PaLM appendix B convention: full fine-tuning 6·N + 6·L·s·d; LoRA and QLoRA "
+    "4·N + 2·N_trainable + 6·L·s·d (frozen weights get no weight gradient), with N all parameters (a 4-bit "
+    "weight counted as its unpacked values), L layers, s the sequence length, d the hidden size. Attention is "
+    "counted causal, as the kernels compute it (half of PaLM's 12·L·s·d); a packed row's examples are counted as "
+    "one sequence of s tokens, so where varlen attention keeps each example to itself the kernels do less than "
+    "counted. Recomputation by gradient checkpointing is not counted. MFU = tokens/s per device × FLOPs per token "
+    "÷ the GPU's dense bf16 datasheet peak (H100 and H200 989 TFLOP/s, as NeMo and Megatron report it); "
+    "beside it, the same over the matmul rate measured on that device in the compute dtype at start-up. On CPUs "
+    "both are n/a: no datasheet peak, and no single matmul timing stands for the threads a training step gets."
 )
+
+DATASHEET_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0, "H200": 989.0, "GH200": 989.0,
+    "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+}
+"""Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by the words of the device
+name (torch names an SXM board by its chip and memory alone; the PCIe and NVL boards of a chip are slower)."""
+
+
+def datasheet_peak_flops(device_name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The datasheet's dense bf16/fp16 peak of the GPU named ``device_name`` (FLOP/s), or None for a GPU not in
+    ``DATASHEET_TFLOPS`` or a compute dtype it does not give (float32)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    words = set(re.split(r"[\s_-]+", device_name.upper()))
+    for key in sorted(DATASHEET_TFLOPS, key=len, reverse=True):  # a board's name before its chip's alone
+        if set(key.upper().split()) <= words:
+            return DATASHEET_TFLOPS[key] * 1e12
+    return None
 
 
 def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, method: str,
@@ -27,11 +50,12 @@ def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: in
     """Model FLOPs of one training token (the PaLM appendix B convention, which ignores recomputation).
 
     Dense matmuls: forward 2N; the backward computes activation gradients (2N) always, and weight gradients (2N)
-    only for trained weights, so full fine-tuning costs 6N and LoRA ~4N + 2·N_lora. Attention scores add
-    12·L·s·d for full training (forward 4·L·s·d, backward twice that; the causal half is not discounted, as in
-    PaLM). Gradient checkpointing repeats the forward, but MFU counts useful work, so recomputation is left out.
+    only for trained weights, so full fine-tuning costs 6N and LoRA ~4N + 2·N_lora. Attention scores and values
+    add 12·L·s·d over a full s×s attention (forward 4·L·s·d, backward twice that); causal kernels compute the half
+    below the diagonal, so 6·L·s·d. Gradient checkpointing repeats the forward, but MFU counts useful work, so
+    recomputation is left out.
     """
-    attention = 12 * n_layers * seq_len * hidden
+    attention = 6 * n_layers * seq_len * hidden
     if method == "full":
         return 6 * n_params + attention
     return 4 * n_params + 2 * n_trainable + attention

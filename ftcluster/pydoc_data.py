@@ -140,11 +140,4 @@ def build_required_args(eval_fraction: float = 0.1) -> tuple[list[dict], list[di
     return _split(examples, lambda ex: ex["instruction"].split("`")[1].split(".")[-1], eval_fraction)
 
 
-def _extract_json(eval_fraction: float = 0.1) -> tuple[list[dict], list[dict]]:
-    from ftcluster import extraction_data
-
-    return extraction_data.build(eval_fraction)
-
-
-BUILDERS = {"builtin:pydoc": build, "builtin:required-args": build_required_args, "builtin:extract-json": _extract_json}
-"""Every builtin dataset (config.BUILTIN_DATASETS), by its ``data.source``."""
+BUILDERS = {"builtin:pydoc": build, "builtin:required-args": build_required_args}

@@ -66,6 +66,8 @@ class WorkerRecord:
     pid: int = 0
     node_id: str | None = None
     peak_matmul_tflops: float | None = None
+    datasheet_tflops: float | None = None
+    """The GPU's dense bf16 datasheet peak (metrics.DATASHEET_TFLOPS), or None."""
     compute_dtype: str | None = None
     flops_per_token: float | None = None
     setup_started_unix: float | None = None
@@ -89,6 +91,9 @@ class WorkerRecord:
     tokens_per_s_total: float | None = None
     tokens_seen: int | None = None
     mfu: float | None = None
+    """Model FLOPs over the matmul rate measured on the device (metrics.FLOP_FORMULA)."""
+    mfu_datasheet: float | None = None
+    """Model FLOPs over the GPU's datasheet peak: the figure comparable with other tools'."""
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
     peak_device_used_gib: float | None = None
@@ -161,8 +166,11 @@ def progress_line(line: Line) -> str:
     if line.logged:
         grad = f"  grad norm {line.grad_norm:.3g}" if line.grad_norm is not None else ""
         parts.append(f"loss {line.loss:.4f}  lr {line.lr:.2e}{grad}  {line.tokens_per_s_total:,.0f} tok/s")
-        if line.mfu:
-            parts.append(f"MFU {100 * line.mfu:.1f}%")
+        if line.mfu_datasheet and line.mfu:
+            parts.append(f"MFU {100 * line.mfu_datasheet:.1f}% of the datasheet peak ({100 * line.mfu:.1f}% of the "
+                         "measured matmul rate)")
+        elif line.mfu:
+            parts.append(f"MFU {100 * line.mfu:.1f}% of the measured matmul rate")
     if line.eval_loss is not None:
         parts.append(f"eval_loss {line.eval_loss:.4f}  ppl {line.eval_perplexity:.2f}")
     if line.stopped == "resize":
@@ -216,7 +224,9 @@ class Summary:
     warm-up): step time, tokens/s and MFU."""
     tokens_per_s_total: float | None = None
     mfu: float | None = None
+    mfu_datasheet: float | None = None
     peak_matmul_tflops: float | None = None
+    datasheet_tflops: float | None = None
     compute_dtype: str | None = None
     flops_per_token: float | None = None
     peak_allocated_gib: float | None = None
@@ -258,7 +268,9 @@ class Summary:
             step_time_s=_median([r.step_time_s for r in steady]),
             tokens_per_s_total=_median([r.tokens_per_s_total for r in steady]),
             mfu=_median([r.mfu for r in steady if r.mfu is not None]),
-            peak_matmul_tflops=last.peak_matmul_tflops, compute_dtype=last.compute_dtype,
+            mfu_datasheet=_median([r.mfu_datasheet for r in steady if r.mfu_datasheet is not None]),
+            peak_matmul_tflops=last.peak_matmul_tflops, datasheet_tflops=last.datasheet_tflops,
+            compute_dtype=last.compute_dtype,
             flops_per_token=last.flops_per_token,
             peak_allocated_gib=peak("peak_allocated_gib"), peak_reserved_gib=peak("peak_reserved_gib"),
             peak_device_used_gib=peak("peak_device_used_gib"), peak_rss_gib=peak("peak_rss_gib"),

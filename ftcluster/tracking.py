@@ -16,7 +16,8 @@ from ftcluster.config import RunConfig
 from ftcluster.records import WorkerRecord
 
 FIGURES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "step_time_s": "perf/step_time_s",
-           "tokens_per_s_total": "perf/tokens_per_s", "mfu": "perf/mfu", "peak_allocated_gib": "memory/peak_allocated_gib",
+           "tokens_per_s_total": "perf/tokens_per_s", "mfu_datasheet": "perf/mfu", "mfu": "perf/mfu_measured_matmul",
+           "peak_allocated_gib": "memory/peak_allocated_gib",
            "peak_device_used_gib": "memory/peak_device_used_gib", "peak_rss_gib": "memory/peak_rss_gib",
            "eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"}
 """Record field -> the name it is tracked under."""

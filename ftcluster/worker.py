@@ -138,6 +138,8 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
     # On CPUs no MFU: a matmul timed here runs on however many threads torch has at this moment, not on what the
     # training step gets.
     peak = metrics.matmul_peak_flops(device, models.DTYPES[compute_dtype]) if device.type == "cuda" else None
+    datasheet = (metrics.datasheet_peak_flops(torch.cuda.get_device_name(device), models.DTYPES[compute_dtype])
+                 if device.type == "cuda" else None)
     communicator.join()
     ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, plan, model, device, ds_config, total_steps)
     built.check(plan, ds_engine.module, ds_engine)
@@ -146,7 +148,8 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
                           + f", {cfg.optimizer.name}, float32 masters: {plan.masters}")
     record = WorkerRecord(rank=rank, world_size=world, trainable_params=trainable, total_params=total,
                           total_steps=total_steps, device=str(device), pid=os.getpid(),
-                          peak_matmul_tflops=peak / 1e12 if peak else None, compute_dtype=compute_dtype,
+                          peak_matmul_tflops=peak / 1e12 if peak else None,
+                          datasheet_tflops=datasheet / 1e12 if datasheet else None, compute_dtype=compute_dtype,
                           flops_per_token=flops_per_token, setup_started_unix=started, setup_s=phases.seconds)
     clip = engine.GradClip([p for p in model.parameters() if p.requires_grad], cfg.training.max_grad_norm) \
         if plan.steps_model_weights else None

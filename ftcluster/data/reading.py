@@ -160,9 +160,10 @@ def load_examples(cfg: DataConfig, seed: int) -> Examples:
     a bad row is an error naming the row and the field."""
     dropped: dict[str, int] = {}
     if cfg.source.startswith("builtin:"):
-        from ftcluster import pydoc_data
+        from ftcluster import extraction_data, pydoc_data
 
-        train, evaluation = pydoc_data.BUILDERS[cfg.source](eval_fraction=cfg.eval_fraction or 0.1)
+        builders = {**pydoc_data.BUILDERS, "builtin:extract-json": extraction_data.build}
+        train, evaluation = builders[cfg.source](eval_fraction=cfg.eval_fraction or 0.1)
     else:
         rows = _load_split(cfg, cfg.split)
         _check_rows(cfg, rows, cfg.split)

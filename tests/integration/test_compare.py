@@ -34,7 +34,7 @@ def tiny_sets(model: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def full_report(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    proc = compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned,unsloth", "--out", str(out),
+    proc = compare("--methods", "full,lora,qlora", "--baseline", "hf,hf-tuned,unsloth", "--tune", "none", "--out", str(out),
                    "--work", str(tmp_path_factory.mktemp("work")), *tiny_sets(tiny_model))
     (out.parent / f"{out.name}-console.txt").write_text(proc.stdout)
     return out
@@ -104,7 +104,7 @@ def test_compare_from_results_rerenders_identically(full_report, tmp_path):
 
 def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, tmp_path):
     out, work = tmp_path / "report", tmp_path / "work"
-    compare("--methods", "lora,qlora", "--skip-base", "--out", str(out), "--work", str(work),
+    compare("--methods", "lora,qlora", "--skip-base", "--tune", "none", "--out", str(out), "--work", str(work),
             *tiny_sets(tiny_model), "--set", "qlora:deepspeed.config_file=/nonexistent/ds.json")
     records = json.loads((out / "results.json").read_text())["records"]
     lora, qlora = records
@@ -116,8 +116,8 @@ def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, t
     assert "n/a" not in lora_row[:3] + lora_row[4:-1]  # MFU is n/a on CPUs; no full run to compare quality with
 
     # The same command again, fixed and with --resume: the LoRA run is kept as measured, QLoRA runs now.
-    compare("--methods", "lora,qlora", "--skip-base", "--out", str(out), "--work", str(work), "--resume",
-            *tiny_sets(tiny_model))
+    compare("--methods", "lora,qlora", "--skip-base", "--tune", "none", "--out", str(out), "--work", str(work),
+            "--resume", *tiny_sets(tiny_model))
     records = json.loads((out / "results.json").read_text())["records"]
     assert [(r["method"], r["status"]) for r in records] == [("lora", "ok"), ("qlora", "ok")]
     assert records[0] == lora
@@ -137,3 +137,34 @@ def test_an_ablation_runs_each_method_again_with_one_setting_changed(tiny_model,
     assert row[:2] == ["LoRA (16-bit base)", "`model.attn_implementation=eager`"]
     assert all(re.fullmatch(r"[\d,.]+( s|×)?", c) for c in row[2:8]), row  # tokens/s and step times, both runs
     assert row[8:] == ["n/a", "n/a"]  # torch's allocator peak is a CUDA figure
+
+
+def test_each_method_runs_its_grid_on_validation_rows_then_its_seed_at_the_best_point_on_every_task(tiny_model,
+                                                                                                     tmp_path):
+    from ftcluster import config as C
+    from ftcluster.data import reading
+
+    out, work = tmp_path / "report", tmp_path / "work"
+    tasks = ("builtin:required-args", "builtin:extract-json")
+    proc = compare("--methods", "lora", "--skip-base", "--tune", "lr", "--tasks", ",".join(tasks), "--out", str(out),
+                   "--work", str(work), *tiny_sets(tiny_model), "--set", "data.max_seq_len=320")  # the test tokenizer's
+    # extraction examples run to 260 tokens
+    results = json.loads((out / "results.json").read_text())
+    runs = [(r["task"], r["kind"], r.get("change") or r.get("setting"), r["status"]) for r in results["records"]]
+    assert [(t, k, s) for t, k, _, s in runs] == [(t, k, "ok") for t in tasks for k in ("tune", "tune", "train")]
+    for task in tasks:
+        tuned = [r for r in results["records"] if r["task"] == task and r["kind"] == "tune"]
+        best = max(tuned, key=lambda r: (r["quality"]["task_score"], -r["quality"]["eval_loss"]))
+        final = next(r for r in results["records"] if r["task"] == task and r["kind"] == "train")
+        assert final["setting"] == best["change"] and best["change"] in final["command"]
+        assert "data.validation_fraction" not in final["command"]
+        # The grid's runs were scored on rows carved from the training data: never on a test row.
+        cfg = C.load(Path("configs/bench/tiny.yaml"), [f"data.source={task}"])
+        test = {(e["instruction"], e.get("input", "")) for e in reading.load_examples(cfg.data, 42).evaluation}
+        for r in tuned:
+            assert "data.validation_fraction=0.1" in r["command"]
+            assert all((x["prompt"], x["input"]) not in test for x in r["quality"]["samples"])
+    assert (out / "tuning.png").stat().st_size > 0
+    report_text = (out / "report.md").read_text()
+    assert "## Settings chosen on validation rows" in report_text and "`builtin:extract-json`" in report_text
+    assert "(the best of its grid on validation rows)" in proc.stdout

@@ -76,11 +76,25 @@ def test_total_steps_from_epochs_or_max_steps():
         optim.total_optimizer_steps(cfg, tiny.plan_for(cfg), 4)
 
 
-def test_flops_per_token_full_is_6n_and_lora_about_4n():
+def test_flops_per_token_full_is_6n_and_lora_about_4n_with_causal_attention():
     n, layers, d, s = 6_738_415_616, 32, 4096, 2048
-    attention = 12 * layers * s * d
+    attention = 6 * layers * s * d  # half of the full s x s attention's 12·L·s·d: the causal kernels' work
     assert metrics.train_flops_per_token(n, layers, d, s, "full") == 6 * n + attention
     assert metrics.train_flops_per_token(n, layers, d, s, "lora", 4_194_304) == 4 * n + 2 * 4_194_304 + attention
+    # At 64k tokens attention is most of the work: counted whole, a long-context run's MFU was two thirds too high.
+    long = metrics.train_flops_per_token(n, layers, d, 65_536, "qlora", 40_000_000)
+    assert (4 * n + 2 * 40_000_000 + 12 * layers * 65_536 * d) / long > 1.6
+
+
+def test_mfu_is_against_the_gpus_dense_bf16_datasheet_peak():
+    import torch
+
+    peak = metrics.datasheet_peak_flops
+    assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == 989e12
+    assert peak("NVIDIA H100 PCIe") == 756e12 and peak("NVIDIA H100 NVL") == 835e12
+    assert peak("NVIDIA A100-SXM4-80GB") == 312e12 and peak("NVIDIA L40S") == 362e12 and peak("NVIDIA L4") == 121e12
+    assert peak("NVIDIA H100 80GB HBM3", torch.float32) is None  # the table is of 16-bit tensor-core peaks
+    assert peak("Some Future GPU") is None
 
 
 def test_profiler_writes_an_operator_table_for_the_profiled_steps(tmp_path):

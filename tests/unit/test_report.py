@@ -23,6 +23,53 @@ def test_quality_is_task_score_relative_to_full_with_mean_over_seeds():
     assert lora["quality_pct_of_full"] == 50.0 and lora["quality_basis"] == "task score"
 
 
+def _scored(method, seed, score, examples=200, task=None, loss=0.5):
+    rec = _train(method, seed, score, 2.0)
+    rec["quality"].update(eval_examples=examples, eval_loss=loss)
+    return {**rec, "task": task}
+
+
+def test_a_difference_inside_the_seeds_noise_is_reported_as_within_noise():
+    close = [_scored("full", s, x) for s, x in ((1, 0.90), (2, 0.86), (3, 0.94))]
+    close += [_scored("lora", s, x) for s, x in ((1, 0.88), (2, 0.84), (3, 0.95))]
+    full, lora = report.summary_rows(_results(close))
+    assert lora["quality_verdict"] == "within noise" and lora["quality_noise"] == "3 seeds"
+    assert 15 < lora["quality_ci"] < 25  # t(2) = 4.30 over 3 seeds is wide: 98.9% ± 18.8
+    far = close[:3] + [_scored("lora", s, x) for s, x in ((1, 0.60), (2, 0.61), (3, 0.59))]
+    assert report.summary_rows(_results(far))[1]["quality_verdict"] == "below full"
+
+
+def test_one_seed_is_judged_by_the_test_sets_sampling_error():
+    # 6 steps on 32 examples: LoRA's 34% against full's 19% (183%) is within what 32 answers can tell apart.
+    few = report.summary_rows(_results([_scored("full", 1, 6 / 32, 32), _scored("lora", 1, 11 / 32, 32)]))[1]
+    assert few["quality_pct_of_full"] > 180 and few["quality_verdict"] == "within noise"
+    assert few["quality_noise"] == "one seed; 32 test examples"
+    many = report.summary_rows(_results([_scored("full", 1, 0.9, 1000), _scored("lora", 1, 0.8, 1000)]))[1]
+    assert many["quality_verdict"] == "below full"
+
+
+def test_each_method_runs_its_seeds_at_its_best_validation_point_and_the_report_shows_the_grid():
+    tune = lambda method, lr, score, loss, task="a": {**_scored(method, 42, score, 50, task, loss), "kind": "tune",
+                                                      "change": f"optimizer.lr={lr}"}
+    records = [tune("lora", "1e-3", 0.5, 0.9), tune("lora", "3e-3", 0.7, 0.8), tune("lora", "6e-3", 0.7, 0.7),
+               tune("full", "3e-5", 0.6, 0.5), tune("lora", "1e-3", 0.9, 0.5, task="b")]
+    assert report.chosen_point(records, "a", "lora") == "optimizer.lr=6e-3"  # the tie goes to the lower loss
+    assert report.chosen_point(records, "b", "lora") == "optimizer.lr=1e-3"
+    assert report.chosen_point(records, "a", "qlora") is None
+    trained = [{**_scored("full", 42, 0.8, task=t), "setting": "optimizer.lr=3e-5"} for t in "ab"]
+    trained += [{**_scored("lora", 42, 0.7, task=t), "setting": "optimizer.lr=6e-3"} for t in "ab"]
+    results = _results(records + trained)
+    results["suite"]["tasks"] = ["a", "b"]
+    results["settings"] = {"validation_fraction": 0.1}
+    assert [r["method"] for r in report.summary_rows(results, "b")] == ["full", "lora"]
+    text = report.markdown(results)
+    by_task = text.split("## Quality by task", 1)[1].split("##", 1)[0]
+    assert by_task.count("`optimizer.lr=6e-3`") == 2 and "| `b` | LoRA" in by_task
+    grid = text.split("## Settings chosen on validation rows", 1)[1].split("##", 1)[0]
+    assert "**`optimizer.lr=6e-3`**" in grid and "| `a` | LoRA (16-bit base) | `optimizer.lr=3e-3` | 70.0%" in grid
+    assert "tuning" in report.plot_names(results)
+
+
 def test_quality_falls_back_to_perplexity_when_full_scores_zero():
     rows = report.summary_rows(_results([_train("full", 1, 0.0, 2.0), _train("lora", 1, 0.0, 4.0)]))
     assert rows[1]["quality_pct_of_full"] == 50.0 and rows[1]["quality_basis"] == "perplexity"
