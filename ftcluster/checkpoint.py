@@ -248,6 +248,24 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
         save_resolved(cfg, out / "run.yaml")
 
 
+def export(engine, cfg: RunConfig, step: int, tokenizer=None) -> Path:
+    """The model at ``step`` in Hugging Face format, without optimizer state (``training.export_every``), in
+    ``<run_dir>/exports/step<7 digits>/``: written aside and renamed into place, so a reader never sees half of
+    one. Every worker calls it (under ZeRO-3 the weights are gathered)."""
+    out = cfg.run_dir / "exports" / f"step{step:07d}"
+    tmp = out.with_name(out.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    save_hf(engine, cfg, tmp, tokenizer)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
 def _save_rng(stem: Path) -> None:
     """This rank's RNG states in files that hold data only (safetensors and JSON): restoring never runs code
     from the run directory, as unpickling would."""

@@ -276,6 +276,10 @@ class TrainingConfig(Section):
     eval_batches: int | None = Field(None, gt=0)
     save_every: int = Field(0, ge=0)
     """Optimizer steps between checkpoints; 0 checkpoints only at the end."""
+    export_every: int = Field(0, ge=0)
+    """Optimizer steps between exports of the model (the adapter, or the whole model) in Hugging Face format to
+    ``<run_dir>/exports/step<7 digits>/``, without optimizer state: what scoring quality during training reads
+    (``benchmarks.compare`` times quality this way). 0: none."""
     save_every_minutes: float = Field(0.0, ge=0)
     """Minutes between checkpoints, counted from the last one (any kind); 0: none by time. With save_every, a
     checkpoint comes at whichever is due first: a preempted or killed run loses at most this much."""
@@ -490,7 +494,7 @@ class RunConfig(Section):
             "model": {"liger_kernel", "fused_loss_chunk_scale", "compile", "activation_offloading", "hub_cache"},
             "quantization": {"keep_recomputed_weights"}, "deepspeed": {"nvtx_ranges"}, "data": {"num_proc"},
             "training": {"micro_batch_size", "gradient_accumulation_steps", "log_every", "eval_every",
-                         "eval_batches", "save_every", "save_every_minutes", "profile_steps"}})
+                         "eval_batches", "save_every", "save_every_minutes", "profile_steps", "export_every"}})
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`identity`."""

@@ -68,6 +68,8 @@ class Hooks:
     to stop early, ``stop.TIMED`` for a checkpoint due by time (saved, and training goes on), or None."""
     report: Callable[[WorkerRecord, CheckpointKind | None], None]
     should_stop: Callable[[], str | None] | None = None
+    export: Callable[[int], None] | None = None
+    """Write the model in Hugging Face format at this step (``training.export_every``); every worker calls it."""
 
 
 @dataclass
@@ -265,7 +267,8 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             stopped = None if asked == stop.TIMED else asked
             # A checkpoint step is a logging step: the divergence guard sees its figures before it is saved, so a
             # checkpoint is never written from diverged weights (DeepSpeed's bf16 steps skip no non-finite step).
-            log = progress.step % t.log_every == 0 or last or stopped or save is not None
+            export = bool(t.export_every) and progress.step % t.export_every == 0 and not last
+            log = progress.step % t.log_every == 0 or last or stopped or save is not None or export
             do_eval = loop.eval_batches is not None and ((t.eval_every and progress.step % t.eval_every == 0)
                                                          or last)
             if log or do_eval or save:
@@ -284,6 +287,8 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
                         return progress
                 if do_eval:
                     figures.update(evaluate(engine, loop.eval_batches, loop.device, t.eval_batches))
+                if export and hooks.export is not None:
+                    hooks.export(progress.step)
                 hooks.report(replace(loop.record, **figures), save)
                 # Evaluation and checkpointing are not training: keep them out of step times and tokens/s.
                 step_started = time.perf_counter()

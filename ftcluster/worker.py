@@ -200,7 +200,8 @@ def run(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.device,
     should_stop = stop.StopCheck(cfg.run_dir, device, reporter.preempted,
                                  save_every_s=cfg.training.save_every_minutes * 60)
     try:
-        engine.train(loop, progress, engine.Hooks(report, should_stop=should_stop))
+        export = lambda step: checkpoint.export(loop.engine, cfg, step, tokenizer)
+        engine.train(loop, progress, engine.Hooks(report, should_stop=should_stop, export=export))
     finally:
         trackers.close()
     if should_stop.reason == stop.RESIZE:

@@ -61,7 +61,8 @@ METHOD_RUNS = {
     "full-zero1": dict(method="full", **{"deepspeed.zero_stage": 1}),
     "lora-zero0": dict(method="lora", **{"deepspeed.zero_stage": 0}),
     "lora-zero2": dict(method="lora", **{"deepspeed.zero_stage": 2, "training.log_every": 1}),
-    "lora-zero3": dict(method="lora", **{"deepspeed.zero_stage": 3, "training.log_every": 1}),
+    "lora-zero3": dict(method="lora", **{"deepspeed.zero_stage": 3, "training.log_every": 1,
+                                         "training.export_every": 4}),
     "qlora-zero2-paged8bit": dict(method="qlora", **{"deepspeed.zero_stage": 2, "optimizer.name": "paged_adamw_8bit"}),
     "qlora-zero3-8bit": dict(method="qlora", **{"deepspeed.zero_stage": 3, "optimizer.name": "adamw_8bit"}),
     # PEFT's fp32 upcast of norms/embeddings/lm_head, kept in fp32 by DeepSpeed's keep_in_fp32_modules.
@@ -109,6 +110,26 @@ def test_zero3_adapter_equals_the_zero2_adapter(runs):
     for k in a2:
         assert a3[k].shape == a2[k].shape and a3[k].numel() > 0  # not the empty shards of peft#453
         torch.testing.assert_close(a3[k].float(), a2[k].float(), atol=2e-2, rtol=0.05)
+
+
+def test_exports_during_training_are_whole_adapters_at_their_steps_without_optimizer_state(runs):
+    from safetensors.torch import load_file
+
+    run = _lora_zero(runs, 3)  # ZeRO-3 on two workers: each export gathers the partitioned adapter
+    run_dir = Path(run["run_dir"])
+    exports = sorted(p.name for p in (run_dir / "exports").iterdir())
+    assert exports == ["step0000004", "step0000008"]  # every 4 of its 12 steps; the end is the final model
+    final = load_file(Path(run["final_model"]) / "adapter_model.safetensors")
+    previous = None
+    for name in exports:
+        weights = load_file(run_dir / "exports" / name / "adapter_model.safetensors")
+        assert weights.keys() == final.keys() and (run_dir / "exports" / name / "run.yaml").is_file()
+        assert all(weights[k].shape == final[k].shape and weights[k].numel() > 0 for k in weights)
+        assert previous is None or any(not torch.equal(weights[k], previous[k]) for k in weights)  # it trained on
+        previous = weights
+        assert not list((run_dir / "exports" / name).glob("*optim*"))
+    logged = {r["step"] for r in records(run_dir)}
+    assert {4, 8} <= logged  # each export step has its line: its time and tokens seen
 
 
 @pytest.mark.parametrize("key", ["lora-zero2", "qlora-zero2-paged8bit"])
