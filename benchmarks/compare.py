@@ -146,7 +146,7 @@ def trim_run(run_dir: Path) -> int:
     """Delete a measured run's checkpoints and final weights, which the report needs only the sizes of (a full
     fine-tuning checkpoint is most of a benchmark's disk use). Returns the bytes freed."""
     freed = 0
-    for path in [*run_dir.glob("checkpoint_*"), run_dir / "final"]:
+    for path in [*run_dir.glob("checkpoint_*"), run_dir / "final", run_dir / "exports"]:
         if path.is_dir():
             freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             shutil.rmtree(path)
@@ -217,10 +217,14 @@ class Harness:
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None,
-              task: str | None = None) -> dict:
+              task: str | None = None, curve: bool = False) -> dict:
         """One training run of ``method`` on ``task`` (``extra`` overrides go last; ``name`` tells runs of one
-        method apart); the trained model is scored with the same overrides."""
+        method apart); the trained model is scored with the same overrides. ``curve``: also at every
+        ``suite.quality_every`` steps (its ``quality_curve``: the time and tokens it took to each score)."""
         name = name or self.name(f"{method}-seed{seed}", task)
+        curve = curve and self.suite.quality and self.suite.quality_every > 0
+        if curve:
+            extra = (*extra, f"training.export_every={self.suite.quality_every}")
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method, task),
                *extra, f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json")
@@ -235,6 +239,8 @@ class Harness:
                 q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name,
                                  extra, task)
                 rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
+                if curve and q["status"] == "ok":
+                    rec["quality_curve"] = self.curve(method, seed, run_dir, rec, label, name, extra, task)
             rec["run_dir"] = str(run_dir)
             if not self.keep_runs:
                 freed = trim_run(run_dir)
@@ -242,6 +248,33 @@ class Harness:
                     print(f"  {label}  removed its checkpoints and final weights ({freed / 1e6:,.0f} MB; the report "
                           "keeps their sizes; --keep-runs keeps them)", flush=True)
         return rec
+
+    def curve(self, method: str, seed: int, run_dir: Path, rec: dict, label: str, name: str,
+              extra: tuple[str, ...], task: str | None) -> list[dict]:
+        """The run's quality at each export and at the end: step, tokens seen, seconds since the process started
+        (what a user waits), task score and answer loss."""
+        lines = {line.step: line for line in records.read_lines(run_dir)}
+        first = min((l.first_step_unix for l in lines.values() if l.first_step_unix), default=None)
+        to_first = rec["metrics"].get("time_to_first_step_s")
+
+        def point(step: int, quality: dict) -> dict:
+            line = lines.get(step)
+            seconds = (to_first + line.time - first) if line and first and to_first is not None else None
+            return {"step": step, "tokens_seen": line.tokens_seen if line else None,
+                    "time_s": round(seconds, 1) if seconds is not None else None,
+                    "task_score": quality.get("task_score"), "eval_loss": quality.get("eval_loss")}
+
+        out = []
+        for export in sorted((run_dir / "exports").glob("step*")):
+            step = int(export.name.removeprefix("step"))
+            q = self.quality(method, seed, export, f"{label} quality at step {step}", f"{name}-step{step}", extra,
+                             task)
+            if q["status"] == "ok":
+                out.append(point(step, q["metrics"]))
+        final_step = rec["metrics"].get("final_step")
+        if final_step is not None:
+            out.append(point(final_step, rec["quality"]))
+        return out
 
     def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str,
                 extra: tuple[str, ...] = (), task: str | None = None) -> dict:
@@ -386,7 +419,7 @@ def run(args, argv: list[str]) -> Path:
             if point is not None:
                 print(f"  at {point} (the best of its grid on validation rows)", flush=True)
             rec = {**h.train(item.method, item.seed, label, extra=tuple(point.split()) if point else (),
-                             task=item.task), "setting": point}
+                             task=item.task, curve=item.seed == seeds[0]), "setting": point}
         elif item.kind == "ablation":
             slug = re.sub(r"[^\w]+", "-", item.change).strip("-")
             rec = {**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}",

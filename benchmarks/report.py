@@ -159,6 +159,10 @@ def _quality_vs_full(rows: list[dict]) -> None:
             r["quality_basis"] = "perplexity"
 
 
+def task_label(task: str | None) -> str:
+    return (task or "recipe").removeprefix("builtin:")
+
+
 def tune_rows(results: dict) -> list[dict]:
     """Every grid point's run (``--tune``): its task, method, setting and validation scores, and whether it was
     chosen."""
@@ -172,6 +176,32 @@ def tune_rows(results: dict) -> list[dict]:
                     "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
                     "eval_loss": q.get("eval_loss"), "eval_examples": q.get("eval_examples"),
                     "chosen": rec["change"] == chosen_point(results["records"], rec.get("task"), rec["method"])})
+    return out
+
+
+TARGET_SHARE = 0.95
+"""Time to quality: to this share of full fine-tuning's final task score."""
+
+
+def time_to_quality_rows(results: dict) -> list[dict]:
+    """Per task and method, when the first seed's run (scored along the way: ``quality_curve``) first reached
+    ``TARGET_SHARE`` of full fine-tuning's final task score (its mean over seeds): step, tokens and seconds."""
+    out = []
+    for task in tasks(results):
+        full = next((r for r in summary_rows(results, task) if r["method"] == "full" and r["ok"]), None)
+        if full is None or not full.get("task_score_pct"):
+            continue
+        target = TARGET_SHARE * full["task_score_pct"] / 100
+        for rec in results["records"]:
+            if rec["kind"] != "train" or rec.get("task") != task or not rec.get("quality_curve"):
+                continue
+            curve = rec["quality_curve"]
+            hit = next((p for p in curve if p["task_score"] is not None and p["task_score"] >= target), None)
+            out.append({"task": task, "method": rec["method"], "seed": rec["seed"], "target_pct": 100 * target,
+                        "reached": hit is not None, "step": hit and hit["step"],
+                        "tokens": hit and hit["tokens_seen"], "time_s": hit and hit["time_s"],
+                        "best_pct": 100 * max(p["task_score"] or 0 for p in curve),
+                        "points": len(curve)})
     return out
 
 
@@ -292,6 +322,22 @@ def quality_sections(results: dict) -> list[str]:
                          "—" if r["method"] == "full" else (r.get("quality_verdict") or "n/a")])
     lines += _table(["Task", "Method", "Setting", "Seeds ok", "Task score", "Test examples", "% of full",
                      "Against full"], body)
+    reach = time_to_quality_rows(results)
+    if not reach and any(r.get("quality_curve") for r in results["records"]):
+        lines += ["", "## Time to quality", "", "n/a: full fine-tuning scored 0 (or did not run), so there is no "
+                  "share of its score to reach."]
+    if reach:
+        lines += ["", "## Time to quality", "",
+                  f"When each method's first seed first reached {100 * TARGET_SHARE:.0f}% of full fine-tuning's final "
+                  "task score, its model scored on the test rows every few steps along the run (`training.export_every`, "
+                  "the end included). Time: seconds since the training process started (start-up included), to the "
+                  "step scored.", ""]
+        body = [[f"`{names.get(r['task'], r['task'])}`", LABELS[r["method"]], fmt(r["target_pct"], None, 1, "%"),
+                 str(r["step"]) if r["reached"] else f"not reached (best {r['best_pct']:.1f}%)",
+                 _count(r["tokens"]) if r["reached"] and r["tokens"] else "—",
+                 _duration(r["time_s"]) if r["reached"] else "—", str(r["points"])] for r in reach]
+        lines += _table(["Task", "Method", "Target score", "Reached at step", "Tokens", "Time", "Points scored"],
+                        body)
     grid = tune_rows(results)
     if grid:
         settings = results.get("settings", {})
@@ -472,6 +518,8 @@ def plot_names(results: dict) -> list[str]:
         names.append("quality")
     if any(r["kind"] == "tune" for r in results["records"]):
         names.append("tuning")
+    if any(r.get("quality_curve") for r in results["records"]):
+        names.append("tradeoffs")
     return names
 
 
@@ -530,6 +578,27 @@ def plots(results: dict, out: Path) -> None:
         a2.bar([r["method"] for r in allrows], [r.get("task_score_pct") or 0 for r in allrows], color="#55a868")
         a2.set_title("task score (exact match %)")
         save(fig, "quality")
+
+    if "tradeoffs" in plot_names(results):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+        for k, task in enumerate(tasks(results)):
+            marker = "os^"[k % 3]
+            for r in (r for r in summary_rows(results, task) if r["method"] != "base" and r["ok"]):
+                a1.scatter([r.get("peak_memory_gib") or 0], [r.get("task_score_pct") or 0], marker=marker,
+                           color=f"C{METHOD_ORDER.index(r['method'])}", label=f"{r['method']} {task_label(task)}")
+            for rec in results["records"]:
+                curve = rec.get("quality_curve") if rec["kind"] == "train" and rec.get("task") == task else None
+                if curve:
+                    a2.plot([p["time_s"] for p in curve], [100 * (p["task_score"] or 0) for p in curve],
+                            marker=marker, color=f"C{METHOD_ORDER.index(rec['method'])}",
+                            label=f"{rec['method']} {task_label(task)}")
+        a1.set_xlabel("peak memory (GiB)")
+        a1.set_ylabel("test task score (%)")
+        a1.set_title("quality against memory", fontsize=9)
+        a2.set_xlabel("seconds since the process started")
+        a2.set_title("quality against time (first seed)", fontsize=9)
+        a2.legend(fontsize=6)
+        save(fig, "tradeoffs")
 
     if "tuning" in plot_names(results):
         grid = [g for g in tune_rows(results) if g["task_score_pct"] is not None]

@@ -39,6 +39,9 @@ class Suite:
     rank), each scored on validation rows carved from the training data; the best is the one the seeds run."""
     validation_fraction: float = 0.1
     """The share of the training examples the grid's runs hold out to be scored on (``data.validation_fraction``)."""
+    quality_every: int = 0
+    """Steps between the exports (``training.export_every``) that the first seed's run of each method is scored at,
+    for its time to quality; 0: scored at the end only."""
 
     def overrides(self, method: str, task: str | None = None) -> list[str]:
         source = [f"data.source={task}"] if task else []
@@ -74,7 +77,7 @@ def _default(gpu: bool) -> Suite:
                      "compiled), the HF recipe not",
                      common=["model.fused_loss_chunk_scale=16"],
                      methods={**_REAL, "qlora": [*_REAL["qlora"], "model.gradient_checkpointing=true"]},
-                     peer=["model.gradient_checkpointing=false"], tasks=TASKS,
+                     peer=["model.gradient_checkpointing=false"], tasks=TASKS, quality_every=10,
                      # Adapters take learning rates about 10-40x full fine-tuning's; the rank is tried at the
                      # adapters' middle learning rate.
                      grid={"full": lrs(1e-5, 3e-5, 1e-4, 3e-4),
@@ -83,7 +86,7 @@ def _default(gpu: bool) -> Suite:
     # On CPU there are no paged optimizers (they page GPU memory): QLoRA keeps torch AdamW there.
     return Suite("default", "configs/bench/default_cpu.yaml",
                  "SmolLM2-135M-Instruct (real weights), two tasks, 6 steps, CPU (float32)",
-                 methods={**_REAL, "qlora": []}, eval_examples=32, hf_steps=4, tasks=TASKS,
+                 methods={**_REAL, "qlora": []}, eval_examples=32, hf_steps=4, tasks=TASKS, quality_every=2,
                  grid={"full": lrs(5e-5, 2e-4), "lora": lrs(1e-3, 3e-3), "qlora": lrs(1e-3, 3e-3)})
 
 
@@ -119,7 +122,7 @@ def _llama_1b() -> Suite:
 
 def _tiny() -> Suite:
     return Suite("tiny", "configs/bench/tiny.yaml", "2-layer random-init SmolLM2 architecture, 4 CPU steps",
-                 methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2,
+                 methods={"full": [], "lora": [], "qlora": []}, eval_examples=8, hf_steps=2, quality_every=2,
                  grid={"full": lrs(1e-4), "lora": lrs(1e-3, 1e-2), "qlora": lrs(1e-3, 1e-2)})
 
 

@@ -42,7 +42,7 @@ def full_report(tiny_model, tmp_path_factory):
 
 def test_compare_writes_every_file_with_every_column_filled(full_report):
     for name in ("report.md", "results.json", "results.csv", "memory.png", "throughput.png", "loss.png",
-                 "quality.png"):
+                 "quality.png", "tradeoffs.png"):
         assert (full_report / name).stat().st_size > 0, name
     results = json.loads((full_report / "results.json").read_text())
     # Unsloth needs a CUDA GPU: here its runs fail, each recorded with what to do, and the rest still report.
@@ -78,6 +78,12 @@ def test_compare_writes_every_file_with_every_column_filled(full_report):
     assert all(r[3].startswith("failed: ImportError: --recipe unsloth") for r in peer_rows if r[1] == "Unsloth")
     for r in (r for r in peer_rows if r[1] != "Unsloth"):  # speed by tokens/s and by step time, memory as NVML
         assert all(re.fullmatch(r"\d+\.\d\d×", r[i]) for i in (4, 5, 11)), r
+    # Each method's first seed was scored along the way (every 2 of its 4 steps): when it reached 95% of full's score.
+    for r in (r for r in results["records"] if r["kind"] == "train"):
+        curve = r["quality_curve"]
+        assert [p["step"] for p in curve] == [2, 4] and curve[-1]["task_score"] == r["quality"]["task_score"]
+        assert 0 < curve[0]["time_s"] < curve[1]["time_s"] and 0 < curve[0]["tokens_seen"] < curve[1]["tokens_seen"]
+    assert "## Time to quality\n\nn/a: full fine-tuning scored 0" in report  # random weights answer nothing
     csv = (full_report / "results.csv").read_text()
     assert "metrics.tokens_per_s_total" in csv and "quality.task_score" in csv
     # The base model's score is its own file, not overwritten by the LoRA run's.

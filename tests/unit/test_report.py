@@ -70,6 +70,20 @@ def test_each_method_runs_its_seeds_at_its_best_validation_point_and_the_report_
     assert "tuning" in report.plot_names(results)
 
 
+def test_time_to_quality_is_the_first_scored_point_at_95_percent_of_fulls_final_score():
+    curve = lambda *scores: [{"step": 10 * (i + 1), "tokens_seen": 1000 * (i + 1), "time_s": 30.0 * (i + 1),
+                              "task_score": s, "eval_loss": 1.0} for i, s in enumerate(scores)]
+    full = [{**_scored("full", 42, 0.80), "quality_curve": curve(0.5, 0.77, 0.80)}, _scored("full", 43, 0.84)]
+    lora = {**_scored("lora", 42, 0.79), "quality_curve": curve(0.2, 0.6, 0.79)}
+    qlora = {**_scored("qlora", 42, 0.70), "quality_curve": curve(0.3, 0.5, 0.70)}
+    rows = {r["method"]: r for r in report.time_to_quality_rows(_results(full + [lora, qlora]))}
+    assert rows["full"]["target_pct"] == 0.95 * 82.0  # of full's mean over its seeds
+    assert (rows["full"]["step"], rows["full"]["tokens"], rows["full"]["time_s"]) == (30, 3000, 90.0)
+    assert rows["lora"]["reached"] and rows["lora"]["step"] == 30
+    assert not rows["qlora"]["reached"] and rows["qlora"]["best_pct"] == 70.0
+    assert "not reached (best 70.0%)" in report.markdown(_results(full + [lora, qlora]))
+
+
 def test_quality_falls_back_to_perplexity_when_full_scores_zero():
     rows = report.summary_rows(_results([_train("full", 1, 0.0, 2.0), _train("lora", 1, 0.0, 4.0)]))
     assert rows[1]["quality_pct_of_full"] == 50.0 and rows[1]["quality_basis"] == "perplexity"
