@@ -183,6 +183,13 @@ class DataConfig(Section):
             if self.split != "train":
                 raise ValueError(f"data.split={self.split} with data.source={self.source}: a file has no splits, and "
                                  "all of it is trained on. Unset data.split.")
+        whole = self.streaming == "off" or self.source.startswith("builtin:")
+        for name, value, default in (("shuffle_buffer", self.shuffle_buffer, 10_000), ("num_proc", self.num_proc, None)):
+            if whole and value != default:
+                raise ValueError(
+                    f"data.{name}={value} with " + ("data.streaming=off" if self.streaming == "off" else
+                                                    f"data.source={self.source} (made in memory)")
+                    + f": only a streamed source uses it. Unset data.{name}, or stream the source (data.streaming=on).")
         if self.text_field != "text" and self.format != "text":
             raise ValueError(f"data.text_field={self.text_field} with data.format={self.format}: only format=text "
                              "reads it. Set data.format=text, or unset data.text_field.")

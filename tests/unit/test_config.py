@@ -219,3 +219,8 @@ def test_a_data_field_the_source_or_format_would_ignore_is_refused():
     with pytest.raises(C.ConfigError, match="data.messages_field=turns with data.format=text: only format=chat"):
         C.load(None, ["data.source=org/rows", "data.format=text", "data.messages_field=turns"])
     assert C.load(None, ["data.source=org/rows", "data.format=chat", "data.messages_field=turns"])
+    with pytest.raises(C.ConfigError, match="data.shuffle_buffer=100 with data.streaming=off: only a streamed"):
+        C.load(None, ["data.source=org/rows", "data.streaming=off", "data.shuffle_buffer=100"])
+    with pytest.raises(C.ConfigError, match=r"data.num_proc=4 with data.source=builtin:pydoc \(made in memory\)"):
+        C.load(None, ["data.num_proc=4"])
+    assert C.load(None, ["data.source=org/rows", "data.shuffle_buffer=100"]).data.shuffle_buffer == 100  # auto
