@@ -34,6 +34,11 @@ class Architecture:
     model_type: str
     layers: int | None
     shape: estimate.Shape | None
+    max_positions: int | None = None
+    """``max_position_embeddings``: the positions the model was trained at (None: not given)."""
+    rope_scaling: str | None = None
+    """The RoPE scaling the config sets (``yarn``, ``linear``, ``llama3``...), which lets it run past them."""
+    rope_theta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,31 @@ def _architecture_of(model_json: str) -> Architecture:
         shape = estimate.shape_of_fields(fields_, m.name_or_path)
     except SystemExit:
         shape = None
-    return Architecture(model_type=model_type, layers=fields_.get("num_hidden_layers"), shape=shape)
+    return Architecture(model_type=model_type, layers=fields_.get("num_hidden_layers"), shape=shape,
+                        max_positions=fields_.get("max_position_embeddings"), rope_scaling=_rope_type(fields_),
+                        rope_theta=fields_.get("rope_theta") or (fields_.get("rope_parameters") or {}).get("rope_theta"))
+
+
+def _rope_type(fields_: dict) -> str | None:
+    """The scaling of the config's RoPE, from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5), or None
+    for plain RoPE."""
+    for key in ("rope_scaling", "rope_parameters"):
+        kind = (fields_.get(key) or {}).get("rope_type") or (fields_.get(key) or {}).get("type")
+        if kind and kind != "default":
+            return kind
+    return None
+
+
+def check_length(cfg: RunConfig, arch: Architecture) -> None:
+    """Refuse rows longer than the model's positions, unless its RoPE is scaled to reach them."""
+    n, limit = cfg.data.max_seq_len, arch.max_positions
+    if limit and n > limit and not arch.rope_scaling:
+        factor = -(-n // limit)
+        raise ConfigError(
+            f"data.max_seq_len={n} is beyond the model's max_position_embeddings={limit}: positions past it were "
+            f"never trained, and the loss there means little. Lower data.max_seq_len to {limit}, or scale RoPE to "
+            f"reach {n}: model.config_overrides={{rope_parameters: {{rope_type: yarn, factor: {factor}.0, "
+            f"original_max_position_embeddings: {limit}, rope_theta: {arch.rope_theta or 10000.0:g}}}}}.")
 
 
 def architecture(cfg: RunConfig) -> Architecture:
@@ -491,6 +520,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     data source unread (the memory estimate does not depend on it): ``data.streaming=auto`` is then not decided by
     its size. ``resume``: the run directory's latest checkpoint, whose global batch a resumed run keeps."""
     arch = arch or architecture(cfg)
+    check_length(cfg, arch)
     backend, backend_why = _backend(cfg, hw)
     stage, frozen, stage_why, frozen_why = _zero(cfg)
     partitions = stage == 3 or frozen == "layer-shards"

@@ -12,6 +12,7 @@ import pytest
 from ftcluster import config as C
 from ftcluster import plan as P
 from ftcluster.hardware import Hardware
+from tests import tiny
 
 GPU = Hardware(device="cuda", device_source="test", gpu_memory_gib=79.1, liger_installed=True, varlen_kernel=True)
 CPU = Hardware(device="cpu", device_source="test")
@@ -233,3 +234,17 @@ def test_an_elastic_range_with_a_count_that_cannot_keep_the_global_batch_is_refu
 def test_elastic_settings_that_cannot_work_are_refused_naming_the_field(overrides, field):
     with pytest.raises(Exception, match=field):
         C.load(None, overrides)
+
+
+def test_rows_longer_than_the_models_positions_are_refused_unless_rope_is_scaled(tiny_model):
+    from ftcluster import config as C
+
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=2048"])  # the tiny model has 512
+    with pytest.raises(C.ConfigError, match=r"data.max_seq_len=2048 is beyond the model's "
+                                            r"max_position_embeddings=512.*rope_type: yarn, factor: 4.0"):
+        tiny.plan_for(cfg)
+    scaled = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=2048",
+                           "model.config_overrides={rope_parameters: {rope_type: yarn, factor: 4.0, "
+                           "original_max_position_embeddings: 512, rope_theta: 10000.0}}"])
+    assert tiny.plan_for(scaled).workers == 1
+    assert tiny.plan_for(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=512"]))
