@@ -126,11 +126,15 @@ def config_of_flags(a: argparse.Namespace):
 
 def gpu_budget_gib(text: str) -> float:
     try:
-        return float(text)
+        gib = float(text)
     except ValueError:
         if text not in estimate.GPUS_GIB:
             raise SystemExit(f"--gpu-memory {text}: a number of GiB or one of {', '.join(estimate.GPUS_GIB)}") from None
         return estimate.GPUS_GIB[text] * 1e9 / estimate.GiB
+    if not gib > 0:
+        raise SystemExit(f"--gpu-memory {text}: the memory of one GPU in GiB (e.g. 80), or one of "
+                         f"{', '.join(estimate.GPUS_GIB)}")
+    return gib
 
 
 def estimate_main(argv: list[str] | None = None) -> int:

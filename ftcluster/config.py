@@ -85,6 +85,14 @@ class LoraConfig(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = Field(default_factory=list)
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _a_list(cls, v):
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"lora.target_modules={v}: a list of module names, written [{v}] (several: "
+                             "[q_proj, v_proj]), or all-linear")
+        return v
+
     @field_validator("target_modules")
     @classmethod
     def _non_empty(cls, v):
@@ -229,7 +237,15 @@ class SchedulerConfig(Section):
     name: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Warm-up as a share of the run's steps; give this or ``warmup_steps``, not both."""
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "SchedulerConfig":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"scheduler.warmup_steps={self.warmup_steps} and scheduler.warmup_ratio="
+                             f"{self.warmup_ratio} are both set: one would be ignored. Keep one of them.")
+        return self
 
 
 class DeepSpeedSection(Section):
@@ -307,6 +323,16 @@ class OutputConfig(Section):
     name: str | None = None
     """The run's name under ``storage_path``; a run started again with the same name resumes from its latest
     checkpoint. None: derived from the recipe and method."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, v):
+        """The run's directory is ``storage_path/name``: a name with a separator, ``.`` or ``..`` would put it (and
+        its checkpoint pruning) somewhere else."""
+        if v is not None and (v in ("", ".", "..") or "/" in v or "\\" in v or v.startswith("~")):
+            raise ValueError(f"output.name={v!r}: the run's directory under output.storage_path, so one name "
+                             "without '/', '.' or '..' (e.g. team-run1); set output.storage_path for another place")
+        return v
     keep_checkpoints: int = Field(2, gt=0)
     save_final_model: bool = True
     checkpoint_at_end: bool = True
@@ -404,6 +430,11 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _combinations(self) -> "RunConfig":
         ds, opt = self.deepspeed, self.optimizer
+        steps, warmup = self.training.max_steps, self.scheduler.warmup_steps
+        if steps and warmup >= steps:
+            raise ValueError(f"scheduler.warmup_steps={warmup} with training.max_steps={steps}: the warm-up would "
+                             "never end, and the run never reach optimizer.lr. Set scheduler.warmup_steps below "
+                             "max_steps (or scheduler.warmup_ratio, a share of the steps).")
         if ds.offload_optimizer == "cpu" and opt.name != "adamw":
             raise ValueError(
                 f"optimizer.name={opt.name} cannot run with deepspeed.offload_optimizer=cpu: DeepSpeed's CPU offload "

@@ -50,8 +50,25 @@ def _json_rows(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                _one_object(path)
                 raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
             yield n, _object(path, n, row)
+
+
+def _one_object(path: Path) -> None:
+    """Raise a clear error where a file that is not JSON lines is one JSON object (``{"data": [...]}``): what it
+    holds is not rows."""
+    if path.stat().st_size > 2**28:
+        return
+    try:
+        whole = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        lists = [k for k, v in whole.items() if isinstance(v, list)]
+        hint = f" (its rows may be the list under {lists[0]!r})" if lists else ""
+        raise ValueError(f"{path} is one JSON object{hint}, not rows: write a JSON array of objects "
+                         "([{...}, {...}]) or JSON lines (one object a line)")
 
 
 def _object(path: Path, n: int, row) -> dict:
@@ -65,7 +82,9 @@ def _csv_rows(path: Path):
     import csv
     import io
 
-    with io.TextIOWrapper(open(path, "rb"), encoding="utf-8", newline="") as f:
+    # utf-8-sig: a file Excel saved as "CSV UTF-8" starts with a byte-order mark, which would prefix the first
+    # field's name.
+    with io.TextIOWrapper(open(path, "rb"), encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         try:
             for row in reader:

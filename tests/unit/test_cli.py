@@ -52,3 +52,12 @@ def test_the_trainer_run_by_a_python_without_its_dependencies_says_how_to_enter_
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "is not installed in this Python" in proc.stderr and "source .venv/bin/activate" in proc.stderr
     assert "resume" not in proc.stderr
+
+
+def test_estimate_refuses_a_gpu_memory_that_is_not_a_size():
+    from ftcluster import cli
+
+    for bad in ("-80", "0", "lots"):
+        with pytest.raises(SystemExit, match=rf"--gpu-memory {bad}: "):
+            cli.gpu_budget_gib(bad)
+    assert cli.gpu_budget_gib("80") == 80.0 and cli.gpu_budget_gib("h100") > 70

@@ -224,3 +224,17 @@ def test_a_data_field_the_source_or_format_would_ignore_is_refused():
     with pytest.raises(C.ConfigError, match=r"data.num_proc=4 with data.source=builtin:pydoc \(made in memory\)"):
         C.load(None, ["data.num_proc=4"])
     assert C.load(None, ["data.source=org/rows", "data.shuffle_buffer=100"]).data.shuffle_buffer == 100  # auto
+
+
+def test_names_warmups_and_target_modules_that_would_go_wrong_are_refused_naming_the_fix():
+    for name in ("../../x", ".", "team/run1", "/abs/run"):
+        with pytest.raises(C.ConfigError, match=r"output.name=.*one name without '/', '.' or '..'"):
+            C.load(None, [f"output.name={name}"])
+    assert C.load(None, ["output.name=team-run1"]).output.name == "team-run1"
+    with pytest.raises(C.ConfigError, match=r"scheduler.warmup_steps=50 with training.max_steps=20: the warm-up"):
+        C.load(None, ["scheduler.warmup_steps=50", "training.max_steps=20"])
+    with pytest.raises(C.ConfigError, match=r"scheduler.warmup_steps=5 and scheduler.warmup_ratio=0.1 are both set"):
+        C.load(None, ["scheduler.warmup_steps=5", "scheduler.warmup_ratio=0.1"])
+    with pytest.raises(C.ConfigError, match=r"lora.target_modules=q_proj: a list of module names, written \[q_proj\]"):
+        C.load(None, ["lora.target_modules=q_proj"])
+    assert C.load(None, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"

@@ -466,3 +466,15 @@ def test_a_dataset_directory_streams_through_datasets_and_is_found_again_by_its_
     assert _as_multiset(rows["train"]) == _as_multiset(whole["train"])
     monkeypatch.setattr(reading, "iter_rows", lambda *a: pytest.fail("the corpus was read again"))
     assert prepare.rows_for(tok, cfg, 3, tmp_path / "s", True)[2].startswith("rows reused from ")
+
+
+def test_a_json_object_file_and_a_csv_with_a_byte_order_mark_are_read_or_named_for_what_they_are(tmp_path):
+    obj = tmp_path / "rows.json"
+    obj.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2))
+    with pytest.raises(ValueError, match=r"rows.json is one JSON object \(its rows may be the list under 'data'\), "
+                                         r"not rows: write a JSON array"):
+        reading.load_examples(DataConfig(source=str(obj)), 0)
+    excel = tmp_path / "rows.csv"
+    excel.write_bytes(b"\xef\xbb\xbfinstruction,output\n" + b"".join(f"q{i},a{i}\n".encode() for i in range(20)))
+    got = reading.load_examples(DataConfig(source=str(excel), eval_fraction=0.1), 0)
+    assert len(got.train) == 18 and set(got.train[0]) == {"instruction", "output"}
