@@ -101,6 +101,10 @@ def check_cluster(cfg: RunConfig, use_gpu: bool, nodes: list[dict[str, float]]) 
     bundle, n = worker_bundle(cfg, use_gpu), cfg.scaling.min_workers or cfg.scaling.num_workers
     fields = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
     have = {k: sum(node.get(k, 0.0) for node in nodes) for k in bundle}
+    if use_gpu and have.get("GPU", 0) == 0:
+        return (f"the Ray cluster has no GPU over its {len(nodes)} node(s) (scaling.use_gpu="
+                f"{str(cfg.scaling.use_gpu).lower()}): set scaling.use_gpu=false to train on CPUs, or join a "
+                "cluster with GPUs")
     for k, per in bundle.items():
         if per * n > have[k] + 1e-9:
             field = fields.get(k, f"scaling.resources_per_worker.{k}")

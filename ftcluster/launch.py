@@ -35,6 +35,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     hw = hardware.here(cfg)
     resume = checkpoint.resume_of(cfg.run_dir)
     plan = P.make(cfg, hw, resume=resume)
+    preflight.check_device(cfg, plan)
     inputs = preflight.check_inputs(cfg, plan)
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts

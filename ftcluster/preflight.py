@@ -4,6 +4,7 @@ field and the fix named, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ftcluster import embedded, estimate, sources
@@ -64,6 +65,19 @@ def check_adapter_targets(cfg: RunConfig) -> None:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(sources.load_hf_config(cfg.model))
     models.check_target_modules(meta, cfg)
+
+
+def check_device(cfg: RunConfig, plan: P.Plan) -> None:
+    """A worker in this process that is to compute on a GPU needs one here (a Ray cluster's are checked when it is
+    joined, ``cluster.check_cluster``)."""
+    if plan.in_process and plan.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError("scaling.use_gpu=true, and this host has no GPU that torch can see"
+                              + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                              + ": set scaling.use_gpu=false to train on the CPU, or run where a GPU is visible.")
 
 
 def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -> str:

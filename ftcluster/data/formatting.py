@@ -53,6 +53,10 @@ def tokenize_example(tokenizer, ex: dict, cfg: DataConfig) -> dict:
     """input_ids and labels; labels are -100 on prompt tokens unless ``train_on_prompt``."""
     if cfg.format == "text":
         pieces = [(ex[cfg.text_field] + (tokenizer.eos_token or ""), True)]
+    elif cfg.format == "chat" and not tokenizer.chat_template:
+        raise ValueError(f"data.format=chat: the tokenizer ({tokenizer.name_or_path}) has no chat template to render "
+                         "the conversations with. Set model.tokenizer to one that has one (an instruct or chat "
+                         "model's), or write the rows in alpaca or text format.")
     elif tokenizer.chat_template:
         msgs = alpaca_messages(ex) if cfg.format == "alpaca" else ex[cfg.messages_field]
         pieces = _chat_pieces(tokenizer, msgs)

@@ -478,3 +478,13 @@ def test_a_json_object_file_and_a_csv_with_a_byte_order_mark_are_read_or_named_f
     excel.write_bytes(b"\xef\xbb\xbfinstruction,output\n" + b"".join(f"q{i},a{i}\n".encode() for i in range(20)))
     got = reading.load_examples(DataConfig(source=str(excel), eval_fraction=0.1), 0)
     assert len(got.train) == 18 and set(got.train[0]) == {"instruction", "output"}
+
+
+def test_chat_rows_with_a_tokenizer_without_a_chat_template_name_the_missing_template(tok):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    with pytest.raises(ValueError, match=r"data.format=chat: the tokenizer .* has no chat template.*model.tokenizer"):
+        formatting.tokenize_example(plain, {"messages": msgs}, DataConfig(source="chats.jsonl", format="chat"))

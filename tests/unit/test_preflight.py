@@ -108,3 +108,18 @@ def test_a_bfloat16_run_on_a_cpu_without_bfloat16_is_told_so_at_start():
     cpu_recipe = C.load("configs/smollm2_135m_lora_cpu.yaml")
     assert preflight.notes(cpu_recipe, plan.make(cpu_recipe, cpu, read_data=False), cpu) == []
     assert preflight.notes(gpu_recipe, plan.make(gpu_recipe, Hardware.gpu(), read_data=False), Hardware.gpu()) == []
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible here")
+def test_a_gpu_run_where_no_gpu_is_visible_says_so_and_names_use_gpu(tiny_model, tmp_path):
+    cfg = C.load("configs/tiny_cpu.yaml", [f"model.name_or_path={tiny_model}", "model.random_init=false",
+                                           "model.config_overrides={}", "scaling.num_workers=1",
+                                           "scaling.use_gpu=true", f"output.storage_path={tmp_path}"])
+    p = plan.make(cfg, Hardware(device="cuda", device_source="scaling.use_gpu=true"), read_data=False)
+    assert p.in_process and p.device == "cuda"
+    with pytest.raises(C.ConfigError, match=r"scaling.use_gpu=true, and this host has no GPU that torch can see.*"
+                                            r"set scaling.use_gpu=false"):
+        preflight.check_device(cfg, p)
+    # On a Ray cluster without GPUs, the same field, not gpus_per_worker.
+    no_gpus = cluster.check_cluster(cfg, True, [{"CPU": 8.0}, {"CPU": 8.0}])
+    assert "the Ray cluster has no GPU over its 2 node(s)" in no_gpus and "scaling.use_gpu=false" in no_gpus
