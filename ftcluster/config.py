@@ -311,8 +311,8 @@ class TrainingConfig(Section):
     """Profile this many optimizer steps (after 3 warm-up steps) with torch.profiler; each rank writes its
     table of operators by device time to ``<run_dir>/profile_rank<r>.txt``."""
     divergence_loss_factor: float = Field(4.0, ge=0)
-    """Stop as diverged when a logged loss exceeds this many times the lowest logged so far (0: never). A NaN or
-    infinite loss or gradient norm always stops the run."""
+    """Stop as diverged when a logged loss exceeds this many times the lowest logged so far, and by more than a nat
+    (0: never). A NaN or infinite loss or gradient norm always stops the run."""
     divergence_zero_grad_logs: int = Field(2, ge=0)
     """Stop as diverged after this many logging steps in a row whose gradient norm is zero (the weights no longer
     learn: saturated or overflowed); 0: never."""

@@ -183,7 +183,7 @@ def _window_figures(loop: Loop, window: Window, loss_sum: torch.Tensor, progress
 @dataclass
 class DivergenceGuard:
     """Says when logged figures show training has diverged: a NaN or infinite loss or gradient norm, a loss past
-    ``training.divergence_loss_factor`` times the lowest so far, or a zero gradient norm at
+    ``training.divergence_loss_factor`` times the lowest so far and ``MIN_RISE`` above it, or a zero gradient norm at
     ``training.divergence_zero_grad_logs`` logging steps in a row. The figures are the same on every worker (the
     loss is averaged over them and the norm is global), so every worker stops at the same step without a
     collective."""
@@ -192,10 +192,14 @@ class DivergenceGuard:
     lowest: float = math.inf
     zero_grads: int = 0
 
+    MIN_RISE = 1.0
+    """Nats a loss must also rise above the lowest to count as diverged: near zero a factor alone fires on the
+    batch-to-batch spread (0.013 then 0.08 on a learned task), where a diverging run's loss climbs by nats."""
+
     def check(self, loss: float, grad_norm: float | None) -> str | None:
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             return f"loss {loss} and gradient norm {grad_norm} are not finite"
-        if self.loss_factor and loss > self.loss_factor * self.lowest:
+        if self.loss_factor and loss > self.loss_factor * self.lowest and loss - self.lowest > self.MIN_RISE:
             return (f"loss {loss:.4g} is over {self.loss_factor:g}x the lowest so far ({self.lowest:.4g}; "
                     "training.divergence_loss_factor)")
         self.lowest = min(self.lowest, loss)

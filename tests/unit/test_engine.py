@@ -168,6 +168,10 @@ def test_the_divergence_guard_stops_on_nonfinite_spikes_and_dead_gradients():
     guard = engine.DivergenceGuard(loss_factor=4.0, zero_grad_logs=2)
     assert guard.check(3.0, 1.0) is None and guard.check(2.0, 0.5) is None and guard.check(7.9, 0.5) is None
     assert "over 4x the lowest so far (2;" in guard.check(8.1, 0.5)
+    # Near zero, the spread between batches of a learned task is not a divergence: 0.013 then 0.08 or 0.3.
+    learned = engine.DivergenceGuard(loss_factor=4.0, zero_grad_logs=2)
+    assert all(learned.check(loss, 1.0) is None for loss in (2.1, 0.4, 0.05, 0.013, 0.08, 0.31))
+    assert "over 4x the lowest so far (0.013;" in learned.check(1.2, 1.0)
     assert "not finite" in engine.DivergenceGuard(4.0, 2).check(float("nan"), 1.0)
     assert "not finite" in engine.DivergenceGuard(4.0, 2).check(2.0, float("inf"))
     dead = engine.DivergenceGuard(4.0, 2)
