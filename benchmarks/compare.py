@@ -222,6 +222,9 @@ class Harness:
         method apart); the trained model is scored with the same overrides. ``curve``: also at every
         ``suite.quality_every`` steps (its ``quality_curve``: the time and tokens it took to each score)."""
         name = name or self.name(f"{method}-seed{seed}", task)
+        # A run of this name left by an interrupted or failed invocation would be resumed, and its earlier lines
+        # would enter this one's figures: every measured run starts clean.
+        shutil.rmtree(self.work / "runs" / name, ignore_errors=True)
         curve = curve and self.suite.quality and self.suite.quality_every > 0
         if curve:
             extra = (*extra, f"training.export_every={self.suite.quality_every}")

@@ -121,12 +121,16 @@ def test_failed_run_is_recorded_and_resume_keeps_what_was_measured(tiny_model, t
     lora_row = summary_table(report)["LoRA (16-bit base)"]
     assert "n/a" not in lora_row[:3] + lora_row[4:-1]  # MFU is n/a on CPUs; no full run to compare quality with
 
-    # The same command again, fixed and with --resume: the LoRA run is kept as measured, QLoRA runs now.
+    # The same command again, fixed and with --resume: the LoRA run is kept as measured, QLoRA runs now, from a
+    # clean run directory (what an earlier attempt left there is not resumed, nor counted).
+    stale = work / "runs" / "qlora-seed42"
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0, "world_size": 1, "time": 1.0}) + "\n")
     compare("--methods", "lora,qlora", "--skip-base", "--tune", "none", "--out", str(out), "--work", str(work),
             "--resume", *tiny_sets(tiny_model))
     records = json.loads((out / "results.json").read_text())["records"]
     assert [(r["method"], r["status"]) for r in records] == [("lora", "ok"), ("qlora", "ok")]
-    assert records[0] == lora
+    assert records[0] == lora and 99.0 not in [loss for _, loss in records[1]["metrics"]["losses"]]
 
 
 def test_an_ablation_runs_each_method_again_with_one_setting_changed(tiny_model, tmp_path):
