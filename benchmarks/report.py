@@ -176,7 +176,17 @@ def tune_rows(results: dict) -> list[dict]:
                     "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
                     "eval_loss": q.get("eval_loss"), "eval_examples": q.get("eval_examples"),
                     "chosen": rec["change"] == chosen_point(results["records"], rec.get("task"), rec["method"])})
-    return out
+    return sorted(out, key=lambda g: _order(results, g["task"], g["method"]) + (_lr(g["setting"]), g["setting"]))
+
+
+def _order(results: dict, task: str | None, method: str) -> tuple[int, int]:
+    """Rows by task (the suite's order), then method: the order records were made in differs on a resumed run."""
+    known = tasks(results)
+    return (known.index(task) if task in known else len(known), METHOD_ORDER.index(method))
+
+
+def _lr(setting: str) -> float:
+    return next((float(x.split("=", 1)[1]) for x in setting.split() if x.startswith("optimizer.lr=")), 0.0)
 
 
 TARGET_SHARE = 0.95
@@ -202,7 +212,7 @@ def time_to_quality_rows(results: dict) -> list[dict]:
                         "tokens": hit and hit["tokens_seen"], "time_s": hit and hit["time_s"],
                         "best_pct": 100 * max(p["task_score"] or 0 for p in curve),
                         "points": len(curve)})
-    return out
+    return sorted(out, key=lambda r: _order(results, r["task"], r["method"]))
 
 
 def chosen_point(records: list[dict], task: str | None, method: str) -> str | None:
