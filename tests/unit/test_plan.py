@@ -239,12 +239,12 @@ def test_elastic_settings_that_cannot_work_are_refused_naming_the_field(override
 def test_rows_longer_than_the_models_positions_are_refused_unless_rope_is_scaled(tiny_model):
     from ftcluster import config as C
 
-    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=2048"])  # the tiny model has 512
-    with pytest.raises(C.ConfigError, match=r"data.max_seq_len=2048 is beyond the model's "
-                                            r"max_position_embeddings=512.*rope_type: yarn, factor: 4.0"):
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=16384"])  # the tiny model has 4096
+    with pytest.raises(C.ConfigError, match=r"data.max_seq_len=16384 is beyond the model's "
+                                            r"max_position_embeddings=4096.*rope_type: yarn, factor: 4.0"):
         tiny.plan_for(cfg)
-    scaled = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=2048",
+    scaled = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=16384",
                            "model.config_overrides={rope_parameters: {rope_type: yarn, factor: 4.0, "
-                           "original_max_position_embeddings: 512, rope_theta: 10000.0}}"])
+                           "original_max_position_embeddings: 4096, rope_theta: 10000.0}}"])
     assert tiny.plan_for(scaled).workers == 1
-    assert tiny.plan_for(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=512"]))
+    assert tiny.plan_for(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=4096"]))
