@@ -323,6 +323,11 @@ class OutputConfig(Section):
     name: str | None = None
     """The run's name under ``storage_path``; a run started again with the same name resumes from its latest
     checkpoint. None: derived from the recipe and method."""
+    keep_checkpoints: int = Field(2, gt=0)
+    save_final_model: bool = True
+    checkpoint_at_end: bool = True
+    """False: the run ends without a checkpoint (and so without final/); for speed and memory benchmarks of
+    shapes whose optimizer state would fill the disk."""
 
     @field_validator("name")
     @classmethod
@@ -333,11 +338,6 @@ class OutputConfig(Section):
             raise ValueError(f"output.name={v!r}: the run's directory under output.storage_path, so one name "
                              "without '/', '.' or '..' (e.g. team-run1); set output.storage_path for another place")
         return v
-    keep_checkpoints: int = Field(2, gt=0)
-    save_final_model: bool = True
-    checkpoint_at_end: bool = True
-    """False: the run ends without a checkpoint (and so without final/); for speed and memory benchmarks of
-    shapes whose optimizer state would fill the disk."""
 
 
 class RayConfig(Section):
