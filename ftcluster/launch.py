@@ -35,10 +35,10 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     hw = hardware.here(cfg)
     resume = checkpoint.resume_of(cfg.run_dir)
     plan = P.make(cfg, hw, resume=resume)
-    preflight.check_device(cfg, plan)
     inputs = preflight.check_inputs(cfg, plan)
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
+    preflight.check_device(cfg, plan)
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
     if plan.model_download:  # once, here, before any worker starts; they all read the snapshot

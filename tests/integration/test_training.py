@@ -309,7 +309,7 @@ def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_lets_it_past
     with pytest.raises(C.ConfigError, match="GPUs have 0.5.*--force"):
         launch.run(cfg)
     assert not cfg.run_dir.exists()  # refused before anything was written
-    with pytest.raises(C.ConfigError, match=r"scaling.num_workers=2 x scaling.gpus_per_worker=1 needs 2 GPU"):
+    with pytest.raises(C.ConfigError, match=r"the Ray cluster has no GPU over its 1 node\(s\).*scaling.use_gpu=false"):
         launch.run(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"resources_wait_s": 0})}), force=True)
     assert not cfg.run_dir.exists()
 
