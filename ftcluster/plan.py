@@ -216,7 +216,8 @@ def _rope_type(fields_: dict) -> str | None:
     """The scaling of the config's RoPE, from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (5), or None
     for plain RoPE."""
     for key in ("rope_scaling", "rope_parameters"):
-        kind = (fields_.get(key) or {}).get("rope_type") or (fields_.get(key) or {}).get("type")
+        params = fields_.get(key) or {}
+        kind = params.get("rope_type") or params.get("type")
         if kind and kind != "default":
             return kind
     return None
