@@ -30,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ def provenance(argv: list[str], module: str = "benchmarks.compare") -> dict:
     return out
 
 
-def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -> tuple[int, str]:
+def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None,
+           env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run ``cmd`` with its output in ``log``; echo the progress of the training run in ``run_dir`` (its records,
     as they are written) under ``label``. (exit code, output tail)"""
     tail: list[str] = []
@@ -99,7 +101,7 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None) -
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         for text in proc.stdout:
             fh.write(text)
             tail = (tail + [text.rstrip()])[-300:]
@@ -158,6 +160,8 @@ class Harness:
                  keep_runs: bool = False):
         self.suite, self.work, self.results_path, self.keep_runs = suite, work, results_path, keep_runs
         self.user_sets = user_sets
+        self.lock = threading.Lock()  # --jobs: runs finish, and are recorded, from several threads
+        self.shared: dict[str, str] = {}  # the environment of a run that shares the machine (Pool.env)
         self.results = {"suite": {"name": suite.name, "description": suite.description, "recipe": suite.recipe,
                                   "quality": suite.quality}, "provenance": meta, "records": []}
 
@@ -179,20 +183,26 @@ class Harness:
         return (f"data.validation_fraction={self.suite.validation_fraction}",)
 
     def record(self, rec: dict) -> dict:
-        self.results["records"].append(rec)
-        self.results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2))
-        tmp.replace(self.results_path)
+        with self.lock:
+            self.results["records"].append(rec)
+            self.results_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.results_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=2))
+            tmp.replace(self.results_path)
         return rec
 
     def execute(self, kind: str, method: str, seed: int | None, cmd: list[str], label: str,
-                result_file: Path | None) -> dict:
+                result_file: Path | None, shared: bool = False) -> dict:
+        """Run one process. ``shared``: it runs beside others (``--jobs``), so its time and device memory are not
+        its own; the report leaves them out."""
         log = self.work / (re.sub(r"[^\w.]+", "-", label.split("] ", 1)[-1]).strip("-") + ".log")
         started = time.time()
-        code, tail = stream(cmd, log, label, result_file.parent if kind == "train" else None)
+        code, tail = stream(cmd, log, label, result_file.parent if kind == "train" else None,
+                            self.shared if shared else None)
         rec = {"kind": kind, "method": method, "seed": seed, "command": " ".join(shlex.quote(c) for c in cmd),
                "log": str(log), "process_wall_s": round(time.time() - started, 1)}
+        if shared:
+            rec["shared"] = True
         if code == 0 and (result_file is None or result_file.exists()):
             rec["status"] = "ok"
             rec["metrics"] = records.Summary.read(result_file.parent).to_json() if kind == "train" else \
@@ -217,10 +227,15 @@ class Harness:
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     def train(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None,
-              task: str | None = None, curve: bool = False) -> dict:
+              task: str | None = None, curve: bool = False, shared: bool = False) -> dict:
         """One training run of ``method`` on ``task`` (``extra`` overrides go last; ``name`` tells runs of one
-        method apart); the trained model is scored with the same overrides. ``curve``: also at every
-        ``suite.quality_every`` steps (its ``quality_curve``: the time and tokens it took to each score)."""
+        method apart), then its scoring (``score``)."""
+        return self.score(self.train_only(method, seed, label, extra, name, task, curve, shared), label)
+
+    def train_only(self, method: str, seed: int, label: str, extra: tuple[str, ...] = (), name: str | None = None,
+                   task: str | None = None, curve: bool = False, shared: bool = False) -> dict:
+        """The training run alone: its record, for ``score`` to finish. ``curve``: it exports the model every
+        ``suite.quality_every`` steps, for ``score`` to score each."""
         name = name or self.name(f"{method}-seed{seed}", task)
         # A run of this name left by an interrupted or failed invocation would be resumed, and its earlier lines
         # would enter this one's figures: every measured run starts clean.
@@ -230,21 +245,28 @@ class Harness:
             extra = (*extra, f"training.export_every={self.suite.quality_every}")
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method, task),
                *extra, f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
-        rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json")
-        rec["config_hash"] = self.config_hash(method, seed, extra, task)
-        rec["task"] = task
+        rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json", shared)
+        rec.update(config_hash=self.config_hash(method, seed, extra, task), task=task, run_dir=str(self.work / "runs" / name))
+        rec["_score"] = {"name": name, "extra": extra, "curve": curve, "shared": shared}
+        return rec
+
+    def score(self, rec: dict, label: str, shared: bool | None = None) -> dict:
+        """Score a ``train_only`` record's model (and, for a curve, each export), then delete its weights unless
+        ``keep_runs``. ``shared``: the scoring runs beside other runs (default: as the training did)."""
+        todo = rec.pop("_score")
+        shared = todo["shared"] if shared is None else shared
+        name, extra, task, method, seed = todo["name"], todo["extra"], rec["task"], rec["method"], rec["seed"]
+        run_dir = Path(rec["run_dir"])
         if rec["status"] == "ok":
-            run_dir = self.work / "runs" / name
             rec["metrics"]["losses"] = rec["metrics"].get("losses") or []
             rec["metrics"]["eval_loss_in_training"] = rec["metrics"].pop("eval_loss", None)
             rec["metrics"].pop("eval_perplexity", None)
             if self.suite.quality and rec["metrics"].get("final_model"):
                 q = self.quality(method, seed, Path(rec["metrics"]["final_model"]), f"{label} quality", name,
-                                 extra, task)
+                                 extra, task, shared)
                 rec["quality"] = q.get("metrics") if q["status"] == "ok" else {"error": q.get("error")}
-                if curve and q["status"] == "ok":
-                    rec["quality_curve"] = self.curve(method, seed, run_dir, rec, label, name, extra, task)
-            rec["run_dir"] = str(run_dir)
+                if todo["curve"] and q["status"] == "ok":
+                    rec["quality_curve"] = self.curve(method, seed, run_dir, rec, label, name, extra, task, shared)
             if not self.keep_runs:
                 freed = trim_run(run_dir)
                 if freed:
@@ -253,7 +275,7 @@ class Harness:
         return rec
 
     def curve(self, method: str, seed: int, run_dir: Path, rec: dict, label: str, name: str,
-              extra: tuple[str, ...], task: str | None) -> list[dict]:
+              extra: tuple[str, ...], task: str | None, shared: bool = False) -> list[dict]:
         """The run's quality at each export and at the end: step, tokens seen, seconds since the process started
         (what a user waits), task score and answer loss."""
         lines = {line.step: line for line in records.read_lines(run_dir)}
@@ -271,7 +293,7 @@ class Harness:
         for export in sorted((run_dir / "exports").glob("step*")):
             step = int(export.name.removeprefix("step"))
             q = self.quality(method, seed, export, f"{label} quality at step {step}", f"{name}-step{step}", extra,
-                             task)
+                             task, shared)
             if q["status"] == "ok":
                 out.append(point(step, q["metrics"]))
         final_step = rec["metrics"].get("final_step")
@@ -280,7 +302,7 @@ class Harness:
         return out
 
     def quality(self, method: str, seed: int, trained: Path | None, label: str, tag: str,
-                extra: tuple[str, ...] = (), task: str | None = None) -> dict:
+                extra: tuple[str, ...] = (), task: str | None = None, shared: bool = False) -> dict:
         """Score ``trained`` (None: the base model, with ``method``'s settings) into ``quality-<tag>.json``, on the
         evaluation rows the run's own config names (validation rows for a grid point's run)."""
         out = self.work / f"quality-{tag}.json"
@@ -290,7 +312,7 @@ class Harness:
         if self.suite.eval_examples:
             cmd += ["--max-examples", str(self.suite.eval_examples)]
         cmd += [*self.overrides(method, task), *extra, f"training.seed={seed}"]
-        return {**self.execute("quality", method, seed, cmd, label, out), "task": task}
+        return {**self.execute("quality", method, seed, cmd, label, out, shared), "task": task}
 
     def hf_baseline(self, method: str, label: str, recipe: str = "hf") -> dict:
         out = self.work / f"{recipe}-{method}.json"
@@ -339,6 +361,59 @@ def parse_baselines(text: str) -> list[str]:
     return peers
 
 
+class Pool:
+    """``--jobs N``: what the report shows no time or device memory of (base scores, grid points, the seeds after
+    the first, every scoring) runs N at a time; a timed run waits for all of it and runs alone, and its scoring
+    waits (``later``) until the timed runs are over. With N=1 everything runs in turn, as it comes."""
+
+    def __init__(self, jobs: int, harness: Harness):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shares = jobs > 1
+        self.executor = ThreadPoolExecutor(jobs) if self.shares else None
+        self.running, self.waiting = [], []
+        if self.shares:
+            # Each process would take every core for its CPU work (tokenizing, the optimizer on CPU): split them.
+            harness.shared = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+    def submit(self, fn) -> None:
+        if self.executor is None:
+            fn()
+        else:
+            self.running.append(self.executor.submit(fn))
+
+    def later(self, fn) -> None:
+        if self.executor is None:
+            fn()
+        else:
+            self.waiting.append(fn)
+
+    def release(self) -> None:
+        for fn in self.waiting:
+            self.submit(fn)
+        self.waiting = []
+
+    def drain(self) -> None:
+        for future in self.running:
+            future.result()  # a harness error in a thread ends the invocation, as it would without --jobs
+        self.running = []
+
+
+def untimed(h: Harness, item: Planned, label: str, tune: bool, first_seed: int, shared: bool) -> dict:
+    """A base score, a grid point or a seed after the first: quality only."""
+    if item.kind == "base":
+        return {**h.quality("lora", first_seed, None, label, h.name("base", item.task), task=item.task,
+                            shared=shared), "kind": "base", "method": "base"}
+    if item.kind == "tune":
+        slug = re.sub(r"[^\w.]+", "-", item.change).strip("-")
+        return {**h.train(item.method, item.seed, label, extra=(*item.change.split(), *h.validation()),
+                          name=h.name(f"{item.method}-tune-{slug}", item.task), task=item.task, shared=shared),
+                "kind": "tune", "change": item.change}
+    point = report.chosen_point(h.results["records"], item.task, item.method) if tune else None
+    return {**h.train(item.method, item.seed, label, extra=tuple(point.split()) if point else (), task=item.task,
+                      shared=shared), "setting": point}
+
+
 def run(args, argv: list[str]) -> Path:
     gpus = gpu_count()
     suite = suites.get(args.suite, gpu=gpus > 0)
@@ -354,6 +429,8 @@ def run(args, argv: list[str]) -> Path:
             except C.ConfigError as e:
                 raise SystemExit(f"--tasks {task}: {e}") from None
         suite = dataclasses.replace(suite, tasks=chosen)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: give 1 or more")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in suites.METHODS]
     if unknown:
@@ -366,7 +443,7 @@ def run(args, argv: list[str]) -> Path:
     h = Harness(suite, work, args.set, out / "results.json", provenance(argv), keep_runs=args.keep_runs)
     h.results["suite"]["tasks"] = list(h.tasks)
     h.results["settings"] = {"methods": methods, "repeats": args.repeats, "baseline": args.baseline,
-                             "sets": args.set, "work_dir": str(work), "tune": tune,
+                             "sets": args.set, "work_dir": str(work), "tune": tune, "jobs": args.jobs,
                              "validation_fraction": suite.validation_fraction if tune else None}
     done = set()
     if args.resume and (out / "results.json").exists():
@@ -379,57 +456,72 @@ def run(args, argv: list[str]) -> Path:
                         r.get("change"), r.get("task")) for r in kept}
     seeds = [42 + i for i in range(args.repeats)]
     peers = parse_baselines(args.baseline)
-    plan = []
+    # First what only scores quality (base models, grid points), then the timed runs (each method's first seed,
+    # its ablations and the peers: speed, memory and time to quality come from these), then the other seeds.
+    early, timed, late = [], [], []
     for task in h.tasks:
         first = task == h.tasks[0]
         if suite.quality and not args.skip_base:
-            plan.append(Planned("base", "base", seeds[0], task=task))
+            early.append(Planned("base", "base", seeds[0], task=task))
         for method in methods:
             if tune:
-                plan += [Planned("tune", method, seeds[0], change=" ".join(point), task=task)
-                         for point in suite.grid.get(method, ())]
-            plan += [Planned("train", method, s, task=task) for s in seeds]
+                early += [Planned("tune", method, seeds[0], change=" ".join(point), task=task)
+                          for point in suite.grid.get(method, ())]
+            timed.append(Planned("train", method, seeds[0], task=task))
+            late += [Planned("train", method, s, task=task) for s in seeds[1:]]
             if first:  # speed, memory and the peers: measured on the first task
-                plan += [Planned("ablation", method, seeds[0], change=change, task=task) for change in args.ablate]
-                plan += [Planned("hf", method, None, recipe, task=task) for recipe in peers
-                         if recipe != "hf-tuned" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
-    print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs; logs in {work}",
-          flush=True)
+                timed += [Planned("ablation", method, seeds[0], change=change, task=task) for change in args.ablate]
+                timed += [Planned("hf", method, None, recipe, task=task) for recipe in peers
+                          if recipe != "hf-tuned" or method == "qlora"]  # hf-tuned differs from hf only for QLoRA
+    plan = early + timed + late
+    pool = Pool(args.jobs, h)
+    print(f"benchmarks.compare: suite {suite.name} ({suite.description}); {len(plan)} runs"
+          + (f", up to {args.jobs} at a time where the report shows no time or memory" if args.jobs > 1 else "")
+          + f"; logs in {work}", flush=True)
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    unstarted, timed_ran = [], False
     for i, item in enumerate(plan, 1):
         label = " ".join(x for x in (f"[{i}/{len(plan)}]", task_slug(item.task) if len(h.tasks) > 1 else "",
                                      item.recipe or item.kind, item.method,
                                      f"seed {item.seed}" if item.kind == "train" else item.change or "") if x)
-        print(label, flush=True)
         if item in done:
-            print("  measured by the interrupted run: kept", flush=True)
+            print(f"{label}\n  measured by the interrupted run: kept", flush=True)
             continue
+        if deadline and time.time() > deadline:
+            unstarted.append(label)
+            continue
+        print(label, flush=True)
         need = suite.gpus.get(item.method, 1)
         if item.kind != "base" and need > 1 and gpus < need:
             h.record({"kind": item.kind, "method": item.method, "seed": item.seed, "recipe": item.recipe,
                       "status": "skipped", "error": f"needs {need} GPUs, this machine has {gpus}"})
             continue
-        if item.kind == "base":
-            rec = h.quality("lora", seeds[0], None, label, h.name("base", item.task), task=item.task)
-            rec.update(kind="base", method="base")
-        elif item.kind == "tune":
-            point = tuple(item.change.split())
-            slug = re.sub(r"[^\w.]+", "-", item.change).strip("-")
-            rec = {**h.train(item.method, item.seed, label, extra=(*point, *h.validation()),
-                             name=h.name(f"{item.method}-tune-{slug}", item.task), task=item.task),
-                   "kind": "tune", "change": item.change}
-        elif item.kind == "train":
-            point = report.chosen_point(h.results["records"], item.task, item.method) if tune else None
-            if point is not None:
-                print(f"  at {point} (the best of its grid on validation rows)", flush=True)
-            rec = {**h.train(item.method, item.seed, label, extra=tuple(point.split()) if point else (),
-                             task=item.task, curve=item.seed == seeds[0]), "setting": point}
-        elif item.kind == "ablation":
-            slug = re.sub(r"[^\w]+", "-", item.change).strip("-")
-            rec = {**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}",
-                             task=item.task), "kind": "ablation", "change": item.change}
-        else:
-            rec = h.hf_baseline(item.method, label, item.recipe)
-        h.record(rec)
+        if item in timed:
+            pool.drain()  # it runs alone; for the first, the grid also decides its setting
+            timed_ran = True
+            if item.kind == "train":
+                point = report.chosen_point(h.results["records"], item.task, item.method) if tune else None
+                if point is not None:
+                    print(f"  at {point} (the best of its grid on validation rows)", flush=True)
+                rec = {**h.train_only(item.method, item.seed, label, extra=tuple(point.split()) if point else (),
+                                      task=item.task, curve=True), "setting": point}
+                pool.later(lambda rec=rec, label=label: h.record(h.score(rec, label, shared=pool.shares)))
+            elif item.kind == "ablation":
+                slug = re.sub(r"[^\w]+", "-", item.change).strip("-")
+                h.record({**h.train(item.method, item.seed, label, extra=(item.change,), name=f"{item.method}-{slug}",
+                                    task=item.task), "kind": "ablation", "change": item.change})
+            else:
+                h.record(h.hf_baseline(item.method, label, item.recipe))
+            continue
+        if late and item is late[0] and not timed_ran:
+            pool.drain()  # grid points rerun by --resume decide the seeds' settings
+        pool.release()  # the timed runs are over: their scoring joins the pool
+        pool.submit(lambda item=item, label=label: h.record(untimed(h, item, label, tune, seeds[0], pool.shares)))
+    pool.release()
+    pool.drain()
+    if unstarted:
+        print(f"benchmarks.compare: --time-limit {args.time_limit:g} s reached; {len(unstarted)} runs not started "
+              f"(the first: {unstarted[0]}); rerun the same command with --resume to run them", flush=True)
     report.render(h.results, out)
     print(f"report: {out / 'report.md'}", flush=True)
     return out
@@ -465,6 +557,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep each run's checkpoints and final model under --work (deleted once measured and scored)")
     p.add_argument("--resume", action="store_true",
                    help="keep the successful runs already in <out>/results.json and run only the rest")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run up to this many of the runs whose time and memory the report does not show (grid "
+                        "points, base scores, seeds after the first, scoring) at once on this machine; timed runs "
+                        "always run alone")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="start no run after this many seconds (for a time-limited allocation): the report has what "
+                        "finished, and --resume runs the rest")
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json without running anything")
     args = p.parse_args(argv)
     if args.from_:

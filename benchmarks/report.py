@@ -59,7 +59,14 @@ def figures(rec: dict) -> dict:
         "task_score_pct": 100 * q["task_score"] if q.get("task_score") is not None else None,
         "eval_examples": q.get("eval_examples"),
     }
+    if rec.get("shared"):  # it ran beside other runs (compare --jobs): its times and device memory are not its own
+        out.update(dict.fromkeys(SHARED_KEYS))
     return out
+
+
+SHARED_KEYS = ("peak_memory_gib", "wall_time_s", "train_time_s", "time_to_first_step_s", "step_time_s",
+               "tokens_per_s", "tokens_per_s_per_device", "mfu_pct", "mfu_measured_pct")
+"""The figures of a run that shared the machine (``compare --jobs``) that the report leaves out."""
 
 
 def _stats(values: list) -> tuple[float | None, float | None, int]:
@@ -385,7 +392,10 @@ def markdown(results: dict) -> str:
         f"- **Command**: `{prov.get('command')}`",
         f"- **Commit**: `{prov.get('git_commit')}`{' (with uncommitted changes)' if prov.get('git_dirty') else ''}",
         "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-        f"- **Runs**: {settings.get('repeats', 1)} seed(s) per method; mean ± std where more than one succeeded.",
+        f"- **Runs**: {settings.get('repeats', 1)} seed(s) per method; mean ± std where more than one succeeded."
+        + (f" Up to {settings['jobs']} runs at a time (`--jobs`) where only quality is read (grid points, seeds after "
+           "the first, scoring): memory, time and speed come from each method's first seed, which ran alone."
+           if (settings.get("jobs") or 1) > 1 else ""),
         *[f"- **Also**: `{more['command']}` ({more['date']}, commit `{more['git_commit']}`)"
           for more in prov.get("more_invocations", [])],
         *[f"- **Note**: {note}" for note in prov.get("notes", [])],

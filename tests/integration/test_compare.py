@@ -156,12 +156,13 @@ def test_each_method_runs_its_grid_on_validation_rows_then_its_seed_at_the_best_
 
     out, work = tmp_path / "report", tmp_path / "work"
     tasks = ("builtin:required-args", "builtin:extract-json")
+    # --jobs 2: the grid points run two at a time, the seed that is timed alone.
     proc = compare("--methods", "lora", "--skip-base", "--tune", "lr", "--tasks", ",".join(tasks), "--out", str(out),
-                   "--work", str(work), *tiny_sets(tiny_model), "--set", "data.max_seq_len=320")  # the test tokenizer's
-    # extraction examples run to 260 tokens
+                   "--work", str(work), "--jobs", "2", *tiny_sets(tiny_model),
+                   "--set", "data.max_seq_len=320")  # the test tokenizer's extraction examples run to 260 tokens
     results = json.loads((out / "results.json").read_text())
-    runs = [(r["task"], r["kind"], r.get("change") or r.get("setting"), r["status"]) for r in results["records"]]
-    assert [(t, k, s) for t, k, _, s in runs] == [(t, k, "ok") for t in tasks for k in ("tune", "tune", "train")]
+    runs = sorted((r["task"], r["kind"], r["status"], bool(r.get("shared"))) for r in results["records"])
+    assert runs == sorted((t, k, "ok", k == "tune") for t in tasks for k in ("tune", "tune", "train"))
     for task in tasks:
         tuned = [r for r in results["records"] if r["task"] == task and r["kind"] == "tune"]
         best = max(tuned, key=lambda r: (r["quality"]["task_score"], -r["quality"]["eval_loss"]))
@@ -178,3 +179,28 @@ def test_each_method_runs_its_grid_on_validation_rows_then_its_seed_at_the_best_
     report_text = (out / "report.md").read_text()
     assert "## Settings chosen on validation rows" in report_text and "`builtin:extract-json`" in report_text
     assert "(the best of its grid on validation rows)" in proc.stdout
+    # Two grid points were in flight at once; the timed seeds started only once the grid was over.
+    spans = [(r["kind"], *_span(r)) for r in results["records"]]
+    tune_spans = [(a, b) for k, a, b in spans if k == "tune"]
+    assert any(a2 < b1 and a1 < b2 for i, (a1, b1) in enumerate(tune_spans) for a2, b2 in tune_spans[i + 1:])
+    assert all(a >= max(b for _, b in tune_spans) for k, a, _ in spans if k == "train")
+    summary = summary_table(report_text)["LoRA (16-bit base)"]
+    assert re.fullmatch(r"[\d,]+", summary[2]), summary  # tokens/s: the timed seed's
+
+
+def _span(rec: dict) -> tuple[float, float]:
+    """When a run's process started and ended, from its log's modification time and its wall time."""
+    end = Path(rec["log"]).stat().st_mtime
+    return end - rec["process_wall_s"], end
+
+
+def test_time_limit_starts_nothing_after_it_and_resume_runs_the_rest(tiny_model, tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    args = ("--methods", "lora,qlora", "--skip-base", "--tune", "none", "--out", str(out), "--work", str(work),
+            *tiny_sets(tiny_model))
+    proc = compare(*args, "--time-limit", "1")
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["records"]] == ["lora"]
+    assert "1 runs not started (the first: [2/2] train qlora seed 42); rerun the same command with --resume" \
+        in proc.stdout
+    compare(*args, "--resume")
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["records"]] == ["lora", "qlora"]
