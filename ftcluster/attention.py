@@ -41,6 +41,11 @@ compile, and warned that it ignored the cache around it."""
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """query/key/value: (batch, heads, seq, head_dim) → (batch, seq, heads, head_dim), as transformers expects."""
+    if cu_seq_lens_q is None and kwargs.get("position_ids") is not None and query.shape[2] > 1:
+        # Rows without the collator's boundaries: where sequence parallelism gathered a row's positions, whose
+        # restarts at 0 are its examples' starts (ftcluster/sequence_parallel.py).
+        cu_seq_lens_q = boundaries(kwargs["position_ids"])
+        max_length_q = query.shape[2]
     if cu_seq_lens_q is None:
         # No packing information: an unpadded causal row (generation, a single sequence).
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -61,6 +66,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q,
                  max_length_q, max_length_k or max_length_q, scale=scaling, **causal, **extra)
     return out.view(b, s, h, d), None
+
+
+def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """The cumulative lengths of the sequences in a (batch, seq) block of positions: each starts where its
+    positions restart at 0, and each row starts a new one."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([starts, end]).to(torch.int32)
 
 
 def register() -> None:

@@ -274,6 +274,11 @@ class ScalingSection(Section):
     restarting from the latest checkpoint), and grows back to ``num_workers`` at a checkpoint when the cluster
     can hold them again. Needs ray.max_failures other than 0 (each loss is a restart). None: always
     ``num_workers``."""
+    sequence_parallel: int = Field(1, gt=0)
+    """Split each row's tokens over this many workers (DeepSpeed's Ulysses sequence parallelism): each holds 1/K of
+    a row's activations, and attention trades heads for tokens between them. num_workers must be a multiple;
+    the other factor is data parallel, and a step still takes micro_batch_size x gradient_accumulation_steps x
+    num_workers rows, each trained once."""
     resize_check_s: float = Field(60.0, gt=0)
     """With min_workers: seconds between Ray Train's checks for room to grow back to num_workers."""
     use_gpu: bool | None = None

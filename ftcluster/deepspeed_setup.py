@@ -71,7 +71,9 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, world_size: int, load_universal
         bf16 = {**bf16, "enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
     ds = {
         "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
+        # Sequence parallelism: each of a group's K workers' rows is one micro step of the whole group (its
+        # data-parallel size is num_workers / K to DeepSpeed): K micro steps for each of ours.
+        "gradient_accumulation_steps": plan.accumulation * plan.sequence_parallel,
         "train_batch_size": plan.micro_batch * plan.accumulation * world_size,
         # Where the optimizer steps the model's own weights, DeepSpeed would clip with a float32 copy and a norm of
         # each gradient in turn; the loop clips them with foreach kernels (engine.GradClip).
@@ -236,13 +238,17 @@ def zero3_partition(plan: Plan, ds_config: dict) -> Zero3Partition | LayerShards
 
         deepspeed.comm.init_distributed(dist_init_required=False)
         return LayerShards()
-    return Zero3Partition(ds_config) if is_zero3(ds_config) else None
+    # zero.Init reads the batch sizes as if every worker were data parallel; under sequence parallelism (K micro
+    # steps of ours per worker) they would not add up, and partitioning needs none of them.
+    build_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    return Zero3Partition(build_config) if is_zero3(ds_config) else None
 
 
-def initialize(cfg: RunConfig, plan: Plan, model, device: torch.device, ds_config: dict, total_steps: int):
+def initialize(cfg: RunConfig, plan: Plan, model, device: torch.device, ds_config: dict, total_steps: int,
+               mpu=None):
     """A DeepSpeed engine over ``model`` with our optimizer and schedule. The torch process group is already up
     (Ray Train made it), so DeepSpeed joins it instead of making its own. Returns (engine, scheduler, the final
-    DeepSpeed config)."""
+    DeepSpeed config). ``mpu``: the sequence-parallel groups (ftcluster/sequence_parallel.py)."""
     import deepspeed
 
     patches.deepspeed_nvtx(cfg.deepspeed.nvtx_ranges)
@@ -259,7 +265,7 @@ def initialize(cfg: RunConfig, plan: Plan, model, device: torch.device, ds_confi
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable if optimizer is None else None, optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config, dist_init_required=False,
+        config=ds_config, dist_init_required=False, mpu=mpu,
     )
     if cfg.trains_adapter:
         patches.checkpoints_without_tied_frozen_weights(engine)  # checkpoints hold what trains, nothing frozen

@@ -28,7 +28,7 @@ class Loop:
     plan: Plan
     engine: object
     scheduler: object
-    batches: ShardedBatches
+    batches: ShardedBatches  # or sequence_parallel.SequenceShards: the same interface
     eval_batches: ShardedBatches | None
     device: torch.device
     total_steps: int
@@ -221,6 +221,10 @@ def _checkpoint_kind(cfg: RunConfig, step: int, last: bool, asked: str | None) -
 def train(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     """Run optimizer steps until ``loop.total_steps``, or until ``hooks.should_stop()`` gives a reason: then a
     resume checkpoint is saved and the loop ends early."""
+    # transformers loads models in eval mode: without this, the model's own modules (not the adapters, which start
+    # in training mode) would run as in evaluation until the first evaluation ended: its dropout off, and Ulysses
+    # attention bypassed (ftcluster/sequence_parallel.py).
+    loop.engine.train()
     try:
         return _steps(loop, progress, hooks)
     finally:
@@ -235,7 +239,9 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
     first_step_unix = None
     guard = DivergenceGuard(t.divergence_loss_factor, t.divergence_zero_grad_logs)
     step_started = time.perf_counter()
+    slices = loop.plan.sequence_parallel
     while progress.step < loop.total_steps:
+        part = 0
         for batch in loop.batches.epoch(progress.epoch, progress.rows_in_epoch):
             window.tokens += int(batch.pop("num_tokens"))
             batch = to_device(batch, loop.device)
@@ -245,8 +251,14 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
             if loop.clip is not None and engine.is_gradient_accumulation_boundary():
                 loop.clip()
             engine.step()
-            loss_sum += loss.detach().float()
+            # Sequence parallelism: each micro step trains a slice of one group member's rows, and K of them take
+            # one micro step's rows of every member (ftcluster/sequence_parallel.py).
+            loss_sum += loss.detach().float() if slices == 1 else loop.batches.row_loss(loss)
             window.loss_count += 1
+            part += 1
+            if part < slices:
+                continue
+            part = 0
             progress.rows_in_epoch += loop.batches.rows_per_micro_step
             if progress.rows_in_epoch % (loop.batches.rows_per_micro_step * gas):
                 continue

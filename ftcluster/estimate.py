@@ -123,6 +123,9 @@ class Run:
     offload: str = "none"  # none | optimizer | param | optimizer+param
     seq_len: int = 2048
     micro_batch: int = 1
+    sequence_parallel: int = 1
+    """Workers sharing each row (scaling.sequence_parallel): each holds the activations of 1/K of its tokens
+    (around attention, all of them with 1/K of the heads: the same size)."""
     grad_ckpt: bool = True
     ckpt_layers: int | None = None
     """With grad_ckpt, how many decoder layers are checkpointed (model.checkpointed_layers); None: all."""
@@ -207,7 +210,7 @@ def keeps_input(run: Run) -> dict[str, bool]:
 
 def terms(shape: Shape, run: Run) -> dict[str, float]:
     """Bytes per GPU of each term. Keys are the rows ``explain`` prints."""
-    n, T, t = run.gpus, trainable_params(shape, run), run.seq_len * run.micro_batch
+    n, T, t = run.gpus, trainable_params(shape, run), run.seq_len // run.sequence_parallel * run.micro_batch
     shard_params = run.zero == 3 and n > 1
     shard_grads = run.zero >= 2 and n > 1
     shard_optim = run.zero >= 1 and n > 1

@@ -99,6 +99,9 @@ class Plan:
     memory_gib: float | None
     """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
     model."""
+    sequence_parallel: int = 1
+    """Workers that share each row, a 1/K slice of its tokens each (DeepSpeed's Ulysses: ftcluster/
+    sequence_parallel.py); 1: every worker trains on whole rows."""
     elastic: dict[int, int] | None = None
     """With scaling.min_workers: the gradient accumulation for each worker count Ray Train may run the run on
     (``for_workers``); None: always ``workers``."""
@@ -335,6 +338,38 @@ def _attention(cfg: RunConfig, hw: Hardware) -> tuple[str, str]:
     return "sdpa", f"auto: {why}"
 
 
+def _sequence_parallel(cfg: RunConfig, arch: Architecture, attention: str) -> tuple[int, str]:
+    """Ulysses splits a row's tokens over K workers and, around attention, its heads: refused where the workers,
+    heads or attention cannot be split that way."""
+    k, n = cfg.scaling.sequence_parallel, cfg.scaling.num_workers
+    if k == 1:
+        return 1, "scaling.sequence_parallel=1: each worker trains on whole rows"
+    if n % k:
+        raise ConfigError(f"scaling.sequence_parallel={k} must divide scaling.num_workers={n}: each group of {k} "
+                          f"workers shares its rows; use num_workers={n - n % k or k} or {n + k - n % k}")
+    if cfg.scaling.min_workers is not None:
+        raise ConfigError(f"scaling.sequence_parallel={k} with scaling.min_workers={cfg.scaling.min_workers}: an "
+                          "elastic run may lose one worker of a sequence-parallel group, which then cannot go on; "
+                          "unset scaling.min_workers (node loss then restarts from the latest checkpoint)")
+    if attention == "eager":
+        raise ConfigError(f"scaling.sequence_parallel={k} with model.attn_implementation=eager: Ulysses drops the "
+                          "attention mask, which eager attention needs; use sdpa, varlen or flash_attention_2")
+    if cfg.data.packing and attention == "sdpa":
+        raise ConfigError(f"scaling.sequence_parallel={k} with data.packing=true needs an attention that keeps packed "
+                          f"examples apart by their positions (model.attn_implementation=varlen or "
+                          "flash_attention_2, GPUs only), not sdpa (Ulysses drops the mask it would need); or set "
+                          "data.packing=false")
+    if arch.shape is not None:
+        heads, kv = arch.shape.heads, arch.shape.kv_heads
+        if heads % k or (kv % k and k % kv):
+            raise ConfigError(f"scaling.sequence_parallel={k}: {arch.model_type} has {heads} attention heads and {kv} "
+                              f"key/value heads; Ulysses gives each of the {k} workers a share of the heads, so "
+                              "sequence_parallel must divide the heads and divide or be a multiple of the key/value "
+                              "heads")
+    return k, (f"scaling.sequence_parallel={k}: each row's tokens split over {k} workers (DeepSpeed Ulysses), "
+               f"{n // k} data-parallel group(s) of them")
+
+
 def _checkpointing(cfg: RunConfig, arch: Architecture) -> tuple[int, str]:
     m = cfg.model
     if not m.gradient_checkpointing:
@@ -528,6 +563,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     compiled, compile_why = _compile(cfg, hw.device, partitions)
     liger_layers, loss, liger_why, loss_why = _liger(cfg, hw, arch, partitions, compiled)
     attention, attention_why = _attention(cfg, hw)
+    sp, sp_why = _sequence_parallel(cfg, arch, attention)
     ckpt, ckpt_why = _checkpointing(cfg, arch)
     recompute = ("bitsandbytes",) if cfg.method == "qlora" and compiled else ()
     keep, keep_why = _keep_recomputed(cfg, partitions)
@@ -546,12 +582,12 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
-        global_batch=global_batch, elastic=elastic, memory_gib=None, model_download=download, resume_from=resume_from, model_type=arch.model_type,
+        global_batch=global_batch, sequence_parallel=sp, elastic=elastic, memory_gib=None, model_download=download, resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
         reasons={
             "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
             "zero_stage": stage_why, "frozen_base": frozen_why, "compile": compile_why, "liger_layers": liger_why,
-            "loss": loss_why, "attention": attention_why, "checkpointed_layers": ckpt_why,
+            "loss": loss_why, "attention": attention_why, "sequence_parallel": sp_why, "checkpointed_layers": ckpt_why,
             "activation_offloading": ("model.activation_offloading=true: each checkpoint waits for backward in "
                                       "pinned host memory" if cfg.model.activation_offloading
                                       else "model.activation_offloading=false"),
@@ -583,7 +619,7 @@ def estimator_run(cfg: RunConfig, plan: Plan, **earlier_code) -> estimate.Run:
     run = estimate.Run(
         method=cfg.method, gpus=min(plan.elastic or [plan.workers]), zero=3 if plan.frozen_base == "layer-shards" else plan.zero_stage,
         offload=offload or "none", seq_len=cfg.data.max_seq_len, micro_batch=plan.micro_batch,
-        grad_ckpt=checkpointed, ckpt_layers=m.checkpointed_layers if checkpointed else None,
+        sequence_parallel=plan.sequence_parallel, grad_ckpt=checkpointed, ckpt_layers=m.checkpointed_layers if checkpointed else None,
         activation_offload=plan.activation_offloading, lora_r=cfg.lora.r,
         lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
         optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,

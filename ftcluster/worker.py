@@ -13,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from ftcluster import built, checkpoint, deepspeed_setup, engine, metrics, models, optim, patches, sources, \
-    stop, tracking
+from ftcluster import built, checkpoint, deepspeed_setup, engine, metrics, models, optim, patches, \
+    sequence_parallel, sources, stop, tracking
 from ftcluster.config import RunConfig
 from ftcluster.data import packing, prepare
 from ftcluster.plan import Plan, reshards
@@ -111,11 +111,12 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
                                             plan.streaming)
     else:
         tokenizer, rows, where = inputs.tokenizer, inputs.rows, inputs.where
-    pad_to = cfg.data.max_seq_len if cfg.data.packing else None
-    shard = lambda rows, mb, acc: packing.ShardedBatches(
-        rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc)
+    # Sequence parallelism gathers a group's rows at one width (gloo gathers equal sizes only).
+    pad_to = cfg.data.max_seq_len if cfg.data.packing or plan.sequence_parallel > 1 else None
+    shard = lambda rows, mb, acc, split=1: packing.ShardedBatches(
+        rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc, split)
     train_rows, eval_rows = rows["train"], rows["evaluation"]
-    batches = shard(train_rows, plan.micro_batch, plan.accumulation)
+    batches = shard(train_rows, plan.micro_batch, plan.accumulation, plan.sequence_parallel)
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = optim.total_optimizer_steps(cfg, plan, len(batches))
     phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
@@ -141,7 +142,11 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
     datasheet = (metrics.datasheet_peak_flops(torch.cuda.get_device_name(device), models.DTYPES[compute_dtype])
                  if device.type == "cuda" else None)
     communicator.join()
-    ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, plan, model, device, ds_config, total_steps)
+    mpu = None
+    if plan.sequence_parallel > 1:
+        mpu = sequence_parallel.register(model, plan.attention, plan.sequence_parallel, plan.micro_batch)
+        batches = sequence_parallel.SequenceShards(batches, mpu, device, plan.zero_stage)
+    ds_engine, scheduler, _ = deepspeed_setup.initialize(cfg, plan, model, device, ds_config, total_steps, mpu)
     built.check(plan, ds_engine.module, ds_engine)
     phases.done("engine", f"DeepSpeed ZeRO-{plan.zero_stage}"
                           + (f", frozen base {plan.frozen_base}" if plan.frozen_base else "")

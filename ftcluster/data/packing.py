@@ -78,10 +78,14 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
     return out
 
 
-def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None,
+            split: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row (or ``pad_to``). Packed rows pad with a fresh position run, so the padding is
-    its own 'sequence' and masks nothing real; unpacked rows get an attention_mask."""
+    its own 'sequence' and masks nothing real; unpacked rows get an attention_mask. ``split`` > 1: the rows will be
+    cut into that many slices of tokens (sequence parallelism): the width is a multiple of it, and the rows carry
+    positions (the padding a fresh run of them) and nothing else, which attention reads the examples from."""
     width = pad_to or max(len(r["input_ids"]) for r in rows)
+    width += -width % split
     ids, labels, pos, mask = [], [], [], []
     for r in rows:
         n = len(r["input_ids"])
@@ -92,7 +96,9 @@ def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = No
         mask.append([1] * n + [0] * fill)
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
              "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
-    if packed:
+    if split > 1:
+        batch["position_ids"] = torch.tensor(pos)
+    elif packed:
         batch["position_ids"] = torch.tensor(pos)
         batch.update(_cumulative_lengths(pos, width))
     else:
@@ -132,6 +138,8 @@ class ShardedBatches:
     packed: bool
     pad_to: int | None = None
     accumulation: int = 1
+    split: int = 1
+    """Sequence parallelism's K (``collate``)."""
 
     def __post_init__(self):
         if len(self.rows) // self.world < self.micro_batch_size:
@@ -162,7 +170,7 @@ class ShardedBatches:
         idx, b = self.order(epoch), self.micro_batch_size
         for start in range(start_row, self.rows_per_epoch, self.rows_per_micro_step):
             rows = [self.rows[idx[start + self.rank + self.world * j]] for j in range(b)]
-            yield collate(rows, self.pad_id, self.packed, self.pad_to)
+            yield collate(rows, self.pad_id, self.packed, self.pad_to, self.split)
 
 
 @dataclass

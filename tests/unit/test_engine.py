@@ -245,3 +245,14 @@ def test_float32_masters_refuse_an_optimizer_state_without_them():
     foreign = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], lr=1e-3).state_dict()
     with pytest.raises(ValueError, match="holds no float32 master weights.*Resume it with the settings it was saved"):
         masters.load_state_dict(foreign)
+
+
+def test_sequence_parallel_groups_take_k_micro_steps_for_each_of_ours():
+    """DeepSpeed counts a sequence-parallel group as one data-parallel member, whose K workers' rows are K micro
+    steps: its accumulation is K times ours, and its global batch (rows a step) stays ours."""
+    cfg = C.load(None, ["scaling.num_workers=6", "scaling.sequence_parallel=3", "training.micro_batch_size=2",
+                        "training.gradient_accumulation_steps=4", "deepspeed.zero_stage=3"])
+    ds = deepspeed_setup.deepspeed_config(cfg, tiny.plan_for(cfg, "cuda", varlen_kernel=True), world_size=6)
+    assert ds["gradient_accumulation_steps"] == 4 * 3 and ds["train_batch_size"] == 2 * 4 * 6
+    # = micro batch x DeepSpeed's accumulation x its data-parallel size (6 workers / 3)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
