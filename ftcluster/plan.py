@@ -289,6 +289,8 @@ def _compile(cfg: RunConfig, device: str, partitions: bool) -> tuple[bool, str]:
         return False, "model.compile=off"
     why_not = ("ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call" if partitions
                else "model.activation_offloading's saved-tensor hooks cannot be traced" if cfg.model.activation_offloading
+               else "Ulysses' all-to-all (scaling.sequence_parallel) inside each layer's attention is not compiled here"
+               if cfg.scaling.sequence_parallel > 1
                else f"the device is {device}; compiled layers pay off on GPUs, whose kernels the host must keep fed"
                if device != "cuda" else None)
     if why_not:

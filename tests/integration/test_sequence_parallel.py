@@ -59,3 +59,38 @@ def test_two_workers_sharing_each_row_train_as_two_workers_with_whole_rows(ray_l
     assert before.keys() == after.keys() and before
     for name, weight in before.items():
         torch.testing.assert_close(after[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_killed_sequence_parallel_run_resumes_at_its_checkpoint_on_the_same_course(ray_local, tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sets = {"model.random_init": False, "model.config_overrides": "{}", "model.dtype": "float32",
+            "model.attn_implementation": "sdpa", "data.packing": False, "data.max_examples": 64, "lora.dropout": 0.0,
+            "training.micro_batch_size": 1, "training.max_steps": 8, "training.log_every": 1,
+            "training.eval_every": 0, "training.save_every": 3, "scaling.sequence_parallel": 2}
+    reference = steps(train(tiny_model, tmp_path, "reference", **sets))
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+           *tiny_overrides(tiny_model, tmp_path, "killed", **sets),
+           f"ray.address={ray_local.get_runtime_context().gcs_address}"]
+    run_dir = tmp_path / "killed"
+    driver = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=RECIPE.parents[1])
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint_step0000003").is_dir() or not any(
+                "checkpoint" in json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()):
+            assert time.time() < deadline and driver.poll() is None, "no checkpoint at step 3"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=RECIPE.parents[1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 3 on 2 workers" in resumed.stdout + resumed.stderr
+    after = steps(run_dir)
+    for step in range(4, 9):
+        assert after[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step

@@ -72,3 +72,8 @@ def test_the_estimate_gives_each_worker_the_activations_of_its_slice_of_a_row():
     split = estimate.terms(shape, estimate.Run(method="qlora", gpus=4, seq_len=65536, sequence_parallel=4))
     assert split == estimate.terms(shape, estimate.Run(method="qlora", gpus=4, seq_len=16384))
     assert split != estimate.terms(shape, estimate.Run(method="qlora", gpus=4, seq_len=65536))
+
+
+def test_compiled_layers_are_refused_around_ulysses_collectives():
+    with pytest.raises(C.ConfigError, match="model.compile=on: Ulysses"):
+        planned("scaling.num_workers=3", "scaling.sequence_parallel=3", "model.compile=on")
