@@ -34,3 +34,49 @@ def test_varlen_attention_gives_the_logits_of_each_example_alone(tiny_model):
             alone = sdpa(input_ids=torch.tensor([s], device="cuda")).logits[0]
             got = packed[row, start:start + len(s)]
             assert (got.float() - alone.float()).norm() / alone.float().norm() < 1e-2
+
+
+LONG = 65536
+
+
+@pytest.mark.skipif(not attention.available(), reason="torch has no varlen attention")
+@pytest.mark.parametrize("boundaries", ["collator", "positions"])
+def test_examples_packed_into_one_64k_row_attend_only_to_themselves(tiny_model, boundaries):
+    """At 64k tokens, each of ~30 packed examples gets the logits it gets alone: from the collator's cumulative
+    lengths, and from the positions alone (what attention reads under sequence parallelism, whose gathered rows
+    carry no lengths). The same row attended across examples differs: the comparison can see a leak."""
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cuda"})
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="varlen", **kw).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs, total = [], 0
+    while True:
+        n = int(torch.randint(500, 4000, (1,), generator=g))
+        if total + n > LONG:
+            break
+        seqs.append(torch.randint(5, 500, (n,), generator=g).tolist())
+        total += n
+    rows = packing.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=LONG)
+    assert len(rows) == 1 and len(seqs) > 20
+    batch = packing.collate(rows, pad_id=0, packed=True, pad_to=LONG)
+    batch.pop("num_tokens")
+    if boundaries == "positions":
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            batch.pop(key)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        packed = varlen(**batch, use_cache=False).logits[0]
+        leaked = sdpa(input_ids=batch["input_ids"], use_cache=False).logits[0]  # causal over the whole row
+        start, worst, leak = 0, 0.0, 0.0
+        for s in seqs:
+            alone = sdpa(input_ids=torch.tensor([s], device="cuda")).logits[0].float()
+            end = start + len(s)
+            worst = max(worst, float((packed[start:end].float() - alone).norm() / alone.norm()))
+            leak = max(leak, float((leaked[start:end].float() - alone).norm() / alone.norm()))
+            start = end
+    print(f"GPU-RESULT 64k packed row, boundaries from {boundaries}: {len(seqs)} examples, worst relative "
+          f"difference from alone {worst:.2e}; attended across examples {leak:.2e}")
+    assert worst < 1e-2 < leak
