@@ -408,6 +408,17 @@ def checkpointed_layers_that_fit(shape: Shape, run: Run, budget_gib: float) -> i
     return None
 
 
+def longest_fitting(shape: Shape, run: Run, budget_gib: float, step: int = 256) -> int | None:
+    """The longest rows (``seq_len``, a multiple of ``step`` below the run's) that fit ``budget_gib`` with every other
+    setting kept, or None where not even ``step`` tokens do. The estimate grows with the length, so a bisection."""
+    fits = lambda n: estimate(shape, replace(run, seq_len=n)).need / GiB <= budget_gib
+    lo, hi = 0, (run.seq_len - 1) // step  # multiples of step: lo fits (0: nothing yet), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid - 1)
+    return lo * step or None
+
+
 def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, float, Run]]:
     """Changes that make the run fit, cheapest first: those that keep the method, the data and the hardware, then
     the method, then the data, then more GPUs."""

@@ -94,9 +94,14 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
         return line
     shape, run = P.architecture(cfg).shape, P.estimator_run(cfg, plan)
     fixes = estimate.suggestions(shape, run, budget)
-    advice = (f"the cheapest change that fits: {fixes[0][0].split(' (--')[0]} "
-              f"({' '.join(estimate.config_overrides(run, fixes[0][2]))}) -> {fixes[0][1]:.1f} GiB" if fixes
-              else "no single change makes it fit; combine them")
+    longest = estimate.longest_fitting(shape, run, budget)
+    shorter = f"data.max_seq_len={longest}, the longest rows that fit with every other setting kept"
+    if fixes:
+        advice = (f"the cheapest change that fits: {fixes[0][0].split(' (--')[0]} "
+                  f"({' '.join(estimate.config_overrides(run, fixes[0][2]))}) -> {fixes[0][1]:.1f} GiB"
+                  + (f"; or {shorter}" if longest else ""))
+    else:
+        advice = shorter if longest else "no single change makes it fit; combine them"
     if estimate.estimate(shape, run).loading > budget * estimate.GiB:
         advice = "a 4-bit model from a GGUF file loads whole onto each GPU under ZeRO-3: convert it to a " \
                  "safetensors checkpoint and set model.name_or_path there"

@@ -1,5 +1,6 @@
 """The driver says whether a run fits its GPUs before taking any: the memory estimator on the run's own config."""
 
+import re
 import subprocess
 import sys
 
@@ -123,3 +124,18 @@ def test_a_gpu_run_where_no_gpu_is_visible_says_so_and_names_use_gpu(tiny_model,
     # On a Ray cluster without GPUs, the same field, not gpus_per_worker.
     no_gpus = cluster.check_cluster(cfg, True, [{"CPU": 8.0}, {"CPU": 8.0}])
     assert "the Ray cluster has no GPU over its 2 node(s)" in no_gpus and "scaling.use_gpu=false" in no_gpus
+
+
+def test_rows_too_long_to_fit_are_refused_naming_the_longest_length_that_fits():
+    rope = "{rope_parameters: {rope_type: yarn, factor: 128.0, original_max_position_embeddings: 4096}}"
+    cfg = C.load("configs/llama2_7b_qlora.yaml", ["resources.gpu_memory_gib=80", "data.max_seq_len=524288",
+                                                  f"model.config_overrides={rope}"])
+    with pytest.raises(C.ConfigError, match=r"data.max_seq_len=\d+, the longest rows that fit") as e:
+        fit(cfg)
+    longest = int(re.search(r"data.max_seq_len=(\d+), the longest", str(e.value)).group(1))
+    assert longest % 256 == 0 and fit(C.load("configs/llama2_7b_qlora.yaml", [
+        "resources.gpu_memory_gib=80", f"data.max_seq_len={longest}", f"model.config_overrides={rope}"])).endswith(
+        ": fits")
+    assert "does NOT fit" in fit(C.load("configs/llama2_7b_qlora.yaml", [
+        "resources.gpu_memory_gib=80", f"data.max_seq_len={longest + 256}", f"model.config_overrides={rope}"]),
+        force=True)
