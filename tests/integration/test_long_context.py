@@ -1,0 +1,36 @@
+"""benchmarks.long_context end to end on CPU with the tiny model: real training runs at each length the search and
+the timed lengths ask for, then the report."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_search_trains_each_length_once_and_the_report_gives_every_try(tiny_model, tmp_path):
+    out, work = tmp_path / "report", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.long_context", "--model", str(tiny_model), "--methods", "lora",
+         "--start", "256", "--limit", "512", "--lengths", "384,512", "--steps", "2", "--out", str(out),
+         "--work", str(work), "--set", "model.dtype=float32", "--set", "model.activation_offloading=false",
+         "--set", "scaling.use_gpu=false"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tries = json.loads((out / "results.json").read_text())["tries"]
+    # Doubling from 256 to the limit, then the timed length the search did not try (512 it did: not run again).
+    assert [(t["length"], t["purpose"], t["status"]) for t in tries] == [
+        (256, "search", "ok"), (512, "search", "ok"), (384, "timed", "ok")]
+    for t in tries:
+        assert f"data.max_seq_len={t['length']}" in t["command"] and t["tokens_per_s"] > 0
+        # Every row is full: the documents are longer than the row, each cut to one.
+        line = re.search(r"(\d+) examples -> (\d+) rows, ([\d,]+) tokens; (\d+) cut to data.max_seq_len=(\d+)",
+                         (work / f"lora-{t['length']}.log").read_text())
+        examples, rows, tokens, cut, length = (int(g.replace(",", "")) for g in line.groups())
+        assert examples == rows == cut >= 1 and length == t["length"] and tokens == rows * length
+        assert "checkpointed layers" in t["savers"] and "loss chunked" in t["savers"]
+    report = (out / "report.md").read_text()
+    assert "| lora | 512 tokens | not reached | 2 |" in report
+    assert report.count("| lora | ") == 4  # the longest row, and every try

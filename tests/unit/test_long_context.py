@@ -1,0 +1,27 @@
+"""The long-context benchmark's search for the longest row that trains (the runs themselves: tests/integration/
+test_long_context.py and the GPU report)."""
+
+import pytest
+
+from benchmarks.long_context import search
+
+
+@pytest.mark.parametrize("fits", [350_000, 200_000, 70_000, 1_500_000])
+def test_doubling_then_bisecting_finds_the_longest_row_within_5_percent(fits):
+    tried = []
+
+    def trains(n):
+        tried.append(n)
+        return n <= fits
+
+    good, bad = search(trains, start=65536, limit=1048576)
+    if fits >= 1048576:
+        assert (good, bad) == (1048576, None) and tried == [65536, 131072, 262144, 524288, 1048576]
+        return
+    assert good <= fits < bad and (bad - good) / good <= 0.05
+    assert good % 1024 == 0 and len(tried) == len(set(tried)) <= 10
+    assert tried[:2] == [65536, 131072]  # doubling first
+
+
+def test_a_start_that_does_not_train_ends_the_search_at_once():
+    assert search(lambda n: False, start=65536, limit=1048576) == (None, 65536)
