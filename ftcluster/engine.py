@@ -301,6 +301,13 @@ def _steps(loop: Loop, progress: Progress, hooks: Hooks) -> Progress:
                         figures["stopped"] = f"{DIVERGED} at step {progress.step}: {diverged}"
                         hooks.report(replace(loop.record, **figures), None)
                         return progress
+                    if save is CheckpointKind.RESUME and figures["grad_norm"] == 0:
+                        # Weights whose gradient vanished are how a run that diverged in bf16 looks before the guard
+                        # is sure: never kept as the one to resume from, which stays the previous checkpoint.
+                        save = None
+                        if loop.record.rank == 0:
+                            print(f"step {progress.step}: no checkpoint saved, the gradient norm is 0; the latest "
+                                  "checkpoint stays the one to resume from", flush=True)
                 if do_eval:
                     figures.update(evaluate(engine, loop.eval_batches, loop.device, t.eval_batches))
                 if export and hooks.export is not None:

@@ -316,9 +316,11 @@ def test_a_run_the_estimator_says_will_not_fit_is_refused_and_force_lets_it_past
 
 def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkpoint_and_writes_no_model(
         tiny_model, tmp_path):
+    # A checkpoint every step; the gradient vanishes under lr=1e6, and the guard is sure at the third zero in a row.
     overrides = tiny_overrides(tiny_model, tmp_path, "diverges", **{
         "model.random_init": False, "model.config_overrides": "{}", "optimizer.lr": 1e6, "training.max_steps": 12,
-        "training.log_every": 3, "training.save_every": 2, "scaling.num_workers": 1, "ray.address": "local"})
+        "training.log_every": 1, "training.save_every": 1, "training.divergence_zero_grad_logs": 3,
+        "scaling.num_workers": 1, "ray.address": "local"})
     proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE), *overrides],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == stop.EXIT_DIVERGED, proc.stderr[-3000:]
@@ -327,10 +329,12 @@ def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"].startswith("diverged") and summary["final_model"] is None
     assert not (run_dir / "final").exists()
-    diverged_at = summary["final_step"]
-    last_save = max(s for s in range(2, diverged_at, 2))
-    assert diverged_at < 12 and Path(summary["checkpoint"]).name == f"checkpoint_step{last_save:07d}"
-    # Checkpoint steps are checked steps, though not logging ones (save_every 2, log_every 3): each saved one
-    # carries the loss the divergence guard passed.
-    saved = [r for r in records(run_dir) if "checkpoint" in r]
-    assert saved and all("loss" in r and r["step"] < diverged_at for r in saved)
+    lines = [r for r in records(run_dir) if "loss" in r]
+    zero = [r["step"] for r in lines if r["grad_norm"] == 0]
+    assert len(zero) == 3 and summary["final_step"] == zero[2] == zero[0] + 2  # the third zero in a row
+    # Every step was a checkpoint step, and each carried the loss the divergence guard passed; those whose gradient
+    # norm was 0 saved nothing, so the last good checkpoint is the last one before the gradient vanished.
+    saved = [r["step"] for r in lines if "checkpoint" in r]
+    assert saved == list(range(1, zero[0])) and saved
+    assert Path(summary["checkpoint"]).name == f"checkpoint_step{zero[0] - 1:07d}"
+    assert f"step {zero[0]}: no checkpoint saved, the gradient norm is 0" in proc.stdout + proc.stderr
