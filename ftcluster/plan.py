@@ -201,7 +201,11 @@ def _architecture_of(model_json: str) -> Architecture:
         path = Path(m.name_or_path).expanduser()
         config_json = path if path.suffix == ".json" else path / "config.json"
         if config_json.is_file():  # read as written: transformers is not needed for a local config
-            fields_ = {**json.loads(config_json.read_text()), **m.config_overrides}
+            try:
+                fields_ = {**json.loads(config_json.read_text()), **m.config_overrides}
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+                raise ConfigError(f"model.name_or_path={m.name_or_path}: {config_json} is not a JSON object of the "
+                                  f"model's config ({e}); restore the file from where the model came from") from None
         if not config_json.is_file() or "num_hidden_layers" not in fields_:  # a hub id, a GGUF file, other names
             hf = sources.load_hf_config(m)
             fields_ = {**hf.to_dict(), "num_hidden_layers": getattr(hf, "num_hidden_layers", None)}

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -46,6 +47,21 @@ def runtime_env(extra_env: list[str], stop_wait_s: int, environ: dict[str, str] 
         env[key] = value
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(stop_wait_s)
     return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
+
+
+def inside_checkout(config: str) -> Path:
+    """``config`` as a path relative to the checkout (given relative to it, or absolute inside it): the job runs from
+    an upload of the checkout, where only such a path exists."""
+    path = Path(config)
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(ROOT.resolve())
+        except ValueError:
+            pass
+    if path.is_absolute() or not (ROOT / path).is_file():
+        raise SystemExit(f"--config {config}: not a file inside {ROOT}; the job runs from an upload of this "
+                         "checkout, so the recipe must be in it (e.g. configs/llama2_7b_lora.yaml)")
+    return path
 
 
 def entrypoint(config: str, overrides: list[str]) -> str:
@@ -72,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.address:
         raise SystemExit("--address: give the cluster's dashboard address, e.g. http://10.0.0.1:8265")
-    config = Path(args.config)
-    if not (ROOT / config).is_file() or config.is_absolute():
-        raise SystemExit(f"--config {args.config}: not a file inside {ROOT}; the job runs from an upload of this "
-                         "checkout, so the recipe must be in it (e.g. configs/llama2_7b_lora.yaml)")
+    config = inside_checkout(args.config)
+    if not re.match(r"^((https?|ray)://)?[\w.\-]+(:\d+)?/?$", args.address):
+        raise SystemExit(f"--address {args.address}: not a dashboard address; give it as http://HOST:8265 (the head "
+                         "node's dashboard, `ray status` there shows it)")
     # A wrong override fails here, naming the field, not minutes later on the cluster.
     from ftcluster import config as C
 
@@ -102,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except AuthenticationError as e:
         print(f"error: the cluster at {args.address} refused this client: {e}\nCopy the head node's "
               "~/.ray/auth_token here, or set RAY_AUTH_TOKEN.", file=sys.stderr)
+        return 2
+    except (ConnectionError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: --address {args.address}: no Ray dashboard answered ({first}). Check that the cluster is "
+              "up (`ray status` on its head node) and that this machine reaches the dashboard's port (8265 unless "
+              "`ray start --dashboard-port` changed it).", file=sys.stderr)
         return 2
     print(f"submitted {job} to {args.address}: {command}", flush=True)
     if args.no_wait:

@@ -61,3 +61,26 @@ def test_estimate_refuses_a_gpu_memory_that_is_not_a_size():
         with pytest.raises(SystemExit, match=rf"--gpu-memory {bad}: "):
             cli.gpu_budget_gib(bad)
     assert cli.gpu_budget_gib("80") == 80.0 and cli.gpu_budget_gib("h100") > 70
+
+
+def test_a_broken_model_config_json_is_named_not_a_json_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{broken")
+    proc = subprocess.run([sys.executable, "-m", "ftcluster", "estimate", "--config", "configs/tiny_cpu.yaml",
+                           f"model.name_or_path={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'config.json'} is not a JSON object of the model's config" in proc.stderr
+
+
+def test_submit_names_an_unreachable_or_malformed_address_and_takes_absolute_recipe_paths_inside_the_checkout(capsys):
+    from launchers import submit
+
+    assert submit.main(["--address", "http://127.0.0.1:9", "--config", "configs/tiny_cpu.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "--address http://127.0.0.1:9: no Ray dashboard answered" in err and "Traceback" not in err
+    with pytest.raises(SystemExit, match="--address http://a b: not a dashboard address"):
+        submit.main(["--address", "http://a b", "--config", "configs/tiny_cpu.yaml"])
+    recipe = submit.ROOT / "configs" / "tiny_cpu.yaml"
+    assert submit.main(["--address", "http://127.0.0.1:9", "--config", str(recipe), "--print-command"]) == 0
+    assert "python -m ftcluster.train --config configs/tiny_cpu.yaml" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a file inside"):
+        submit.main(["--address", "http://127.0.0.1:9", "--config", "/etc/hostname"])
