@@ -40,6 +40,7 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
     if cfg.trains_adapter:
         check_adapter_targets(cfg)
     rows = by_split["train"]
+    check_vocabulary(cfg, tokenizer, rows)
     if not rows:
         raise ConfigError(
             f"data.max_seq_len={cfg.data.max_seq_len}: no example has an answer token within it (longest example "
@@ -50,6 +51,22 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
     return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}")
+
+
+def check_vocabulary(cfg: RunConfig, tokenizer, rows) -> None:
+    """Every token id of the data has a row in the model's embedding: a model of fewer tokens than its tokenizer
+    (a vocab_size override, a mismatched tokenizer) would fail in the first step with an IndexError."""
+    shape = P.architecture(cfg).shape
+    if shape is None or len(tokenizer) <= shape.vocab:
+        return
+    top = max((max(r["input_ids"], default=-1) for r in rows), default=-1)
+    if top >= shape.vocab:
+        where = ("model.config_overrides sets vocab_size" if "vocab_size" in cfg.model.config_overrides
+                 else f"{cfg.model.name_or_path}'s config")
+        raise ConfigError(
+            f"model.name_or_path={cfg.model.name_or_path}: the model has {shape.vocab:,} token embeddings ({where}) "
+            f"and its tokenizer {len(tokenizer):,} tokens; the data holds token id {top:,}, which has none. Use the "
+            f"tokenizer the model was trained with, or a vocab_size of at least {len(tokenizer):,}")
 
 
 def check_adapter_targets(cfg: RunConfig) -> None:

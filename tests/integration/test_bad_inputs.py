@@ -45,6 +45,9 @@ CASES = [
      "model.checkpointed_layers=9: llama has 2 decoder layers"),
     ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
      ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=true"], 2, "--force"),
+    ("a model with fewer token embeddings than its tokenizer", "d.jsonl", _jsonl([ROW] * 40),
+     ["model.random_init=true", "model.config_overrides={{vocab_size: 100}}"], 2,
+     "the model has 100 token embeddings (model.config_overrides sets vocab_size) and its tokenizer 512 tokens"),
 ]
 
 
