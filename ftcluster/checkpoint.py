@@ -23,12 +23,14 @@ from typing import Callable
 
 import torch
 
-from ftcluster import patches
+from ftcluster import patches, sources
 from ftcluster.config import RunConfig, save_resolved
 from ftcluster.plan import Resume
 from ftcluster.records import CheckpointKind, Progress
 
 TAG = "state"
+BASE_RECORD = "base.json"
+"""Beside an adapter in Hugging Face format: the base weights it was trained on (``sources.base_identity``)."""
 
 
 def _rank() -> int:
@@ -246,6 +248,8 @@ def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         save_resolved(cfg, out / "run.yaml")
+        if cfg.trains_adapter and not cfg.model.random_init:  # what merge checks it merges the adapter into
+            (out / BASE_RECORD).write_text(json.dumps(sources.base_identity(cfg.model), indent=2) + "\n")
 
 
 def export(engine, cfg: RunConfig, step: int, tokenizer=None) -> Path:

@@ -74,14 +74,39 @@ def merged_base(cfg: C.RunConfig, device: str) -> nn.Module:
     return base.to(torch.bfloat16)
 
 
+def check_base(adapter_dir: Path, cfg: C.RunConfig) -> None:
+    """Refuse a base whose weights changed since the adapter was trained (same path, other files; a hub revision
+    that moved): the merge would be of an adapter into a model it was never trained with."""
+    from ftcluster.checkpoint import BASE_RECORD
+
+    record = adapter_dir / BASE_RECORD
+    if not record.is_file():  # an adapter saved before the base was recorded
+        return
+    changes = sources.base_changes(json.loads(record.read_text()), sources.base_identity(cfg.model))
+    if changes:
+        raise C.ConfigError(f"model.name_or_path={cfg.model.name_or_path} is not the base {adapter_dir} was trained "
+                            f"on ({record}): {'; '.join(changes[:4])}. Merge into the base it was trained on (with "
+                            "model.revision pinned for a hub model), or train the adapter again on this one")
+
+
 def merge(adapter_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> Path:
     from peft import PeftModel
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise C.ConfigError(f"--out {out_dir} exists and is not empty; choose a new directory (nothing was overwritten)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "is a file" if not out_dir.is_dir() else "exists and is not empty"
+        raise C.ConfigError(f"--out {out_dir} {what}; choose a new directory (nothing was overwritten)")
     cfg = run_config_of(adapter_dir)
-    model = PeftModel.from_pretrained(merged_base(cfg, device), adapter_dir)
+    check_base(adapter_dir, cfg)
+    try:
+        model = PeftModel.from_pretrained(merged_base(cfg, device), adapter_dir)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise C.ConfigError(f"{adapter_dir} was trained on a different base than model.name_or_path="
+                            f"{cfg.model.name_or_path} holds now: its weights have other shapes "
+                            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). Merge into "
+                            "the base it was trained on") from None
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
     sources.load_tokenizer(cfg.model).save_pretrained(out_dir)

@@ -86,6 +86,36 @@ def resolve_source(model: ModelConfig) -> tuple[str, dict]:
     return src, {}
 
 
+def base_identity(model: ModelConfig) -> dict:
+    """What identifies the base weights a run trains on, for ``merge`` to check it merges into the same: the hub
+    revision of a downloaded snapshot, and the names and sizes of the weight files and config where it reads
+    them (the embedded model: its converted checkpoint)."""
+    src, kw = resolve_source(model)
+    path = Path(src).expanduser()
+    if "gguf_file" in kw:
+        path = path / kw["gguf_file"]
+    out = {"name_or_path": model.name_or_path}
+    if not path.exists():  # a hub id read through the cache: its revision is what the hub names it
+        return {**out, "revision": model.revision}
+    if "snapshots" in path.parts:
+        out["revision"] = path.name if path.is_dir() else path.parent.name
+    files = [path] if path.is_file() else sorted(f for pattern in (*WEIGHTS, "config.json") for f in path.glob(pattern))
+    return {**out, "files": {f.name: f.stat().st_size for f in files}}
+
+
+def base_changes(recorded: dict, now: dict) -> list[str]:
+    """How the base ``now`` differs from the ``recorded`` one, in words (empty: the same)."""
+    out = []
+    if recorded.get("revision") != now.get("revision"):
+        out.append(f"revision {recorded.get('revision')} then, {now.get('revision')} now")
+    then, files = recorded.get("files") or {}, now.get("files") or {}
+    for name in sorted(then.keys() | files.keys()):
+        if then.get(name) != files.get(name):
+            out.append(f"{name}: " + ("missing now" if name not in files else "new" if name not in then
+                                      else f"{then[name]:,} bytes then, {files[name]:,} now"))
+    return out
+
+
 def hub_cache() -> str:
     from huggingface_hub import constants
 

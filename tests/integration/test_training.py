@@ -338,3 +338,35 @@ def test_a_diverging_run_stops_with_its_own_exit_code_keeps_its_last_good_checkp
     assert saved == list(range(1, zero[0])) and saved
     assert Path(summary["checkpoint"]).name == f"checkpoint_step{zero[0] - 1:07d}"
     assert f"step {zero[0]}: no checkpoint saved, the gradient norm is 0" in proc.stdout + proc.stderr
+
+
+def test_merge_refuses_a_base_that_changed_since_training_an_other_shape_and_an_out_that_is_a_file(tiny_model,
+                                                                                                    tmp_path):
+    import shutil
+
+    from ftcluster import merge
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    cfg = C.load(RECIPE, tiny_overrides(base, tmp_path, "adapter", **{
+        "model.random_init": False, "model.config_overrides": "{}", "training.max_steps": 2,
+        "training.save_every": 0, "scaling.num_workers": 1, "training.eval_every": 0}))
+    final = Path(launch.run(cfg)["final_model"])
+    assert json.loads((final / "base.json").read_text())["files"]["model.safetensors"] > 0
+    (tmp_path / "a-file").write_text("kept")
+    with pytest.raises(C.ConfigError, match="a-file is a file"):
+        merge.merge(final, tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+    # The same path now holds another model: merge says so before building anything.
+    from transformers import AutoTokenizer
+
+    tiny.build_model(base, AutoTokenizer.from_pretrained(base), hidden=32)
+    with pytest.raises(C.ConfigError, match=r"is not the base .* was trained on .*model.safetensors: [\d,]+ bytes "
+                                            r"then, [\d,]+ now"):
+        merge.merge(final, tmp_path / "merged")
+    # An adapter saved before bases were recorded: PEFT's size mismatch becomes the same sentence's cause.
+    (final / "base.json").unlink()
+    with pytest.raises(C.ConfigError, match="was trained on a different base .* other shapes"):
+        merge.merge(final, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
