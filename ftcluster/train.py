@@ -9,14 +9,22 @@ COMMAND_STARTED = time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT) where no checkpoint could be taken."""
 
 try:
     from ftcluster import collector, config as C, patches, stop  # noqa: E402
 except ModuleNotFoundError as missing:  # the command run with a Python that lacks ftcluster's dependencies
     sys.exit(f"error: {missing.name} is not installed in this Python ({sys.executable}). Run `make install`, then "
              "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.")
+except KeyboardInterrupt:
+    print("\ninterrupted (Ctrl-C) while starting: nothing was written", file=sys.stderr, flush=True)
+    # Not sys.exit: torch interrupted halfway through its import aborts in the interpreter's clean-up.
+    os._exit(INTERRUPTED)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,16 +71,37 @@ def bytecode_note() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     collector.hold()  # until the first step, or until Ray's workers start: see ftcluster/collector.py
     patches.quiet_library_notices()
+    loaded: list = []
     try:
-        return _main(argv)
+        return _main(argv, loaded)
+    except KeyboardInterrupt:
+        # A first Ctrl-C during training asks the workers for a checkpoint (ftcluster/stop.py); this is one before
+        # training started, or a second one.
+        if "ftcluster.launch" not in sys.modules:
+            # Interrupted while importing: torch stopped halfway aborts in the interpreter's clean-up, so leave now.
+            print("\ninterrupted (Ctrl-C) while starting: nothing was written", file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED)
+        print(f"\ninterrupted (Ctrl-C): {interrupted_state(loaded[0].run_dir if loaded else None)}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         collector.release()
 
 
-def _main(argv: list[str] | None) -> int:
+def interrupted_state(run_dir: Path | None) -> str:
+    """What an interrupted command leaves, for the user: the checkpoint to resume from, or nothing."""
+    from ftcluster import checkpoint
+
+    latest = checkpoint.latest(run_dir) if run_dir is not None else None
+    if latest is not None:
+        return f"the latest complete checkpoint is {latest}; run the same command again to resume from it"
+    return "no checkpoint was saved; running the same command again starts from step 1"
+
+
+def _main(argv: list[str] | None, loaded: list) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)
+        loaded.append(cfg)
         if args.print_config:
             from ftcluster import checkpoint, hardware, plan
 

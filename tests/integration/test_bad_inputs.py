@@ -123,3 +123,26 @@ def test_a_run_directory_held_by_another_run_is_refused_before_ray(tiny_model, t
                            *overrides], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr[-2000:]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("when", ["while importing", "once the plan is printed"])
+def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(tiny_model, tmp_path, when):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-u", "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           f"output.storage_path={tmp_path / 'runs'}", "output.name=ctrl-c", "scaling.num_workers=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if when == "while importing":
+        time.sleep(0.5)
+    else:
+        for line in proc.stdout:
+            if line.startswith("plan:"):
+                break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
+    if when != "while importing":
+        assert "no checkpoint was saved; running the same command again starts from step 1" in err
