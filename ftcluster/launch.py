@@ -36,6 +36,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     resume = checkpoint.resume_of(cfg.run_dir)
     plan = P.make(cfg, hw, resume=resume)
     inputs = preflight.check_inputs(cfg, plan)
+    rundir.check_rows(cfg, inputs.rows_key, resuming=resume is not None)
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
     preflight.check_device(cfg, plan)
@@ -57,6 +58,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     ready = time.time()
     run_dir = rundir.prepare(cfg)
     plan.save(run_dir)
+    rundir.record_rows(run_dir, inputs.rows_key)
     try:
         return _train(cfg, plan, backend, run_dir, command_started, inputs,
                       {"imports": started - command_started, "checks": checked - started,

@@ -23,6 +23,8 @@ class Inputs:
     rows: dict
     where: str
     line: str
+    rows_key: str | None = None
+    """The rows' identity (``RowStats.key``)."""
 
 
 def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
@@ -50,7 +52,7 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
-    return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}")
+    return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}", stats.key)
 
 
 def check_vocabulary(cfg: RunConfig, tokenizer, rows) -> None:

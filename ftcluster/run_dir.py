@@ -90,6 +90,31 @@ def prepare(cfg: RunConfig) -> Path:
     return run_dir
 
 
+ROWS = "rows.json"
+"""The identity of the rows a run trains on (``preflight.Inputs.rows_key``): its checkpoints' epoch and row
+position refer to them."""
+
+
+def check_rows(cfg: RunConfig, key: str | None, resuming: bool) -> None:
+    """Refuse to resume on other rows than the run's checkpoints were saved on: their epoch and position would then
+    apply to different examples, silently (a data file changed in place, a different tokenizer at the same path)."""
+    record = cfg.run_dir / ROWS
+    if not resuming or key is None or not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    if saved.get("key") != key:
+        raise ConfigError(
+            f"data.source={cfg.data.source}: its rows differ from those {cfg.run_dir} was trained on (rows "
+            f"{saved.get('key')} then, {key} now: the file's contents or the tokenizer changed), so the checkpoint's "
+            "epoch and row position would point at other examples. Restore the data the run started with to resume "
+            "it, or train on the new data under another output.name")
+
+
+def record_rows(run_dir: Path, key: str | None) -> None:
+    if key is not None:
+        (run_dir / ROWS).write_text(json.dumps({"key": key}) + "\n")
+
+
 LOCK = "LOCK"
 
 

@@ -182,9 +182,10 @@ def prepared(tokenizer, examples: reading.Examples, cfg: DataConfig, seed: int,
     found = load(path)
     if found is not None:
         rows, stats = found
+        stats.key = path.name
         return rows, stats, f"rows reused from {path} (no tokenizing)"
     train, stats = packing.build_rows(tokenizer, examples.train, cfg, seed)
-    stats.dropped = dict(examples.dropped)
+    stats.dropped, stats.key = dict(examples.dropped), path.name
     evaluation = packing.build_rows(tokenizer, examples.evaluation, cfg, seed)[0] if examples.evaluation else []
     save(path, {"train": train, "evaluation": evaluation}, stats)
     return {"train": train, "evaluation": evaluation}, stats, f"rows saved to {path}"

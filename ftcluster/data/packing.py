@@ -187,6 +187,9 @@ class RowStats:
     median: int
     dropped: dict[str, int] = field(default_factory=dict)
     """Source rows left out before tokenizing, by reason (see ``Examples.dropped``)."""
+    key: str | None = field(default=None, compare=False)
+    """The rows' identity: their cache key, a hash of the examples, the data settings and the tokenizer
+    (ftcluster/data/cache.py); not a count, so left out of comparisons."""
 
     def describe(self, max_seq_len: int) -> str:
         left_out = "".join(f"; {n} {why} dropped" for why, n in self.dropped.items())

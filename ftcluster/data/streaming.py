@@ -226,6 +226,8 @@ def prepared(tokenizer, cfg: DataConfig, seed: int, storage_path: str | Path) ->
             raise
         cache.publish(tmp, path, stats)
         rows, stats = cache.load(path)
+        stats.key = path.name
         return rows, stats, f"rows streamed from {cfg.source} in one pass and saved to {path}"
     rows, stats = found
+    stats.key = path.name
     return rows, stats, f"rows reused from {path} (no tokenizing)"

@@ -146,3 +146,38 @@ def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(tiny_model, tmp_
     assert "Traceback" not in err and "interrupted (Ctrl-C)" in err, err[-2000:]
     if when != "while importing":
         assert "no checkpoint was saved; running the same command again starts from step 1" in err
+
+
+def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_model, tmp_path):
+    import hashlib
+    import signal
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(_jsonl([{"instruction": f"What is {i}+{i}?", "output": str(2 * i)} for i in range(200)]))
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           f"data.source={data}", "data.eval_fraction=0.1", f"output.storage_path={tmp_path / 'runs'}",
+           "output.name=changed", "scaling.num_workers=1", "training.max_steps=40", "training.save_every=2",
+           "training.log_every=1"]
+    run_dir = tmp_path / "runs" / "changed"
+    driver = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not list(run_dir.glob("checkpoint_step*/manifest.json")):
+            assert time.time() < deadline and driver.poll() is None, "no checkpoint"
+            time.sleep(0.3)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
+              and p.name != "LOCK"}
+    data.write_text(_jsonl([{"instruction": f"What is {i}*{i}?", "output": str(i * i)} for i in range(200)]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"data.source={data}: its rows differ from those {run_dir} was trained on" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
+             and p.name != "LOCK"}
+    assert after == before  # the checkpoints and records are as the killed run left them
