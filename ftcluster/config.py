@@ -659,6 +659,12 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"model.name_or_path: {m} does not exist (a hub id, a local model directory or a .gguf file)")
         if Path(m).expanduser().is_dir() and not (Path(m).expanduser() / "config.json").exists():
             raise ConfigError(f"model.name_or_path: directory {m} has no config.json; point it at a Hugging Face model directory")
+        local = Path(m).expanduser()
+        if (local.is_dir() and not cfg.model.random_init and not list(local.glob("*.safetensors"))
+                and list(local.glob("*.bin"))):
+            raise ConfigError(f"model.name_or_path: {m} holds only pickled weights (*.bin), which can run code when "
+                              "loaded and are never read here; convert them to safetensors (transformers: "
+                              "from_pretrained then save_pretrained(safe_serialization=True)) and point at that")
     elif m != EMBEDDED_MODEL:
         raise ConfigError(f"model.name_or_path: unknown embedded model {m!r}; the embedded model is {EMBEDDED_MODEL}")
     if cfg.model.tokenizer and _looks_local(cfg.model.tokenizer) and not Path(cfg.model.tokenizer).expanduser().exists():
@@ -683,6 +689,12 @@ def check_paths(cfg: RunConfig) -> None:
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed.config_file: {f} is not valid JSON: {e}") from None
         stages[f"deepspeed.config_file ({f})"] = (user.get("zero_optimization") or {}).get("stage")
+    batch_keys = {"train_batch_size": "training.micro_batch_size x gradient_accumulation_steps x num_workers",
+                  "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+                  "gradient_accumulation_steps": "training.gradient_accumulation_steps"}
+    for key in batch_keys.keys() & cfg.deepspeed.overrides.keys():
+        # The data loader, the schedule's step count and resumes all follow ours; DeepSpeed's own would disagree.
+        raise ConfigError(f"deepspeed.overrides sets {key}: the batch is the run's own; set {batch_keys[key]} instead")
     stages["deepspeed.overrides"] = (cfg.deepspeed.overrides.get("zero_optimization") or {}).get("stage")
     for where, stage in stages.items():
         # The stage decides how the model is built (partitioned or not) before DeepSpeed reads its config.

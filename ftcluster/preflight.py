@@ -52,6 +52,13 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
             f"({need}): add data, or lower training.micro_batch_size or scaling.num_workers")
+    micro_batches = len(rows) // need
+    if micro_batches < plan.accumulation:
+        raise ConfigError(
+            f"the data gives {micro_batches} micro batches per worker an epoch ({len(rows)} rows over "
+            f"scaling.num_workers={cfg.scaling.num_workers} x training.micro_batch_size="
+            f"{cfg.training.micro_batch_size}), fewer than the {plan.accumulation} a step accumulates "
+            f"(training.gradient_accumulation_steps): lower it to at most {micro_batches}, or add data")
     return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}", stats.key)
 
 
@@ -88,7 +95,16 @@ def check_adapter_targets(cfg: RunConfig) -> None:
 
 def check_device(cfg: RunConfig, plan: P.Plan) -> None:
     """A worker in this process that is to compute on a GPU needs one here (a Ray cluster's are checked when it is
-    joined, ``cluster.check_cluster``)."""
+    joined, ``cluster.check_cluster``); workers on CPUs train in bfloat16 or float32."""
+    if plan.device == "cpu":
+        half = [f"{field}=float16" for field, dtype in (
+            ("model.dtype", cfg.model.dtype),
+            ("quantization.compute_dtype", cfg.quantization.compute_dtype if cfg.method == "qlora" else None))
+            if dtype == "float16"]
+        if half:
+            raise ConfigError(f"{half[0]} with workers on CPUs: float16 training (DeepSpeed's loss scaling, half "
+                              "matmuls) needs GPUs; use float32 (as configs/*_cpu.yaml do) or bfloat16 on CPUs, or "
+                              "run on GPUs")
     if plan.in_process and plan.device == "cuda":
         import torch
 

@@ -45,6 +45,16 @@ CASES = [
      "model.checkpointed_layers=9: llama has 2 decoder layers"),
     ("GPUs too small for the run", "d.jsonl", _jsonl([ROW] * 40),
      ["resources.gpu_memory_gib=0.5", "scaling.use_gpu=true"], 2, "--force"),
+    ("an accumulation longer than an epoch", "d.jsonl", _jsonl([ROW] * 40),
+     ["training.gradient_accumulation_steps=32", "data.packing=false"], 2,
+     "micro batches per worker an epoch (36 rows over scaling.num_workers=1 x training.micro_batch_size=2), fewer "
+     "than the 32 a step accumulates (training.gradient_accumulation_steps): lower it to at most 18"),
+    ("batch sizes in deepspeed.overrides", "d.jsonl", _jsonl([ROW] * 40),
+     ["deepspeed.overrides={{train_micro_batch_size_per_gpu: 4}}"], 2,
+     "deepspeed.overrides sets train_micro_batch_size_per_gpu: the batch is the run's own; set "
+     "training.micro_batch_size instead"),
+    ("float16 on CPU workers", "d.jsonl", _jsonl([ROW] * 40), ["model.dtype=float16"], 2,
+     "model.dtype=float16 with workers on CPUs"),
     ("a model with fewer token embeddings than its tokenizer", "d.jsonl", _jsonl([ROW] * 40),
      ["model.random_init=true", "model.config_overrides={{vocab_size: 100}}"], 2,
      "the model has 100 token embeddings (model.config_overrides sets vocab_size) and its tokenizer 512 tokens"),

@@ -238,3 +238,13 @@ def test_names_warmups_and_target_modules_that_would_go_wrong_are_refused_naming
     with pytest.raises(C.ConfigError, match=r"lora.target_modules=q_proj: a list of module names, written \[q_proj\]"):
         C.load(None, ["lora.target_modules=q_proj"])
     assert C.load(None, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"
+
+
+def test_a_model_directory_of_pickled_weights_only_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(C.ConfigError, match=r"holds only pickled weights \(\*\.bin\).*convert them to safetensors"):
+        C.load(None, [f"model.name_or_path={tmp_path}"])
+    C.load(None, [f"model.name_or_path={tmp_path}", "model.random_init=true"])  # its weights are not read
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    C.load(None, [f"model.name_or_path={tmp_path}"])
