@@ -651,6 +651,20 @@ def _looks_local(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".json", ".jsonl", ".parquet", ".csv"))
 
 
+def _needs_own_code(model_dir: Path) -> bool:
+    """Whether a local model's config maps it to code of its own (``auto_map``) for an architecture transformers
+    does not have built in (where it has, transformers loads its own and ignores the map)."""
+    try:
+        fields = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # a broken config.json is named where it is read (plan.architecture)
+    if not isinstance(fields, dict) or not fields.get("auto_map"):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return fields.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Fail on files the config names that are not there, before anything starts."""
     m = cfg.model.name_or_path
@@ -660,6 +674,10 @@ def check_paths(cfg: RunConfig) -> None:
         if Path(m).expanduser().is_dir() and not (Path(m).expanduser() / "config.json").exists():
             raise ConfigError(f"model.name_or_path: directory {m} has no config.json; point it at a Hugging Face model directory")
         local = Path(m).expanduser()
+        if (local / "config.json").is_file() and not cfg.model.trust_remote_code and _needs_own_code(local):
+            from ftcluster import sources
+
+            raise sources.remote_code(cfg.model)
         if (local.is_dir() and not cfg.model.random_init and not list(local.glob("*.safetensors"))
                 and list(local.glob("*.bin"))):
             raise ConfigError(f"model.name_or_path: {m} holds only pickled weights (*.bin), which can run code when "

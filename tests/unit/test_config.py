@@ -248,3 +248,17 @@ def test_a_model_directory_of_pickled_weights_only_is_refused_before_anything_st
     C.load(None, [f"model.name_or_path={tmp_path}", "model.random_init=true"])  # its weights are not read
     (tmp_path / "model.safetensors").write_bytes(b"")
     C.load(None, [f"model.name_or_path={tmp_path}"])
+
+
+def test_a_model_that_needs_its_own_code_names_trust_remote_code(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mymodel",
+                                                      "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(C.ConfigError, match=r"model.name_or_path=.*code of its own.*model.trust_remote_code=true"):
+        C.load(None, [f"model.name_or_path={tmp_path}"])
+    C.load(None, [f"model.name_or_path={tmp_path}", "model.trust_remote_code=true"])
+    # A built-in architecture whose config also carries a map: transformers loads its own code.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoConfig": "x.Y"}}))
+    C.load(None, [f"model.name_or_path={tmp_path}"])
