@@ -52,6 +52,13 @@ def join(cfg: RunConfig) -> bool:
     if address == "local" or (address is None and not record.exists()):
         start_local()
         return True
+    named = address not in (None, "auto")
+    if named and not _answers(address.split("://", 1)[-1], timeout_s=10.0):
+        # Ray itself would retry for minutes, printing a warning every few seconds.
+        field = "ray.address" if cfg.ray.address else "RAY_ADDRESS (the environment's)"
+        raise ConfigError(f"{field}={address}: nothing answers there within 10 s (no Ray head at that host and "
+                          "port, or a firewall between): start the cluster (`ray start --head` on its head node "
+                          "prints the address), or unset it to start a local one")
     ray.init(address=address, log_to_driver=True)
     return False
 

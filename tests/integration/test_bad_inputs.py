@@ -53,6 +53,8 @@ CASES = [
      ["deepspeed.overrides={{train_micro_batch_size_per_gpu: 4}}"], 2,
      "deepspeed.overrides sets train_micro_batch_size_per_gpu: the batch is the run's own; set "
      "training.micro_batch_size instead"),
+    ("a ray.address where no cluster answers", "d.jsonl", _jsonl([ROW] * 40), ["ray.address=127.0.0.1:1"], 2,
+     "ray.address=127.0.0.1:1: nothing answers there within 10 s"),
     ("float16 on CPU workers", "d.jsonl", _jsonl([ROW] * 40), ["model.dtype=float16"], 2,
      "model.dtype=float16 with workers on CPUs"),
     ("a model with fewer token embeddings than its tokenizer", "d.jsonl", _jsonl([ROW] * 40),
