@@ -166,12 +166,21 @@ def save(path: Path, rows: dict[str, list[dict]], stats: packing.RowStats) -> No
 
 
 def load(path: Path) -> tuple[dict, packing.RowStats] | None:
-    """The splits (memory-mapped Arrow datasets, indexable like lists of rows) and the stats, or None."""
+    """The splits (memory-mapped Arrow datasets, indexable like lists of rows) and the stats, or None: also where
+    the cache cannot be read (a disk fault, a copy cut short), which is then removed to be built again."""
     if not (path / "stats.json").exists():
         return None
-    rows = {split: ArrowRows(path / f"{split}.arrow") if (path / f"{split}.arrow").exists() else []
-            for split in SPLITS}
-    return rows, packing.RowStats(**json.loads((path / "stats.json").read_text()))
+    try:
+        rows = {split: ArrowRows(path / f"{split}.arrow") if (path / f"{split}.arrow").exists() else []
+                for split in SPLITS}
+        return rows, packing.RowStats(**json.loads((path / "stats.json").read_text()))
+    except Exception as e:  # noqa: BLE001 - whatever broke it, the cache is ours to rebuild, not the data's fault
+        print(f"data: the row cache {path} cannot be read ({type(e).__name__}: {e}); removing it and preparing the "
+              "rows again", flush=True)
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 def prepared(tokenizer, examples: reading.Examples, cfg: DataConfig, seed: int,

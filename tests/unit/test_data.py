@@ -1,5 +1,7 @@
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -288,6 +290,19 @@ def test_rows_are_prepared_once_and_a_second_run_reads_them_without_tokenizing(t
     assert line2.startswith("rows reused from ") and "no tokenizing" in line2 and stats2 == stats
     assert len(again["evaluation"]) == len(rows["evaluation"]) > 0
     assert _batches(again["train"], packing) == _batches(rows["train"], packing)  # the same batches, memory-mapped
+
+
+def test_a_corrupt_row_cache_is_named_removed_and_built_again(tok, tmp_path, capsys):
+    cfg = DataConfig(source="builtin:required-args", max_seq_len=256, packing=True)
+    examples = reading.load_examples(cfg, 3)
+    rows, _, line = cache.prepared(tok, examples, cfg, 3, tmp_path)
+    where = Path(line.removeprefix("rows saved to "))
+    arrow = where / "train.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:100])  # a copy cut short
+    again, _, line2 = cache.prepared(tok, examples, cfg, 3, tmp_path)
+    assert f"the row cache {where} cannot be read" in capsys.readouterr().out
+    assert line2 == line and _batches(again["train"], True) == _batches(rows["train"], True)
+    assert cache.prepared(tok, examples, cfg, 3, tmp_path)[2].startswith("rows reused from")  # whole again
 
 
 def test_cached_rows_read_back_as_written_across_record_batches_without_importing_datasets(tok, tmp_path, monkeypatch):
