@@ -7,6 +7,7 @@ dropped."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 import warnings
@@ -65,6 +66,25 @@ class _TensorBoard:
         self.writer.close()
 
 
+PROBE_S = 5.0
+
+
+def probe(uri: str, timeout_s: float = PROBE_S) -> None:
+    """Raise ``ConnectionError`` unless the server of ``uri`` takes a connection within ``timeout_s``, saying so while
+    it waits."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    print(f"tracking: reaching {uri} (up to {timeout_s:g} s)", flush=True)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return
+    except OSError as e:
+        raise ConnectionError(f"{uri} did not answer within {timeout_s:g} s ({e})") from None
+
+
 class _MLflow:
     name = "MLflow"
 
@@ -72,6 +92,11 @@ class _MLflow:
         import mlflow
 
         t = cfg.tracking.mlflow
+        if t.tracking_uri and t.tracking_uri.startswith(("http://", "https://")):
+            probe(t.tracking_uri)
+            # MLflow's own client retries a server that does not answer for minutes, in silence.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=t.tracking_uri)
         run_id = ids.get("mlflow_run_id")
         if run_id is None:

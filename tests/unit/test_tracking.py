@@ -131,3 +131,16 @@ def test_only_rank_0_tracks(tmp_path):
     cfg = _cfg(tmp_path)
     _train(cfg, [2], rank=1)
     assert not (cfg.run_dir / "tensorboard").exists() and not (cfg.run_dir / "tracking.json").exists()
+
+
+def test_an_mlflow_server_that_does_not_answer_is_left_within_seconds_and_said_so(tmp_path, capsys):
+    import time
+
+    cfg = _cfg(tmp_path, "tracking.mlflow.enabled=true", "tracking.mlflow.tracking_uri=http://127.0.0.1:1")
+    started = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="tracking: MLflow failed"):
+        _train(cfg, [2, 4])
+    assert time.monotonic() - started < tracking.PROBE_S + 10
+    out = capsys.readouterr().out
+    assert "tracking: reaching http://127.0.0.1:1 (up to 5 s)" in out
+    assert "http://127.0.0.1:1 did not answer within 5 s" in out and "training goes on without it" in out
