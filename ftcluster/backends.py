@@ -149,7 +149,7 @@ class OnRay:
     """Ray Train workers under a ``TorchTrainer`` on a Ray cluster: the one named, a running local one, or a new
     local one. Ray Train restarts a failed worker group (``ray.max_failures``); the restarted workers resume from
     the run directory's latest checkpoint, as any resumed run does. With scaling.min_workers the group is elastic:
-    restarted on the workers a lost node left, grown back at a checkpoint (patches.elastic_torch_trainer)."""
+    restarted on the workers a lost node left, grown back at a checkpoint (patches.torch_trainer)."""
 
     def __init__(self):
         self.own_cluster = False
@@ -171,7 +171,7 @@ class OnRay:
 
     def run(self, cfg: RunConfig, plan: Plan, log: ProgressLog, inputs) -> None:
         from ray.train import FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchConfig
 
         from ftcluster.ray_progress import RayProgressLog
 
@@ -179,9 +179,8 @@ class OnRay:
         cfg = with_absolute_storage(cfg)
         # Elastic: Ray Train picks the count, from the fewest to the most the plan has an accumulation for.
         workers = (min(plan.elastic), max(plan.elastic)) if plan.elastic else plan.workers
-        make = (lambda **kw: patches.elastic_torch_trainer(str(cfg.run_dir), **kw)) if plan.elastic \
-            else TorchTrainer
-        trainer = make(
+        trainer = patches.torch_trainer(
+            str(cfg.run_dir), bool(plan.elastic),
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_json()},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,

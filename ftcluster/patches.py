@@ -59,8 +59,9 @@ PATCHES = (
           "bitsandbytes' CPU backend logs a warning when the optional `kernels` package is absent"),
     Patch("quiet_liger_backend_discovery", "liger-kernel", ">=0.8.5,<0.9",
           "Liger's backend registry logs a warning for every optional kernel backend that does not import"),
-    Patch("elastic_torch_trainer", "ray", ">=2.60,<2.61",
-          "hands Ray Train's controller its elastic scaling policy changed to grow the workers only at a checkpoint"),
+    Patch("torch_trainer", "ray", ">=2.60,<2.61",
+          "hands Ray Train's controller a failure policy that restarts no deterministic error and no requested stop, "
+          "and an elastic run its scaling policy changed to grow the workers only at a checkpoint"),
     Patch("ray_train_plain_print", "ray", ">=2.60,<2.61",
           "Ray Train's workers route print() to a logger and, where stdout is Ray's, print it too: each line twice"),
     Patch("quiet_ray_preemption_watcher_notice", "ray", ">=2.60,<2.61",
@@ -148,19 +149,42 @@ def start_local_ray_cluster(port: int, **init_kwargs) -> None:
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
-def elastic_torch_trainer(run_dir: str, **trainer_kwargs):
-    """A ``TorchTrainer`` for an elastic run (``ScalingConfig(num_workers=(min, max))``) whose controller grows the
-    worker group only at a checkpoint. Ray Train's ``ElasticScalingPolicy`` restarts a group on fewer workers after
-    a lost node, from the latest checkpoint, as wanted; but when room for more workers returns it restarts the
-    running group at once, and every step since the last checkpoint is done again. Here a grow decision is held
-    back: the policy asks the workers for a checkpoint (``stop.request_resize``), they save and wait
-    (``worker.await_resize``), and the decision goes to the controller once they have answered. ``fit`` makes the
-    policy it passes to ``_initialize_and_run_controller``; this replaces it there. Ray's classes are subclassed
-    inside this function, so this module imports no Ray; cloudpickle takes them to the controller's process."""
+def torch_trainer(run_dir: str, elastic: bool, **trainer_kwargs):
+    """A ``TorchTrainer`` whose controller (Ray 2.60's Train V2; ``_initialize_and_run_controller`` and its
+    ``failure_policy`` and ``scaling_policy`` arguments, ``DefaultFailurePolicy._is_retryable_error``):
+
+    - restarts no worker group after an error a restart would only repeat (``stop.deterministic``: a config, data or
+      code error), nor after a stop was asked for (``stop.requested``), whatever ``ray.max_failures`` says: with
+      ``max_failures=-1`` such a run restarted forever, and SIGTERM could not end it;
+    - for an elastic run (``ScalingConfig(num_workers=(min, max))``), grows the worker group only at a checkpoint.
+      Ray Train's ``ElasticScalingPolicy`` restarts a group on fewer workers after a lost node, from the latest
+      checkpoint, as wanted; but when room for more workers returns it restarts the running group at once, and
+      every step since the last checkpoint is done again. Here a grow decision is held back: the policy asks the
+      workers for a checkpoint (``stop.request_resize``), they save and wait (``worker.await_resize``), and the
+      decision goes to the controller once they have answered.
+
+    Ray's classes are subclassed inside this function, so this module imports no Ray; cloudpickle takes them to the
+    controller's process."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
     from ftcluster import stop
+
+    class NoPointlessRestart(DefaultFailurePolicy):
+        def __init__(self, failure_config, run_dir: str):
+            super().__init__(failure_config)
+            self.run_dir = run_dir
+
+        def _is_retryable_error(self, training_failed_error) -> bool:
+            if stop.requested(self.run_dir):
+                return False
+            if isinstance(training_failed_error, WorkerGroupError) and training_failed_error.worker_failures and all(
+                    stop.deterministic(f"{type(e).__name__}: {e}")
+                    for e in training_failed_error.worker_failures.values()):
+                return False
+            return super()._is_retryable_error(training_failed_error)
 
     class CheckpointedResize(ElasticScalingPolicy):
         def __init__(self, scaling_config, run_dir: str):
@@ -193,7 +217,9 @@ def elastic_torch_trainer(run_dir: str, **trainer_kwargs):
 
     class Trainer(TorchTrainer):
         def _initialize_and_run_controller(self, **controller_init_kwargs):
-            controller_init_kwargs["scaling_policy"] = CheckpointedResize(self.scaling_config, run_dir)
+            controller_init_kwargs["failure_policy"] = NoPointlessRestart(self.run_config.failure_config, run_dir)
+            if elastic:
+                controller_init_kwargs["scaling_policy"] = CheckpointedResize(self.scaling_config, run_dir)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return Trainer(**trainer_kwargs)

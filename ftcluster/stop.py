@@ -11,7 +11,7 @@ Two things ask:
   the workers on that node; every worker reads its own mark.
 
 A third thing asks for a checkpoint without ending the run: Ray Train, when an elastic run (scaling.min_workers)
-can grow back to more workers. Its scaling policy (patches.elastic_torch_trainer) writes ``<run_dir>/RESIZE``; the
+can grow back to more workers. Its scaling policy (patches.torch_trainer) writes ``<run_dir>/RESIZE``; the
 workers save, rank 0 removes the file, and they wait for Ray Train to restart them on more workers from that
 checkpoint, so no step is done twice.
 
@@ -41,6 +41,19 @@ EXIT_DIVERGED = 3
 final model is written; running it again unchanged would diverge again."""
 DIVERGED = "diverged"
 """How a record's ``stopped`` reason starts when the divergence guard stopped the run."""
+DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "AttributeError", "AssertionError",
+                 "NotImplementedError", "IndexError", "ModuleNotFoundError", "ImportError")
+"""Worker errors that the same data, config and code raise again: a restart would fail the same way."""
+
+
+def deterministic(error: str) -> bool:
+    """Whether a worker's error (its text, traceback included) is one a restart would only repeat."""
+    return any(f"{name}:" in error for name in DETERMINISTIC)
+
+
+def requested(run_dir: Path) -> bool:
+    """Whether a stop was asked for (a signal to the driver, ``ray job stop``): no restart then."""
+    return (Path(run_dir) / STOP_FILE).exists()
 
 
 def request(run_dir: Path, reason: str) -> None:

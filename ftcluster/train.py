@@ -38,11 +38,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "AttributeError", "AssertionError",
-                 "NotImplementedError", "IndexError", "ModuleNotFoundError", "ImportError")
-"""Worker errors that the same data, config and code raise again: resuming would fail the same way."""
-
-
 def after_failure(error: str, run_dir: Path) -> str:
     """What to do after a worker failed: resume only where a checkpoint exists and the error could pass."""
     saved = sorted(run_dir.glob("checkpoint_step*"))
@@ -51,7 +46,7 @@ def after_failure(error: str, run_dir: Path) -> str:
         return (f"A GPU ran out of memory. {kept} `python -m ftcluster estimate --config <recipe> [overrides]` "
                 "shows what each term needs; lower training.micro_batch_size or data.max_seq_len, turn on "
                 "model.gradient_checkpointing, or use more GPUs with deepspeed.zero_stage=3.")
-    if any(f"{name}:" in error for name in DETERMINISTIC):
+    if stop.deterministic(error):
         return (f"The error comes from the run's data, config or code, so running it again fails the same way; "
                 f"fix it first. {kept}")
     if saved:

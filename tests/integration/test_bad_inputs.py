@@ -193,3 +193,19 @@ def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_mode
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
              and p.name != "LOCK"}
     assert after == before  # the checkpoints and records are as the killed run left them
+
+
+def test_an_error_every_restart_would_repeat_ends_the_run_whatever_max_failures_says(tiny_model, tmp_path):
+    """ray.max_failures=-1 once restarted such a run forever (seven attempts in 150 s, and on)."""
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           "data.max_examples=64", "training.max_steps=3", "ray.max_failures=-1",
+           # Passes every check of the driver's; DeepSpeed refuses it in the workers, every time.
+           "deepspeed.overrides={bf16: {enabled: true}, fp16: {enabled: true}}",
+           f"output.storage_path={tmp_path}", "output.name=repeats"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "AssertionError: bfloat16 and fp16 modes cannot be simultaneously enabled" in proc.stderr
+    assert "running it again fails the same way; fix it first" in proc.stderr
+    # One attempt: each of the two workers failed once.
+    assert (proc.stdout + proc.stderr).count("Error in training function") == 2

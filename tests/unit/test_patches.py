@@ -240,17 +240,20 @@ def test_bitsandbytes_adam_state_goes_through_adam_moments_and_back():
     assert moved.max() <= 0.05 * update and moved.mean() <= 0.005 * update
 
 
-def test_ray_trains_fit_hands_the_controller_the_scaling_policy_the_elastic_trainer_replaces():
+def test_ray_trains_fit_hands_the_controller_the_policies_the_trainer_replaces():
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, ResizeDecision
     from ray.train.v2.api import data_parallel_trainer
 
     fit = inspect.getsource(data_parallel_trainer.DataParallelTrainer.fit)
     assert "self._initialize_and_run_controller(" in fit and "scaling_policy=create_scaling_policy(" in fit
+    assert "failure_policy=create_failure_policy(" in fit
+    assert "self._is_retryable_error(" in inspect.getsource(DefaultFailurePolicy.make_decision)
     assert list(inspect.signature(ElasticScalingPolicy.make_decision_for_running_worker_group).parameters) == [
         "self", "worker_group_state", "worker_group_status"]
     assert {"num_workers", "resources_per_worker"} <= set(inspect.signature(ResizeDecision).parameters)
     from ray.train import ScalingConfig
 
-    trainer = patches.elastic_torch_trainer("/tmp/run", train_loop_per_worker=lambda: None,
-                                            scaling_config=ScalingConfig(num_workers=(1, 2)))
+    trainer = patches.torch_trainer("/tmp/run", True, train_loop_per_worker=lambda: None,
+                                    scaling_config=ScalingConfig(num_workers=(1, 2)))
     assert trainer.scaling_config.elasticity_enabled
