@@ -126,6 +126,9 @@ def test_a_resumed_run_may_change_its_workers_and_how_a_step_is_split():
     c = C.load(None, ["training.save_every=5", "training.save_every_minutes=10", "training.log_every=1",
                       "training.eval_every=50"])
     assert c.differences(C.load(None, [])) == []
+    # Nor how it reaches Ray (an exported RAY_ADDRESS settles ray.local_mode otherwise than before).
+    d = C.load(None, ["ray.local_mode=false", "ray.address=10.0.0.1:6379"])
+    assert d.differences(C.load(None, ["ray.local_mode=auto"])) == []
 
 
 def test_resolved_config_round_trips(tmp_path):
