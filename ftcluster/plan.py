@@ -588,7 +588,8 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
-        global_batch=global_batch, sequence_parallel=sp, elastic=elastic, memory_gib=None, model_download=download, resume_from=resume_from, model_type=arch.model_type,
+        global_batch=global_batch, sequence_parallel=sp, elastic=elastic, memory_gib=None, model_download=download,
+        resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
         reasons={
             "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
@@ -625,7 +626,8 @@ def estimator_run(cfg: RunConfig, plan: Plan, **earlier_code) -> estimate.Run:
     run = estimate.Run(
         method=cfg.method, gpus=min(plan.elastic or [plan.workers]), zero=3 if plan.frozen_base == "layer-shards" else plan.zero_stage,
         offload=offload or "none", seq_len=cfg.data.max_seq_len, micro_batch=plan.micro_batch,
-        sequence_parallel=plan.sequence_parallel, grad_ckpt=checkpointed, ckpt_layers=m.checkpointed_layers if checkpointed else None,
+        sequence_parallel=plan.sequence_parallel, grad_ckpt=checkpointed,
+        ckpt_layers=m.checkpointed_layers if checkpointed else None,
         activation_offload=plan.activation_offloading, lora_r=cfg.lora.r,
         lora_targets=("all-linear",) if targets == "all-linear" else tuple(targets),
         optimizer=cfg.optimizer.name, master_weights=cfg.optimizer.master_weights,
