@@ -74,7 +74,6 @@ class SequenceShards:
             batch["num_tokens"] = int(batch["num_tokens"])  # gathered as an object: the adapter slices tensors
             yield batch
 
-
     def row_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The rows' mean token loss from this worker's share of it (for the log; the gradient flows through the
         shares)."""
