@@ -651,6 +651,13 @@ def _looks_local(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.endswith((".gguf", ".json", ".jsonl", ".parquet", ".csv"))
 
 
+def remote_code(name_or_path: str) -> ConfigError:
+    """The refusal of a model that needs code of its own while ``model.trust_remote_code`` is off."""
+    return ConfigError(f"model.name_or_path={name_or_path}: the model's config maps it to code of its own "
+                       "(auto_map), which loading it would run. Read that code, then set model.trust_remote_code=true "
+                       "to run it; or use a model whose architecture transformers has built in")
+
+
 def _needs_own_code(model_dir: Path) -> bool:
     """Whether a local model's config maps it to code of its own (``auto_map``) for an architecture transformers
     does not have built in (where it has, transformers loads its own and ignores the map)."""
@@ -675,9 +682,7 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"model.name_or_path: directory {m} has no config.json; point it at a Hugging Face model directory")
         local = Path(m).expanduser()
         if (local / "config.json").is_file() and not cfg.model.trust_remote_code and _needs_own_code(local):
-            from ftcluster import sources
-
-            raise sources.remote_code(cfg.model)
+            raise remote_code(m)
         if (local.is_dir() and not cfg.model.random_init and not list(local.glob("*.safetensors"))
                 and list(local.glob("*.bin"))):
             raise ConfigError(f"model.name_or_path: {m} holds only pickled weights (*.bin), which can run code when "

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ftcluster import embedded
-from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, is_hub_id
+from ftcluster.config import EMBEDDED_MODEL, ConfigError, ModelConfig, is_hub_id, remote_code
 
 __all__ = ["is_hub_id", "resolve_source", "download", "snapshot", "load_tokenizer", "load_hf_config"]
 
@@ -116,12 +116,6 @@ def base_changes(recorded: dict, now: dict) -> list[str]:
     return out
 
 
-def remote_code(model: ModelConfig) -> ConfigError:
-    return ConfigError(f"model.name_or_path={model.name_or_path}: the model's config maps it to code of its own "
-                       "(auto_map), which loading it would run. Read that code, then set model.trust_remote_code=true "
-                       "to run it; or use a model whose architecture transformers has built in")
-
-
 def hub_cache() -> str:
     from huggingface_hub import constants
 
@@ -171,7 +165,7 @@ def load_hf_config(model: ModelConfig):
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise remote_code(model) from None
+        raise remote_code(model.name_or_path) from None
     if hasattr(hf, "quantization_config") and "gguf_file" in kw:
         del hf.quantization_config  # GGUF weights are dequantized on load
     for key, value in model.config_overrides.items():
