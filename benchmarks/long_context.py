@@ -90,7 +90,7 @@ class Tries:
             write_documents(data, length, self.args.steps + 1)
         name = f"{method}-{length}"
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", RECIPE, f"model.name_or_path={self.model}",
-               *COMMON, *METHODS[method], f"data.source={data}", f"data.max_seq_len={length}",
+               *COMMON, *METHODS[method], *rope(self.model, length), f"data.source={data}", f"data.max_seq_len={length}",
                f"training.max_steps={self.args.steps}", *self.args.set,
                f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         run_dir = self.work / "runs" / name
@@ -121,6 +121,19 @@ class Tries:
         return rec
 
 
+def rope(model: Path, length: int) -> list[str]:
+    """RoPE scaled (YaRN) to reach ``length`` where the model's positions stop short of it: a run past them is
+    refused otherwise (plan.check_length)."""
+    fields = json.loads((Path(model) / "config.json").read_text())
+    trained = fields.get("max_position_embeddings") or length
+    if length <= trained:
+        return []
+    theta = fields.get("rope_theta") or (fields.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    factor = -(-length // trained)
+    return [f"model.config_overrides={{rope_parameters: {{rope_type: yarn, factor: {factor}.0, "
+            f"original_max_position_embeddings: {trained}, rope_theta: {theta:g}}}}}"]
+
+
 def savers(plan: dict) -> str:
     """What the run's plan did to save memory at this length."""
     if not plan:
@@ -147,9 +160,12 @@ def render(results: dict, out: Path) -> None:
              f"- **Commit**: `{prov.get('git_commit')}`", f"- **Hardware**: {compare_hardware(prov)}",
              f"- **Steps per try**: {results['settings']['steps']}; tokens/s and step time from the steps after "
              "the first; peak: torch's allocated peak on a GPU (what the estimate predicts), the process's RSS on "
-             "CPU", "", "## Longest row", "",
-             "| Method | Longest that trained | Shortest that did not | Tries |", "|---|---|---|---|"]
-    for method in dict.fromkeys(t["method"] for t in tries):
+             "CPU", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
+    searched = [t for t in tries if t["purpose"] == "search"]
+    lines += ["## Longest row", "", "| Method | Longest that trained | Shortest that did not | Tries |",
+              "|---|---|---|---|"] if searched else ["## Longest row", "", "Not searched in this invocation "
+                                                     "(`--no-search`)."]
+    for method in dict.fromkeys(t["method"] for t in searched):
         mine = [t for t in tries if t["method"] == method and t["purpose"] == "search"]
         ok = [t["length"] for t in mine if t["status"] == "ok"]
         failed = [t["length"] for t in mine if t["status"] != "ok"]
