@@ -36,6 +36,10 @@ COMMON = ["model.gradient_checkpointing=true", "model.activation_offloading=true
           "training.log_every=1", "resources.check_fit=false", "output.save_final_model=false"]
 METHODS = {"qlora": ["method=qlora", "optimizer.name=paged_adamw_8bit"], "lora": ["method=lora"]}
 FIXED = (16384, 32768, 65536, 131072)
+SUITE = {"name": "long-context", "kind": "long-context",
+         "description": f"{SHAPE} shape (random weights), micro batch 1, LoRA r=16 on every linear layer, "
+                        "checkpointed layers with their checkpoints in host memory"}
+"""What ``benchmarks.results`` reads of this harness's results.json."""
 OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation",
                            re.IGNORECASE)
 
@@ -80,7 +84,7 @@ class Tries:
 
     def __init__(self, args, model: Path, work: Path, out: Path, argv: list[str]):
         self.args, self.model, self.work, self.out = args, model, work, out
-        self.results = {"provenance": compare.provenance(argv, "benchmarks.long_context"),
+        self.results = {"suite": SUITE, "provenance": compare.provenance(argv, "benchmarks.long_context"),
                         "settings": {"steps": args.steps, "within": args.within, "sets": args.set,
                                      "recipe": RECIPE, "model": str(model), "common": COMMON}, "tries": []}
 
