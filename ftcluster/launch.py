@@ -40,6 +40,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
     preflight.check_device(cfg, plan)
+    preflight.check_resume_split(cfg, plan)
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
     if plan.model_download:  # once, here, before any worker starts; they all read the snapshot

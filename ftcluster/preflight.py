@@ -93,6 +93,25 @@ def check_adapter_targets(cfg: RunConfig) -> None:
     models.check_target_modules(meta, cfg)
 
 
+def check_resume_split(cfg: RunConfig, plan: P.Plan) -> None:
+    """A sequence-parallel run resumes only as it was split: the same ``scaling.sequence_parallel`` on the same
+    worker count (its DeepSpeed checkpoint holds a model-parallel rank per group member; reading it on another split
+    is not made to work yet). The previous attempt's split is in the run directory's plan.json."""
+    record = cfg.run_dir / "plan.json"
+    if plan.resume_from is None or not record.is_file():
+        return
+    import json
+
+    before = json.loads(record.read_text())
+    was_k, was_n = before.get("sequence_parallel", 1), before.get("workers")
+    k = plan.sequence_parallel
+    if max(was_k, k) > 1 and (was_k != k or was_n != plan.workers):
+        raise ConfigError(
+            f"scaling.sequence_parallel={k} on scaling.num_workers={plan.workers}: {cfg.run_dir} was saved with "
+            f"sequence_parallel={was_k} on {was_n} workers, and a sequence-parallel checkpoint resumes only as it "
+            f"was split; set scaling.sequence_parallel={was_k} scaling.num_workers={was_n} to resume it")
+
+
 def check_device(cfg: RunConfig, plan: P.Plan) -> None:
     """A worker in this process that is to compute on a GPU needs one here (a Ray cluster's are checked when it is
     joined, ``cluster.check_cluster``); workers on CPUs train in bfloat16 or float32."""

@@ -88,6 +88,11 @@ def test_a_killed_sequence_parallel_run_resumes_at_its_checkpoint_on_the_same_co
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    # Split otherwise, it is refused before anything starts, naming the split to resume with.
+    other = subprocess.run([*cmd, "scaling.sequence_parallel=1"], capture_output=True, text=True, timeout=300,
+                           cwd=RECIPE.parents[1])
+    assert other.returncode == 2 and "set scaling.sequence_parallel=2 scaling.num_workers=2 to resume it" in \
+        other.stderr, other.stderr[-2000:]
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=RECIPE.parents[1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3 on 2 workers" in resumed.stdout + resumed.stderr
