@@ -130,7 +130,8 @@ def rows() -> list[dict]:
         prov = doc["provenance"]
         if not prov.get("gpus"):
             continue  # CPU runs: no device memory to calibrate against
-        for r in doc["records"]:
+        # A benchmarks.long_context report holds tries, not records: not rows here yet.
+        for r in doc.get("records", []):
             m = Summary.from_json(r.get("metrics") or {})
             if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib:
                 continue
