@@ -161,7 +161,7 @@ class Harness:
         self.suite, self.work, self.results_path, self.keep_runs = suite, work, results_path, keep_runs
         self.user_sets = user_sets
         self.lock = threading.Lock()  # --jobs: runs finish, and are recorded, from several threads
-        self.shared: dict[str, str] = {}  # the environment of a run that shares the machine (Pool.env)
+        self.shared: dict[str, str] = {}  # the environment of a run that shares the machine (set by Pool)
         self.results = {"suite": {"name": suite.name, "description": suite.description, "recipe": suite.recipe,
                                   "quality": suite.quality}, "provenance": meta, "records": []}
 
@@ -246,7 +246,8 @@ class Harness:
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", self.suite.recipe, *self.overrides(method, task),
                *extra, f"training.seed={seed}", f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         rec = self.execute("train", method, seed, cmd, label, self.work / "runs" / name / "summary.json", shared)
-        rec.update(config_hash=self.config_hash(method, seed, extra, task), task=task, run_dir=str(self.work / "runs" / name))
+        rec.update(config_hash=self.config_hash(method, seed, extra, task), task=task,
+                   run_dir=str(self.work / "runs" / name))
         rec["_score"] = {"name": name, "extra": extra, "curve": curve, "shared": shared}
         return rec
 

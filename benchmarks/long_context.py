@@ -94,7 +94,8 @@ class Tries:
             write_documents(data, length, self.args.steps + 1)
         name = f"{method}-{length}"
         cmd = [sys.executable, "-m", "ftcluster.train", "--config", RECIPE, f"model.name_or_path={self.model}",
-               *COMMON, *METHODS[method], *rope(self.model, length), f"data.source={data}", f"data.max_seq_len={length}",
+               *COMMON, *METHODS[method], *rope(self.model, length), f"data.source={data}",
+               f"data.max_seq_len={length}",
                f"training.max_steps={self.args.steps}", *self.args.set,
                f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         run_dir = self.work / "runs" / name
