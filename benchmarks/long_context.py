@@ -129,14 +129,10 @@ class Tries:
 def rope(model: Path, length: int) -> list[str]:
     """RoPE scaled (YaRN) to reach ``length`` where the model's positions stop short of it: a run past them is
     refused otherwise (plan.check_length)."""
-    fields = json.loads((Path(model) / "config.json").read_text())
-    trained = fields.get("max_position_embeddings") or length
-    if length <= trained:
-        return []
-    theta = fields.get("rope_theta") or (fields.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    factor = -(-length // trained)
-    return [f"model.config_overrides={{rope_parameters: {{rope_type: yarn, factor: {factor}.0, "
-            f"original_max_position_embeddings: {trained}, rope_theta: {theta:g}}}}}"]
+    from ftcluster import config as C, plan as P
+
+    arch = P.architecture(C.load(None, [f"model.name_or_path={model}"]))
+    return [P.yarn_override(length, arch)] if P.beyond_positions(length, arch) else []
 
 
 def savers(plan: dict) -> str:

@@ -233,13 +233,23 @@ def _rope_type(fields_: dict) -> str | None:
 def check_length(cfg: RunConfig, arch: Architecture) -> None:
     """Refuse rows longer than the model's positions, unless its RoPE is scaled to reach them."""
     n, limit = cfg.data.max_seq_len, arch.max_positions
-    if limit and n > limit and not arch.rope_scaling:
-        factor = -(-n // limit)
+    if beyond_positions(n, arch):
         raise ConfigError(
             f"data.max_seq_len={n} is beyond the model's max_position_embeddings={limit}: positions past it were "
             f"never trained, and the loss there means little. Lower data.max_seq_len to {limit}, or scale RoPE to "
-            f"reach {n}: model.config_overrides={{rope_parameters: {{rope_type: yarn, factor: {factor}.0, "
-            f"original_max_position_embeddings: {limit}, rope_theta: {arch.rope_theta or 10000.0:g}}}}}.")
+            f"reach {n}: {yarn_override(n, arch)}.")
+
+
+def beyond_positions(length: int, arch: Architecture) -> bool:
+    """Whether rows of ``length`` tokens pass the model's positions with its RoPE unscaled."""
+    return bool(arch.max_positions) and length > arch.max_positions and not arch.rope_scaling
+
+
+def yarn_override(length: int, arch: Architecture) -> str:
+    """The override that scales the model's RoPE with YaRN to reach ``length`` tokens."""
+    factor = -(-length // arch.max_positions)
+    return (f"model.config_overrides={{rope_parameters: {{rope_type: yarn, factor: {factor}.0, "
+            f"original_max_position_embeddings: {arch.max_positions}, rope_theta: {arch.rope_theta or 10000.0:g}}}}}")
 
 
 def architecture(cfg: RunConfig) -> Architecture:

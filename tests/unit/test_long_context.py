@@ -25,3 +25,19 @@ def test_doubling_then_bisecting_finds_the_longest_row_within_5_percent(fits):
 
 def test_a_start_that_does_not_train_ends_the_search_at_once():
     assert search(lambda n: False, start=65536, limit=1048576) == (None, 65536)
+
+
+def test_a_length_past_the_models_positions_is_tried_with_rope_scaled_as_the_plan_asks(tiny_model):
+    from ftcluster import config as C
+    from ftcluster import plan as P
+
+    from benchmarks.long_context import rope
+
+    assert rope(tiny_model, 4096) == []  # the tiny model's positions
+    scaled = rope(tiny_model, 10000)
+    assert scaled and "factor: 3.0" in scaled[0]
+    cfg = C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=10000", *scaled])
+    P.check_length(cfg, P.architecture(cfg))  # not refused
+    with pytest.raises(C.ConfigError, match=r"or scale RoPE to reach 10000: model.config_overrides="):
+        P.check_length(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=10000"]),
+                       P.architecture(C.load(None, [f"model.name_or_path={tiny_model}"])))
