@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import compare, shapes, suites
+from benchmarks import compare, report, shapes, suites
 from ftcluster import records
 
 RECIPE = "configs/bench/llama2_7b.yaml"
@@ -158,7 +158,7 @@ def render(results: dict, out: Path) -> None:
              "linear layer; recipe "
              f"`{results['settings']['recipe']}` with `{' '.join(results['settings']['common'])}`",
              f"- **Date**: {prov.get('date')}", f"- **Command**: `{prov.get('command')}`",
-             f"- **Commit**: `{prov.get('git_commit')}`", f"- **Hardware**: {compare_hardware(prov)}",
+             f"- **Commit**: `{prov.get('git_commit')}`", f"- **Hardware**: {report.hardware_line(prov)}",
              f"- **Steps per try**: {results['settings']['steps']}; tokens/s and step time from the steps after "
              "the first; peak: torch's allocated peak on a GPU (what the estimate predicts), the process's RSS on "
              "CPU", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
@@ -194,12 +194,6 @@ def peak(t: dict) -> float | None:
 
 def _num(value: float | None, digits: int) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def compare_hardware(prov: dict) -> str:
-    gpus = prov.get("gpus") or []
-    return f"{len(gpus)}× {gpus[0]['name']} ({gpus[0]['memory_gib']} GiB)" if gpus else \
-        f"CPU only ({prov.get('cpu')}, {prov.get('cpu_count')} cores)"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,13 @@ _PEAK_KEYS = {"peak_device_used_gib": "GPU memory in use (NVML), largest over wo
               "peak_allocated_gib": "torch peak allocated", "peak_rss_gib": "process peak RSS (CPU run)"}
 
 
+def hardware_line(prov: dict) -> str:
+    """A report's hardware, from its provenance (``compare.provenance``)."""
+    gpus = prov.get("gpus") or []
+    return (f"{len(gpus)}× {gpus[0]['name']} ({gpus[0]['memory_gib']} GiB), driver {prov.get('driver')}, "
+            f"CUDA {prov.get('cuda')}" if gpus else f"CPU only ({prov.get('cpu')}, {prov.get('cpu_count')} cores)")
+
+
 def peak_memory_gib(m: dict) -> float | None:
     """The peak that must fit: the device memory NVML saw in use on a GPU (context, NCCL and paged buffers
     included), else torch's peak allocation, else (CPU) the process's peak RSS."""
@@ -378,9 +385,7 @@ def markdown(results: dict) -> str:
     quality = suite.get("quality", True)
     q = (lambda text: text) if quality else (lambda text: "n/a")
     trained = [r for r in rows if r["method"] != "base"]
-    gpus = prov.get("gpus") or []
-    hardware = (f"{len(gpus)}× {gpus[0]['name']} ({gpus[0]['memory_gib']} GiB), driver {prov.get('driver')}, "
-                f"CUDA {prov.get('cuda')}" if gpus else f"CPU only ({prov.get('cpu')}, {prov.get('cpu_count')} cores)")
+    hardware = hardware_line(prov)
     v = prov.get("versions", {})
     lines = [
         f"# {suite['name']}: full fine-tuning vs LoRA vs QLoRA",
