@@ -1,5 +1,6 @@
-"""Reading a dataset: local files (JSON lines, a JSON array, CSV, Parquet, each read as written), a dataset directory
-or hub dataset through ``datasets``, or a builtin one; every row checked for its format's fields, and the evaluation
+"""Reading a dataset: local files (JSON lines, a JSON array, CSV, Parquet, each read as written), a local dataset
+directory (its splits found as ``datasets`` finds them, its files read as written), a hub dataset through
+``datasets``, or a builtin one; every row checked for its format's fields, and the evaluation
 examples set apart from the training ones."""
 
 from __future__ import annotations
@@ -109,9 +110,31 @@ _READERS = {".json": _json_rows, ".jsonl": _json_rows, ".csv": _csv_rows, ".parq
 
 
 def hub_split(cfg: DataConfig, split: str):
-    """A hub dataset or a local dataset directory, through datasets: kept on disk as Arrow files and memory-mapped."""
+    """A hub dataset, or a local directory that ``directory_splits`` leaves to datasets: kept on disk as Arrow files
+    and memory-mapped."""
     path = Path(cfg.source).expanduser()
     return _loaded(str(path) if path.is_dir() else cfg.source, split)
+
+
+@functools.cache
+def directory_splits(source: str) -> dict[str, list[Path]] | None:
+    """Split name -> its files, for a local directory whose files this module reads itself: the splits resolved
+    as ``datasets`` resolves them (the README's configs, else split names in file and folder names). None where
+    datasets must read the directory: other formats (Arrow, text, compressed files), or a README config with
+    parsing options of its own (a JSON ``field``, a CSV separator), which are honoured that way. Read through
+    datasets, a JSON or CSV directory would have its types inferred (an answer that looks like a date becomes a
+    timestamp); read here, every value is as written, as with a file."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(source)
+    splits = {str(k): [Path(f) for f in v] for k, v in (builder.config.data_files or {}).items()}
+    if not splits or any(f.suffix not in _READERS for files in splits.values() for f in files):
+        return None
+    default = type(builder.config)(name=builder.config.name)
+    ignored = {"name", "data_files", "data_dir", "description", "version"}
+    if any(getattr(default, k, None) != v for k, v in vars(builder.config).items() if k not in ignored):
+        return None
+    return splits
 
 
 @functools.cache
@@ -141,7 +164,20 @@ def iter_rows(cfg: DataConfig, split: str):
             raise ValueError(f"{path} has an unknown suffix; use .json, .jsonl, .parquet or .csv")
         yield from _READERS[path.suffix](path)
         return
-    yield from enumerate(hub_split(cfg, split), 1)
+    folder = Path(cfg.source).expanduser()
+    splits = directory_splits(str(folder.resolve())) if folder.is_dir() else None
+    if splits is None:
+        yield from enumerate(hub_split(cfg, split), 1)
+        return
+    if split not in splits:
+        field = "data.eval_split" if split == cfg.eval_split else "data.split"
+        raise ValueError(f"{field}={split}: {cfg.source} has no such split (its splits: {', '.join(splits)}, "
+                         "from its files' names or its README's configs); name one of them")
+    n = 0
+    for f in splits[split]:
+        for _, row in _READERS[f.suffix](f):
+            n += 1
+            yield n, row
 
 
 def _load_split(cfg: DataConfig, split: str) -> list[dict]:

@@ -257,6 +257,28 @@ def test_answers_that_look_like_dates_or_numbers_reach_the_tokenizer_as_written(
         assert all(r["output"] == "2001-05-01" and r["input"] == "007" for r in loaded.train), name
 
 
+def test_a_dataset_directory_is_split_by_its_file_names_and_read_as_written(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "data").mkdir(parents=True)
+    for split, n in (("train", 5), ("test", 3)):
+        for shard in range(2):
+            rows = [{"instruction": f"{split} q{shard}.{i}", "output": "2001-05-01", "input": "007"} for i in range(n)]
+            (folder / "data" / f"{split}-0000{shard}-of-00002.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows))
+    got = reading.load_examples(DataConfig(source=str(folder), eval_split="test"), seed=0)
+    assert len(got.train) == 10 and len(got.evaluation) == 6
+    assert {r["instruction"].split()[0] for r in got.train} == {"train"}
+    assert {r["instruction"].split()[0] for r in got.evaluation} == {"test"}
+    assert all(r["output"] == "2001-05-01" and r["input"] == "007" for r in got.train + got.evaluation)
+    with pytest.raises(ValueError, match=r"data.eval_split=validation: .*corpus has no such split "
+                                         r"\(its splits: train, test"):
+        reading.load_examples(DataConfig(source=str(folder), eval_split="validation"), seed=0)
+    broken = folder / "data" / "train-00001-of-00002.jsonl"
+    broken.write_text(broken.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"train-00001-of-00002.jsonl line 6: not valid JSON"):
+        reading.load_examples(DataConfig(source=str(folder), eval_split="test"), seed=0)
+
+
 def test_chat_rows_without_an_assistant_turn_are_dropped_and_counted(tmp_path):
     keep = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     drop = {"messages": [{"role": "user", "content": "hi"}]}
