@@ -97,7 +97,9 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None,
     """Run ``cmd`` with its output in ``log``; echo the progress of the training run in ``run_dir`` (its records,
     as they are written) under ``label``. (exit code, output tail)"""
     tail: list[str] = []
-    shown = len(records.read_lines(run_dir)) if run_dir else 0  # a resumed run's earlier lines
+    # A resumed run's earlier lines are not shown again; one that trains steps again replaces their lines, so
+    # what is new is told by when it was written.
+    shown = max((line.time for line in records.read_lines(run_dir)), default=0.0) if run_dir else 0.0
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -108,10 +110,10 @@ def stream(cmd: list[str], log: Path, label: str, run_dir: Path | None = None,
             if text.startswith(SCORING) or PHASE.match(_plain(text)):
                 print(f"  {label}  {_plain(text).rstrip()}", flush=True)
             elif run_dir and "step" in text:  # the driver prints a line per record: look for new ones then
-                lines = records.read_lines(run_dir)
-                for line in lines[shown:]:
-                    print(f"  {label}  {records.progress_line(line)}", flush=True)
-                shown = len(lines)
+                for line in records.read_lines(run_dir):
+                    if line.time > shown:
+                        print(f"  {label}  {records.progress_line(line)}", flush=True)
+                        shown = line.time
         code = proc.wait()
     return code, "\n".join(tail)
 

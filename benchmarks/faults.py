@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftcluster import records
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny_cpu.yaml"
 BIN = Path(sys.executable).parent
@@ -136,8 +138,11 @@ def _kill_matching(text: str) -> None:
 # Runs and what their metrics say
 
 def lines(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    """Every line the run wrote, in the order written: the steps trained again after a loss included (the earlier
+    attempt's, which ftcluster.records moves to metrics.superseded.jsonl)."""
+    out = [json.loads(l) for name in (records.SUPERSEDED, "metrics.jsonl") if (Path(run_dir) / name).exists()
+           for l in (Path(run_dir) / name).read_text().splitlines() if l.strip()]
+    return sorted(out, key=lambda l: l.get("time", 0.0))
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):

@@ -15,11 +15,16 @@ class ProgressLog:
 
     def __init__(self, run_dir: str | Path, started_unix: float):
         self.run_dir, self.started_unix, self.first_step_said = Path(run_dir), started_unix, False
+        self.last_step: int | None = None
+        """The step of metrics.jsonl's last line: read once (an earlier attempt's), then kept."""
 
     def log(self, metrics: list[dict]) -> None:
         """``metrics``: each worker's ``WorkerRecord`` as JSON, for one step."""
         line = records.Line.of_workers([records.WorkerRecord.from_json(m) for m in metrics])
-        records.append_line(self.run_dir, line)
+        if self.last_step is None:
+            self.last_step = max((earlier.step for earlier in records.read_lines(self.run_dir)), default=0)
+        records.append_line(self.run_dir, line, self.last_step)
+        self.last_step = line.step
         if line.first_step_unix and line.first_step_unix >= self.started_unix and not self.first_step_said:
             print(f"first step: done {line.first_step_unix - self.started_unix:.1f} s after the command started "
                   "(summary.json splits it by phase)", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -145,17 +146,35 @@ class Line(WorkerRecord):
         return max(values, default=None)
 
 
-def append_line(run_dir: Path, line: Line) -> None:
-    with open(Path(run_dir) / "metrics.jsonl", "a") as fh:
+SUPERSEDED = "metrics.superseded.jsonl"
+"""The lines of steps that a resumed attempt trained again, moved out of metrics.jsonl (in the order written)."""
+
+
+def append_line(run_dir: Path, line: Line, last_step: int | None = None) -> None:
+    """Append ``line`` to metrics.jsonl. ``last_step``: the step of the file's last line, when the caller knows it;
+    where ``line`` goes back to or before it (an attempt resumed from an earlier checkpoint trains those steps
+    again), the earlier attempt's lines from ``line``'s step on move to metrics.superseded.jsonl first, so that
+    metrics.jsonl holds each step once: the one the run went on from."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if last_step is not None and line.step <= last_step:
+        texts = [t for t in path.read_text().splitlines() if t.strip()]
+        redone = lambda t: json.loads(t).get("step", 0) >= line.step
+        with open(Path(run_dir) / SUPERSEDED, "a") as fh:
+            fh.writelines(t + "\n" for t in texts if redone(t))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(t + "\n" for t in texts if not redone(t)))
+        os.replace(tmp, path)
+    with open(path, "a") as fh:
         fh.write(json.dumps(line.to_json()) + "\n")
 
 
-def read_lines(run_dir: Path) -> list[Line]:
-    """Every line of the run's metrics.jsonl, across its attempts (a resumed run appends)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [Line.from_json(json.loads(text)) for text in path.read_text().splitlines() if text.strip()]
+def read_lines(run_dir: Path, superseded: bool = False) -> list[Line]:
+    """Every line of the run's metrics.jsonl, across its attempts (a resumed run appends), a step once; with
+    ``superseded``, the lines of steps trained again too (metrics.superseded.jsonl), all in the order written."""
+    names = [SUPERSEDED, "metrics.jsonl"] if superseded else ["metrics.jsonl"]
+    out = [Line.from_json(json.loads(text)) for name in names if (Path(run_dir) / name).exists()
+           for text in (Path(run_dir) / name).read_text().splitlines() if text.strip()]
+    return sorted(out, key=lambda line: line.time) if superseded else out
 
 
 def progress_line(line: Line) -> str:

@@ -1,7 +1,8 @@
 """The run directory: claimed for one run's config before it starts, and completed with ``final/`` after it.
 
     <storage_path>/<name>/config.yaml      the resolved config (the claim)
-                         metrics.jsonl     one Line per report (ftcluster.records)
+                         metrics.jsonl     one Line per report (ftcluster.records), a step once
+                         metrics.superseded.jsonl  the lines of steps a resumed attempt trained again
                          plan.json         the run's plan (ftcluster.plan)
                          checkpoint_step*  checkpoints (ftcluster.checkpoint)
                          final/            the model or adapter in Hugging Face format

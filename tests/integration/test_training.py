@@ -200,6 +200,7 @@ def test_killed_driver_resumes_at_the_saved_step_with_the_same_data_order(runs, 
     after = [r for r in records(cfg.run_dir) if "loss" in r]
     restart = next(i for i, r in enumerate(after) if i and r["pid"] != after[0]["pid"])
     assert after[restart]["step"] == saved + 1
+    assert [r["step"] for r in records(cfg.run_dir)] == list(range(1, 9))  # a step trained again is logged once
     for step in range(saved + 1, 9):
         assert losses_by_step(cfg.run_dir)[step] == pytest.approx(reference[step], rel=1e-3), step
     # TensorBoard (on by default) holds both attempts' loss curve, in the run's one event directory.

@@ -54,3 +54,22 @@ def test_time_to_first_step_is_this_attempts_and_is_split_by_phase(tmp_path):
     assert s.first_step_phases_s == {"imports": 2.0, "checks": 3.0, "cluster": 7.0, "workers start": 5.0, "data": 4.0,
                                      "model": 6.0, "engine": 2.0, "first step": 8.0}
     assert sum(s.first_step_phases_s.values()) == s.time_to_first_step_s
+
+
+def test_steps_trained_again_after_a_resume_replace_the_earlier_attempts_lines(tmp_path, capsys):
+    from ftcluster.progress import ProgressLog
+
+    first = ProgressLog(tmp_path, started_unix=0.0)
+    for step in range(1, 6):
+        first.log([_worker(0, step=step, loss=10.0 + step, pid=1, world_size=1).to_json()])
+    # The attempt died after step 5; the next resumed from its checkpoint at step 3, in a new driver.
+    second = ProgressLog(tmp_path, started_unix=0.0)
+    for step in range(4, 8):
+        second.log([_worker(0, step=step, loss=20.0 + step, pid=2, world_size=1).to_json()])
+    kept = records.read_lines(tmp_path)
+    assert [(l.step, l.pid) for l in kept] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 2)]
+    assert Summary.of_lines(kept, tmp_path, "lora", 1.0, 0.0).losses == [[s, l.loss] for s, l in
+                                                                          zip(range(1, 8), kept)]
+    every = records.read_lines(tmp_path, superseded=True)
+    assert [(l.step, l.pid) for l in every] == [(s, 1) for s in range(1, 6)] + [(s, 2) for s in range(4, 8)]
+    assert [json.loads(t)["step"] for t in (tmp_path / records.SUPERSEDED).read_text().splitlines()] == [4, 5]
