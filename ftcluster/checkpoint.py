@@ -13,7 +13,9 @@ Layout of one checkpoint directory, ``<run_dir>/checkpoint_step<7 digits>``::
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -56,6 +58,8 @@ def saved(run_dir: Path) -> list[Path]:
 
 
 MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+"""The suffix of a checkpoint being written (``.<name>.partial``), renamed to its name once whole."""
 
 
 def _files(directory: Path) -> dict[str, int]:
@@ -200,16 +204,24 @@ def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
     kept. Returns the checkpoint's directory."""
     run_dir = Path(run_dir)
     final = run_dir / name(step)
-    partial = run_dir / f".{final.name}.partial"
+    partial = run_dir / f".{final.name}{PARTIAL}"
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # a partial one a failed attempt left
         partial.mkdir(parents=True)
     _barrier()
     try:
         write(partial)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and disk_full(run_dir, e)
         if _rank() == 0:  # a half-written checkpoint is never left for a resume to find, nor to fill the disk
             shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            intact = latest(run_dir)
+            raise OSError(errno.ENOSPC, f"No space left on the disk of {run_dir} while writing the checkpoint of "
+                          f"step {step}; its partial files were removed, and "
+                          + (f"the latest intact checkpoint is {intact}" if intact else "no earlier checkpoint was "
+                             "saved") + ". Free space there, or set output.storage_path to a larger disk (or "
+                          "output.keep_checkpoints lower), then run the same command again to resume.") from e
         raise
     _barrier()
     if _rank() == 0:
@@ -222,6 +234,35 @@ def keep(run_dir: Path, step: int, write: Callable[[Path], None], keep_last: int
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Remove what a failed save left of a checkpoint (its workers are gone): a worker still writing when another
+    had failed and removed it can leave one behind."""
+    for d in Path(run_dir).glob(f".{name(0)[:-7]}*{PARTIAL}"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def disk_full(directory: Path, error: Exception) -> bool:
+    """Whether ``error``, raised while writing under ``directory``, came from a full disk (or quota): an ENOSPC or
+    EDQUOT in its chain, or, since torch's writer reports a short write only as "unexpected pos", no room left
+    there for one more MiB."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    probe = Path(directory) / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        probe.unlink(missing_ok=True)
+    return False
 
 
 def save_hf(engine, cfg: RunConfig, out: Path, tokenizer=None) -> None:

@@ -79,17 +79,21 @@ def _train(cfg: RunConfig, plan: P.Plan, backend: backends.Backend, run_dir: Pat
         stop.on_signals(run_dir)
     try:
         backend.run(cfg, plan, ProgressLog(run_dir, started), inputs)
+    except backends.WorkerFailed:
+        # The workers are gone: a checkpoint that one of them was still writing is removed, never resumed from.
+        checkpoint.remove_partial(run_dir)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     lines = records.read_lines(run_dir)
     # The records are the source (Ray's controller, which writes them, runs in a process of its own).
-    checkpoint = next((line.checkpoint for line in reversed(lines) if line.checkpoint), None)
-    final = rundir.publish_final(run_dir, checkpoint)
+    saved = next((line.checkpoint for line in reversed(lines) if line.checkpoint), None)
+    final = rundir.publish_final(run_dir, saved)
     summary = records.Summary.of_lines(
         lines, run_dir, cfg.method, time.time() - started, started, driver_phases,
-        checkpoint=checkpoint,
+        checkpoint=saved,
         final_model=str(final) if final else None, final_model_bytes=rundir.dir_bytes(final) if final else None,
-        checkpoint_bytes=rundir.dir_bytes(Path(checkpoint)) if checkpoint else None)
+        checkpoint_bytes=rundir.dir_bytes(Path(saved)) if saved else None)
     summary.write(run_dir)
     return summary.to_json()

@@ -46,9 +46,13 @@ DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "Attribut
 """Worker errors that the same data, config and code raise again: a restart would fail the same way."""
 
 
+DISK_FULL = "No space left on"
+"""How a full disk's error reads (ENOSPC's text, and ftcluster.checkpoint's own): a restart would fill it again."""
+
+
 def deterministic(error: str) -> bool:
     """Whether a worker's error (its text, traceback included) is one a restart would only repeat."""
-    return any(f"{name}:" in error for name in DETERMINISTIC)
+    return any(f"{name}:" in error for name in DETERMINISTIC) or DISK_FULL in error
 
 
 def requested(run_dir: Path) -> bool:

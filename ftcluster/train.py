@@ -38,10 +38,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def headline(error: str) -> str:
+    """A worker's error as the user needs it: the line that says the disk is full, where that was the cause (the
+    traceback above it is the writer's); otherwise the whole error."""
+    full = [line for line in error.splitlines() if stop.DISK_FULL in line]
+    return full[-1] if full else error
+
+
 def after_failure(error: str, run_dir: Path) -> str:
     """What to do after a worker failed: resume only where a checkpoint exists and the error could pass."""
-    saved = sorted(run_dir.glob("checkpoint_step*"))
-    kept = f"Its checkpoints are kept (latest: {saved[-1]})." if saved else "It saved no checkpoint."
+    from ftcluster import checkpoint
+
+    saved = checkpoint.latest(run_dir)
+    kept = f"Its checkpoints are kept (latest intact: {saved})." if saved else "It saved no checkpoint."
+    if stop.DISK_FULL in error:
+        return (f"The disk of the run directory is full. {kept} Free space there, or set output.storage_path to a "
+                "larger disk, then run the same command again to resume.")
     if "OutOfMemoryError" in error or "out of memory" in error:
         return (f"A GPU ran out of memory. {kept} `python -m ftcluster estimate --config <recipe> [overrides]` "
                 "shows what each term needs; lower training.micro_batch_size or data.max_seq_len, turn on "
@@ -115,7 +127,8 @@ def _main(argv: list[str] | None, loaded: list) -> int:
         try:
             summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
         except backends.WorkerFailed as e:
-            print(f"error: training failed: {e}\n{after_failure(str(e), cfg.run_dir)}", file=sys.stderr)
+            print(f"error: training failed: {headline(str(e))}\n{after_failure(str(e), cfg.run_dir)}",
+                  file=sys.stderr)
             return 1
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

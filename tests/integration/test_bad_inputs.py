@@ -209,3 +209,41 @@ def test_an_error_every_restart_would_repeat_ends_the_run_whatever_max_failures_
     assert "running it again fails the same way; fix it first" in proc.stderr
     # One attempt: each of the two workers failed once.
     assert (proc.stdout + proc.stderr).count("Error in training function") == 2
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3.2 MB file system (tmpfs): room for the tiny model's first checkpoint (2 MB), not for its second."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3200k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("where", ["in process", "on Ray"])
+def test_a_full_disk_names_itself_and_the_intact_checkpoint_and_leaves_no_partial_one(tiny_model, small_disk,
+                                                                                      where):
+    from ftcluster import checkpoint
+
+    on = ["scaling.num_workers=1", "ray.local_mode=true"] if where == "in process" else \
+        ["scaling.num_workers=2", "ray.max_failures=-1"]
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           "method=full", "data.max_examples=64", "training.max_steps=12", "training.save_every=4",
+           f"output.storage_path={small_disk}", "output.name=full", *on]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    run_dir = small_disk / "full"
+    intact = run_dir / "checkpoint_step0000004"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"error: training failed: OSError: [Errno 28] No space left on the disk of {run_dir} while writing the "
+            f"checkpoint of step 8; its partial files were removed, and the latest intact checkpoint is {intact}"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "unexpected pos" not in proc.stderr.split("error: training failed:")[1]
+    assert "Free space there, or set output.storage_path to a larger disk" in proc.stderr
+    assert checkpoint.latest(run_dir) == intact and checkpoint.problem(intact) is None
+    assert not list(run_dir.glob(".*partial")) and not (run_dir / "checkpoint_step0000008").exists()
+    # A full disk is not restarted into again, whatever ray.max_failures says.
+    assert (proc.stdout + proc.stderr).count("resumed from step") == 0

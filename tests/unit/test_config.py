@@ -175,8 +175,14 @@ def test_the_advice_after_a_worker_failure_offers_resuming_only_where_it_can_hel
 
     assert "saved no checkpoint: running the same command again starts" in after_failure("RayActorError: died",
                                                                                           tmp_path)
-    (tmp_path / "checkpoint_step0000010").mkdir()
-    assert "Run the same command again to resume" in after_failure("RayActorError: node died", tmp_path)
+    good = tmp_path / "checkpoint_step0000010"
+    (good / "deepspeed").mkdir(parents=True)
+    (good / "progress.json").write_text('{"step": 10}')
+    (tmp_path / "checkpoint_step0000020").mkdir()  # unusable: no progress, no state
+    advice = after_failure("RayActorError: node died", tmp_path)
+    assert f"latest intact: {good})" in advice and "Run the same command again to resume" in advice
+    full = after_failure("OSError: [Errno 28] No space left on device", tmp_path)
+    assert "disk of the run directory is full" in full and str(good) in full and "Free space there" in full
     deterministic = after_failure("ValueError: data.source row 3 ...", tmp_path)
     assert "fails the same way" in deterministic and "resume" not in deterministic
     oom = after_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", tmp_path)
