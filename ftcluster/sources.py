@@ -6,6 +6,7 @@ the cache looked in."""
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def download(model: ModelConfig) -> Path:
     from huggingface_hub import snapshot_download
 
     allow, ignore = _patterns(model)
+    if not hub_answers():
+        local = snapshot(model)
+        if local is None:
+            raise unreachable("model.name_or_path", model.name_or_path, OSError("not in the cache"),
+                              model.hub_cache)
+        return local
     print(f"model: {model.name_or_path}{f'@{model.revision}' if model.revision else ''} from the hub into "
           f"{model.hub_cache} (model.hub_cache), once for every worker", flush=True)
     started = time.time()
@@ -82,8 +89,36 @@ def resolve_source(model: ModelConfig) -> tuple[str, dict]:
         local = snapshot(model)
         if local is not None:
             return str(local), {}
-        return src, {"cache_dir": model.hub_cache, **({"revision": model.revision} if model.revision else {})}
+        return src, {"cache_dir": model.hub_cache, **({"revision": model.revision} if model.revision else {}),
+                     **({} if hub_answers() else {"local_files_only": True})}
     return src, {}
+
+
+PROBE_S = 5.0
+
+
+def hub_answers() -> bool:
+    """Whether the hub's endpoint (``HF_ENDPOINT``) takes a connection within ``PROBE_S``; False offline
+    (``HF_HUB_OFFLINE=1``). Where it does not, hub ids are read from the cache alone, at once, rather than through
+    huggingface_hub's retries of each file (half a minute and more)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and _takes_connections(constants.ENDPOINT)
+
+
+@functools.cache
+def _takes_connections(endpoint: str) -> bool:
+    """Asked once a process for each endpoint."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=PROBE_S).close()
+    except OSError:
+        return False
+    return True
 
 
 def base_identity(model: ModelConfig) -> dict:
@@ -124,7 +159,13 @@ def hub_cache() -> str:
 
 def unreachable(field: str, name: str, error: Exception, cache: str | None = None) -> ConfigError:
     """The error for a hub id that could not be read: no network, not in the cache, gated, or misspelt."""
+    from huggingface_hub import constants
+
     first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    if not hub_answers():
+        first = (f"the hub ({constants.ENDPOINT}) is offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
+                 f"the hub ({constants.ENDPOINT}) could not be reached within {PROBE_S:.0f} s") + \
+            ", and the cache does not hold it"
     return ConfigError(
         f"{field}={name}: cannot read it from the Hugging Face hub or the local cache ({cache or hub_cache()}): "
         f"{first[:200]}. Check the name; for a gated model set HF_TOKEN; offline, set model.hub_cache (or HF_HOME) "

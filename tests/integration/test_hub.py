@@ -157,3 +157,26 @@ def test_a_hub_id_that_cannot_be_reached_names_the_cache_it_looked_in(hub_model,
     with pytest.raises(C.ConfigError, match=rf"model.name_or_path={REPO_ID}: cannot read it from the Hugging Face "
                                             rf"hub or the local cache \({tmp_path.resolve() / '.hub'}\)"):
         sources.download(cfg.model)
+
+
+@pytest.mark.parametrize("case", ["a misspelt id", "a hub that takes no connection"])
+def test_a_hub_id_that_cannot_be_read_is_one_line_within_seconds(hub, tmp_path, case):
+    """Through huggingface_hub's retries of each file, an unreachable hub once took the driver 49 s to say so."""
+    import time
+
+    env = _hub_env(hub)
+    if case == "a hub that takes no connection":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    name = REPO_ID + "x"
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(RECIPE),
+                           f"model.name_or_path={name}", f"output.storage_path={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=CHECKOUT, env=env)
+    took = time.time() - started
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"model.name_or_path={name}: cannot read it from the Hugging Face hub or the local cache" in errors[0]
+    if case == "a hub that takes no connection":
+        assert f"the hub ({env['HF_ENDPOINT']}) could not be reached within 5 s" in errors[0]
+    assert took < 40, f"{took:.0f} s to say so"
+    assert not list(tmp_path.glob("*/config.yaml"))  # no run directory was claimed
