@@ -133,8 +133,8 @@ def rows() -> list[dict]:
         # A benchmarks.long_context report holds tries, not records: not rows here yet.
         for r in doc.get("records", []):
             m = Summary.from_json(r.get("metrics") or {})
-            if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib:
-                continue
+            if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib or r.get("shared"):
+                continue  # a run beside others (compare --jobs) shared the device's memory with them
             cfg = config_of(r["command"], prov["git_commit"])
             out.append({
                 "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],

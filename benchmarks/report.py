@@ -89,6 +89,21 @@ def tasks(results: dict) -> list[str | None]:
     return results["suite"].get("tasks") or [None]
 
 
+def missing_runs(results: dict) -> list[str]:
+    """The training runs the invocation planned (each method's seeds on each task, from its settings) that are not
+    in its records: a run cut short by ``--time-limit``, to be made by ``--resume``."""
+    settings = results.get("settings") or {}
+    if not settings.get("methods") or not settings.get("repeats"):
+        return []
+    made = {(r.get("task"), r["method"], r.get("seed")) for r in results["records"] if r["kind"] == "train"}
+    return [f"{task_label(task)} {method} seed {seed}" for task in tasks(results) for method in settings["methods"]
+            for seed in range(42, 42 + settings["repeats"]) if (task, method, seed) not in made]
+
+
+def task_label(task: str | None) -> str:
+    return (task or "the recipe's data").removeprefix("builtin:")
+
+
 def summary_rows(results: dict, task: str | None = ...) -> list[dict]:
     """One row per method (the base model first) on ``task`` (default: the first), mean and std over its
     successful seeds."""
@@ -327,6 +342,7 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 def quality_sections(results: dict) -> list[str]:
     """Quality on every task, with its noise; the grid and what it chose."""
     names = {None: "the recipe's data"}
+    repeats = (results.get("settings") or {}).get("repeats") or 1
     lines = ["", "## Quality by task", "",
              "Task score: exact match on the test rows, mean ± std over the seeds that ran. % of full: the mean over "
              "full fine-tuning's, with its 95% interval (Student's t over seeds; with one seed, the test set's "
@@ -340,7 +356,7 @@ def quality_sections(results: dict) -> list[str]:
             if r.get("quality_ci") is not None:
                 pct += f" ± {r['quality_ci']:.0f}"
             body.append([f"`{names.get(task, task)}`", LABELS[r["method"]], f"`{r['setting']}`" if r.get("setting")
-                         else "the suite's", f"{r['ok']}/{r['runs']}",
+                         else "the suite's", f"{r['ok']}/{max(r['runs'], repeats)}",
                          fmt(r.get("task_score_pct"), r.get("task_score_pct_std"), 1, "%"),
                          f"{r['eval_examples']:.0f}" if r.get("eval_examples") else "n/a", pct,
                          "—" if r["method"] == "full" else (r.get("quality_verdict") or "n/a")])
@@ -404,6 +420,9 @@ def markdown(results: dict) -> str:
         *[f"- **Also**: `{more['command']}` ({more['date']}, commit `{more['git_commit']}`)"
           for more in prov.get("more_invocations", [])],
         *[f"- **Note**: {note}" for note in prov.get("notes", [])],
+        *([f"- **Incomplete**: {len(missing)} planned training run(s) did not run: {', '.join(missing)}. Every "
+           "figure below is over the runs that did; the same command with `--resume` makes the rest."]
+          if (missing := missing_runs(results)) else []),
         "",
         "## Summary",
         "",
@@ -444,7 +463,8 @@ def markdown(results: dict) -> str:
     else:
         lines.append("Quality columns are n/a: the weights are random, so loss and task score mean nothing here.")
     lines += ["", "## Details", ""]
-    body = [[LABELS[r["method"]], f"{r['ok']}/{r['runs']}", fmt(r.get("peak_allocated_gib"), None),
+    body = [[LABELS[r["method"]], f"{r['ok']}/{max(r['runs'], settings.get('repeats') or 1)}",
+             fmt(r.get("peak_allocated_gib"), None),
              fmt(r.get("peak_reserved_gib"), None), fmt(r.get("peak_rss_gib"), None),
              fmt(r.get("time_to_first_step_s"), None, 1, " s"), fmt(r.get("step_time_s"), None, 3, " s"),
              fmt(r.get("tokens_per_s_per_device"), None, 0), fmt(r.get("mfu_measured_pct"), None, 1, "%"),

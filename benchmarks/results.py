@@ -28,6 +28,9 @@ HEADLINES = (
     ("reports/scaling-qlora-70b/2026-11-27-4xh200", "70B"),
 )
 """The reports whose figures make README.md's table, with the model size each shows."""
+QUALITY = ("reports/default/2026-12-06-1xh100", "135M")
+"""The report whose quality (each method at its own tuned settings, on the test rows) makes the table's quality
+rows."""
 
 
 def _hardware(results: dict) -> str:
@@ -159,8 +162,31 @@ def readme_table() -> str:
             body.append([f"{size} {_method(r['method'])}",
                          link, f"{report.fmt(r.get('tokens_per_s'), None, 0)} tok/s, "
                          f"{report.fmt(r.get('peak_memory_gib'), None, 1)} GiB", against or "—"])
-    return "\n".join(report._table(["Run", "Hardware", "ftcluster", "Tokens/s beside the peers, in one run"],
-                                   body))
+    body = [row + ["—"] for row in body] + quality_rows(*QUALITY)
+    return "\n".join(report._table(["Run", "Hardware", "ftcluster", "Tokens/s beside the peers, in one run",
+                                    "Task score (% of full fine-tuning)"], body))
+
+
+def quality_rows(where: str, size: str) -> list[list[str]]:
+    """A row per method of a quality report: its test score at its tuned setting, with its share of full
+    fine-tuning's and the seeds it is over."""
+    results = json.loads((ROOT / where / "results.json").read_text())
+    link = f"[{_hardware(results)}]({where}/report.md)"
+    repeats = (results.get("settings") or {}).get("repeats") or 1
+    rows = [r for r in report.summary_rows(results) if r["method"] != "base" and r["ok"]]
+    peers = _peers(results, rows)
+    out = []
+    for r in rows:
+        share = "" if r["method"] == "full" else \
+            f" ({report.fmt(r.get('quality_pct_of_full'), None, 0, '%')}, {r.get('quality_verdict')})"
+        out.append([f"{size} {_method(r['method'])} at its tuned lr", link,
+                    f"{report.fmt(r.get('tokens_per_s'), None, 0)} tok/s, "
+                    f"{report.fmt(r.get('peak_memory_gib'), None, 1)} GiB",
+                    ", ".join(f"{v:.2f}× {report.PEERS.get(k, k).split(' (')[0]}"
+                              for k, v in peers.get(r["method"], {}).items()) or "—",
+                    f"{report.fmt(r.get('task_score_pct'), r.get('task_score_pct_std'), 1, '%')}{share}, "
+                    f"{r['ok']} of {repeats} seeds"])
+    return out
 
 
 def readme(text: str) -> str:

@@ -31,9 +31,10 @@ KNOWN_MISSES = {
     f"reports/default/{run}/results.json" for run in
     ("2026-11-27-1xh200-before", "2026-11-27-1xh200", "2026-11-27-1xh200-full-bf16-master", "2026-11-27-1xh200-zero0",
      "2026-11-27-1xh200-zero0-flat", "2026-11-27-1xh200-zero0-ablation", "2026-11-28-1xh100-peers")}
+KNOWN_MISSES |= {("reports/default/2026-12-06-1xh100/results.json", method) for method in ("full", "lora")}
 """Runs whose peak the estimator does not yet explain: SmolLM2-135M on one H200 at 4952a42, 925d9ba, 11a96d9 and
-f6faaed and on one H100 at a572ffc, 0.6-1.7 GiB over the estimate (20-58% of the peak; ZeRO-0 with float32 master
-weights too). Not the fused loss: full fine-tuning and LoRA peaked at the same bytes with Liger's loss in 64 chunks
+f6faaed and on one H100 at a572ffc and 80c0fa2 (full fine-tuning and LoRA; its QLoRA is within 10%), 0.4-1.7 GiB
+over the estimate (11-58% of the peak; ZeRO-0 with float32 master weights too). Not the fused loss: full fine-tuning and LoRA peaked at the same bytes with Liger's loss in 64 chunks
 and in 4; the 2026-11-24 H100 runs of the same model, whose training peaks were higher, are within 10%. Strict: a
 fix that explains them makes these tests pass, and the entry must go."""
 KNOWN_MISSES |= {f"reports/llama-1b/{run}/results.json" for run in
@@ -45,7 +46,8 @@ check, and no other run measures that term yet."""
 
 
 def _row_case(row):
-    marks = [pytest.mark.xfail(strict=True, reason="see KNOWN_MISSES")] if row["source"] in KNOWN_MISSES else []
+    missed = row["source"] in KNOWN_MISSES or (row["source"], row["run"]["method"]) in KNOWN_MISSES
+    marks = [pytest.mark.xfail(strict=True, reason="see KNOWN_MISSES")] if missed else []
     return pytest.param(row, marks=marks, id=f"{row['shape']}-{row['run']['method']}-{row['source'].split('/')[2]}")
 
 
