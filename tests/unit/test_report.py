@@ -48,6 +48,21 @@ def test_one_seed_is_judged_by_the_test_sets_sampling_error():
     assert many["quality_verdict"] == "below full"
 
 
+def test_a_report_cut_short_names_the_planned_runs_that_did_not_run():
+    results = _results([_scored("full", s, 0.9, task="builtin:a") for s in (42, 43)]
+                       + [_scored("lora", 42, 0.88, task="builtin:a")])
+    results["suite"]["tasks"] = ["builtin:a", "builtin:b"]
+    results["settings"] = {"methods": ["full", "lora"], "repeats": 2}
+    assert report.missing_runs(results) == ["a lora seed 43", "b full seed 42", "b full seed 43", "b lora seed 42",
+                                            "b lora seed 43"]
+    text = report.markdown(results)
+    assert "- **Incomplete**: 5 planned training run(s) did not run: a lora seed 43, b full seed 42" in text
+    assert "| `builtin:a` | LoRA (16-bit base) | the suite's | 1/2 |" in text
+    complete = {**results, "records": results["records"] + [_scored("lora", 43, 0.9, task="builtin:a")],
+                "suite": {**results["suite"], "tasks": ["builtin:a"]}}
+    assert report.missing_runs(complete) == [] and "Incomplete" not in report.markdown(complete)
+
+
 def test_each_method_runs_its_seeds_at_its_best_validation_point_and_the_report_shows_the_grid():
     tune = lambda method, lr, score, loss, task="a": {**_scored(method, 42, score, 50, task, loss), "kind": "tune",
                                                       "change": f"optimizer.lr={lr}"}
