@@ -60,6 +60,14 @@ def requested(run_dir: Path) -> bool:
     return (Path(run_dir) / STOP_FILE).exists()
 
 
+def requested_by(run_dir: Path) -> str | None:
+    """What asked for the stop (``SIGTERM``, ...), or None when none was asked for."""
+    try:
+        return (Path(run_dir) / STOP_FILE).read_text().strip() or "a stop request"
+    except FileNotFoundError:
+        return None
+
+
 def request(run_dir: Path, reason: str) -> None:
     (Path(run_dir) / STOP_FILE).write_text(reason + "\n")
 

@@ -51,6 +51,10 @@ def after_failure(error: str, run_dir: Path) -> str:
 
     saved = checkpoint.latest(run_dir)
     kept = f"Its checkpoints are kept (latest intact: {saved})." if saved else "It saved no checkpoint."
+    if asked := stop.requested_by(run_dir):
+        return (f"The run stopped as asked ({asked}) after a failure, with no restart. {kept} "
+                + ("Run the same command again to resume from the latest one." if saved else
+                   "Running the same command again starts from step 1."))
     if stop.DISK_FULL in error:
         return (f"The disk of the run directory is full. {kept} Free space there, or set output.storage_path to a "
                 "larger disk, then run the same command again to resume.")

@@ -267,6 +267,52 @@ def test_ctrl_c_checkpoints_and_stops_resumably_as_sigterm_does(ray_local, tiny_
     assert "SIGINT: asking the workers to save a checkpoint" in out
 
 
+def test_sigterm_ends_a_run_that_ray_keeps_restarting_after_failures(ray_local, tiny_model, storage):
+    """ray.max_failures=-1 and workers that keep dying (a node that crashes again and again): Ray Train restarts the
+    group forever. SIGTERM once could not end such a run; it must, promptly."""
+    from ray._private import state
+
+    from ftcluster import records as rec
+
+    cfg, cmd = _driver(ray_local, tiny_model, storage, "restarts",
+                       **{**SIGNALLED, "ray.max_failures": -1, "training.max_steps": 100000})
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed, done = set(), threading.Event()
+    # Each attempt's rank 0, from every line written (an attempt that trains its steps again supersedes the lines
+    # of the one before).
+    attempts = lambda: {line.pid_per_worker[0] for line in rec.read_lines(cfg.run_dir, superseded=True)}
+
+    def crash_every_worker():
+        """Kill each worker group once it has trained a step: a failure in training, restarted every time."""
+        while not done.is_set():
+            training = attempts()
+            for actor in state.actors().values():
+                if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE" \
+                        and training - killed and actor["Pid"] not in killed:
+                    killed.add(actor["Pid"])
+                    try:
+                        os.kill(actor["Pid"], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            killed.update(training)
+            time.sleep(0.2)
+
+    crasher = threading.Thread(target=crash_every_worker, daemon=True)
+    crasher.start()
+    try:
+        _wait_for(lambda: len(attempts()) >= 2 or driver.poll() is not None, what="a restart after a failure")
+        assert driver.poll() is None, "the run ended before it was signalled"
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)  # the workers go on dying meanwhile
+    finally:
+        done.set()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 1, out[-3000:]
+    assert "SIGTERM: asking the workers to save a checkpoint and stop" in out
+    assert "The run stopped as asked (SIGTERM) after a failure, with no restart." in out, out[-3000:]
+
+
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(ray_local, tiny_model, storage):
     cfg, cmd = _driver(ray_local, tiny_model, storage, "twice", **{**SIGNALLED, "training.max_steps": 40})
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
