@@ -50,7 +50,15 @@ def join(cfg: RunConfig) -> bool:
                   "starting a local one (set ray.address to join a cluster)", flush=True)
             address = "local"
     if address == "local" or (address is None and not record.exists()):
-        start_local()
+        try:
+            start_local()
+        except Exception as e:  # noqa: BLE001 - every way Ray's own start fails (a timeout under load, its temp dir)
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"Ray's local cluster did not start ({type(e).__name__}: {first[:300]}). A host under heavy load can "
+                "keep Ray's processes from starting within Ray's 30 s; so can an unusable temp directory "
+                "(RAY_TMPDIR, else /tmp). Try again, start one yourself (`ray start --head`, then ray.address=auto), "
+                "or train in this process without Ray (ray.local_mode=true, one worker).") from None
         return True
     named = address not in (None, "auto")
     if named and not _answers(address.split("://", 1)[-1], timeout_s=10.0):

@@ -247,3 +247,18 @@ def test_a_full_disk_names_itself_and_the_intact_checkpoint_and_leaves_no_partia
     assert not list(run_dir.glob(".*partial")) and not (run_dir / "checkpoint_step0000008").exists()
     # A full disk is not restarted into again, whatever ray.max_failures says.
     assert (proc.stdout + proc.stderr).count("resumed from step") == 0
+
+
+def test_a_local_ray_cluster_that_cannot_start_is_one_sentence_naming_what_to_do(tiny_model, tmp_path):
+    """Ray's own start failing (here its temp directory is a file; under load, its 30 s startup timeout) once reached
+    the user as a raw traceback."""
+    (tmp_path / "afile").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+                           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+                           "data.max_examples=64", "ray.address=local", f"output.storage_path={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**env, "RAY_TMPDIR": str(tmp_path / "afile" / "ray")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: Ray's local cluster did not start (NotADirectoryError" in proc.stderr
+    assert "ray start --head" in proc.stderr and "ray.local_mode=true" in proc.stderr
