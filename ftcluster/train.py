@@ -10,21 +10,32 @@ COMMAND_STARTED = time.time()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 INTERRUPTED = 130
 """The exit code of a command stopped by Ctrl-C (128 + SIGINT) where no checkpoint could be taken."""
+
+
+def _leave_while_starting(signum, frame) -> None:
+    """SIGINT while the command imports torch, transformers and Ray: leave at once. A KeyboardInterrupt raised
+    inside an import can be caught by the library being imported, which then fails in odd ways (a half-imported
+    numpy recursing until a RecursionError); and torch interrupted halfway through its import aborts in the
+    interpreter's clean-up. So none is raised, and nothing is cleaned up: nothing was written yet."""
+    os.write(2, b"\ninterrupted (Ctrl-C) while starting: nothing was written\n")
+    os._exit(INTERRUPTED)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _leave_while_starting)
 
 try:
     from ftcluster import collector, config as C, patches, stop  # noqa: E402
 except ModuleNotFoundError as missing:  # the command run with a Python that lacks ftcluster's dependencies
     sys.exit(f"error: {missing.name} is not installed in this Python ({sys.executable}). Run `make install`, then "
              "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.")
-except KeyboardInterrupt:
-    print("\ninterrupted (Ctrl-C) while starting: nothing was written", file=sys.stderr, flush=True)
-    # Not sys.exit: torch interrupted halfway through its import aborts in the interpreter's clean-up.
-    os._exit(INTERRUPTED)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,19 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     collector.hold()  # until the first step, or until Ray's workers start: see ftcluster/collector.py
     patches.quiet_library_notices()
     loaded: list = []
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _leave_while_starting) if in_main else None  # until the imports end
     try:
         return _main(argv, loaded)
     except KeyboardInterrupt:
         # A first Ctrl-C during training asks the workers for a checkpoint (ftcluster/stop.py); this is one before
         # training started, or a second one.
-        if "ftcluster.launch" not in sys.modules:
-            # Interrupted while importing: torch stopped halfway aborts in the interpreter's clean-up, so leave now.
-            print("\ninterrupted (Ctrl-C) while starting: nothing was written", file=sys.stderr, flush=True)
-            os._exit(INTERRUPTED)
         print(f"\ninterrupted (Ctrl-C): {interrupted_state(loaded[0].run_dir if loaded else None)}", file=sys.stderr)
         return INTERRUPTED
     finally:
         collector.release()
+        if in_main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def interrupted_state(run_dir: Path | None) -> str:
@@ -128,6 +139,8 @@ def _main(argv: list[str] | None, loaded: list) -> int:
                   "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.",
                   file=sys.stderr)
             return 2
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C interrupts as usual now
         try:
             summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)
         except backends.WorkerFailed as e:
