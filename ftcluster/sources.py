@@ -108,11 +108,16 @@ def hub_answers() -> bool:
 
 @functools.cache
 def _takes_connections(endpoint: str) -> bool:
-    """Asked once a process for each endpoint."""
+    """Asked once a process for each endpoint; through the proxy the environment names for it (HTTPS_PROXY, ...),
+    where one does, as huggingface_hub's requests go."""
     import socket
+    import urllib.request
     from urllib.parse import urlsplit
 
     url = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                  timeout=PROBE_S).close()

@@ -180,3 +180,19 @@ def test_a_hub_id_that_cannot_be_read_is_one_line_within_seconds(hub, tmp_path, 
         assert f"the hub ({env['HF_ENDPOINT']}) could not be reached within 5 s" in errors[0]
     assert took < 40, f"{took:.0f} s to say so"
     assert not list(tmp_path.glob("*/config.yaml"))  # no run directory was claimed
+
+
+def test_the_hub_probe_goes_through_the_proxy_the_environment_names(hub, monkeypatch):
+    """Behind a proxy the hub's host may take no direct connection while huggingface_hub's requests reach it."""
+    from huggingface_hub import constants
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # no direct route: no such host
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    sources._takes_connections.cache_clear()
+    assert not sources.hub_answers()
+    sources._takes_connections.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", hub.url)  # something that answers stands in for the proxy
+    assert sources.hub_answers()
+    sources._takes_connections.cache_clear()
