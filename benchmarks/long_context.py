@@ -143,6 +143,8 @@ def savers(plan: dict) -> str:
     if plan.get("checkpointed_layers"):
         out.append(f"{plan['checkpointed_layers']} checkpointed layers"
                    + (" (checkpoints in host memory)" if plan.get("activation_offloading") else ""))
+    if plan.get("tiled_mlp"):
+        out.append("tiled MLP")
     out.append(f"loss {plan.get('loss')}")
     out.append(f"attention {plan.get('attention')}")
     if plan.get("sequence_parallel", 1) > 1:

@@ -61,6 +61,10 @@ class ModelConfig(Section):
     """torch.compile each decoder layer (ftcluster/compiled.py). ``auto``: on one CUDA GPU, where compiled layers
     measured faster than eager ones for every method (docs/design.md); ``on`` compiles on several workers too, and
     refuses to run where it cannot: under ZeRO-3, or with activation_offloading."""
+    tiled_mlp: Literal["auto", "on", "off"] = "auto"
+    """Run each decoder layer's MLP over a row a slice of about hidden-size tokens at a time (DeepSpeed's TiledMLP:
+    ftcluster/tiled_mlp.py), recomputing each slice in backward: a long row's MLP intermediates are held for one
+    slice only. ``auto``: on where one row's would take over ``plan.TILED_MLP_FROM_BYTES`` a layer."""
     activation_offloading: bool = False
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
     2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
@@ -71,7 +75,7 @@ class ModelConfig(Section):
     """Fields set on the Hugging Face config before the model is built, e.g. ``num_hidden_layers``."""
     trust_remote_code: bool = False
 
-    @field_validator("liger_kernel", "compile", mode="before")
+    @field_validator("liger_kernel", "compile", "tiled_mlp", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans

@@ -165,6 +165,8 @@ class Run:
     """QLoRA under checkpointing would keep a recomputed layer's dequantized weights for its backward
     (``quantization.keep_recomputed_weights``; the setting, whatever the method); older QLoRA runs dequantized them
     again."""
+    tiled_mlp: bool = False
+    """Each layer's MLP a slice of about hidden-size tokens at a time (ftcluster/tiled_mlp.py)."""
 
 
 def preset_of(model: str) -> str | None:
@@ -263,9 +265,15 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
     #   (MatMul4Bit.forward: ctx.tensors = (None, B)). The normed inputs of q/k/v and of gate/up (2H each),
     #   and the product that enters down_proj (2I).
     kept = keeps_input(run)
-    per_token_layer = (8 * shape.hidden + 4 * shape.hidden + 4 * shape.kv + 6 * shape.intermediate
-                       + 2 * shape.hidden * kept["qkv"] + 2 * shape.hidden * kept["gate_up"]
-                       + 2 * shape.intermediate * kept["down"])
+    mlp_token = 6 * shape.intermediate + 2 * shape.hidden * kept["gate_up"] + 2 * shape.intermediate * kept["down"]
+    per_token_layer = 8 * shape.hidden + 4 * shape.hidden + 4 * shape.kv + 2 * shape.hidden * kept["qkv"] + mlp_token
+    if run.tiled_mlp:
+        # A tiled MLP keeps only its input (2H a token) for backward, which recomputes one slice of about H tokens
+        # at a time (its intermediates: mlp_token a token) into an input gradient of the whole row (2H a token).
+        row = run.seq_len // run.sequence_parallel
+        per_slice = math.ceil(row / max(1, math.ceil(row / shape.hidden))) * run.micro_batch
+        per_token_layer += 2 * shape.hidden - mlp_token
+        out["activations (a tiled MLP slice, and its input's gradient)"] = mlp_token * per_slice + 2 * shape.hidden * t
     # A compiled layer keeps 4H + 4I bytes a token less: Inductor's partitioner recomputes the norms' float32
     # upcasts and SwiGLU's elementwise products in backward rather than saving them (the llama-1b rows of
     # benchmarks/calibration.json without checkpointing); the one recomputed layer of a checkpointed run keeps the

@@ -293,6 +293,10 @@ def build_model(cfg: RunConfig, plan: Plan, device: torch.device | str = "cpu",
         model.requires_grad_(True)
     else:
         model = _with_adapters(model, cfg)
+    if plan.tiled_mlp:
+        from ftcluster import tiled_mlp
+
+        tiled_mlp.apply(model)
     if plan.keep_recomputed_weights:
         from ftcluster import linear4bit
 

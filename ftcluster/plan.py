@@ -99,6 +99,8 @@ class Plan:
     memory_gib: float | None
     """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
     model."""
+    tiled_mlp: bool = False
+    """Each decoder layer's MLP runs a slice of the row at a time (ftcluster/tiled_mlp.py)."""
     sequence_parallel: int = 1
     """Workers that share each row, a 1/K slice of its tokens each (DeepSpeed's Ulysses: ftcluster/
     sequence_parallel.py); 1: every worker trains on whole rows."""
@@ -297,11 +299,37 @@ def _zero(cfg: RunConfig) -> tuple[int, str | None, str, str]:
             "(ftcluster/layer_shards.py)")
 
 
-def _compile(cfg: RunConfig, device: str, partitions: bool) -> tuple[bool, str]:
+TILED_MLP_FROM_BYTES = 2 * 2**30
+"""``model.tiled_mlp=auto`` tiles where one micro batch's MLP intermediates would take at least this much a layer
+(a gated MLP's gate, up and their product, bf16: 6 x intermediate bytes a token); Llama-3-8B's from 25k tokens."""
+
+
+def _tiled_mlp(cfg: RunConfig, arch: Architecture) -> tuple[bool, str]:
+    mode = cfg.model.tiled_mlp
+    if mode == "off":
+        return False, "model.tiled_mlp=off"
+    if arch.shape is None:
+        if mode == "on":
+            raise ConfigError(f"model.tiled_mlp=on: the {arch.model_type} architecture's MLP is not known to this "
+                              "tool (ftcluster/estimate.py); set model.tiled_mlp=auto or off")
+        return False, f"model.tiled_mlp=auto: the {arch.model_type} MLP's size is not known here"
+    tokens = cfg.training.micro_batch_size * cfg.data.max_seq_len // cfg.scaling.sequence_parallel
+    held = 6 * arch.shape.intermediate * tokens
+    size = f"{held / 2**30:.1f} GiB of MLP intermediates a layer for {tokens:,} tokens"
+    if mode == "on":
+        return True, f"model.tiled_mlp=on ({size} untiled)"
+    if held >= TILED_MLP_FROM_BYTES:
+        return True, f"model.tiled_mlp=auto: {size} untiled, a slice of {arch.shape.hidden:,} tokens at a time"
+    return False, f"model.tiled_mlp=auto: {size}, under {TILED_MLP_FROM_BYTES / 2**30:g} GiB"
+
+
+def _compile(cfg: RunConfig, device: str, partitions: bool, tiled: bool = False) -> tuple[bool, str]:
     mode = cfg.model.compile
     if mode == "off":
         return False, "model.compile=off"
     why_not = ("ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call" if partitions
+               else "the tiled MLP (model.tiled_mlp) loops over slices in Python, which a compiled layer would not"
+               if tiled
                else "model.activation_offloading's saved-tensor hooks cannot be traced" if cfg.model.activation_offloading
                else "Ulysses' all-to-all (scaling.sequence_parallel) inside each layer's attention is not compiled here"
                if cfg.scaling.sequence_parallel > 1
@@ -576,7 +604,8 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     backend, backend_why = _backend(cfg, hw)
     stage, frozen, stage_why, frozen_why = _zero(cfg)
     partitions = stage == 3 or frozen == "layer-shards"
-    compiled, compile_why = _compile(cfg, hw.device, partitions)
+    tiled, tiled_why = _tiled_mlp(cfg, arch)
+    compiled, compile_why = _compile(cfg, hw.device, partitions, tiled)
     liger_layers, loss, liger_why, loss_why = _liger(cfg, hw, arch, partitions, compiled)
     attention, attention_why = _attention(cfg, hw)
     sp, sp_why = _sequence_parallel(cfg, arch, attention)
@@ -598,13 +627,15 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
         activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
-        global_batch=global_batch, sequence_parallel=sp, elastic=elastic, memory_gib=None, model_download=download,
+        global_batch=global_batch, tiled_mlp=tiled, sequence_parallel=sp, elastic=elastic, memory_gib=None,
+        model_download=download,
         resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
         reasons={
             "backend": backend_why, "device": hw.device_source, "workers": "scaling.num_workers",
             "zero_stage": stage_why, "frozen_base": frozen_why, "compile": compile_why, "liger_layers": liger_why,
-            "loss": loss_why, "attention": attention_why, "sequence_parallel": sp_why, "checkpointed_layers": ckpt_why,
+            "loss": loss_why, "attention": attention_why, "tiled_mlp": tiled_why, "sequence_parallel": sp_why,
+            "checkpointed_layers": ckpt_why,
             "activation_offloading": ("model.activation_offloading=true: each checkpoint waits for backward in "
                                       "pinned host memory" if cfg.model.activation_offloading
                                       else "model.activation_offloading=false"),
@@ -644,7 +675,7 @@ def estimator_run(cfg: RunConfig, plan: Plan, **earlier_code) -> estimate.Run:
         double_quant=cfg.quantization.double_quant, loads_whole=whole_load,
         layer_shards=plan.frozen_base == "layer-shards", recomputed_weights_kept=_kept_if_qlora(cfg, plan),
         fused_loss=plan.loss == "liger-fused", compiled=plan.compile,
-        fused_loss_chunk_scale=m.fused_loss_chunk_scale)
+        fused_loss_chunk_scale=m.fused_loss_chunk_scale, tiled_mlp=plan.tiled_mlp)
     return replace(run, **earlier_code)
 
 
