@@ -47,3 +47,20 @@ def test_offloading_frees_each_layers_checkpoint_and_keeps_the_loss(tmp_path, ti
           f"{peaks[1] / 2**30:.3f} GiB; checkpoints {checkpoints / 2**30:.3f} GiB; losses {losses}")
     assert peaks[0] - peaks[1] > 0.6 * checkpoints  # two layers' inputs are on the device while they move
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_an_offloaded_checkpoint_takes_its_own_size_of_pinned_host_memory():
+    from ftcluster import activations
+
+    stats = torch.cuda.host_memory_stats()
+    if "allocated_bytes.current" not in stats:
+        pytest.skip(f"torch {torch.__version__} reports no pinned allocator bytes")
+    t = torch.randn(3, 1000, 4096, device="cuda").to(torch.bfloat16)  # 23.4 MiB: one pinned block would be 32 MiB
+    hooks = activations.HostActivations()
+    before = torch.cuda.host_memory_stats()["allocated_bytes.current"]
+    packed = hooks._pack(t)
+    torch.cuda.synchronize()
+    grown = torch.cuda.host_memory_stats()["allocated_bytes.current"] - before
+    print(f"GPU-RESULT pinned host memory for a {t.numel() * 2 / 2**20:.1f} MiB checkpoint: {grown / 2**20:.1f} MiB")
+    assert grown <= t.numel() * t.element_size() + activations.SMALLEST_PIECE_BYTES
+    assert torch.equal(hooks._unpack(packed), t)

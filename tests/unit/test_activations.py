@@ -86,3 +86,18 @@ def test_offloaded_checkpoints_hold_only_each_layers_input_and_change_no_gradien
 def test_activation_offloading_needs_checkpointing():
     with pytest.raises(Exception, match="model.activation_offloading=true needs model.gradient_checkpointing"):
         load(None, ["model.activation_offloading=true"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
+def test_host_copies_take_power_of_two_pieces_summing_to_the_tensor_and_give_it_back(dtype):
+    # Torch's pinned allocator rounds each block up to a power of two: one block for a 2.75 GiB checkpoint took
+    # 4 GiB. The pieces are each a power of two (but for a remainder under the smallest piece) and sum to the size.
+    small = 2**10
+    assert activations.pieces(2**34 + 2**31 + 2**30 + 12345, small) == [2**34, 2**31, 2**30, 2**13, 2**12, 12345 - 2**13 - 2**12]
+    assert activations.pieces(0, small) == [] and activations.pieces(100, small) == [100]
+    assert activations.pieces(360448 * 4096 * 2) == [2**31, 2**29, 2**28]  # a 360k-token row, 4096 wide: 2.75 GiB
+    t = (torch.randn(3, 700, 257) * 100).to(dtype)
+    parts = activations.to_host(t, pin=False)
+    assert sum(p.numel() for p in parts) == t.numel() * t.element_size()
+    assert all(n & (n - 1) == 0 for n in (p.numel() for p in parts[:-1]))
+    assert torch.equal(activations.from_host(parts, t.shape, t.dtype, "cpu"), t)
