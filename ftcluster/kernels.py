@@ -35,6 +35,8 @@ def apply(model: nn.Module, cfg: RunConfig, plan: Plan) -> str:
     names = (["RMSNorm", "SwiGLU", "RoPE"] if plan.liger_layers else []) + \
         (["fused linear cross-entropy"] if applied["fused_linear_cross_entropy"] else [])
     line = "Liger kernels: " + ", ".join(names)
+    if applied["fused_linear_cross_entropy"]:
+        patches.liger_fused_loss_in_eval(model)
     scale = cfg.model.fused_loss_chunk_scale
     if applied["fused_linear_cross_entropy"] and scale != 1:
         patches.liger_fused_loss_chunks(model, scale)

@@ -51,6 +51,8 @@ PATCHES = (
           "Liger's apply functions also replace names in transformers' modeling module, for every later model"),
     Patch("liger_fused_loss_chunks", "liger-kernel", ">=0.8.5,<0.9",
           "Liger's causal-LM forward hands extra keywords on to its fused loss (chunk_mem_const)"),
+    Patch("liger_fused_loss_in_eval", "liger-kernel", ">=0.8.5,<0.9",
+          "Liger's causal-LM forward fuses the loss only in training mode unless asked (skip_logits)"),
     Patch("init_module_weights", "transformers", ">=5.0,<6",
           "PreTrainedModel._init_weights initialises one module as from_config would"),
     Patch("linear4bit.adopt", "bitsandbytes", ">=0.48,<0.51",
@@ -349,6 +351,21 @@ def liger_fused_loss_chunks(model, scale: int) -> None:
     import functools
 
     model.forward = functools.partial(model.forward, chunk_mem_const=scale)
+
+
+def liger_fused_loss_in_eval(model) -> None:
+    """Liger's fused linear + cross-entropy in evaluation too. Its causal-LM forward fuses the loss only where
+    ``skip_logits`` is set or the model is in training mode; evaluating with labels it computes all the logits
+    first (86 GiB in bfloat16 for a 360k-token row and a 128k vocabulary). With labels it is now asked to skip
+    them: the output's loss is the same, and its logits are None."""
+    forward = model.forward
+
+    def fused(*args, **kwargs):
+        if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
+            kwargs.setdefault("skip_logits", True)
+        return forward(*args, **kwargs)
+
+    model.forward = fused
 
 
 class _DropNotice(logging.Filter):

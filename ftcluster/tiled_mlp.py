@@ -42,8 +42,10 @@ def apply(model: nn.Module) -> int:
                 agreed = torch.tensor(n, device=x.device)
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
                 n = int(agreed.item())
-            if n == 1 or not torch.is_grad_enabled():
+            if n == 1:
                 return forward(x)
+            if not torch.is_grad_enabled():  # evaluation: nothing to recompute, the slices' outputs joined
+                return torch.cat([forward(part) for part in x.chunk(n, dim=-2)], dim=-2)
             trained = [p for p in mlp.parameters() if p.requires_grad]
             return TiledMLP.apply(lambda _, part: forward(part), mlp, x, n, trained)
 

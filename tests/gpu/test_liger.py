@@ -21,7 +21,7 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
     LlamaConfig(**{**PRESETS["llama-3.2-1b"], "num_hidden_layers": 4}).save_pretrained(tmp_path)
     device = torch.device("cuda")
     ids = torch.randint(0, 128000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
-    losses, peaks = {}, {}
+    losses, peaks, evals = {}, {}, {}
     for mode in ("off", "on"):
         # Eager layers: compiled ones take only Liger's fused loss (Plan.liger_layers).
         cfg = C.load(None, [f"model.name_or_path={tmp_path}", f"model.tokenizer={tiny_model}", f"method={method}",
@@ -42,7 +42,13 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
             opt.zero_grad(set_to_none=True)
             losses[mode].append(loss.item())
         peaks[mode] = torch.cuda.max_memory_allocated(device) - base
-        del model, opt, loss
+        model.eval()  # evaluation (engine.evaluate) fuses the loss too: the logits are never held there either
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids)
+        evals[mode] = (out.loss.item(), torch.cuda.max_memory_allocated(device) - before, out.logits is None)
+        del model, opt, loss, out
         gc.collect()
         torch.cuda.empty_cache()
     print(f"GPU-RESULT liger {method}: losses off {losses['off']} on {losses['on']}; peak above the weights "
@@ -50,6 +56,9 @@ def test_liger_matches_the_plain_modules_and_never_holds_the_logits(tmp_path, ti
     assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)  # bf16 kernels, three optimizer steps
     logits = ids.numel() * PRESETS["llama-3.2-1b"]["vocab_size"] * 2
     assert peaks["off"] - peaks["on"] > 0.5 * logits  # the fused loss never materializes them
+    print(f"GPU-RESULT liger {method} evaluation: loss, peak, no logits: off {evals['off']} on {evals['on']}")
+    assert evals["on"][0] == pytest.approx(evals["off"][0], rel=2e-2) and evals["on"][2]
+    assert evals["off"][1] - evals["on"][1] > 0.5 * logits
 
 
 def test_a_model_built_after_a_liger_one_gets_its_own_plan_only(tmp_path, tiny_model):

@@ -20,7 +20,11 @@ def _grads(cfg, ids, tiled: bool):
             layer.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+    trained = len(calls)
+    with torch.no_grad():  # evaluation
+        evaluated = model(input_ids=ids, labels=ids).loss
+    return (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls[:trained],
+            evaluated, calls[trained:])
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -29,9 +33,10 @@ def test_a_tiled_mlp_gives_the_whole_mlps_loss_and_gradients_a_slice_at_a_time(t
     cfg = C.load(None, [f"model.name_or_path={tiny_model}", f"method={method}", "model.dtype=float32",
                         f"model.gradient_checkpointing={str(checkpointed).lower()}"])
     ids = torch.randint(5, 500, (2, 200), generator=torch.Generator().manual_seed(0))  # hidden 64: 4 slices
-    whole_loss, whole, whole_calls = _grads(cfg, ids, tiled=False)
-    loss, grads, calls = _grads(cfg, ids, tiled=True)
+    whole_loss, whole, whole_calls, whole_eval, _ = _grads(cfg, ids, tiled=False)
+    loss, grads, calls, evaluated, eval_calls = _grads(cfg, ids, tiled=True)
     assert torch.allclose(loss, whole_loss, rtol=1e-6)
+    assert torch.allclose(evaluated, whole_eval, rtol=1e-6) and set(eval_calls) == {50}  # without grad, sliced too
     assert grads.keys() == whole.keys() and grads
     for name, g in grads.items():
         assert torch.allclose(g, whole[name], rtol=1e-4, atol=1e-6), name
