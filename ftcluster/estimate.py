@@ -407,6 +407,16 @@ def estimate(shape: Shape, run: Run) -> Estimate:
                     communicators)
 
 
+def host_checkpoints(shape: Shape, run: Run) -> float:
+    """Pinned host memory (bytes) that one worker's offloaded checkpoints hold at the end of its forward: each
+    checkpointed layer's input, 2H bytes a token of its share of the rows (model.activation_offloading; 0 without
+    it). ftcluster.activations copies each into blocks of its own size, so this is what the host gives them."""
+    if not (run.grad_ckpt and run.activation_offload):
+        return 0.0
+    checkpointed = shape.layers if run.ckpt_layers is None else min(run.ckpt_layers, shape.layers)
+    return checkpointed * 2 * shape.hidden * (run.seq_len // run.sequence_parallel * run.micro_batch)
+
+
 def checkpointed_layers_that_fit(shape: Shape, run: Run, budget_gib: float) -> int | None:
     """The fewest decoder layers to checkpoint (from the first) for the run to fit ``budget_gib``: every layer
     left out skips its recompute. None when even checkpointing every layer does not fit."""
@@ -506,6 +516,8 @@ def explain(model: str, shape: Shape, run: Run, budget_gib: float | None) -> str
                   "a safetensors checkpoint loads partitioned)"]
     need = e.need / GiB
     lines.append(f"  {'what must fit':<42} {need:7.2f}")
+    if held := host_checkpoints(shape, run):
+        lines.append(f"  {'host memory: offloaded checkpoints a GPU':<42} {held / GiB:7.2f}  (pinned, in host memory)")
     if budget_gib is not None:
         if need <= budget_gib:
             lines.append(f"fits a {budget_gib:.1f} GiB GPU, {budget_gib - need:.1f} GiB to spare")

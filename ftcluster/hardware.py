@@ -29,6 +29,9 @@ class Hardware:
     recorded on this host), described; None when there is none."""
     cpu_bf16: bool = True
     """This host's CPUs compute bfloat16 natively (AVX512-BF16 or AMX); most others emulate it, many times slower."""
+    host_memory_gib: float | None = None
+    """Memory this host has available now, where the workers run on it (no Ray cluster to join); None elsewhere
+    (the workers' hosts are not known before the cluster is joined)."""
 
     @classmethod
     def gpu(cls, gpu_memory_gib: float | None = None, liger_installed: bool | None = None) -> "Hardware":
@@ -73,6 +76,17 @@ def visible_gpu_memory_gib() -> float | None:
     return min(sizes) / 2**30 if sizes else None
 
 
+def available_host_memory_gib() -> float | None:
+    """Memory this host has available now (Linux's MemAvailable: free, and caches it can drop), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def ray_cluster_to_join(cfg: RunConfig) -> str | None:
     """The Ray cluster this driver would join, described, or None: ``ray.address``, RAY_ADDRESS, one started in
     this process, or a live one `ray start` recorded on this host (a stale record, left by a cluster that died, is
@@ -100,10 +114,12 @@ def here(cfg: RunConfig) -> Hardware:
         device, source = ("cuda" if torch.cuda.is_available() else "cpu"), "this host"
     else:
         device, source = ("cuda" if use_gpu else "cpu"), f"scaling.use_gpu={str(use_gpu).lower()}"
+    joins = ray_cluster_to_join(cfg)
     return Hardware(device=device, device_source=source,
                     gpu_memory_gib=cfg.resources.gpu_memory_gib or visible_gpu_memory_gib(),
                     liger_installed=liger_here(), varlen_kernel=varlen_kernel_here(),
-                    ray_cluster=ray_cluster_to_join(cfg), cpu_bf16=cpu_bf16_here())
+                    ray_cluster=joins, cpu_bf16=cpu_bf16_here(),
+                    host_memory_gib=None if joins else available_host_memory_gib())
 
 
 def on_ray_cluster(cfg: RunConfig, hw: Hardware, resources: dict[str, float]) -> Hardware:

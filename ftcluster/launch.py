@@ -39,6 +39,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     rundir.check_rows(cfg, inputs.rows_key, resuming=resume is not None)
     print(inputs.line, flush=True)
     fit = preflight.check_fit(cfg, plan, hw, force)  # GPUs known already: refused before any cluster starts
+    host = preflight.check_host_memory(cfg, plan, hw, force)
     preflight.check_device(cfg, plan)
     preflight.check_resume_split(cfg, plan)
     checked = time.time()
@@ -53,6 +54,8 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
         fit = preflight.check_fit(cfg, plan, hw, force)
     print(plan.describe(), flush=True)
     print(fit, flush=True)
+    if host:
+        print(host, flush=True)
     for note in preflight.notes(cfg, plan, hw):
         print(note, flush=True)
     backend.check(cfg, plan)

@@ -167,6 +167,41 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
     raise ConfigError(message)
 
 
+HOST_SHARE = 0.9
+"""Of the host memory available before a run, the share its offloaded checkpoints may take: the rest is for the
+workers' processes themselves (the model on its way to the GPU, the data, the libraries)."""
+
+
+def check_host_memory(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -> str | None:
+    """Offloaded checkpoints (model.activation_offloading) against the memory of the host the workers run on, when
+    they run on this one: a run whose checkpoints the host cannot pin would be ended by the kernel's OOM killer,
+    after its forward. Returns the line to print (None where nothing is offloaded to a known host); raises
+    ``ConfigError`` naming the longest rows whose checkpoints fit, unless ``force`` or ``resources.check_fit=false``."""
+    if plan.device != "cuda" or not plan.activation_offloading or hw.host_memory_gib is None:
+        return None
+    shape, run = P.architecture(cfg).shape, P.estimator_run(cfg, plan)
+    workers = cfg.scaling.num_workers
+    need = workers * estimate.host_checkpoints(shape, run) / estimate.GiB
+    usable = HOST_SHARE * hw.host_memory_gib
+    line = (f"host memory: offloaded checkpoints {need:.1f} GiB for {workers} worker(s) of the "
+            f"{hw.host_memory_gib:.1f} GiB this host has available")
+    if need <= usable:
+        return line
+    per_token = need / (run.seq_len // run.sequence_parallel * run.micro_batch)
+    longest = int(usable / per_token) * run.sequence_parallel // run.micro_batch // 256 * 256
+    message = (f"model.activation_offloading keeps each checkpointed layer's input in pinned host memory until "
+               f"backward: {need:.1f} GiB for the {workers} worker(s) on this host at data.max_seq_len="
+               f"{cfg.data.max_seq_len}, and it has {hw.host_memory_gib:.1f} GiB available ({HOST_SHARE:.0%} of it "
+               f"for them). "
+               + (f"Lower data.max_seq_len to {longest}, " if longest else "")
+               + "checkpoint fewer layers (model.checkpointed_layers), split each row over GPUs "
+               "(scaling.sequence_parallel), or free memory on this host; --force (or resources.check_fit=false) "
+               "starts it anyway.")
+    if force or not cfg.resources.check_fit:
+        return line + f"; started anyway (--force). {message}"
+    raise ConfigError(message)
+
+
 def notes(cfg: RunConfig, plan: P.Plan, hw: Hardware) -> list[str]:
     """What the user should know before a run starts that is not an error: lines to print."""
     out = []

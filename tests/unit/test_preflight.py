@@ -139,3 +139,30 @@ def test_rows_too_long_to_fit_are_refused_naming_the_longest_length_that_fits():
     assert "does NOT fit" in fit(C.load("configs/llama2_7b_qlora.yaml", [
         "resources.gpu_memory_gib=80", f"data.max_seq_len={longest + 256}", f"model.config_overrides={rope}"]),
         force=True)
+
+
+def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longest_rows_that_fit():
+    # Llama-3-8B at 360,448 tokens: 32 layers x 2 x 4096 bytes a token = 88 GiB of pinned host memory a worker.
+    yarn = ("model.config_overrides={rope_parameters: {rope_type: yarn, factor: 44.0, "
+            "original_max_position_embeddings: 8192, rope_theta: 500000}}")
+    cfg = C.load(None, ["model.name_or_path=meta-llama/Meta-Llama-3-8B", "method=qlora", yarn,
+                        "model.gradient_checkpointing=true", "model.activation_offloading=true",
+                        "data.max_seq_len=360448", "resources.gpu_memory_gib=80"])
+
+    def host(gib, c=cfg, force=False):
+        hw = Hardware(device="cuda", device_source="test", gpu_memory_gib=80, host_memory_gib=gib)
+        return preflight.check_host_memory(c, plan.make(c, hw, read_data=False), hw, force)
+
+    assert host(124) == "host memory: offloaded checkpoints 88.0 GiB for 1 worker(s) of the 124.0 GiB this host has available"
+    with pytest.raises(C.ConfigError) as refused:
+        host(64)
+    # 90% of 64 GiB holds 57.6 GiB of checkpoints: 235,929 tokens, 235,776 in multiples of 256.
+    assert "88.0 GiB for the 1 worker(s) on this host at data.max_seq_len=360448" in str(refused.value)
+    assert "Lower data.max_seq_len to 235776," in str(refused.value)
+    with pytest.raises(C.ConfigError, match="176.0 GiB for the 2 worker"):  # two workers on one host: twice
+        host(124, cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 2})}))
+    assert "started anyway" in host(64, force=True)
+    off = cfg.model_copy(update={"model": cfg.model.model_copy(update={"activation_offloading": False})})
+    assert host(8, off) is None  # nothing offloaded: nothing to check
+    unknown = Hardware(device="cuda", device_source="test", gpu_memory_gib=80)  # a cluster's hosts: not known here
+    assert preflight.check_host_memory(cfg, plan.make(cfg, unknown, read_data=False), unknown) is None
