@@ -3,6 +3,7 @@ Llama-3-8B shape (128k vocabulary, random weights), micro batch 1, through the r
 
     python -m benchmarks.long_context                          # both methods, the search and the fixed lengths
     python -m benchmarks.long_context --methods qlora --start 262144 --lengths none
+    python -m benchmarks.long_context --no-search --lengths 16384,32768 --baseline unsloth  # beside Unsloth
     python -m benchmarks.long_context --from reports/long-context/<dir>/results.json   # re-render only
 
 For each method the search doubles the row length from ``--start`` until a try fails (out of memory), then
@@ -11,6 +12,11 @@ Every try is ``python -m ftcluster.train`` at that ``data.max_seq_len`` for ``--
 prediction (the run's plan) beside what it measured, and the memory savers its plan used (checkpointed layers and
 where their checkpoints wait, the loss, attention). Rows are full: documents of synthetic text at least as long as
 the row, each cut to one row. ``--set`` adds overrides to every try (e.g. ``model.activation_offloading=false``).
+
+``--baseline unsloth`` (or ``hf``, ``hf-tuned``: ``benchmarks.hf_baseline``'s recipes) runs the peer at each timed
+length right after ftcluster's try, on the same model, documents, length, LoRA settings and optimizer, with its own
+checkpointing: its rows are the documents cut to the length (run_clm's grouping), its tokens/s and peak from its
+steps after the first, one try at a time on the same GPU. The report puts the two side by side.
 """
 
 from __future__ import annotations
@@ -86,17 +92,24 @@ class Tries:
         self.args, self.model, self.work, self.out = args, model, work, out
         self.results = {"suite": SUITE, "provenance": compare.provenance(argv, "benchmarks.long_context"),
                         "settings": {"steps": args.steps, "within": args.within, "sets": args.set,
-                                     "recipe": RECIPE, "model": str(model), "common": COMMON}, "tries": []}
+                                     "recipe": RECIPE, "model": str(model), "common": COMMON}, "tries": [],
+                        "peers": []}
 
-    def run(self, method: str, length: int, purpose: str) -> dict:
+    def documents(self, length: int) -> Path:
         data = self.work / f"docs-{length}.jsonl"
         if not data.exists():
             write_documents(data, length, self.args.steps + 1)
+        return data
+
+    def overrides(self, method: str, length: int) -> list[str]:
+        """What ftcluster's try and a peer's share: the model, the method's settings, the documents, the length."""
+        return [f"model.name_or_path={self.model}", *COMMON, *METHODS[method], *rope(self.model, length),
+                f"data.source={self.documents(length)}", f"data.max_seq_len={length}", *self.args.set]
+
+    def run(self, method: str, length: int, purpose: str) -> dict:
         name = f"{method}-{length}"
-        cmd = [sys.executable, "-m", "ftcluster.train", "--config", RECIPE, f"model.name_or_path={self.model}",
-               *COMMON, *METHODS[method], *rope(self.model, length), f"data.source={data}",
-               f"data.max_seq_len={length}",
-               f"training.max_steps={self.args.steps}", *self.args.set,
+        cmd = [sys.executable, "-m", "ftcluster.train", "--config", RECIPE, *self.overrides(method, length),
+               f"training.max_steps={self.args.steps}",
                f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         run_dir = self.work / "runs" / name
         log = self.work / f"{name}.log"
@@ -121,9 +134,40 @@ class Tries:
                  else f" ({rec['error']})")
               + f"; estimated {_num(rec['estimate_gib'], 1)} GiB", flush=True)
         self.results["tries"].append(rec)
+        self.save()
+        return rec
+
+    def peer(self, recipe: str, method: str, length: int) -> dict:
+        """The peer's recipe at this length (benchmarks.hf_baseline): one untimed step, then the rest timed."""
+        name = f"{recipe}-{method}-{length}"
+        out, log = self.work / f"{name}.json", self.work / f"{name}.log"
+        cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", RECIPE, "--recipe", recipe,
+               "--warmup", "1", "--steps", str(max(1, self.args.steps - 1)), "--out", str(out),
+               *self.overrides(method, length)]
+        started = time.time()
+        with open(log, "w") as fh:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=compare.ROOT).returncode
+        tail = log.read_text()[-20000:]
+        rec = {"recipe": recipe, "method": method, "length": length, "command": shlex.join(cmd), "log": str(log),
+               "process_wall_s": round(time.time() - started, 1)}
+        if code == 0 and out.exists():
+            measured = json.loads(out.read_text())
+            rec.update(status="ok", **{k: measured.get(k) for k in (
+                "tokens_per_s_total", "step_time_s", "peak_allocated_gib", "peak_device_used_gib", "peak_rss_gib")})
+            rec["tokens_per_s"] = rec.pop("tokens_per_s_total")
+        else:
+            rec.update(status="out of memory" if OUT_OF_MEMORY.search(tail) else "failed",
+                       error=compare.error_of(tail))
+        print(f"  {recipe} {method} {length:,} tokens: {rec['status']}"
+              + (f", {_num(rec['tokens_per_s'], 0)} tokens/s, peak {_num(peak(rec), 1)} GiB"
+                 if rec["status"] == "ok" else f" ({rec['error']})"), flush=True)
+        self.results["peers"].append(rec)
+        self.save()
+        return rec
+
+    def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
-        return rec
 
 
 def rope(model: Path, length: int) -> list[str]:
@@ -185,8 +229,32 @@ def render(results: dict, out: Path) -> None:
         cells = [t["method"], f"{t['length']:,}", t["purpose"], t["status"], *measured,
                  _num(t.get("estimate_gib"), 1), t.get("savers") or "—"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += beside_peers(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def beside_peers(results: dict) -> list[str]:
+    """The peers' tries (``--baseline``) beside ftcluster's at the same method and length."""
+    peers = results.get("peers") or []
+    if not peers:
+        return []
+    ours = {(t["method"], t["length"]): t for t in results["tries"]}
+    lines = ["", "## Beside the peers", "",
+             "The peer's recipe (`benchmarks.hf_baseline --recipe R`) on the same model, documents, length, LoRA "
+             "settings and optimizer, with its own memory savers, right after ftcluster's try on the same GPU.", "",
+             "| Method | Tokens | Peer | Peer result | Peer tokens/s | ftcluster tokens/s | ftcluster ÷ peer | "
+             "Peer peak (GiB) | ftcluster peak (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in sorted(peers, key=lambda p: (p["method"], p["length"], p["recipe"])):
+        t = ours.get((p["method"], p["length"]), {})
+        both = p["status"] == "ok" and t.get("status") == "ok" and p.get("tokens_per_s") and t.get("tokens_per_s")
+        lines.append("| " + " | ".join([
+            p["method"], f"{p['length']:,}", p["recipe"], p["status"] if p["status"] == "ok" else
+            f"{p['status']}: {p.get('error', '')[:160]}", _num(p.get("tokens_per_s"), 0),
+            _num(t.get("tokens_per_s"), 0) if t.get("status") == "ok" else t.get("status", "not tried"),
+            f"{t['tokens_per_s'] / p['tokens_per_s']:.2f}×" if both else "—",
+            _num(peak(p), 1), _num(peak(t), 1) if t.get("status") == "ok" else "—"]) + " |")
+    return lines
 
 
 def peak(t: dict) -> float | None:
@@ -211,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per try")
     p.add_argument("--model", type=Path, help=f"a model directory (default: the {SHAPE} shape)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every try")
+    p.add_argument("--baseline", default="none",
+                   help="peers timed at each of --lengths beside ftcluster: unsloth, hf, hf-tuned (comma-separated)")
     p.add_argument("--out", type=Path)
     p.add_argument("--work", type=Path)
     p.add_argument("--from", dest="from_", type=Path, help="re-render a results.json, running nothing")
@@ -221,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    peers = compare.parse_baselines(args.baseline)
     model = args.model or shapes.ensure(SHAPE, suites.SHAPES_ROOT)
     stamp = dt.datetime.now()
     out = args.out or Path(f"reports/long-context/{stamp:%Y-%m-%d}-{compare.hardware_slug()}")
@@ -243,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                   + (f", {bad:,} did not" if bad else ""), flush=True)
         for n in fixed:
             trains(n, "timed")
+            for recipe in peers:
+                tries.peer(recipe, method, n)
     render(tries.results, out)
     print(f"report: {out / 'report.md'}")
 

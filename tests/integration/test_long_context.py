@@ -17,7 +17,7 @@ def test_the_search_trains_each_length_once_and_the_report_gives_every_try(tiny_
         [sys.executable, "-m", "benchmarks.long_context", "--model", str(tiny_model), "--methods", "lora",
          "--start", "256", "--limit", "512", "--lengths", "384,512", "--steps", "2", "--out", str(out),
          "--work", str(work), "--set", "model.dtype=float32", "--set", "model.activation_offloading=false",
-         "--set", "scaling.use_gpu=false"], capture_output=True, text=True, timeout=900)
+         "--set", "scaling.use_gpu=false", "--baseline", "hf"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tries = json.loads((out / "results.json").read_text())["tries"]
     # Doubling from 256 to the limit, then the timed length the search did not try (512 it did: not run again).
@@ -31,6 +31,16 @@ def test_the_search_trains_each_length_once_and_the_report_gives_every_try(tiny_
         examples, rows, tokens, cut, length = (int(g.replace(",", "")) for g in line.groups())
         assert examples == rows == cut >= 1 and length == t["length"] and tokens == rows * length
         assert "checkpointed layers" in t["savers"] and "loss chunked" in t["savers"]
+    # The peer at each timed length, on the same documents and length, right after ftcluster's try.
+    peers = json.loads((out / "results.json").read_text())["peers"]
+    assert [(p["recipe"], p["length"], p["status"]) for p in peers] == [("hf", 384, "ok"), ("hf", 512, "ok")]
+    for p in peers:
+        ours = next(t for t in tries if t["length"] == p["length"])
+        data = re.search(r"data\.source=(\S+)", ours["command"]).group(1)
+        assert f"data.source={data}" in p["command"] and f"data.max_seq_len={p['length']}" in p["command"]
+        assert "--recipe hf" in p["command"] and p["tokens_per_s"] > 0
     report = (out / "report.md").read_text()
     assert "| lora | 512 tokens | not reached | 2 |" in report
-    assert report.count("| lora | ") == 4  # the longest row, and every try
+    assert report.count("| lora | ") == 6  # the longest row, every try, and the two beside the peer
+    ratio = tries[1]["tokens_per_s"] / peers[1]["tokens_per_s"]
+    assert f"| lora | 512 | hf | ok | {peers[1]['tokens_per_s']:,.0f} | {tries[1]['tokens_per_s']:,.0f} | {ratio:.2f}× |" in report
