@@ -54,6 +54,8 @@ UNCHECKPOINTED_QLORA_COMPILED_SINCE = "7823b38"
 (activations.recompute_only); before it, only checkpointed QLoRA layers compiled."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
+TILED_MLP_SINCE = "d2a4ab2"
+"""The commit from which the plan tiles the MLP of long rows (model.tiled_mlp=auto); earlier runs ran it whole."""
 
 
 def run_of(cfg: C.RunConfig, commit: str, liger: bool = True) -> Run:
@@ -130,21 +132,28 @@ def rows() -> list[dict]:
         prov = doc["provenance"]
         if not prov.get("gpus"):
             continue  # CPU runs: no device memory to calibrate against
-        # A benchmarks.long_context report holds tries, not records: not rows here yet.
+        for t in doc.get("tries", []):  # benchmarks.long_context's tries, each a train command too
+            if t.get("status") == "ok" and t.get("peak_allocated_gib"):
+                cfg = config_of(t["command"], prov["git_commit"])
+                if not since(TILED_MLP_SINCE, prov["git_commit"]):
+                    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tiled_mlp": "off"})})
+                out.append(_row(results, prov, cfg, {"allocated": t["peak_allocated_gib"], "reserved": None,
+                                                     "device": t.get("peak_device_used_gib")}))
         for r in doc.get("records", []):
             m = Summary.from_json(r.get("metrics") or {})
             if r.get("kind") != "train" or r.get("status") != "ok" or not m.peak_allocated_gib or r.get("shared"):
                 continue  # a run beside others (compare --jobs) shared the device's memory with them
-            cfg = config_of(r["command"], prov["git_commit"])
-            out.append({
-                "source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
-                "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
-                "shape": recorded_shape(cfg.model.name_or_path),
-                "run": asdict(run_of(cfg, prov["git_commit"], liger=_had_liger(prov))),
-                "measured_gib": {"allocated": m.peak_allocated_gib, "reserved": m.peak_reserved_gib,
-                                 "device": m.peak_device_used_gib},
-            })
+            out.append(_row(results, prov, config_of(r["command"], prov["git_commit"]),
+                            {"allocated": m.peak_allocated_gib, "reserved": m.peak_reserved_gib,
+                             "device": m.peak_device_used_gib}))
     return out
+
+
+def _row(results: Path, prov: dict, cfg: C.RunConfig, measured: dict) -> dict:
+    return {"source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
+            "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
+            "shape": recorded_shape(cfg.model.name_or_path),
+            "run": asdict(run_of(cfg, prov["git_commit"], liger=_had_liger(prov))), "measured_gib": measured}
 
 
 if __name__ == "__main__":
