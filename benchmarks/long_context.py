@@ -205,9 +205,10 @@ def render(results: dict, out: Path) -> None:
              f"`{results['settings']['recipe']}` with `{' '.join(results['settings']['common'])}`",
              f"- **Date**: {prov.get('date')}", f"- **Command**: `{prov.get('command')}`",
              f"- **Commit**: `{prov.get('git_commit')}`", f"- **Hardware**: {report.hardware_line(prov)}",
-             f"- **Steps per try**: {results['settings']['steps']}; tokens/s and step time from the steps after "
-             "the first; peak: torch's allocated peak on a GPU (what the estimate predicts), the process's RSS on "
-             "CPU", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
+             f"- **Steps per try**: {results['settings']['steps']}; tokens/s and step time from "
+             + ("the steps after the first" if results["settings"]["steps"] > 1 else "the one step (start-up "
+                "excluded, its first-step work included)")
+             + "; peak: torch's allocated peak on a GPU (what the estimate predicts), the process's RSS on CPU", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
     searched = [t for t in tries if t["purpose"] == "search"]
     lines += ["## Longest row", "", "| Method | Longest that trained | Shortest that did not | Tries |",
               "|---|---|---|---|"] if searched else ["## Longest row", "", "Not searched in this invocation "
