@@ -37,7 +37,7 @@ PATCHES = (
     Patch("attention_of", "transformers", ">=5.0,<6",
           "a built model's config names its attention implementation in _attn_implementation"),
     Patch("expandable_segments_now", "torch", ">=2.11,<2.15",
-          "applies the allocator setting to an allocator already running (torch.cuda.memory._set_allocator_settings)"),
+          "applies the allocator setting to an allocator already running (torch._C._accelerator_setAllocatorSettings)"),
     Patch("cache_custom_autograd_functions", "torch", ">=2.11,<2.15",
           "AOTAutograd's cache keeps graphs holding a custom autograd.Function only behind a flag "
           "(pytorch/pytorch#149751)"),
@@ -290,7 +290,10 @@ def expandable_segments_now() -> None:
     PYTORCH_CUDA_ALLOC_CONF is read only when the allocator starts."""
     import torch
 
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    # torch 2.11 warns (FutureWarning, to the user) that torch.cuda.memory._set_allocator_settings is deprecated for
+    # this accelerator-wide setter, which it then calls.
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
 
 
 def cache_custom_autograd_functions() -> None:

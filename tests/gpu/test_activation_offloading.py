@@ -64,3 +64,14 @@ def test_an_offloaded_checkpoint_takes_its_own_size_of_pinned_host_memory():
     print(f"GPU-RESULT pinned host memory for a {t.numel() * 2 / 2**20:.1f} MiB checkpoint: {grown / 2**20:.1f} MiB")
     assert grown <= t.numel() * t.element_size() + activations.SMALLEST_PIECE_BYTES
     assert torch.equal(hooks._unpack(packed), t)
+
+
+def test_expandable_segments_are_set_on_a_running_allocator_with_no_warning_to_the_user():
+    # torch 2.11 printed a FutureWarning in every run from torch.cuda.memory._set_allocator_settings.
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.zeros(1, device='cuda'); from ftcluster import patches; "
+            "patches.expandable_segments_now(); x = torch.empty(2**20, device='cuda'); print('ok')")
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
