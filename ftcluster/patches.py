@@ -265,11 +265,15 @@ def quiet_ray_preemption_watcher_notice() -> None:
 
 def quiet_library_notices() -> None:
     """In a training process: no deprecation warnings from the libraries (theirs to fix, nothing the user can act
-    on), and not DeepSpeed's notice, at import in every CPU process, that it chose the CPU accelerator."""
+    on); not DeepSpeed's notice, at import in every CPU process, that it chose the CPU accelerator, nor its warning
+    that ZeRO runs an untested optimizer (bitsandbytes' optimizers, which deepspeed_setup allows on purpose); and
+    not transformers' deprecation log line for ``config.use_return_dict``, which Liger's causal-LM forward reads."""
     for module in (r"transformers\.", r"torch\.", r"deepspeed\.", r"peft\.", r"bitsandbytes\.", r"ray\."):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     _drop("DeepSpeed", "Setting accelerator to CPU")
+    _drop("DeepSpeed", "You are using ZeRO with an untested optimizer")
+    _drop("transformers.configuration_utils", "`use_return_dict` is deprecated")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,6 +169,26 @@ def test_library_deprecations_and_deepspeeds_cpu_notice_are_not_shown(recwarn):
     record = logging.LogRecord("DeepSpeed", logging.WARNING, "", 1, "Setting accelerator to CPU. If you have ...",
                                None, None)
     assert not all(f.filter(record) for f in logging.getLogger("DeepSpeed").filters)
+    # DeepSpeed's warning for the bitsandbytes optimizers ftcluster runs under ZeRO on purpose, and transformers'
+    # line for the config attribute Liger's forward reads, as the libraries log them.
+    from deepspeed.runtime import engine
+    from transformers import LlamaConfig
+
+    assert "You are using ZeRO with an untested optimizer" in inspect.getsource(engine)
+    shown = []
+    handler = logging.Handler()
+    handler.emit = shown.append
+    for name in ("DeepSpeed", "transformers.configuration_utils"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        logging.getLogger("DeepSpeed").warning("**** You are using ZeRO with an untested optimizer, proceed with "
+                                               "caution *****")
+        assert LlamaConfig().use_return_dict is True
+        logging.getLogger("DeepSpeed").warning("ours")
+    finally:
+        for name in ("DeepSpeed", "transformers.configuration_utils"):
+            logging.getLogger(name).removeHandler(handler)
+    assert [r.getMessage() for r in shown] == ["ours"]
 
 
 def test_deepspeed_still_drops_frozen_parameters_by_named_parameters_which_skips_tied_ones():
