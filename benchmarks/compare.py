@@ -4,6 +4,7 @@ memory, time and quality, written to ``reports/<suite>/<date>-<hardware>/``.
     python -m benchmarks.compare                                   # the default suite, all three methods
     python -m benchmarks.compare --repeats 3                       # each at its best grid point, 3 seeds
     python -m benchmarks.compare --suite llama-7b --methods lora,qlora --baseline hf
+    python -m benchmarks.compare --suite nemo-shape --baseline hf,unsloth            # LoRA at NeMo's setting
     python -m benchmarks.compare --from reports/default/<dir>/results.json     # re-render only
 
 Every run is its own process (``python -m ftcluster.train``, the command users run), so memory accounting
@@ -354,6 +355,15 @@ def tuning(text: str | None, suite: suites.Suite) -> bool:
     return True
 
 
+def methods_of(text: str | None, suite: suites.Suite) -> list[str]:
+    """``--methods``, or the methods the suite lists (a suite made for one method runs only it)."""
+    methods = [m for m in text.split(",") if m] if text else list(suite.methods) or list(suites.METHODS)
+    unknown = [m for m in methods if m not in suites.METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(suites.METHODS)}")
+    return methods
+
+
 def parse_baselines(text: str) -> list[str]:
     from benchmarks.hf_baseline import RECIPES
 
@@ -434,10 +444,7 @@ def run(args, argv: list[str]) -> Path:
         suite = dataclasses.replace(suite, tasks=chosen)
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: give 1 or more")
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in suites.METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(suites.METHODS)}")
+    methods = methods_of(args.methods, suite)
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     out = Path(args.out or f"reports/{suite.name}/{stamp}-{hardware_slug()}")
     work = Path(args.work or f"runs/bench/{suite.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -534,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="default", help=f"one of {', '.join(suites.SUITES)}")
-    p.add_argument("--methods", default="full,lora,qlora")
+    p.add_argument("--methods", help="comma-separated (default: the methods the suite lists)")
     p.add_argument("--repeats", type=int, default=1, help="seeds per method (mean ± std in the report)")
     p.add_argument("--tasks", metavar="SOURCE[,SOURCE]",
                    help="the data sources each method is trained and scored on, in turn (default: the suite's; "

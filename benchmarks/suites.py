@@ -144,7 +144,21 @@ def _qlora_70b() -> Suite:
                  common=[f"model.name_or_path={model}"], methods={"qlora": []}, quality=False)
 
 
-SUITES = ("default", "llama-7b", "llama-1b", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b", "qlora-70b")
+def _nemo_shape() -> Suite:
+    # NVIDIA NeMo AutoModel's published single-GPU LoRA throughput is taken at this setting (Llama-3-8B, LoRA r=16
+    # on every projection, sequence 4096, micro batch 2, no activation checkpointing); the peers run it as is.
+    model = shapes.ensure("llama-3-8b", SHAPES_ROOT)
+    return Suite("nemo-shape", "configs/bench/llama2_7b.yaml",
+                 "Llama-3-8B architecture (128k vocabulary), random init, at NeMo AutoModel's published LoRA setting: "
+                 "seq 4096, micro batch 2, LoRA r=16 on every projection, no activation checkpointing, one GPU",
+                 common=[f"model.name_or_path={model}", "data.max_seq_len=4096", "training.micro_batch_size=2",
+                         "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear",
+                         "model.gradient_checkpointing=false"],
+                 methods={"lora": []}, quality=False)
+
+
+SUITES = ("default", "llama-7b", "llama-1b", "nemo-shape", "tiny", "sizes-7b", "sizes-13b", "sizes-33b", "sizes-70b",
+          "qlora-70b")
 
 
 def get(name: str, gpu: bool) -> Suite:
@@ -154,6 +168,8 @@ def get(name: str, gpu: bool) -> Suite:
         return _llama_7b()
     if name == "llama-1b":
         return _llama_1b()
+    if name == "nemo-shape":
+        return _nemo_shape()
     if name == "tiny":
         return _tiny()
     if name == "qlora-70b":

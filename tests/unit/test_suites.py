@@ -34,3 +34,22 @@ def test_the_hf_recipe_keeps_the_checkpointing_our_llama_1b_recipe_leaves_out(tm
     for method in ("full", "lora"):
         assert not C.load(ROOT / suite.recipe, suite.overrides(method)).model.gradient_checkpointing
         assert C.load(ROOT / suite.recipe, [*suite.overrides(method), *suite.peer]).model.gradient_checkpointing
+
+
+def test_the_nemo_shape_suite_is_nemo_automodels_published_lora_setting(tmp_path, monkeypatch):
+    """Llama-3-8B, LoRA r=16 on every projection, sequence 4096, micro batch 2, no activation checkpointing; for
+    ftcluster and the peers alike, and LoRA only unless --methods says otherwise."""
+    from benchmarks import compare
+
+    monkeypatch.setattr(suites, "SHAPES_ROOT", tmp_path / "shapes")
+    suite = suites.get("nemo-shape", True)
+    for overrides in (suite.overrides("lora"), [*suite.overrides("lora"), *suite.peer]):
+        cfg = C.load(ROOT / suite.recipe, overrides)
+        assert (cfg.method, cfg.data.max_seq_len, cfg.training.micro_batch_size, cfg.lora.r) == ("lora", 4096, 2, 16)
+        assert cfg.lora.target_modules == "all-linear" and not cfg.model.gradient_checkpointing
+        assert cfg.model.name_or_path == str(tmp_path / "shapes" / "llama-3-8b") and cfg.model.random_init
+    assert compare.methods_of(None, suite) == ["lora"]  # the methods the suite lists, unless --methods says
+    assert compare.methods_of(None, suites.get("default", True)) == ["full", "lora", "qlora"]
+    assert compare.methods_of("qlora,lora", suite) == ["qlora", "lora"]
+    with pytest.raises(SystemExit, match="--methods: unknown"):
+        compare.methods_of("lora,qlara", suite)
