@@ -2,8 +2,9 @@
 so its intermediate tensors (a gated MLP's gate, up and their product: 6 x intermediate bytes a token in bf16) exist
 for one slice, never for the whole row; backward recomputes each slice's forward. DeepSpeed's ``TiledMLP``
 (``deepspeed.runtime.sequence_parallel.ulysses_sp``) does the slicing and the gradient bookkeeping, including
-ZeRO's (a parameter's gradient is ready only after the last slice); this module puts it under each decoder layer's
-``mlp`` and decides the slice count."""
+ZeRO's (a parameter's gradient is ready only after the last slice), with a forward that writes the slices' outputs
+in place (``patches.tiled_mlp_function``); this module puts it under each decoder layer's ``mlp`` and decides the
+slice count."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ftcluster import activations
+from ftcluster import activations, patches
 
 MARK = "_ftcluster_tiled"
 
@@ -26,8 +27,7 @@ def slices(tokens: int, hidden: int) -> int:
 
 def apply(model: nn.Module) -> int:
     """Tile the MLP of every decoder layer; returns how many were tiled."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
+    TiledMLP = patches.tiled_mlp_function()
     count = 0
     for layer in activations.decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
@@ -44,8 +44,7 @@ def apply(model: nn.Module) -> int:
                 n = int(agreed.item())
             if n == 1:
                 return forward(x)
-            if not torch.is_grad_enabled():  # evaluation: nothing to recompute, the slices' outputs joined
-                return torch.cat([forward(part) for part in x.chunk(n, dim=-2)], dim=-2)
+            # Without grad (evaluation) the same forward runs, a slice at a time, and keeps nothing.
             trained = [p for p in mlp.parameters() if p.requires_grad]
             return TiledMLP.apply(lambda _, part: forward(part), mlp, x, n, trained)
 

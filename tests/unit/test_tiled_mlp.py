@@ -14,11 +14,27 @@ def _grads(cfg, ids, tiled: bool):
     plan = P.make(run, CPU, read_data=False)
     assert plan.tiled_mlp is tiled
     model = models.build_model(run, plan)
-    calls = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MLPOps(TorchDispatchMode):  # the ops run inside the MLPs
+        inside, seen = False, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.inside:
+                self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ops, calls = MLPOps(), []
     for layer in model.modules():
         if type(layer).__name__.endswith("MLP"):
             layer.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
-    loss = model(input_ids=ids, labels=ids).loss
+            layer.register_forward_pre_hook(lambda m, i: setattr(ops, "inside", True))
+            layer.register_forward_hook(lambda m, i, o: setattr(ops, "inside", False))
+    with ops:
+        loss = model(input_ids=ids, labels=ids).loss
+    assert "mm" in ops.seen or "addmm" in ops.seen
+    # The slices' outputs are written into the row's output, not joined (which held it twice at once).
+    assert "cat" not in ops.seen
     loss.backward()
     trained = len(calls)
     with torch.no_grad():  # evaluation
