@@ -462,6 +462,8 @@ def run(args, argv: list[str]) -> Path:
         kept = [r for r in previous["records"] if r["status"] == "ok"]
         h.results["records"] = kept
         h.results["provenance"]["resumed_from"] = previous["provenance"]
+        if previous["provenance"].get("notes"):  # notes on the kept runs (added to results.json) stay with them
+            h.results["provenance"]["notes"] = previous["provenance"]["notes"]
         done = {Planned(r["kind"], r["method"], r.get("seed"), r.get("recipe", "hf") if r["kind"] == "hf" else None,
                         r.get("change"), r.get("task")) for r in kept}
     seeds = [42 + i for i in range(args.repeats)]

@@ -202,5 +202,12 @@ def test_time_limit_starts_nothing_after_it_and_resume_runs_the_rest(tiny_model,
     assert [r["method"] for r in json.loads((out / "results.json").read_text())["records"]] == ["lora"]
     assert "1 runs not started (the first: [2/2] train qlora seed 42); rerun the same command with --resume" \
         in proc.stdout
+    # A note on the runs so far, added to results.json by hand, stays with them through --resume.
+    results = json.loads((out / "results.json").read_text())
+    results["provenance"]["notes"] = ["the first call ran on host A"]
+    (out / "results.json").write_text(json.dumps(results))
     compare(*args, "--resume")
-    assert [r["method"] for r in json.loads((out / "results.json").read_text())["records"]] == ["lora", "qlora"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["records"]] == ["lora", "qlora"]
+    assert results["provenance"]["notes"] == ["the first call ran on host A"]
+    assert "- **Note**: the first call ran on host A" in (out / "report.md").read_text()
