@@ -112,27 +112,17 @@ class Tries:
                f"training.max_steps={self.args.steps}",
                f"output.storage_path={self.work / 'runs'}", f"output.name={name}"]
         run_dir = self.work / "runs" / name
-        log = self.work / f"{name}.log"
-        started = time.time()
-        with open(log, "w") as fh:
-            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=compare.ROOT).returncode
-        tail = log.read_text()[-20000:]
+        rec, ran = execute(cmd, self.work / f"{name}.log", method=method, length=length, purpose=purpose)
         plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
-        rec = {"method": method, "length": length, "purpose": purpose, "command": shlex.join(cmd), "log": str(log),
-               "process_wall_s": round(time.time() - started, 1), "estimate_gib": plan.get("memory_gib"),
-               "savers": savers(plan)}
-        if code == 0 and (run_dir / "summary.json").exists():
+        rec.update(estimate_gib=plan.get("memory_gib"), savers=savers(plan))
+        if ran and (run_dir / "summary.json").exists():
             s = records.Summary.read(run_dir)
+            del rec["error"]
             rec.update(status="ok", tokens_per_s=s.tokens_per_s_total, step_time_s=s.step_time_s,
                        peak_allocated_gib=s.peak_allocated_gib, peak_device_used_gib=s.peak_device_used_gib,
                        peak_rss_gib=s.peak_rss_gib)
-        else:
-            rec.update(status="out of memory" if OUT_OF_MEMORY.search(tail) else "failed",
-                       error=compare.error_of(tail))
-        print(f"  {method} {length:,} tokens: {rec['status']}"
-              + (f", {_num(rec['tokens_per_s'], 0)} tokens/s, peak {_num(peak(rec), 1)} GiB" if rec["status"] == "ok"
-                 else f" ({rec['error']})")
-              + f"; estimated {_num(rec['estimate_gib'], 1)} GiB", flush=True)
+        print(f"  {method} {length:,} tokens: {outcome(rec)}; estimated {_num(rec['estimate_gib'], 1)} GiB",
+              flush=True)
         self.results["tries"].append(rec)
         self.save()
         return rec
@@ -140,27 +130,18 @@ class Tries:
     def peer(self, recipe: str, method: str, length: int) -> dict:
         """The peer's recipe at this length (benchmarks.hf_baseline): one untimed step, then the rest timed."""
         name = f"{recipe}-{method}-{length}"
-        out, log = self.work / f"{name}.json", self.work / f"{name}.log"
+        out = self.work / f"{name}.json"
         cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--config", RECIPE, "--recipe", recipe,
                "--warmup", "1", "--steps", str(max(1, self.args.steps - 1)), "--out", str(out),
                *self.overrides(method, length)]
-        started = time.time()
-        with open(log, "w") as fh:
-            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=compare.ROOT).returncode
-        tail = log.read_text()[-20000:]
-        rec = {"recipe": recipe, "method": method, "length": length, "command": shlex.join(cmd), "log": str(log),
-               "process_wall_s": round(time.time() - started, 1)}
-        if code == 0 and out.exists():
+        rec, ran = execute(cmd, self.work / f"{name}.log", recipe=recipe, method=method, length=length)
+        if ran and out.exists():
             measured = json.loads(out.read_text())
-            rec.update(status="ok", **{k: measured.get(k) for k in (
-                "tokens_per_s_total", "step_time_s", "peak_allocated_gib", "peak_device_used_gib", "peak_rss_gib")})
-            rec["tokens_per_s"] = rec.pop("tokens_per_s_total")
-        else:
-            rec.update(status="out of memory" if OUT_OF_MEMORY.search(tail) else "failed",
-                       error=compare.error_of(tail))
-        print(f"  {recipe} {method} {length:,} tokens: {rec['status']}"
-              + (f", {_num(rec['tokens_per_s'], 0)} tokens/s, peak {_num(peak(rec), 1)} GiB"
-                 if rec["status"] == "ok" else f" ({rec['error']})"), flush=True)
+            del rec["error"]
+            rec.update(status="ok", tokens_per_s=measured.get("tokens_per_s_total"),
+                       **{k: measured.get(k) for k in ("step_time_s", "peak_allocated_gib", "peak_device_used_gib",
+                                                       "peak_rss_gib")})
+        print(f"  {recipe} {method} {length:,} tokens: {outcome(rec)}", flush=True)
         self.results["peers"].append(rec)
         self.save()
         return rec
@@ -168,6 +149,26 @@ class Tries:
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+
+
+def execute(cmd: list[str], log: Path, **what) -> tuple[dict, bool]:
+    """Run one try's command with its output in ``log``: its record (``what``, the command, the wall time, and a
+    failure's status and error, which the caller replaces with the figures where the try succeeded) and whether the
+    command exited 0."""
+    started = time.time()
+    with open(log, "w") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=compare.ROOT).returncode
+    tail = log.read_text()[-20000:]
+    return {**what, "command": shlex.join(cmd), "log": str(log), "process_wall_s": round(time.time() - started, 1),
+            "status": "out of memory" if OUT_OF_MEMORY.search(tail) else "failed",
+            "error": compare.error_of(tail)}, code == 0
+
+
+def outcome(rec: dict) -> str:
+    """A try's result, as the progress lines say it."""
+    if rec["status"] == "ok":
+        return f"ok, {_num(rec['tokens_per_s'], 0)} tokens/s, peak {_num(peak(rec), 1)} GiB"
+    return f"{rec['status']} ({rec['error']})"
 
 
 def rope(model: Path, length: int) -> list[str]:
