@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ftcluster import config as C
-from ftcluster import engine
+from ftcluster import engine, hardware
+from ftcluster import plan as P
 from ftcluster.cluster import free_port
 from ftcluster.records import Progress
 from ftcluster.worker import setup
@@ -63,7 +64,9 @@ def _rank(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     cfg = C.load(args.config, args.overrides)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    loop, _ = setup(cfg, rank, world, device)
+    # The plan as the driver makes it (each rank makes the same one from the same config and host).
+    plan = P.make(cfg, hardware.here(cfg)).for_workers(world)
+    loop, _ = setup(cfg, plan, rank, world, device)
     logged = []
     profile = StepProfile(args.cprofile, args.skip) if args.cprofile and rank == 0 else None
 
