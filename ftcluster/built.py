@@ -16,8 +16,12 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def _module_of(fn) -> str:
-    fn = getattr(fn, "func", fn)  # functools.partial
-    fn = getattr(fn, "__func__", fn)  # a bound method
+    """The module that defines ``fn``, through wrappers (``__wrapped__``), partials and bound methods."""
+    for _ in range(16):
+        inner = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None) or getattr(fn, "__func__", None)
+        if inner is None:
+            break
+        fn = inner
     return getattr(fn, "__module__", "") or ""
 
 

@@ -367,9 +367,11 @@ def liger_fused_loss_in_eval(model) -> None:
     """Liger's fused linear + cross-entropy in evaluation too. Its causal-LM forward fuses the loss only where
     ``skip_logits`` is set or the model is in training mode; evaluating with labels it computes all the logits
     first (86 GiB in bfloat16 for a 360k-token row and a 128k vocabulary). With labels it is now asked to skip
-    them: the output's loss is the same, and its logits are None."""
+    them: the output's loss is the same, and its logits are None. The wrapper is ``functools.wraps``' of Liger's
+    forward (``__wrapped__``), so the built model still shows whose loss it computes (built.observe)."""
     forward = model.forward
 
+    @functools.wraps(forward)
     def fused(*args, **kwargs):
         if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
             kwargs.setdefault("skip_logits", True)

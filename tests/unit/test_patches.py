@@ -277,3 +277,25 @@ def test_ray_trains_fit_hands_the_controller_the_policies_the_trainer_replaces()
     trainer = patches.torch_trainer("/tmp/run", True, train_loop_per_worker=lambda: None,
                                     scaling_config=ScalingConfig(num_workers=(1, 2)))
     assert trainer.scaling_config.elasticity_enabled
+
+
+def test_the_evaluation_wrapper_of_ligers_forward_skips_the_logits_and_still_shows_as_ligers_loss():
+    import types
+
+    from ftcluster import built
+
+    calls = []
+
+    def lce_forward(self, input_ids=None, labels=None, **kwargs):  # stands in for Liger's causal-LM forward
+        calls.append(kwargs)
+
+    lce_forward.__module__ = "liger_kernel.transformers.model.llama"
+    model = torch.nn.Linear(2, 2)
+    model.forward = types.MethodType(lce_forward, model)
+    patches.liger_fused_loss_in_eval(model)
+    patches.liger_fused_loss_chunks(model, 16)
+    model.forward(input_ids=1, labels=1)
+    model.forward(input_ids=1)
+    assert calls == [{"skip_logits": True, "chunk_mem_const": 16}, {"chunk_mem_const": 16}]
+    # What the built-run check reads: a wrapped forward that hid Liger's refused every run with the fused loss.
+    assert built._module_of(vars(model)["forward"]).startswith("liger_kernel")
