@@ -136,12 +136,21 @@ WRAPPERS = re.compile(r"(WorkerGroupError|RayTaskError|TrainingFailedError|Contr
 def error_of(tail: str) -> str:
     """The line of a failed run's output that says what went wrong: the last Python exception line
     (``torch.OutOfMemoryError: CUDA out of memory...``), else the last line that mentions an error."""
-    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    raw = [l for l in tail.splitlines() if l.strip()]
+    lines = [l.strip() for l in raw]
     exceptions = [l for l in lines if re.search(r"^(\S+ )?[\w.]*(Error|Exception|Exit|Interrupt)\b: \S", l)]
     # Ray wraps a worker's exception in its own; the worker's is the cause.
     exceptions = [l for l in exceptions if not WRAPPERS.search(l)] or exceptions
     mentions = [l for l in lines if re.search(r"(Error|Exception|error:|Killed|OutOfMemory)", l)]
-    return next(iter(exceptions[::-1] or mentions[::-1] or lines[::-1]), "no output")[:500]
+    line = next(iter(exceptions[::-1] or mentions[::-1] or lines[::-1]), "no output")
+    if line.endswith(":") and line in lines:
+        # A message continued on the indented lines below it (a refused config names its fields there).
+        at = len(lines) - 1 - lines[::-1].index(line)
+        for more in raw[at + 1:]:
+            if not more[:1].isspace():
+                break
+            line += " " + more.strip()
+    return line[:500]
 
 
 SCORING = "scoring: "  # benchmarks.quality's progress lines (quality.SAY; that module imports torch, this one not)

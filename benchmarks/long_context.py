@@ -8,6 +8,8 @@ Llama-3-8B shape (128k vocabulary, random weights), micro batch 1, through the r
 
 For each method the search doubles the row length from ``--start`` until a try fails (out of memory), then
 bisects between the last length that trained and the first that did not until they are within ``--within`` (5%).
+A try that fails for another reason (a refused config, a bug) would fail at every length: it ends that method's
+tries, and the command exits non-zero once the report is written.
 Every try is ``python -m ftcluster.train`` at that ``data.max_seq_len`` for ``--steps`` steps, with the estimator's
 prediction (the run's plan) beside what it measured, and the memory savers its plan used (checkpointed layers and
 where their checkpoints wait, the loss, attention). Rows are full: documents of synthetic text at least as long as
@@ -27,6 +29,7 @@ import json
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +49,9 @@ SUITE = {"name": "long-context", "kind": "long-context",
          "description": f"{SHAPE} shape (random weights), micro batch 1, LoRA r=16 on every linear layer, "
                         "checkpointed layers with their checkpoints in host memory"}
 """What ``benchmarks.results`` reads of this harness's results.json."""
+TOO_LONG = ("out of memory", "killed")
+"""The statuses of a try that failed for its length: a shorter one may train. Any other failure (a refused
+config, a bug) would fail at every length, so it ends the method's tries rather than bisecting on."""
 OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation",
                            re.IGNORECASE)
 
@@ -68,6 +74,10 @@ def search(trains, start: int, limit: int, within: float = 0.05, unit: int = 102
             break
         good, bad = (mid, bad) if trains(mid) else (good, mid)
     return good, bad
+
+
+class TryFailed(Exception):
+    """A try failed for a reason other than its length (``TOO_LONG``)."""
 
 
 def write_documents(path: Path, tokens: int, count: int, seed: int = 0) -> Path:
@@ -125,6 +135,8 @@ class Tries:
               flush=True)
         self.results["tries"].append(rec)
         self.save()
+        if rec["status"] not in ("ok", *TOO_LONG):
+            raise TryFailed(rec["error"])
         return rec
 
     def peer(self, recipe: str, method: str, length: int) -> dict:
@@ -159,9 +171,11 @@ def execute(cmd: list[str], log: Path, **what) -> tuple[dict, bool]:
     with open(log, "w") as fh:
         code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=compare.ROOT).returncode
     tail = log.read_text()[-20000:]
+    status = ("out of memory" if OUT_OF_MEMORY.search(tail)
+              else "killed" if code in (-signal.SIGKILL, 128 + signal.SIGKILL) else "failed")
     return {**what, "command": shlex.join(cmd), "log": str(log), "process_wall_s": round(time.time() - started, 1),
-            "status": "out of memory" if OUT_OF_MEMORY.search(tail) else "failed",
-            "error": compare.error_of(tail)}, code == 0
+            "status": status, "error": compare.error_of(tail) if status != "killed" else
+            "killed (SIGKILL: most often the host's out-of-memory killer)"}, code == 0
 
 
 def outcome(rec: dict) -> str:
@@ -217,9 +231,12 @@ def render(results: dict, out: Path) -> None:
     for method in dict.fromkeys(t["method"] for t in searched):
         mine = [t for t in tries if t["method"] == method and t["purpose"] == "search"]
         ok = [t["length"] for t in mine if t["status"] == "ok"]
-        failed = [t["length"] for t in mine if t["status"] != "ok"]
+        too_long = [t["length"] for t in mine if t["status"] in TOO_LONG]
+        broken = [t["length"] for t in mine if t["status"] not in ("ok", *TOO_LONG)]
         lines.append(f"| {method} | {max(ok):,} tokens |" if ok else f"| {method} | none |")
-        lines[-1] += f" {min(failed):,} |" if failed else " not reached |"
+        lines[-1] += (f" {min(too_long):,} |" if too_long else
+                      f" none: stopped by a try that failed for another reason ({min(broken):,}) |" if broken
+                      else " not reached |")
         lines[-1] += f" {len(mine)} |"
     lines += ["", "## Every try", "",
               "| Method | Tokens | Why | Result | Tokens/s | Step (s) | Peak (GiB) | Estimate (GiB) | "
@@ -301,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tries = Tries(args, model, work, out, argv)
     fixed = [] if args.lengths == "none" else [int(n) for n in args.lengths.split(",") if n]
+    stopped = []
     for method in args.methods.split(","):
         done: dict[int, bool] = {}
 
@@ -309,17 +327,24 @@ def main(argv: list[str] | None = None) -> None:
                 done[n] = tries.run(method, n, purpose)["status"] == "ok"
             return done[n]
 
-        if not args.no_search:
-            print(f"{method}: the longest row, from {args.start:,} tokens", flush=True)
-            good, bad = search(trains, args.start, args.limit, args.within)
-            print(f"{method}: " + (f"{good:,} tokens trained" if good else "no length trained")
-                  + (f", {bad:,} did not" if bad else ""), flush=True)
-        for n in fixed:
-            trains(n, "timed")
-            for recipe in peers:
-                tries.peer(recipe, method, n)
+        try:
+            if not args.no_search:
+                print(f"{method}: the longest row, from {args.start:,} tokens", flush=True)
+                good, bad = search(trains, args.start, args.limit, args.within)
+                print(f"{method}: " + (f"{good:,} tokens trained" if good else "no length trained")
+                      + (f", {bad:,} did not" if bad else ""), flush=True)
+            for n in fixed:
+                trains(n, "timed")
+                for recipe in peers:
+                    tries.peer(recipe, method, n)
+        except TryFailed as e:
+            stopped.append(method)
+            print(f"{method}: a try failed for a reason other than its length ({e}); {method}'s other lengths "
+                  "were not tried", flush=True)
     render(tries.results, out)
     print(f"report: {out / 'report.md'}")
+    if stopped:
+        raise SystemExit(f"stopped early: {', '.join(stopped)} (see each try's log)")
 
 
 if __name__ == "__main__":

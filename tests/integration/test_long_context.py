@@ -44,3 +44,18 @@ def test_the_search_trains_each_length_once_and_the_report_gives_every_try(tiny_
     assert report.count("| lora | ") == 6  # the longest row, every try, and the two beside the peer
     ratio = tries[1]["tokens_per_s"] / peers[1]["tokens_per_s"]
     assert f"| lora | 512 | hf | ok | {peers[1]['tokens_per_s']:,.0f} | {tries[1]['tokens_per_s']:,.0f} | {ratio:.2f}× |" in report
+
+
+def test_a_try_that_fails_for_another_reason_than_its_length_ends_the_methods_tries(tiny_model, tmp_path):
+    # lora.r=0 is refused at every length: bisecting on, or timing the fixed lengths, would only repeat it.
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.long_context", "--model", str(tiny_model), "--methods", "lora",
+         "--start", "256", "--limit", "1024", "--lengths", "384", "--steps", "2", "--out", str(out),
+         "--work", str(tmp_path / "work"), "--set", "scaling.use_gpu=false", "--set", "lora.r=0"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "stopped early: lora" in proc.stderr
+    tries = json.loads((out / "results.json").read_text())["tries"]
+    assert [(t["length"], t["status"]) for t in tries] == [(256, "failed")] and "lora.r" in tries[0]["error"]
+    assert "| lora | none | none: stopped by a try that failed for another reason (256) | 1 |" in (
+        out / "report.md").read_text()

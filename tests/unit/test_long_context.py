@@ -1,6 +1,8 @@
 """The long-context benchmark's search for the longest row that trains (the runs themselves: tests/integration/
 test_long_context.py and the GPU report)."""
 
+import sys
+
 import pytest
 
 from benchmarks.long_context import search
@@ -41,3 +43,15 @@ def test_a_length_past_the_models_positions_is_tried_with_rope_scaled_as_the_pla
     with pytest.raises(C.ConfigError, match=r"or scale RoPE to reach 10000: model.config_overrides="):
         P.check_length(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=10000"]),
                        P.architecture(C.load(None, [f"model.name_or_path={tiny_model}"])))
+
+
+def test_a_try_killed_by_sigkill_counts_as_too_long_and_any_other_failure_does_not(tmp_path):
+    from benchmarks.long_context import TOO_LONG, execute
+
+    killed, ran = execute([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                          tmp_path / "killed.log")
+    assert not ran and killed["status"] == "killed" and killed["status"] in TOO_LONG
+    failed, ran = execute([sys.executable, "-c", "raise ValueError('lora.r: must be positive')"],
+                          tmp_path / "failed.log")
+    assert not ran and failed["status"] == "failed" and failed["status"] not in TOO_LONG
+    assert failed["error"] == "ValueError: lora.r: must be positive"

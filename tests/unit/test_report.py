@@ -125,6 +125,9 @@ def test_a_failed_runs_error_is_its_exception_line_not_the_banner_around_it():
     ])
     assert error_of(tail) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 96.00 GiB."
     assert error_of("loading\nKilled") == "Killed"
+    # A refused config names its fields on the indented lines below the error line.
+    refused = "error: invalid config (x.yaml):\n  lora.r: Input should be greater than 0\ndone"
+    assert error_of(refused) == "error: invalid config (x.yaml): lora.r: Input should be greater than 0"
 
 
 def test_docs_results_and_the_readme_table_are_generated_from_the_committed_reports():
