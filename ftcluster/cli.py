@@ -164,4 +164,6 @@ def estimate_main(argv: list[str] | None = None) -> int:
                           "loading_gib": e.loading / estimate.GiB, "need_gib": e.need / estimate.GiB}, indent=2))
     else:
         print(estimate.explain(cfg.model.name_or_path, shape, run, budget))
+        if planned.loss != "liger-fused":  # the largest term at long rows: say why it is not Liger's fused loss
+            print(f"loss: {planned.reasons['loss']}; {planned.reasons['liger_layers']}")
     return 0

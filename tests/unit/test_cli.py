@@ -71,6 +71,14 @@ def test_a_broken_model_config_json_is_named_not_a_json_traceback(tmp_path):
     assert f"{tmp_path / 'config.json'} is not a JSON object of the model's config" in proc.stderr
 
 
+def test_estimate_says_which_loss_it_counts_and_why_where_it_is_not_ligers_fused_one():
+    # The loss is the largest term at long rows (the whole logits, against a chunk of them fused).
+    proc = _run("ftcluster", "estimate", "--config", "configs/tiny_cpu.yaml", "model.liger_kernel=off")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("loss: chunked: ")
+    assert proc.stdout.splitlines()[-1].endswith("Liger not applied: model.liger_kernel=off")
+
+
 def test_submit_names_an_unreachable_or_malformed_address_and_takes_absolute_recipe_paths_inside_the_checkout(capsys):
     from launchers import submit
 
