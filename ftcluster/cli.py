@@ -165,5 +165,5 @@ def estimate_main(argv: list[str] | None = None) -> int:
     else:
         print(estimate.explain(cfg.model.name_or_path, shape, run, budget))
         if planned.loss != "liger-fused":  # the largest term at long rows: say why it is not Liger's fused loss
-            print(f"loss: {planned.reasons['loss']}; {planned.reasons['liger_layers']}")
+            print(f"loss: {planned.reasons['loss']}")
     return 0

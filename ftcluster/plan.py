@@ -357,7 +357,7 @@ def _liger(cfg: RunConfig, hw: Hardware, arch: Architecture, partitions: bool,
     if why_not:
         if mode == "on":
             raise ConfigError(f"model.liger_kernel=on: {why_not}; set model.liger_kernel=auto or off")
-        return False, "chunked", f"Liger not applied: {why_not}", f"{chunked} (Liger not applied)"
+        return False, "chunked", f"Liger not applied: {why_not}", f"{chunked} (Liger not applied: {why_not})"
     in_layers = not compiled
     layers_why = ("compiled layers fuse their norms, SwiGLU and RoPE themselves (Liger's autograd functions would "
                   "break the layer's graph)" if compiled else f"model.liger_kernel={mode}: RMSNorm, SwiGLU and RoPE")

@@ -76,7 +76,7 @@ def test_estimate_says_which_loss_it_counts_and_why_where_it_is_not_ligers_fused
     proc = _run("ftcluster", "estimate", "--config", "configs/tiny_cpu.yaml", "model.liger_kernel=off")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("loss: chunked: ")
-    assert proc.stdout.splitlines()[-1].endswith("Liger not applied: model.liger_kernel=off")
+    assert proc.stdout.splitlines()[-1].endswith("(Liger not applied: model.liger_kernel=off)")
 
 
 def test_submit_names_an_unreachable_or_malformed_address_and_takes_absolute_recipe_paths_inside_the_checkout(capsys):
