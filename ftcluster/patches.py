@@ -11,6 +11,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +43,9 @@ PATCHES = (
     Patch("cache_custom_autograd_functions", "torch", ">=2.11,<2.15",
           "AOTAutograd's cache keeps graphs holding a custom autograd.Function only behind a flag "
           "(pytorch/pytorch#149751)"),
+    Patch("deepspeed_autotuner_without_mlflow", "deepspeed", ">=0.19,<0.20",
+          "deepspeed.autotuning.autotuner, imported by every `import deepspeed`, imports mlflow where installed "
+          "(for autotuning experiments) and falls back on any exception"),
     Patch("deepspeed_nvtx", "deepspeed", ">=0.19,<0.20",
           "DeepSpeed's NVTX ranges are a module switch (deepspeed.utils.nvtx.enable_nvtx)"),
     Patch("tiled_mlp_function", "deepspeed", ">=0.19,<0.20",
@@ -413,6 +417,28 @@ def quiet_liger_backend_discovery() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # DeepSpeed
+
+class _NoMlflowForDeepSpeedsAutotuner:
+    """A meta path finder that refuses ``import mlflow`` to DeepSpeed's autotuner module alone."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow":
+            frame = sys._getframe(1)
+            while frame is not None:
+                if frame.f_globals.get("__name__") == "deepspeed.autotuning.autotuner":
+                    raise ImportError("ftcluster.patches: DeepSpeed's autotuner runs without mlflow")
+                frame = frame.f_back
+        return None
+
+
+def deepspeed_autotuner_without_mlflow() -> None:
+    """``import deepspeed`` imports its autotuner, which imports mlflow where it is installed (the ``tracking``
+    extra): most of a second of every process's start, for autotuning experiments that ftcluster never runs.
+    The autotuner falls back on the ImportError this finder gives it; every other import of mlflow (ftcluster's
+    own ``tracking.mlflow``) goes on as usual, before or after."""
+    if not any(isinstance(f, _NoMlflowForDeepSpeedsAutotuner) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoMlflowForDeepSpeedsAutotuner())
+
 
 def deepspeed_nvtx(enabled: bool) -> None:
     """DeepSpeed's NVTX ranges on or off: a module switch, the one DeepSpeed's own ``engine.compile()`` turns off.

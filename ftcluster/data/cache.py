@@ -111,7 +111,7 @@ class ArrowRows:
         self.chunks: list[dict] = []
         self.starts = [0]  # the first row of each record batch, and the row count last
         for c in range(table.column(0).num_chunks if columns else 0):
-            self.chunks.append({name: (col.chunk(c).offsets.to_numpy(), col.chunk(c).values.to_numpy())
+            self.chunks.append({name: (_int32s(col.chunk(c).offsets), _int32s(col.chunk(c).values))
                                 for name, col in columns.items()})
             self.starts.append(self.starts[-1] + len(table.column(0).chunk(c)))
 
@@ -135,6 +135,17 @@ class ArrowRows:
 
     def __reduce__(self):
         return ArrowRows, (self.file,)
+
+
+def _int32s(array):
+    """A numpy view of an int32 Arrow array (a list column's offsets or values), no copy. ``Array.to_numpy`` gives
+    the same view but imports pandas to look for its extension types, a quarter of a second or more of every start."""
+    import numpy as np
+    import pyarrow as pa
+
+    if array.type != pa.int32() or array.null_count:
+        raise ValueError(f"expected int32 values without nulls, found {array.type} with {array.null_count} nulls")
+    return np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array), offset=array.offset * 4)
 
 
 def new_directory(path: Path) -> Path:

@@ -80,6 +80,21 @@ def test_deepspeeds_nvtx_switch_is_read_by_its_range_decorator_and_its_zero3_gat
     assert callable(DeepSpeedEngine._zero3_consolidated_16bit_state_dict)
 
 
+def test_deepspeeds_autotuner_imports_without_mlflow_and_mlflow_still_imports_after_it():
+    """Where the ``tracking`` extra installed mlflow, ``import deepspeed`` imported it for its autotuner (most of a
+    second of every start); ftcluster's import refuses it to that module alone. In a fresh interpreter."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("mlflow is not installed")
+    probe = ("import sys, ftcluster, deepspeed, deepspeed.autotuning.autotuner as a; "
+             "assert 'mlflow' not in sys.modules and not a.has_mlflow, 'deepspeed imported mlflow'; "
+             "import mlflow; assert mlflow.log_metric")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_transformers_initialises_one_module_with_init_weights():
     from transformers import PreTrainedModel
 
