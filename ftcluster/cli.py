@@ -23,13 +23,25 @@ ESTIMATE_EPILOG = """examples:
   python -m ftcluster estimate --model llama-3-70b --method qlora --seq-len 512 --grad-ckpt --gpu-memory l40s"""
 
 
-def _hardware(cfg: C.RunConfig, device: str | None, gpu_memory: float | None) -> hardware.Hardware:
-    """This host as the driver would see it, or the device named on the command line."""
+LIGER_HELP = ("whether the GPU nodes have Liger Kernel installed: yes, no, or here (as this host has it; a login "
+              "node often has not, and without it the loss is counted whole, the largest term at long rows)")
+
+
+def _liger(answer: str) -> bool | None:
+    """``--liger``: True or False as said, None for "as this host has it"."""
+    return {"yes": True, "no": False, "here": None}[answer]
+
+
+def _hardware(cfg: C.RunConfig, device: str | None, gpu_memory: float | None,
+              liger: bool | None = None) -> hardware.Hardware:
+    """This host as the driver would see it, or the device named on the command line; ``liger``: whether the GPU
+    nodes have Liger Kernel (None: as this host has it)."""
+    liger = hardware.liger_here() if liger is None else liger
     if device is None:
         hw = hardware.here(cfg)
-        return replace(hw, gpu_memory_gib=gpu_memory or hw.gpu_memory_gib)
+        return replace(hw, gpu_memory_gib=gpu_memory or hw.gpu_memory_gib, liger_installed=liger)
     return hardware.Hardware(device=device, device_source=f"--device {device}", gpu_memory_gib=gpu_memory,
-                             liger_installed=hardware.liger_here() and device == "cuda",
+                             liger_installed=liger and device == "cuda",
                              varlen_kernel=hardware.varlen_kernel_here())
 
 
@@ -44,6 +56,7 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="plan for workers on this device (default: this host's; a Ray run takes its cluster's)")
     p.add_argument("--gpu-memory", help="GiB per GPU, or a GPU name, for the memory verdict")
+    p.add_argument("--liger", choices=["here", "yes", "no"], default="here", help=LIGER_HELP)
     p.add_argument("--diff", nargs="+", metavar="KEY=VALUE",
                    help="also plan the run with these overrides and print only the decisions that change")
     p.add_argument("--json", action="store_true", help="print the plan as plan.json holds it")
@@ -55,11 +68,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     try:
         cfg = C.load(a.config, a.overrides)
         budget = gpu_budget_gib(a.gpu_memory) if a.gpu_memory else None
-        hw = _hardware(cfg, a.device, budget)
+        hw = _hardware(cfg, a.device, budget, _liger(a.liger))
         planned = P.make(cfg, hw, resume=checkpoint.resume_of(cfg.run_dir))
         if a.diff:
             other = C.load(a.config, [*a.overrides, *a.diff])
-            changed = P.changes(planned, P.make(other, _hardware(other, a.device, budget)))
+            changed = P.changes(planned, P.make(other, _hardware(other, a.device, budget, _liger(a.liger))))
             print(f"with {' '.join(a.diff)}:")
             print("\n".join(f"  {line}" for line in changed) if changed else "  no decision changes")
             return 0
@@ -102,6 +115,7 @@ def estimate_parser() -> argparse.ArgumentParser:
     p.add_argument("--loads-whole", action="store_true",
                    help="the model loads from a GGUF file, not a safetensors checkpoint (local or a hub snapshot)")
     p.add_argument("--gpu-memory", help=f"GiB per GPU, or a GPU name ({', '.join(estimate.GPUS_GIB)}): say whether it fits")
+    p.add_argument("--liger", choices=["here", "yes", "no"], default="here", help=LIGER_HELP)
     p.add_argument("--json", action="store_true", help="print the terms as JSON")
     return p
 
@@ -148,7 +162,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
     try:
         cfg = C.load(a.config, a.overrides) if a.config else config_of_flags(a)
         budget = gpu_budget_gib(a.gpu_memory) if a.gpu_memory else cfg.resources.gpu_memory_gib
-        planned = P.make(cfg, hardware.Hardware.gpu(budget), read_data=False)
+        planned = P.make(cfg, hardware.Hardware.gpu(budget, liger_installed=_liger(a.liger)), read_data=False)
         shape = P.architecture(cfg).shape
     except C.ConfigError as e:
         raise SystemExit(f"error: {e}") from None
@@ -165,5 +179,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
     else:
         print(estimate.explain(cfg.model.name_or_path, shape, run, budget))
         if planned.loss != "liger-fused":  # the largest term at long rows: say why it is not Liger's fused loss
-            print(f"loss: {planned.reasons['loss']}")
+            hint = "; --liger yes counts it as on GPU nodes that have Liger" if a.liger == "here" \
+                and cfg.model.liger_kernel == "auto" and not hardware.liger_here() else ""
+            print(f"loss: {planned.reasons['loss']}{hint}")
     return 0

@@ -1,6 +1,7 @@
 """What a newcomer meets first: the commands' help, and the errors for what is not there (a run directory, a hub
 model offline), each one line that names the thing and what to do."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,26 @@ def test_estimate_says_which_loss_it_counts_and_why_where_it_is_not_ligers_fused
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("loss: chunked: ")
     assert proc.stdout.splitlines()[-1].endswith("(Liger not applied: model.liger_kernel=off)")
+
+
+def test_estimate_and_plan_take_whether_the_gpu_nodes_have_liger_from_the_command_line():
+    """Planned on a login node without Liger, a GPU run's loss was counted whole; --liger says what the GPU nodes
+    have, either way, whatever this host has."""
+    def logits(liger):
+        proc = _run("ftcluster", "estimate", "--config", "configs/llama2_7b_qlora.yaml", "data.max_seq_len=4096",
+                    "model.gradient_checkpointing=true", "--liger", liger)
+        assert proc.returncode == 0, proc.stderr
+        term = next(line for line in proc.stdout.splitlines() if line.startswith("  logits and loss"))
+        return float(term.split()[-1]), proc.stdout.splitlines()[-1]
+
+    (fused, last_yes), (whole, last_no) = logits("yes"), logits("no")
+    assert fused < whole / 3 and not last_yes.startswith("loss:")
+    assert last_no.startswith("loss: chunked: ") and "Liger not applied" in last_no and "--liger" not in last_no
+    for liger, loss in (("yes", "liger-fused"), ("no", "chunked")):
+        proc = _run("ftcluster", "plan", "--config", "configs/tiny_cpu.yaml", "--device", "cuda", "--json",
+                    "--liger", liger)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["loss"] == loss
 
 
 def test_submit_names_an_unreachable_or_malformed_address_and_takes_absolute_recipe_paths_inside_the_checkout(capsys):
