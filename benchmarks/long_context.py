@@ -13,7 +13,8 @@ tries, and the command exits non-zero once the report is written.
 Every try is ``python -m ftcluster.train`` at that ``data.max_seq_len`` for ``--steps`` steps, with the estimator's
 prediction (the run's plan) beside what it measured, and the memory savers its plan used (checkpointed layers and
 where their checkpoints wait, the loss, attention). Rows are full: documents of synthetic text at least as long as
-the row, each cut to one row. ``--set`` adds overrides to every try (e.g. ``model.activation_offloading=false``).
+the row, each cut to one row. ``--set`` adds overrides to every try (e.g. ``model.activation_offloading=on``; by default the plan turns
+on the memory savers a length needs, ``plan.memory_savers``).
 
 ``--baseline unsloth`` (or ``hf``, ``hf-tuned``: ``benchmarks.hf_baseline``'s recipes) runs the peer at each timed
 length right after ftcluster's try, on the same model, documents, length, LoRA settings and optimizer, with its own
@@ -40,14 +41,14 @@ from ftcluster import records
 
 RECIPE = "configs/bench/llama2_7b.yaml"
 SHAPE = "llama-3-8b"
-COMMON = ["model.gradient_checkpointing=true", "model.activation_offloading=true", "training.micro_batch_size=1",
+COMMON = ["model.gradient_checkpointing=true", "training.micro_batch_size=1",
           "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear", "data.format=text", "data.packing=true",
           "training.log_every=1", "resources.check_fit=false", "output.save_final_model=false"]
 METHODS = {"qlora": ["method=qlora", "optimizer.name=paged_adamw_8bit"], "lora": ["method=lora"]}
 FIXED = (16384, 32768, 65536, 131072)
 SUITE = {"name": "long-context", "kind": "long-context",
          "description": f"{SHAPE} shape (random weights), micro batch 1, LoRA r=16 on every linear layer, "
-                        "checkpointed layers with their checkpoints in host memory"}
+                        "checkpointed layers, and the memory savers each length's plan turned on"}
 """What ``benchmarks.results`` reads of this harness's results.json."""
 TOO_LONG = ("out of memory", "killed")
 """The statuses of a try that failed for its length: a shorter one may train. Any other failure (a refused

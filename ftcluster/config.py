@@ -64,18 +64,20 @@ class ModelConfig(Section):
     tiled_mlp: Literal["auto", "on", "off"] = "auto"
     """Run each decoder layer's MLP over a row a slice of about hidden-size tokens at a time (DeepSpeed's TiledMLP:
     ftcluster/tiled_mlp.py), recomputing each slice in backward: a long row's MLP intermediates are held for one
-    slice only. ``auto``: on where one row's would take over ``plan.TILED_MLP_FROM_BYTES`` a layer."""
-    activation_offloading: bool = False
+    slice only. ``auto``: on where the run would not fit its GPUs without it (``plan.memory_savers``); where their
+    memory is not known, where one row's would take over ``plan.TILED_MLP_FROM_BYTES`` a layer."""
+    activation_offloading: Literal["auto", "on", "off"] = "auto"
     """Keep what checkpointing keeps (each decoder layer's input) in pinned host memory until backward: frees
-    2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step. Needs
-    gradient_checkpointing."""
+    2 x tokens x hidden bytes per layer of GPU memory for two PCIe copies of it per step, and leaves the layers
+    uncompiled. ``auto``: on with gradient checkpointing where the run would not fit its GPUs without it (the plan's
+    memory savers, ``plan.memory_savers``). ``on`` needs gradient_checkpointing."""
     random_init: bool = False
     """Build the architecture from its config with random weights (speed and memory do not depend on values)."""
     config_overrides: dict[str, Any] = Field(default_factory=dict)
     """Fields set on the Hugging Face config before the model is built, e.g. ``num_hidden_layers``."""
     trust_remote_code: bool = False
 
-    @field_validator("liger_kernel", "compile", "tiled_mlp", mode="before")
+    @field_validator("liger_kernel", "compile", "tiled_mlp", "activation_offloading", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
@@ -487,9 +489,9 @@ class RunConfig(Section):
                 f"model.checkpointed_layers={self.model.checkpointed_layers} needs model.gradient_checkpointing=true "
                 "(it says how many layers are checkpointed)."
             )
-        if self.model.activation_offloading and not self.model.gradient_checkpointing:
+        if self.model.activation_offloading == "on" and not self.model.gradient_checkpointing:
             raise ValueError(
-                "model.activation_offloading=true needs model.gradient_checkpointing=true: what it moves to host "
+                "model.activation_offloading=on needs model.gradient_checkpointing=true: what it moves to host "
                 "memory are the layer inputs that checkpointing keeps."
             )
         if ds.zero3_frozen == "layers" and layers_clash(self):

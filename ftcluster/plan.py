@@ -319,7 +319,8 @@ def _tiled_mlp(cfg: RunConfig, arch: Architecture) -> tuple[bool, str]:
     if mode == "on":
         return True, f"model.tiled_mlp=on ({size} untiled)"
     if held >= TILED_MLP_FROM_BYTES:
-        return True, f"model.tiled_mlp=auto: {size} untiled, a slice of {arch.shape.hidden:,} tokens at a time"
+        return True, (f"model.tiled_mlp=auto: {size} untiled, a slice of {arch.shape.hidden:,} tokens at a time "
+                      "(the GPUs' memory not known)")
     return False, f"model.tiled_mlp=auto: {size}, under {TILED_MLP_FROM_BYTES / 2**30:g} GiB"
 
 
@@ -330,7 +331,8 @@ def _compile(cfg: RunConfig, device: str, partitions: bool, tiled: bool = False)
     why_not = ("ZeRO-3 gathers and releases each layer's parameters in hooks on the layer's call" if partitions
                else "the tiled MLP (model.tiled_mlp) loops over slices in Python, which a compiled layer would not"
                if tiled
-               else "model.activation_offloading's saved-tensor hooks cannot be traced" if cfg.model.activation_offloading
+               else "model.activation_offloading's saved-tensor hooks cannot be traced"
+               if cfg.model.activation_offloading == "on"
                else "Ulysses' all-to-all (scaling.sequence_parallel) inside each layer's attention is not compiled here"
                if cfg.scaling.sequence_parallel > 1
                else f"the device is {device}; compiled layers pay off on GPUs, whose kernels the host must keep fed"
@@ -422,7 +424,7 @@ def _checkpointing(cfg: RunConfig, arch: Architecture) -> tuple[int, str]:
         raise ConfigError(f"model.checkpointed_layers={m.checkpointed_layers}: {arch.model_type} has {arch.layers} "
                           f"decoder layers; set at most {arch.layers}, or leave it unset to checkpoint all of them")
     n = m.checkpointed_layers if m.checkpointed_layers is not None else arch.layers or 0
-    where = ", the checkpoints in host memory" if m.activation_offloading else ""
+    where = ", the checkpoints in host memory" if m.activation_offloading == "on" else ""
     if m.checkpointed_layers is None:
         return n, f"model.gradient_checkpointing=true: every decoder layer{where}"
     return n, f"model.checkpointed_layers={n} of {arch.layers}{where}; the others skip their recompute"
@@ -601,6 +603,79 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     its size. ``resume``: the run directory's latest checkpoint, whose global batch a resumed run keeps."""
     arch = arch or architecture(cfg)
     check_length(cfg, arch)
+    chosen, reasons = memory_savers(cfg, hw, arch)
+    plan = _make(chosen, hw, arch, read_data, resume)
+    return replace(plan, reasons={**plan.reasons, **reasons})
+
+
+SAVERS = (("off", "off"), ("on", "off"), ("off", "on"), ("on", "on"))
+"""(model.activation_offloading, model.tiled_mlp) in the order ``auto`` tries them, the fastest first: each saver
+leaves the layers uncompiled; offloading adds two PCIe copies of each layer's input a step, which overlap compute,
+and the tiled MLP a third forward of each MLP slice."""
+FIT_SHARE = 0.9
+"""``auto`` takes a memory saver off only where the run's estimate without it is within this share of its GPUs'
+memory: the estimator is within about 10% of the measured runs (tests/unit/test_estimate.py)."""
+
+
+def memory_savers(cfg: RunConfig, hw: Hardware, arch: Architecture) -> tuple[RunConfig, dict[str, str]]:
+    """``cfg`` with ``model.activation_offloading`` and ``model.tiled_mlp`` decided where they are ``auto`` and the
+    GPUs' memory is known: the first of ``SAVERS`` whose estimate fits ``FIT_SHARE`` of it, else every saver the
+    settings allow (the fit check then refuses the run, naming what fits). With the memory not known, offloading
+    stays off and the tiled MLP goes by its size alone. Returns the config and the reasons of what ``auto`` chose."""
+    m = cfg.model
+    auto = [k for k in ("activation_offloading", "tiled_mlp") if getattr(m, k) == "auto"]
+    offload_allowed = m.gradient_checkpointing
+    budget = hw.gpu_memory_gib * min(1.0, cfg.scaling.gpus_per_worker) if hw.gpu_memory_gib else None
+    if not auto or hw.device != "cuda" or arch.shape is None or budget is None:
+        why = ("no GPU" if hw.device != "cuda" else "the estimator does not model this architecture"
+               if arch.shape is None else "the GPUs' memory is not known (resources.gpu_memory_gib)")
+        chosen = _with(cfg, offload="off" if m.activation_offloading == "auto" else None)
+        return chosen, ({"activation_offloading": f"model.activation_offloading=auto: off ({why})"}
+                        if m.activation_offloading == "auto" else {})
+
+    def fixed(value, key):
+        return value if getattr(m, key) == "auto" else getattr(m, key)
+
+    tried = []
+    for offload, tiled in SAVERS:
+        offload, tiled = fixed(offload, "activation_offloading"), fixed(tiled, "tiled_mlp")
+        if offload == "on" and not offload_allowed:
+            continue
+        if (offload, tiled) in [t[:2] for t in tried]:
+            continue
+        need = _make(_with(cfg, offload, tiled), hw, arch, read_data=False).memory_gib
+        tried.append((offload, tiled, need))
+        if need <= FIT_SHARE * budget:
+            break
+    offload, tiled, need = tried[-1] if tried[-1][2] <= FIT_SHARE * budget else max(
+        tried, key=lambda t: (t[0] == "on") + (t[1] == "on"))
+    fastest = tried[0][2]
+    said = f"{FIT_SHARE:.0%} of the GPU's {budget:.1f} GiB"
+    reasons = {}
+    for key, value, name in (("activation_offloading", offload, "checkpoints in host memory"),
+                             ("tiled_mlp", tiled, "the MLP a slice at a time")):
+        if key not in auto:
+            continue
+        if value == "off":
+            reasons[key] = (f"model.{key}=auto: off, the run fits without it ({fastest:.1f} GiB estimated, within "
+                            f"{said})" if (offload, tiled) == tried[0][:2]
+                            else f"model.{key}=auto: off, not needed ({need:.1f} GiB estimated with the other saver, "
+                                 f"within {said})")
+        else:
+            reasons[key] = (f"model.{key}=auto: on ({name}): the run needs {fastest:.1f} GiB estimated without the "
+                            f"memory savers, over {said}; {need:.1f} with them")
+    return _with(cfg, offload, tiled), reasons
+
+
+def _with(cfg: RunConfig, offload: str | None = None, tiled: str | None = None) -> RunConfig:
+    """``cfg`` with these memory savers set (None: as it is)."""
+    update = {k: v for k, v in (("activation_offloading", offload), ("tiled_mlp", tiled)) if v is not None}
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=update)}) if update else cfg
+
+
+def _make(cfg: RunConfig, hw: Hardware, arch: Architecture, read_data: bool = True,
+          resume: Resume | None = None) -> Plan:
+    """The plan of ``cfg`` with its memory savers decided (``memory_savers``)."""
     backend, backend_why = _backend(cfg, hw)
     stage, frozen, stage_why, frozen_why = _zero(cfg)
     partitions = stage == 3 or frozen == "layer-shards"
@@ -624,7 +699,7 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
     plan = Plan(
         backend=backend, device=hw.device, workers=cfg.scaling.num_workers, zero_stage=stage, frozen_base=frozen,
         compile=compiled, liger_layers=liger_layers, loss=loss, attention=attention, checkpointed_layers=ckpt,
-        activation_offloading=cfg.model.activation_offloading, recompute_only=recompute,
+        activation_offloading=cfg.model.activation_offloading == "on", recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
         global_batch=global_batch, tiled_mlp=tiled, sequence_parallel=sp, elastic=elastic, memory_gib=None,
@@ -636,9 +711,9 @@ def make(cfg: RunConfig, hw: Hardware, arch: Architecture | None = None, read_da
             "zero_stage": stage_why, "frozen_base": frozen_why, "compile": compile_why, "liger_layers": liger_why,
             "loss": loss_why, "attention": attention_why, "tiled_mlp": tiled_why, "sequence_parallel": sp_why,
             "checkpointed_layers": ckpt_why,
-            "activation_offloading": ("model.activation_offloading=true: each checkpoint waits for backward in "
-                                      "pinned host memory" if cfg.model.activation_offloading
-                                      else "model.activation_offloading=false"),
+            "activation_offloading": ("model.activation_offloading=on: each checkpoint waits for backward in "
+                                      "pinned host memory" if cfg.model.activation_offloading == "on"
+                                      else "model.activation_offloading=off"),
             "recompute_only": ("compiled QLoRA layers: Inductor would otherwise save every dequantized weight"
                                if recompute else "nothing compiled holds a 4-bit weight"),
             "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
@@ -714,6 +789,9 @@ def resolved_config(cfg: RunConfig, plan: Plan) -> dict:
     m["compile"] = on_off(plan.compile)
     m["liger_kernel"] = on_off(plan.liger_layers or plan.loss == "liger-fused")
     m["attn_implementation"] = plan.attention
+    m["tiled_mlp"] = on_off(plan.tiled_mlp)
+    if cfg.model.gradient_checkpointing:
+        m["activation_offloading"] = on_off(plan.activation_offloading)
     out["data"]["streaming"] = on_off(plan.streaming)
     out["ray"]["local_mode"] = plan.in_process
     if cfg.method == "qlora":

@@ -83,9 +83,10 @@ def test_offloaded_checkpoints_hold_only_each_layers_input_and_change_no_gradien
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
-def test_activation_offloading_needs_checkpointing():
-    with pytest.raises(Exception, match="model.activation_offloading=true needs model.gradient_checkpointing"):
+def test_activation_offloading_needs_checkpointing_and_auto_without_it_stays_off():
+    with pytest.raises(Exception, match="model.activation_offloading=on needs model.gradient_checkpointing"):
         load(None, ["model.activation_offloading=true"])
+    assert load(None, ["model.activation_offloading=auto"]).model.activation_offloading == "auto"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])

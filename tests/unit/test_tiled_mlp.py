@@ -62,23 +62,48 @@ def test_a_tiled_mlp_gives_the_whole_mlps_loss_and_gradients_a_slice_at_a_time(t
     assert set(calls) == {50, 100} and len(calls) > len(whole_calls)
 
 
-def test_the_plan_tiles_where_a_rows_mlp_intermediates_are_large_and_says_why():
+def test_the_plan_turns_on_the_memory_savers_a_length_needs_and_no_more_and_says_why():
+    """``model.activation_offloading`` and ``model.tiled_mlp`` at ``auto``: off where the run fits the GPU without
+    them (both leave the layers uncompiled, the faster step), on in ``plan.SAVERS``' order where it does not; by
+    the MLP's size alone where the GPU's memory is not known; an explicit on or off honoured."""
+    from dataclasses import replace
+
     yarn = ("model.config_overrides={rope_parameters: {rope_type: yarn, factor: 8.0, "
             "original_max_position_embeddings: 8192, rope_theta: 500000}}")
 
-    def plan(*o):
+    def plan(*o, gpu=GPU):
         return P.make(C.load(None, ["model.name_or_path=meta-llama/Meta-Llama-3-8B", "method=qlora",
-                                    "model.gradient_checkpointing=true", yarn, *o]), GPU, read_data=False)
+                                    "model.gradient_checkpointing=true", yarn, *o]), gpu, read_data=False)
 
     short = plan("data.max_seq_len=4096")
-    assert not short.tiled_mlp and "under 2 GiB" in short.reasons["tiled_mlp"]
-    long = plan("data.max_seq_len=65536", "model.compile=auto")
-    assert long.tiled_mlp and "5.2 GiB of MLP intermediates a layer for 65,536 tokens" in long.reasons["tiled_mlp"]
-    assert not long.compile and "tiled MLP" in long.reasons["compile"]
+    assert not short.tiled_mlp and not short.activation_offloading and short.compile
+    assert "auto: off, the run fits without it" in short.reasons["tiled_mlp"]
+    long = plan("data.max_seq_len=65536")  # 36 GiB estimated without savers: fits an 80 GB GPU
+    assert not long.tiled_mlp and not long.activation_offloading and long.compile
+
+    small = replace(GPU, gpu_memory_gib=24.0)
+    need = plan("data.max_seq_len=65536", "model.activation_offloading=off", "model.tiled_mlp=off", gpu=small)
+    assert need.memory_gib > 0.9 * 24
+    saved = plan("data.max_seq_len=65536", gpu=small)
+    assert saved.memory_gib <= P.FIT_SHARE * 24 and saved.activation_offloading and not saved.compile
+    assert saved.reasons["activation_offloading"].startswith("model.activation_offloading=auto: on (checkpoints in")
+    assert f"needs {need.memory_gib:.1f} GiB estimated without the memory savers" in \
+        saved.reasons["activation_offloading"]
+    longest = plan("data.max_seq_len=262144", gpu=small)  # nothing fits: every saver, and the fit check refuses
+    assert longest.tiled_mlp and longest.activation_offloading and longest.memory_gib > 24
+
+    unknown = replace(GPU, gpu_memory_gib=None)
+    assert not plan("data.max_seq_len=4096", gpu=unknown).tiled_mlp
+    tiled = plan("data.max_seq_len=65536", "model.compile=auto", gpu=unknown)
+    assert tiled.tiled_mlp and "5.2 GiB of MLP intermediates a layer for 65,536 tokens" in tiled.reasons["tiled_mlp"]
+    assert not tiled.activation_offloading and "not known" in tiled.reasons["activation_offloading"]
+    assert not tiled.compile and "tiled MLP" in tiled.reasons["compile"]
     with pytest.raises(C.ConfigError, match="model.compile=on: the tiled MLP"):
-        plan("data.max_seq_len=65536", "model.compile=on")
-    assert not plan("data.max_seq_len=65536", "model.tiled_mlp=off").tiled_mlp
+        plan("data.max_seq_len=65536", "model.compile=on", "model.tiled_mlp=on")
+    assert not plan("data.max_seq_len=262144", "model.tiled_mlp=off", gpu=small).tiled_mlp
+    assert not plan("data.max_seq_len=262144", "model.activation_offloading=off", gpu=small).activation_offloading
     assert plan("data.max_seq_len=4096", "model.tiled_mlp=on").tiled_mlp
+    assert plan("data.max_seq_len=4096", "model.activation_offloading=true").activation_offloading  # YAML's on
 
 
 def test_the_estimate_counts_a_tiled_mlp_slice_not_the_rows_intermediates():
