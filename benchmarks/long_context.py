@@ -13,8 +13,8 @@ tries, and the command exits non-zero once the report is written.
 Every try is ``python -m ftcluster.train`` at that ``data.max_seq_len`` for ``--steps`` steps, with the estimator's
 prediction (the run's plan) beside what it measured, and the memory savers its plan used (checkpointed layers and
 where their checkpoints wait, the loss, attention). Rows are full: documents of synthetic text at least as long as
-the row, each cut to one row. ``--set`` adds overrides to every try (e.g. ``model.activation_offloading=on``; by default the plan turns
-on the memory savers a length needs, ``plan.memory_savers``).
+the row, each cut to one row. ``--set`` adds overrides to every try (e.g. ``model.activation_offloading=on``; by
+default each try's plan turns on the memory savers its length needs, ``plan.memory_savers``).
 
 ``--baseline unsloth`` (or ``hf``, ``hf-tuned``: ``benchmarks.hf_baseline``'s recipes) runs the peer at each timed
 length right after ftcluster's try, on the same model, documents, length, LoRA settings and optimizer, with its own
