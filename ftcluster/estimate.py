@@ -12,8 +12,8 @@ length tokens per step per GPU, L layers, H hidden size, I MLP size, kv = key/va
 Memory is used in three phases, and the peak is the largest:
 * backward start: what persists (weights, trainable copies, optimizer states) + the activations saved by the
   forward pass (and one recomputed layer under gradient checkpointing) + the loss's logits buffers;
-* through the layers: the same without the logits, with ZeRO's gradient buckets (taken at the first gradient)
-  and the 16-bit gradients as they arrive;
+* through the layers: the same without the logits, with ZeRO's gradient buckets (taken at the first gradient),
+  the 16-bit gradients as they arrive and the residual stream's gradients in and out of the layer in backward;
 * optimizer step: what persists + the 16-bit gradients + the fp32 gradient partition the optimizer reads (and
   ZeRO's buckets, which stay allocated until the next backward).
 Before them, loading: under ZeRO-3 the model is partitioned as it is built or loaded (ftcluster.models; a hub id
@@ -293,6 +293,9 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * kept_layer * t
     else:
         out["activations"] = shape.layers * kept_layer * t
+    # In backward, the residual stream's gradient through the layer being differentiated: the one it was given and
+    # the one it gives its input (2H each, bf16), beside what that layer saved.
+    out["hidden-state gradients (backward)"] = 4 * shape.hidden * t
     if run.fused_loss:
         # Liger's fused linear + cross-entropy: per chunk of rows, their logits in bf16 and float32 (6V a row),
         # with chunks of next_pow2(tokens / ceil(V / (scale * H))) rows (model.fused_loss_chunk_scale); the hidden
@@ -395,7 +398,7 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     # When the loss is computed no layer has been recomputed yet.
     backward_start = (saved - t.get("activations (one recomputed layer)", 0.0)
                       - t.get("dequantized weights of the recomputed layer", 0.0) + t["logits and loss"])
-    through_layers = saved + buckets + t["gradients (bf16)"]
+    through_layers = saved + buckets + t["gradients (bf16)"] + t["hidden-state gradients (backward)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
     allocated = max(backward_start, through_layers, step)
     gathered = t.get("ZeRO-3 gathered parameters", 0.0)

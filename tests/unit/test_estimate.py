@@ -44,11 +44,6 @@ eager layer is (the layers peaked at 4.91 GiB eager in the same H200 run: compil
 term for an uncheckpointed QLoRA layer's activations counts too much; the over-estimate is the safe side of a fit
 check, and no other run measures that term yet."""
 
-KNOWN_MISSES |= {"reports/long-context/2026-12-07-1xh100-lora-204k/results.json"}
-"""LoRA at 204,800 tokens of Llama-3-8B, checkpoints offloaded and the MLP tiled (1f4204a): 35.8 GiB allocated,
-estimated 32.1 (-10.5%). The same harness's other rows are under by less, growing with the row: QLoRA -3.7% at 65,536
-and -5.4% at 131,072 tokens, about 14-19 KB a token, the size of one float32 copy of the hidden states (4 x hidden
-bytes a token). Not yet traced to a tensor; no other LoRA row past 32k measures it."""
 
 def _row_case(row):
     missed = row["source"] in KNOWN_MISSES or (row["source"], row["run"]["method"]) in KNOWN_MISSES
