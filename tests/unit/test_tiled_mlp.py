@@ -78,7 +78,7 @@ def test_the_plan_turns_on_the_memory_savers_a_length_needs_and_no_more_and_says
     short = plan("data.max_seq_len=4096")
     assert not short.tiled_mlp and not short.activation_offloading and short.compile
     assert "auto: off, the run fits without it" in short.reasons["tiled_mlp"]
-    long = plan("data.max_seq_len=65536")  # 36 GiB estimated without savers: fits an 80 GB GPU
+    long = plan("data.max_seq_len=65536")  # 37 GiB estimated without savers: fits an 80 GB GPU
     assert not long.tiled_mlp and not long.activation_offloading and long.compile
 
     small = replace(GPU, gpu_memory_gib=24.0)
