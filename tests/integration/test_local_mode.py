@@ -39,7 +39,9 @@ def test_a_local_mode_run_trains_as_a_ray_worker_does_and_leaves_the_same_run_di
     assert "cluster: none (the worker runs in this process" in out and "Started a local Ray instance" not in out
     assert "ray modules: []" in out  # Ray Train's import alone took 1.0-1.3 s of a GPU host's start
     local = json.loads((tmp_path / "local" / "summary.json").read_text())
-    assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-5)  # same seed, data, code
+    # Same seed, data and code. bfloat16 on CPUs: Ray's worker and this process may run different intra-op thread
+    # counts, whose reductions round apart (1.4e-5 relative seen once in CI).
+    assert dict(local["losses"]) == pytest.approx(dict(on_ray["losses"]), rel=1e-4)
     assert local["final_step"] == on_ray["final_step"] == 6 and local["eval_loss"] == pytest.approx(on_ray["eval_loss"])
     kept = {d.name for d in (tmp_path / "local").glob("checkpoint_step*")}
     # The finished run keeps its final checkpoint only, whose model is final/ (on disk once).
