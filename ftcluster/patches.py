@@ -433,7 +433,7 @@ class _NoMlflowForDeepSpeedsAutotuner:
 
 def deepspeed_autotuner_without_mlflow() -> None:
     """``import deepspeed`` imports its autotuner, which imports mlflow where it is installed (the ``tracking``
-    extra): most of a second of every process's start, for autotuning experiments that ftcluster never runs.
+    extra), in every process's start, for autotuning experiments that ftcluster never runs.
     The autotuner falls back on the ImportError this finder gives it; every other import of mlflow (ftcluster's
     own ``tracking.mlflow``) goes on as usual, before or after."""
     if not any(isinstance(f, _NoMlflowForDeepSpeedsAutotuner) for f in sys.meta_path):

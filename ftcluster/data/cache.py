@@ -139,7 +139,7 @@ class ArrowRows:
 
 def _int32s(array):
     """A numpy view of an int32 Arrow array (a list column's offsets or values), no copy. ``Array.to_numpy`` gives
-    the same view but imports pandas to look for its extension types, a quarter of a second or more of every start."""
+    the same view but imports pandas to look for its extension types, which no run otherwise needs."""
     import numpy as np
     import pyarrow as pa
 

@@ -81,8 +81,8 @@ def test_deepspeeds_nvtx_switch_is_read_by_its_range_decorator_and_its_zero3_gat
 
 
 def test_deepspeeds_autotuner_imports_without_mlflow_and_mlflow_still_imports_after_it():
-    """Where the ``tracking`` extra installed mlflow, ``import deepspeed`` imported it for its autotuner (most of a
-    second of every start); ftcluster's import refuses it to that module alone. In a fresh interpreter."""
+    """Where the ``tracking`` extra installed mlflow, ``import deepspeed`` imported it for its autotuner, in every
+    start; ftcluster's import refuses it to that module alone. In a fresh interpreter."""
     import subprocess
     import sys
 
