@@ -40,12 +40,18 @@ PATCHES = (
           "a built model's config names its attention implementation in _attn_implementation"),
     Patch("expandable_segments_now", "torch", ">=2.11,<2.15",
           "applies the allocator setting to an allocator already running (torch._C._accelerator_setAllocatorSettings)"),
+    Patch("torch_extension_locks_with_owner", "torch", ">=2.11,<2.15",
+          "cpp_extension._jit_compile takes its build directory's lock as FileBaton(<dir>/lock), builds only if "
+          "try_acquire() succeeds and otherwise waits for the file to go (pytorch/pytorch#189245)"),
     Patch("cache_custom_autograd_functions", "torch", ">=2.11,<2.15",
           "AOTAutograd's cache keeps graphs holding a custom autograd.Function only behind a flag "
           "(pytorch/pytorch#149751)"),
     Patch("deepspeed_autotuner_without_mlflow", "deepspeed", ">=0.19,<0.20",
           "deepspeed.autotuning.autotuner, imported by every `import deepspeed`, imports mlflow where installed "
           "(for autotuning experiments) and falls back on any exception"),
+    Patch("deepspeed_without_shm_op", "deepspeed", ">=0.19,<0.20",
+          "deepspeed.comm.torch.TorchBackend builds its CPU shared-memory op by the module's build_shm_op(), and uses "
+          "it only in inference_all_reduce"),
     Patch("deepspeed_nvtx", "deepspeed", ">=0.19,<0.20",
           "DeepSpeed's NVTX ranges are a module switch (deepspeed.utils.nvtx.enable_nvtx)"),
     Patch("tiled_mlp_function", "deepspeed", ">=0.19,<0.20",
@@ -307,6 +313,127 @@ def expandable_segments_now() -> None:
     setter("expandable_segments:True")
 
 
+LOCK_NOTICE_AFTER_S = 60.0
+"""How long a JIT build waits on another process's lock before saying which lock, whose, and how to clear it."""
+
+
+def torch_extension_locks_with_owner() -> None:
+    """torch's JIT builds of C++ ops (DeepSpeed's CPU Adam under optimizer offload, among others) hold a lock *file*
+    in the op's build directory, which a process killed while holding it (Slurm's preemption, the OOM killer, a
+    SIGKILL after a grace period) leaves behind: every later build of that op, on every node that shares the
+    directory, then waits on it forever, printing nothing (pytorch/pytorch#189245). Here the lock names its holder
+    (host, PID and the PID's start time): a process on the holder's host removes a lock whose holder is gone and
+    builds the op itself, whether the lock was there when it came or its holder died while it waited; a process
+    elsewhere cannot tell, and says after ``LOCK_NOTICE_AFTER_S`` which lock it waits on, whose it is and how to
+    clear it."""
+    import torch.utils.cpp_extension as ext
+
+    if getattr(ext.FileBaton, "names_its_holder", False):
+        return
+    ext.FileBaton = _baton_naming_its_holder(ext.FileBaton)
+    build = ext._jit_compile
+
+    @functools.wraps(build)
+    def build_again_if_the_holder_died(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except _HolderGone:
+            # Its lock is removed: this process builds the op now. torch builds only an op whose sources changed
+            # since this process last asked for it, which the first call recorded.
+            ext.JIT_EXTENSION_VERSIONER.entries.pop(kwargs.get("name", args[0] if args else None), None)
+            return build(*args, **kwargs)
+
+    ext._jit_compile = build_again_if_the_holder_died
+
+
+class _HolderGone(Exception):
+    pass
+
+
+def _holder_line() -> str:
+    import socket
+
+    return f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n"
+
+
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), which a reused PID does not share; "-" elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"
+
+
+def _holder_gone(line: str) -> bool:
+    """Whether the lock's holder, as its line names it, was a process on this host that no longer runs."""
+    import socket
+
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False  # another host's, or a lock taken without ftcluster: it cannot be judged from here
+    pid, started = int(parts[1]), parts[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    return started != "-" and _started(pid) not in (started, "-")  # the PID now another process's
+
+
+def _baton_naming_its_holder(FileBaton):
+    import time
+
+    class BatonNamingItsHolder(FileBaton):
+        names_its_holder = True
+
+        def _remove_if_holder_gone(self) -> bool:
+            try:
+                with open(self.lock_file_path) as f:
+                    line = f.read()
+            except FileNotFoundError:
+                return False
+            if not _holder_gone(line):
+                return False
+            print(f"ftcluster: removed {self.lock_file_path}, left by a build whose process ({line.split()[1]}) "
+                  "died holding it", file=sys.stderr, flush=True)
+            try:
+                os.unlink(self.lock_file_path)
+            except FileNotFoundError:
+                pass  # another waiter removed it first
+            return True
+
+        def try_acquire(self) -> bool:
+            self._remove_if_holder_gone()
+            if not super().try_acquire():
+                return False
+            with open(self.lock_file_path, "w") as f:  # torch's own descriptor is read-only
+                f.write(_holder_line())
+            return True
+
+        def wait(self) -> None:
+            start = time.monotonic()
+            told = False
+            while os.path.exists(self.lock_file_path):
+                if self._remove_if_holder_gone():
+                    raise _HolderGone(self.lock_file_path)
+                time.sleep(self.wait_seconds)
+                if not told and time.monotonic() - start > LOCK_NOTICE_AFTER_S:
+                    told = True
+                    try:
+                        holder = open(self.lock_file_path).read().split()
+                    except FileNotFoundError:
+                        continue
+                    whose = (f"PID {holder[1]} on {holder[0]}" if len(holder) == 3
+                             else "a process that did not name itself")
+                    print(f"ftcluster: waiting on {self.lock_file_path}, held by {whose} building the op; if no "
+                          "such build is running (its job was killed), delete that file and start this run again",
+                          file=sys.stderr, flush=True)
+
+    return BatonNamingItsHolder
+
+
 def cache_custom_autograd_functions() -> None:
     """Let AOTAutograd's cache keep a graph that holds a custom ``autograd.Function`` (QLoRA's 4-bit matmul,
     ftcluster.linear4bit): otherwise every start traces and partitions the QLoRA layer again. PyTorch checked that
@@ -438,6 +565,17 @@ def deepspeed_autotuner_without_mlflow() -> None:
     own ``tracking.mlflow``) goes on as usual, before or after."""
     if not any(isinstance(f, _NoMlflowForDeepSpeedsAutotuner) for f in sys.meta_path):
         sys.meta_path.insert(0, _NoMlflowForDeepSpeedsAutotuner())
+
+
+def deepspeed_without_shm_op() -> None:
+    """On CPUs, DeepSpeed's torch backend JIT-builds its shared-memory all-reduce op when it joins the process group,
+    for ``inference_all_reduce`` alone, which training never calls: a C++ build at the first start on a host, and
+    the ninja check and the build directory's lock at every later one. Training runs without it, as on GPUs (where
+    DeepSpeed has no such op)."""
+    import importlib
+
+    # By its module's name: ``deepspeed.comm.torch`` as an attribute is the torch library, which the package imports.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def deepspeed_nvtx(enabled: bool) -> None:

@@ -314,3 +314,20 @@ def test_the_evaluation_wrapper_of_ligers_forward_skips_the_logits_and_still_sho
     assert calls == [{"skip_logits": True, "chunk_mem_const": 16}, {"chunk_mem_const": 16}]
     # What the built-run check reads: a wrapped forward that hid Liger's refused every run with the fused loss.
     assert built._module_of(vars(model)["forward"]).startswith("liger_kernel")
+
+
+def test_torchs_jit_build_locks_by_a_file_baton_and_deepspeed_builds_its_cpu_op_by_name():
+    """What torch_extension_locks_with_owner and deepspeed_without_shm_op replace (their effect:
+    tests/integration/test_extension_locks.py and test_bad_inputs.py)."""
+    import importlib
+
+    import torch.utils.cpp_extension as ext
+
+    source = inspect.getsource(ext._jit_compile)
+    assert "FileBaton(os.path.join(build_directory, 'lock'))" in source and "baton.wait()" in source
+    assert isinstance(ext.JIT_EXTENSION_VERSIONER.entries, dict)
+    backend = importlib.import_module("deepspeed.comm.torch")
+    assert "build_shm_op()" in inspect.getsource(backend.TorchBackend.__init__)
+    users = [name for name, f in inspect.getmembers(backend.TorchBackend, inspect.isfunction)
+             if "shm_comm_op" in inspect.getsource(f) or "inference_all_reduce_" in inspect.getsource(f)]
+    assert users == ["__init__", "inference_all_reduce"]
