@@ -322,10 +322,10 @@ def torch_extension_locks_with_owner() -> None:
     in the op's build directory, which a process killed while holding it (Slurm's preemption, the OOM killer, a
     SIGKILL after a grace period) leaves behind: every later build of that op, on every node that shares the
     directory, then waits on it forever, printing nothing (pytorch/pytorch#189245). Here the lock names its holder
-    (host, PID and the PID's start time): a process on the holder's host removes a lock whose holder is gone and
-    builds the op itself, whether the lock was there when it came or its holder died while it waited; a process
-    elsewhere cannot tell, and says after ``LOCK_NOTICE_AFTER_S`` which lock it waits on, whose it is and how to
-    clear it."""
+    (host, PID and the PID's start time): a process on the holder's host takes over a lock whose holder is gone
+    and builds the op itself, whether the lock was there when it came or its holder died while it waited; a
+    process elsewhere cannot tell, and says after ``LOCK_NOTICE_AFTER_S`` which lock it waits on, whose it is and
+    how to clear it."""
     import torch.utils.cpp_extension as ext
 
     if getattr(ext.FileBaton, "names_its_holder", False):
@@ -338,8 +338,8 @@ def torch_extension_locks_with_owner() -> None:
         try:
             return build(*args, **kwargs)
         except _HolderGone:
-            # Its lock is removed: this process builds the op now. torch builds only an op whose sources changed
-            # since this process last asked for it, which the first call recorded.
+            # Its lock is this process's now: build the op. torch builds only an op whose sources changed since
+            # this process last asked for it, which the first call recorded.
             ext.JIT_EXTENSION_VERSIONER.entries.pop(kwargs.get("name", args[0] if args else None), None)
             return build(*args, **kwargs)
 
@@ -351,9 +351,18 @@ class _HolderGone(Exception):
 
 
 def _holder_line() -> str:
+    return f"{_this_host()} {os.getpid()} {_started(os.getpid())}\n"
+
+
+def _this_host() -> str:
+    """The host name, and the PID namespace where there is one: containers sharing a host name do not share PIDs."""
     import socket
 
-    return f"{socket.gethostname()} {os.getpid()} {_started(os.getpid())}\n"
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:")
+    except OSError:
+        namespace = ""
+    return socket.gethostname() + namespace
 
 
 def _started(pid: int) -> str:
@@ -367,10 +376,8 @@ def _started(pid: int) -> str:
 
 def _holder_gone(line: str) -> bool:
     """Whether the lock's holder, as its line names it, was a process on this host that no longer runs."""
-    import socket
-
     parts = line.split()
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+    if len(parts) != 3 or parts[0] != _this_host() or not parts[1].isdigit():
         return False  # another host's, or a lock taken without ftcluster: it cannot be judged from here
     pid, started = int(parts[1]), parts[2]
     try:
@@ -383,29 +390,41 @@ def _holder_gone(line: str) -> bool:
 
 
 def _baton_naming_its_holder(FileBaton):
+    import fcntl
     import time
 
     class BatonNamingItsHolder(FileBaton):
         names_its_holder = True
 
-        def _remove_if_holder_gone(self) -> bool:
-            try:
-                with open(self.lock_file_path) as f:
-                    line = f.read()
-            except FileNotFoundError:
-                return False
-            if not _holder_gone(line):
-                return False
-            print(f"ftcluster: removed {self.lock_file_path}, left by a build whose process ({line.split()[1]}) "
-                  "died holding it", file=sys.stderr, flush=True)
-            try:
-                os.unlink(self.lock_file_path)
-            except FileNotFoundError:
-                pass  # another waiter removed it first
+        def _take_over_if_holder_gone(self) -> bool:
+            """Make the lock this process's if its holder died. The lock file stays in place throughout, so the other
+            waiters go on waiting, now on this process; they check one at a time (a kernel lock on a file beside
+            it, released if one dies), so only one takes it over."""
+            with open(self.lock_file_path + ".check", "a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                try:
+                    with open(self.lock_file_path) as f:
+                        line = f.read()
+                except FileNotFoundError:
+                    return False
+                if not _holder_gone(line):
+                    return False
+                with open(self.lock_file_path, "w") as f:
+                    f.write(_holder_line())
+            print(f"ftcluster: took over {self.lock_file_path}, left by a build whose process ({line.split()[1]}) "
+                  "died holding it; building the op here", file=sys.stderr, flush=True)
             return True
 
+        def _ours(self) -> bool:
+            try:
+                with open(self.lock_file_path) as f:
+                    return f.read() == _holder_line()
+            except FileNotFoundError:
+                return False
+
         def try_acquire(self) -> bool:
-            self._remove_if_holder_gone()
+            if self._ours() or self._take_over_if_holder_gone():
+                return True  # release() removes the file; it has no descriptor of ours to close
             if not super().try_acquire():
                 return False
             with open(self.lock_file_path, "w") as f:  # torch's own descriptor is read-only
@@ -416,7 +435,7 @@ def _baton_naming_its_holder(FileBaton):
             start = time.monotonic()
             told = False
             while os.path.exists(self.lock_file_path):
-                if self._remove_if_holder_gone():
+                if self._take_over_if_holder_gone():
                     raise _HolderGone(self.lock_file_path)
                 time.sleep(self.wait_seconds)
                 if not told and time.monotonic() - start > LOCK_NOTICE_AFTER_S:
@@ -425,7 +444,7 @@ def _baton_naming_its_holder(FileBaton):
                         holder = open(self.lock_file_path).read().split()
                     except FileNotFoundError:
                         continue
-                    whose = (f"PID {holder[1]} on {holder[0]}" if len(holder) == 3
+                    whose = (f"PID {holder[1]} on {holder[0].split('[')[0]}" if len(holder) == 3
                              else "a process that did not name itself")
                     print(f"ftcluster: waiting on {self.lock_file_path}, held by {whose} building the op; if no "
                           "such build is running (its job was killed), delete that file and start this run again",

@@ -62,7 +62,7 @@ def _built(builder: subprocess.Popen, build: Path) -> str:
     return err
 
 
-def test_a_lock_left_by_a_killed_build_on_this_host_is_removed_and_the_op_built(op):
+def test_a_lock_left_by_a_killed_build_on_this_host_is_taken_over_and_the_op_built(op):
     """Without the patch the build waits on the lock forever."""
     source, build = op
     holder = _hold(build / "lock")
@@ -70,21 +70,26 @@ def test_a_lock_left_by_a_killed_build_on_this_host_is_removed_and_the_op_built(
     holder.wait()
     assert (build / "lock").exists()
     err = _built(_build(source, build), build)
-    assert f"removed {build / 'lock'}, left by a build whose process ({holder.pid}) died holding it" in err
+    assert f"took over {build / 'lock'}, left by a build whose process ({holder.pid}) died holding it" in err
     assert not (build / "lock").exists()
 
 
-def test_a_build_waits_on_a_live_holder_and_builds_once_the_holder_dies(op):
+def test_builds_wait_on_a_live_holder_and_when_it_dies_one_takes_over_and_all_load_the_op(op):
+    """Several workers of a node waiting on one build: when its process dies, one of them builds, the others wait
+    on that one (none loads the op before it is built, none builds it beside another)."""
     source, build = op
     holder = _hold(build / "lock")
     try:
-        builder = _build(source, build)
+        builders = [_build(source, build) for _ in range(3)]
         time.sleep(4)
-        assert builder.poll() is None and (build / "lock").exists(), "the waiting build took a live holder's lock"
+        assert all(b.poll() is None for b in builders) and (build / "lock").exists(), \
+            "a waiting build took a live holder's lock"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    _built(builder, build)
+    errs = [_built(b, build) for b in builders]
+    assert sum("took over" in err for err in errs) == 1, errs
+    assert not (build / "lock").exists()
 
 
 def test_a_lock_held_on_another_host_is_waited_on_and_named(op, tmp_path):
