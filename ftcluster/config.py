@@ -403,8 +403,9 @@ class TrackingConfig(Section):
 
 class ResourcesConfig(Section):
     gpu_memory_gib: float | None = Field(None, gt=0)
-    """Memory of each worker's GPU. None: what NVML reports for the GPUs the driver can see (on a cluster whose
-    head has none, set it). The driver refuses a run the memory estimator says will not fit."""
+    """Memory of each worker's GPU. None: what NVML reports for the smallest GPU the driver can see, or once it
+    joins a Ray cluster, on the cluster's GPU nodes (set it where an autoscaler has yet to start them). The driver
+    refuses a run the memory estimator says will not fit."""
     check_fit: bool = True
     """False (or ``--force``): start a run the estimator says will not fit."""
 

@@ -52,6 +52,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     if started_on != hw:  # a Ray cluster's GPUs: the same decisions, made with the hardware the workers have
         hw, plan = started_on, P.make(cfg, started_on, resume=resume)
         fit = preflight.check_fit(cfg, plan, hw, force)
+        host = preflight.check_host_memory(cfg, plan, hw, force)
     print(plan.describe(), flush=True)
     print(fit, flush=True)
     if host:

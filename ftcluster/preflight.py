@@ -180,23 +180,25 @@ def check_host_memory(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = 
     if plan.device != "cuda" or not plan.activation_offloading or hw.host_memory_gib is None:
         return None
     shape, run = P.architecture(cfg).shape, P.estimator_run(cfg, plan)
-    workers = cfg.scaling.num_workers
+    # On a Ray cluster's node, as many workers as it has GPUs; on this host, all of them.
+    workers = min(cfg.scaling.num_workers, hw.gpus_per_host or cfg.scaling.num_workers)
     need = workers * estimate.host_checkpoints(shape, run) / estimate.GiB
     usable = HOST_SHARE * hw.host_memory_gib
+    where = "this host" if hw.gpus_per_host is None else hw.memory_source
     line = (f"host memory: offloaded checkpoints {need:.1f} GiB for {workers} worker(s) of the "
-            f"{hw.host_memory_gib:.1f} GiB this host has available")
+            f"{hw.host_memory_gib:.1f} GiB available on {where}")
     if need <= usable:
         return line
     per_token = need / (run.seq_len // run.sequence_parallel * run.micro_batch)
     longest = int(usable / per_token) * run.sequence_parallel // run.micro_batch // 256 * 256
     message = (f"model.activation_offloading keeps each checkpointed layer's input in pinned host memory until "
-               f"backward: {need:.1f} GiB for the {workers} worker(s) on this host at data.max_seq_len="
-               f"{cfg.data.max_seq_len}, and it has {hw.host_memory_gib:.1f} GiB available ({HOST_SHARE:.0%} of it "
-               f"for them). "
+               f"backward: {need:.1f} GiB for the {workers} worker(s) on one host at data.max_seq_len="
+               f"{cfg.data.max_seq_len}, and {where} has {hw.host_memory_gib:.1f} GiB available ({HOST_SHARE:.0%} "
+               f"of it for them). "
                + (f"Lower data.max_seq_len to {longest}, " if longest else "")
                + "checkpoint fewer layers (model.checkpointed_layers), split each row over GPUs "
-               "(scaling.sequence_parallel), or free memory on this host; --force (or resources.check_fit=false) "
-               "starts it anyway.")
+               "(scaling.sequence_parallel), or free memory on the workers' hosts; --force (or "
+               "resources.check_fit=false) starts it anyway.")
     if force or not cfg.resources.check_fit:
         return line + f"; started anyway (--force). {message}"
     raise ConfigError(message)

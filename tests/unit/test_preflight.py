@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -153,11 +154,12 @@ def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longe
         hw = Hardware(device="cuda", device_source="test", gpu_memory_gib=80, host_memory_gib=gib)
         return preflight.check_host_memory(c, plan.make(c, hw, read_data=False), hw, force)
 
-    assert host(124) == "host memory: offloaded checkpoints 88.0 GiB for 1 worker(s) of the 124.0 GiB this host has available"
+    assert host(124) == "host memory: offloaded checkpoints 88.0 GiB for 1 worker(s) of the 124.0 GiB available on this host"
     with pytest.raises(C.ConfigError) as refused:
         host(64)
     # 90% of 64 GiB holds 57.6 GiB of checkpoints: 235,929 tokens, 235,776 in multiples of 256.
-    assert "88.0 GiB for the 1 worker(s) on this host at data.max_seq_len=360448" in str(refused.value)
+    assert "88.0 GiB for the 1 worker(s) on one host at data.max_seq_len=360448, and this host has 64.0" in str(
+        refused.value)
     assert "Lower data.max_seq_len to 235776," in str(refused.value)
     with pytest.raises(C.ConfigError, match="176.0 GiB for the 2 worker"):  # two workers on one host: twice
         host(124, cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 2})}))
@@ -166,3 +168,13 @@ def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longe
     assert host(8, off) is None  # nothing offloaded: nothing to check
     unknown = Hardware(device="cuda", device_source="test", gpu_memory_gib=80)  # a cluster's hosts: not known here
     assert preflight.check_host_memory(cfg, plan.make(cfg, unknown, read_data=False), unknown) is None
+    # A joined Ray cluster's nodes of 4 GPUs each: 4 of 8 workers share a node's memory.
+    eight = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 8})})
+    nodes = Hardware(device="cuda", device_source="test", gpu_memory_gib=80, host_memory_gib=500, gpus_per_host=4,
+                     memory_source="the smallest of the Ray cluster's 2 node(s) with GPUs")
+    with pytest.raises(C.ConfigError, match=r"352.0 GiB for the 4 worker\(s\) on one host .* and the smallest of the "
+                                            r"Ray cluster's 2 node\(s\) with GPUs has 300.0 GiB"):
+        preflight.check_host_memory(eight, plan.make(eight, nodes, read_data=False),
+                                    replace(nodes, host_memory_gib=300))
+    assert "352.0 GiB for 4 worker(s) of the 500.0 GiB available on the smallest" in preflight.check_host_memory(
+        eight, plan.make(eight, nodes, read_data=False), nodes)
