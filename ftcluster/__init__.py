@@ -7,3 +7,5 @@ _patches.quiet_bitsandbytes_cpu_notice()
 _patches.quiet_liger_backend_discovery()
 # Before anything imports DeepSpeed.
 _patches.deepspeed_autotuner_without_mlflow()
+# As torch's C++ extension builder and DeepSpeed's torch backend are imported.
+_patches.on_import()

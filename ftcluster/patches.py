@@ -113,6 +113,47 @@ for _message in _out_of_range():
     warnings.warn(_message, RuntimeWarning, stacklevel=2)
 
 
+class _OnImport:
+    """A meta path finder that hands a module to its patch as soon as the module has run, whoever imports it."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches
+
+    def find_spec(self, name, path=None, target=None):
+        patch = self.patches.get(name)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        run = spec.loader.exec_module  # the loader is this module's own
+
+        def run_then_patch(module):
+            run(module)
+            patch(module)
+
+        spec.loader.exec_module = run_then_patch
+        return spec
+
+
+def on_import() -> None:
+    """The patches that must hold wherever their module is used (a worker, a test building one part, a notebook),
+    applied as the module is imported, or now where it already is. Importing ftcluster installs them; the libraries
+    are not imported for it."""
+    patches = {"torch.utils.cpp_extension": torch_extension_locks_with_owner,
+               "deepspeed.comm.torch": deepspeed_without_shm_op}
+    if not any(isinstance(f, _OnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnImport(patches))
+    for name, patch in patches.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ray
 
@@ -317,7 +358,7 @@ LOCK_NOTICE_AFTER_S = 60.0
 """How long a JIT build waits on another process's lock before saying which lock, whose, and how to clear it."""
 
 
-def torch_extension_locks_with_owner() -> None:
+def torch_extension_locks_with_owner(ext=None) -> None:
     """torch's JIT builds of C++ ops (DeepSpeed's CPU Adam under optimizer offload, among others) hold a lock *file*
     in the op's build directory, which a process killed while holding it (Slurm's preemption, the OOM killer, a
     SIGKILL after a grace period) leaves behind: every later build of that op, on every node that shares the
@@ -325,8 +366,9 @@ def torch_extension_locks_with_owner() -> None:
     (host, PID and the PID's start time): a process on the holder's host takes over a lock whose holder is gone
     and builds the op itself, whether the lock was there when it came or its holder died while it waited; a
     process elsewhere cannot tell, and says after ``LOCK_NOTICE_AFTER_S`` which lock it waits on, whose it is and
-    how to clear it."""
-    import torch.utils.cpp_extension as ext
+    how to clear it. ``ext``: ``torch.utils.cpp_extension``, as it finishes importing (``on_import``)."""
+    if ext is None:
+        import torch.utils.cpp_extension as ext
 
     if getattr(ext.FileBaton, "names_its_holder", False):
         return
@@ -586,15 +628,19 @@ def deepspeed_autotuner_without_mlflow() -> None:
         sys.meta_path.insert(0, _NoMlflowForDeepSpeedsAutotuner())
 
 
-def deepspeed_without_shm_op() -> None:
+def deepspeed_without_shm_op(backend=None) -> None:
     """On CPUs, DeepSpeed's torch backend JIT-builds its shared-memory all-reduce op when it joins the process group,
     for ``inference_all_reduce`` alone, which training never calls: a C++ build at the first start on a host, and
     the ninja check and the build directory's lock at every later one. Training runs without it, as on GPUs (where
-    DeepSpeed has no such op)."""
-    import importlib
+    DeepSpeed has no such op); so would DeepSpeed's CPU inference in a process that imported ftcluster, through
+    torch's all-reduce. ``backend``: ``deepspeed.comm.torch``, as it finishes importing (``on_import``)."""
+    if backend is None:
+        import importlib
 
-    # By its module's name: ``deepspeed.comm.torch`` as an attribute is the torch library, which the package imports.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # By its module's name: ``deepspeed.comm.torch`` as an attribute is the torch library, which the package
+        # imports.
+        backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
 
 
 def deepspeed_nvtx(enabled: bool) -> None:

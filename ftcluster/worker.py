@@ -91,9 +91,6 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
     driver's checked tokenizer and rows (preflight.Inputs), for a worker in its process; ``load_universal``: the
     engine will resume from a universal checkpoint. Returns the loop's state and the tokenizer (saved beside final
     models)."""
-    # Before DeepSpeed joins the process group or builds an op.
-    patches.torch_extension_locks_with_owner()
-    patches.deepspeed_without_shm_op()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         use_expandable_segments()

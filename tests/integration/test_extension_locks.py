@@ -16,8 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from ftcluster import patches
-    patches.torch_extension_locks_with_owner()
+    import ftcluster  # installs the patch, which applies as torch's extension builder is imported
     import torch.utils.cpp_extension as ext
     assert ext.FileBaton(sys.argv[1]).try_acquire()
     print("held", flush=True)
@@ -27,7 +26,6 @@ HOLD = textwrap.dedent("""
 BUILD = textwrap.dedent("""
     import sys
     from ftcluster import patches
-    patches.torch_extension_locks_with_owner()
     patches.LOCK_NOTICE_AFTER_S = 1.0
     import torch.utils.cpp_extension as ext
     ext.load("answer", [sys.argv[1]], build_directory=sys.argv[2], is_python_module=False)

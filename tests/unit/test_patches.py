@@ -331,3 +331,19 @@ def test_torchs_jit_build_locks_by_a_file_baton_and_deepspeed_builds_its_cpu_op_
     users = [name for name, f in inspect.getmembers(backend.TorchBackend, inspect.isfunction)
              if "shm_comm_op" in inspect.getsource(f) or "inference_all_reduce_" in inspect.getsource(f)]
     assert users == ["__init__", "inference_all_reduce"]
+
+
+@pytest.mark.parametrize("first", ["ftcluster", "the libraries"])
+def test_the_lock_and_shm_op_patches_hold_however_the_process_imports_torchs_builder_and_deepspeed(first):
+    """Wherever DeepSpeed joins a process group (a worker, a ZeRO-3 build a test makes rank by rank, a notebook),
+    importing ftcluster first or last. In a fresh interpreter."""
+    import subprocess
+    import sys
+
+    libraries = "import deepspeed, torch.utils.cpp_extension as ext; "
+    probe = (("import ftcluster; " + libraries) if first == "ftcluster" else (libraries + "import ftcluster; ")) + (
+        "import importlib; backend = importlib.import_module('deepspeed.comm.torch'); "
+        "assert backend.build_shm_op() is None, 'the shm op'; "
+        "assert ext.FileBaton.names_its_holder, 'the lock'")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
