@@ -442,27 +442,28 @@ def _baton_naming_its_holder(FileBaton):
             """Make the lock this process's if its holder died. The lock file stays in place throughout, so the other
             waiters go on waiting, now on this process; they check one at a time (a kernel lock on a file beside
             it, released if one dies), so only one takes it over."""
+            if not _holder_gone(self._holder()):
+                return False  # the common case, a holder at work, seen without the guard
             with open(self.lock_file_path + ".check", "a") as guard:
                 fcntl.flock(guard, fcntl.LOCK_EX)
-                try:
-                    with open(self.lock_file_path) as f:
-                        line = f.read()
-                except FileNotFoundError:
-                    return False
+                line = self._holder()
                 if not _holder_gone(line):
-                    return False
+                    return False  # released, or already taken over by another waiter
                 with open(self.lock_file_path, "w") as f:
                     f.write(_holder_line())
             print(f"ftcluster: took over {self.lock_file_path}, left by a build whose process ({line.split()[1]}) "
                   "died holding it; building the op here", file=sys.stderr, flush=True)
             return True
 
-        def _ours(self) -> bool:
+        def _holder(self) -> str:
             try:
                 with open(self.lock_file_path) as f:
-                    return f.read() == _holder_line()
+                    return f.read()
             except FileNotFoundError:
-                return False
+                return ""
+
+        def _ours(self) -> bool:
+            return self._holder() == _holder_line()
 
         def try_acquire(self) -> bool:
             if self._ours() or self._take_over_if_holder_gone():
@@ -482,10 +483,7 @@ def _baton_naming_its_holder(FileBaton):
                 time.sleep(self.wait_seconds)
                 if not told and time.monotonic() - start > LOCK_NOTICE_AFTER_S:
                     told = True
-                    try:
-                        holder = open(self.lock_file_path).read().split()
-                    except FileNotFoundError:
-                        continue
+                    holder = self._holder().split()
                     whose = (f"PID {holder[1]} on {holder[0].split('[')[0]}" if len(holder) == 3
                              else "a process that did not name itself")
                     print(f"ftcluster: waiting on {self.lock_file_path}, held by {whose} building the op; if no "

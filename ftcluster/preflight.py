@@ -180,8 +180,9 @@ def check_host_memory(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = 
     if plan.device != "cuda" or not plan.activation_offloading or hw.host_memory_gib is None:
         return None
     shape, run = P.architecture(cfg).shape, P.estimator_run(cfg, plan)
-    # On a Ray cluster's node, as many workers as it has GPUs; on this host, all of them.
-    workers = min(cfg.scaling.num_workers, hw.gpus_per_host or cfg.scaling.num_workers)
+    # On a Ray cluster's node, as many workers as its GPUs hold; on this host, all of them.
+    per_host = max(1, int(hw.gpus_per_host / cfg.scaling.gpus_per_worker)) if hw.gpus_per_host else None
+    workers = min(cfg.scaling.num_workers, per_host or cfg.scaling.num_workers)
     need = workers * estimate.host_checkpoints(shape, run) / estimate.GiB
     usable = HOST_SHARE * hw.host_memory_gib
     where = "this host" if hw.gpus_per_host is None else hw.memory_source

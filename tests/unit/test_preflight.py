@@ -178,3 +178,6 @@ def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longe
                                     replace(nodes, host_memory_gib=300))
     assert "352.0 GiB for 4 worker(s) of the 500.0 GiB available on the smallest" in preflight.check_host_memory(
         eight, plan.make(eight, nodes, read_data=False), nodes)
+    halves = eight.model_copy(update={"scaling": eight.scaling.model_copy(update={"gpus_per_worker": 0.5})})
+    with pytest.raises(C.ConfigError, match=r"704.0 GiB for the 8 worker\(s\) on one host"):  # two to a GPU
+        preflight.check_host_memory(halves, plan.make(halves, nodes, read_data=False), nodes)
