@@ -13,7 +13,7 @@ from typing import Protocol
 
 from ftcluster import cluster, collector, patches, worker
 from ftcluster.config import ConfigError, RunConfig, from_dict
-from ftcluster.hardware import Hardware, node_memory, on_ray_cluster
+from ftcluster.hardware import Hardware, node_memory, on_ray_cluster, with_node_memory
 from ftcluster.plan import Plan
 from ftcluster.progress import ProgressLog
 from ftcluster.records import WorkerRecord
@@ -160,9 +160,9 @@ class OnRay:
         started = time.time()
         self.own_cluster = cluster.join(cfg) if not ray.is_initialized() else False
         patches.quiet_ray_preemption_watcher_notice()
-        resources = ray.cluster_resources()
-        use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else resources.get("GPU", 0) > 0
-        hw = on_ray_cluster(cfg, hw, resources, node_memory(use_gpu))
+        hw = on_ray_cluster(cfg, hw, ray.cluster_resources())
+        if hw.device == "cuda":  # only a GPU run's checks read the nodes' memory
+            hw = with_node_memory(cfg, hw, node_memory())
         print(f"cluster: {time.time() - started:.1f} s, "
               f"{'started' if self.own_cluster else 'joined'}", flush=True)
         return hw

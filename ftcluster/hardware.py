@@ -35,8 +35,8 @@ class Hardware:
     gpus_per_host: int | None = None
     """The most GPUs one of a joined Ray cluster's nodes has: as many workers may share its host memory. None where
     the workers run on this host (all of them share it)."""
-    memory_source: str = "this host"
-    """Where ``gpu_memory_gib`` and ``host_memory_gib`` came from, for the lines that print them."""
+    host_memory_source: str = "this host"
+    """Whose ``host_memory_gib`` it is, for the lines that print it."""
 
     @classmethod
     def gpu(cls, gpu_memory_gib: float | None = None, liger_installed: bool | None = None) -> "Hardware":
@@ -132,14 +132,14 @@ def _node_memory() -> dict:
     return {"gpu_memory_gib": visible_gpu_memory_gib(), "host_memory_gib": available_host_memory_gib()}
 
 
-def node_memory(use_gpu: bool, timeout_s: float = 30.0) -> list[dict]:
-    """The memory of the nodes the workers can run on (those with GPUs, for a GPU run), each from a task pinned to
-    the node (it takes no CPU, so it waits for none): ``{"gpu_memory_gib", "host_memory_gib", "gpus"}`` per node
-    that answered within ``timeout_s``. Nodes an autoscaler has not started yet are not among them."""
+def node_memory(timeout_s: float = 30.0) -> list[dict]:
+    """The memory of the joined Ray cluster's GPU nodes, each from a task pinned to the node (it takes no CPU, so it
+    waits for none): ``{"gpu_memory_gib", "host_memory_gib", "gpus"}`` per node that answered within
+    ``timeout_s``. Nodes an autoscaler has not started yet are not among them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU" if use_gpu else "CPU", 0) > 0]
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0]
     probe = ray.remote(num_cpus=0)(_node_memory)
     refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote():
             n["Resources"].get("GPU", 0) for n in nodes}
@@ -155,19 +155,23 @@ def node_memory(use_gpu: bool, timeout_s: float = 30.0) -> list[dict]:
     return out
 
 
-def on_ray_cluster(cfg: RunConfig, hw: Hardware, resources: dict[str, float], nodes: list[dict]) -> Hardware:
+def on_ray_cluster(cfg: RunConfig, hw: Hardware, resources: dict[str, float]) -> Hardware:
     """``hw`` once the driver has joined a Ray cluster: its workers compute where the cluster has GPUs (unless
-    ``scaling.use_gpu`` says), and their GPUs' and hosts' memory is that of the cluster's nodes (``nodes``:
-    ``node_memory``), the smallest of each; ``resources.gpu_memory_gib`` still wins."""
-    if cfg.scaling.use_gpu is None:
-        has_gpus = resources.get("GPU", 0) > 0
-        hw = replace(hw, device="cuda" if has_gpus else "cpu",
-                     device_source="the Ray cluster's resources" + ("" if has_gpus else " (no GPU)"))
+    ``scaling.use_gpu`` says)."""
+    if cfg.scaling.use_gpu is not None:
+        return hw
+    has_gpus = resources.get("GPU", 0) > 0
+    return replace(hw, device="cuda" if has_gpus else "cpu",
+                   device_source="the Ray cluster's resources" + ("" if has_gpus else " (no GPU)"))
+
+
+def with_node_memory(cfg: RunConfig, hw: Hardware, nodes: list[dict]) -> Hardware:
+    """``hw`` with the memory of the Ray cluster's GPU nodes (``node_memory``), the smallest of each:
+    ``resources.gpu_memory_gib`` still wins. As the driver found it where no node answered (none started yet)."""
     gpus = [n["gpu_memory_gib"] for n in nodes if n.get("gpu_memory_gib")]
     hosts = [n["host_memory_gib"] for n in nodes if n.get("host_memory_gib") is not None]
-    if not hosts:  # no node answered (none started yet): as the driver found them
+    if not hosts:
         return hw
     return replace(hw, gpu_memory_gib=cfg.resources.gpu_memory_gib or (min(gpus) if gpus else hw.gpu_memory_gib),
-                   host_memory_gib=min(hosts), gpus_per_host=max(n.get("gpus", 0) for n in nodes) or None,
-                   memory_source=f"the smallest of the Ray cluster's {len(nodes)} node(s) with "
-                                 f"{'GPUs' if hw.device == 'cuda' else 'CPUs'}")
+                   host_memory_gib=min(hosts), gpus_per_host=max(n["gpus"] for n in nodes),
+                   host_memory_source=f"the smallest of the Ray cluster's {len(nodes)} GPU node(s)")

@@ -185,7 +185,7 @@ def check_host_memory(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = 
     workers = min(cfg.scaling.num_workers, per_host or cfg.scaling.num_workers)
     need = workers * estimate.host_checkpoints(shape, run) / estimate.GiB
     usable = HOST_SHARE * hw.host_memory_gib
-    where = "this host" if hw.gpus_per_host is None else hw.memory_source
+    where = hw.host_memory_source
     line = (f"host memory: offloaded checkpoints {need:.1f} GiB for {workers} worker(s) of the "
             f"{hw.host_memory_gib:.1f} GiB available on {where}")
     if need <= usable:

@@ -16,7 +16,7 @@ PROBE = """
 import json, ray
 from ftcluster import cluster, hardware
 cluster.start_local()
-print(json.dumps({"nodes": hardware.node_memory(use_gpu=True), "here": hardware.visible_gpu_memory_gib(),
+print(json.dumps({"nodes": hardware.node_memory(), "here": hardware.visible_gpu_memory_gib(),
                   "gpus": ray.cluster_resources().get("GPU", 0)}))
 """
 

@@ -171,9 +171,9 @@ def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longe
     # A joined Ray cluster's nodes of 4 GPUs each: 4 of 8 workers share a node's memory.
     eight = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 8})})
     nodes = Hardware(device="cuda", device_source="test", gpu_memory_gib=80, host_memory_gib=500, gpus_per_host=4,
-                     memory_source="the smallest of the Ray cluster's 2 node(s) with GPUs")
+                     host_memory_source="the smallest of the Ray cluster's 2 GPU node(s)")
     with pytest.raises(C.ConfigError, match=r"352.0 GiB for the 4 worker\(s\) on one host .* and the smallest of the "
-                                            r"Ray cluster's 2 node\(s\) with GPUs has 300.0 GiB"):
+                                            r"Ray cluster's 2 GPU node\(s\) has 300.0 GiB"):
         preflight.check_host_memory(eight, plan.make(eight, nodes, read_data=False),
                                     replace(nodes, host_memory_gib=300))
     assert "352.0 GiB for 4 worker(s) of the 500.0 GiB available on the smallest" in preflight.check_host_memory(
