@@ -38,6 +38,23 @@ except ModuleNotFoundError as missing:  # the command run with a Python that lac
              "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.")
 
 
+def leave(code: int) -> None:
+    """Exit the command with ``code``. For ``INTERRUPTED`` the interpreter's own exit is bypassed: started with
+    ``-m``, CPython ends a process by SIGINT instead of its exit code whenever a KeyboardInterrupt passed through an
+    ``exec`` of a string at any time, even one caught since (``dataclasses`` and ``namedtuple`` build their methods
+    so, at import; CPython's ``run_eval_code_obj`` marks the interrupt unhandled, ``Py_RunMain`` reads the mark at
+    exit). Which exit a Ctrl-C gave then depended on the bytecode it landed on. So the exit handlers (Ray's shutdown
+    among them) run here and the process leaves with the code itself."""
+    if code != INTERRUPTED:
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ftcluster.train", description="Fine-tune a causal LM on Ray + DeepSpeed.")
     p.add_argument("--config", help="a YAML recipe (see configs/); the defaults train the embedded model with LoRA")
@@ -165,4 +182,4 @@ def _main(argv: list[str] | None, loaded: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ftcluster import config as C
+from ftcluster import config as C, train
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*args, env=None):
@@ -113,3 +116,19 @@ def test_submit_names_an_unreachable_or_malformed_address_and_takes_absolute_rec
     assert "python -m ftcluster.train --config configs/tiny_cpu.yaml" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a file inside"):
         submit.main(["--address", "http://127.0.0.1:9", "--config", "/etc/hostname"])
+
+
+def test_a_ctrl_c_caught_after_passing_through_an_exec_still_exits_130_not_by_sigint(tmp_path):
+    """Started with ``-m``, CPython ends the process by SIGINT when a KeyboardInterrupt ever passed through an
+    ``exec`` of a string, caught or not; a Ctrl-C landing in a dataclass being built at import gave exit -2 in CI."""
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "from ftcluster import checkpoint, train  # imported first: a later exec() would clear the mark\n"
+        "def _main(argv, loaded):\n"
+        "    exec('raise KeyboardInterrupt')  # as a dataclass's methods are built\n"
+        "train._main = _main\n"
+        "if __name__ == '__main__':\n"
+        "    train.leave(train.main([]))\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == train.INTERRUPTED, proc.stderr[-2000:]
+    assert "interrupted (Ctrl-C): no checkpoint was saved" in proc.stderr and "Traceback" not in proc.stderr
