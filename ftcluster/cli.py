@@ -39,8 +39,13 @@ def _hardware(cfg: C.RunConfig, device: str | None, gpu_memory: float | None,
     liger = hardware.liger_here() if liger is None else liger
     if device is None:
         hw = hardware.here(cfg)
-        return replace(hw, gpu_memory_gib=gpu_memory or hw.gpu_memory_gib, liger_installed=liger)
-    return hardware.Hardware(device=device, device_source=f"--device {device}", gpu_memory_gib=gpu_memory,
+        if gpu_memory:
+            hw = replace(hw, gpu_memory_gib=gpu_memory, gpu_memory_source="--gpu-memory")
+        return replace(hw, liger_installed=liger)
+    given = gpu_memory or cfg.resources.gpu_memory_gib
+    return hardware.Hardware(device=device, device_source=f"--device {device}", gpu_memory_gib=given,
+                             gpu_memory_source="--gpu-memory" if gpu_memory else
+                             "resources.gpu_memory_gib" if given else None,
                              liger_installed=liger and device == "cuda",
                              varlen_kernel=hardware.varlen_kernel_here())
 

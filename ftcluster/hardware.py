@@ -20,7 +20,10 @@ class Hardware:
     device_source: str
     """How ``device`` was found, for the plan's reason."""
     gpu_memory_gib: float | None = None
-    """Memory of each worker's GPU: ``resources.gpu_memory_gib``, else the smallest GPU NVML shows on this host."""
+    """Memory of each worker's GPU: ``resources.gpu_memory_gib``, else the smallest GPU NVML shows on this host (or,
+    once a Ray cluster is joined, on its GPU nodes)."""
+    gpu_memory_source: str | None = None
+    """Where ``gpu_memory_gib`` came from, for the lines that print it (the fit verdict, its refusal)."""
     liger_installed: bool = False
     varlen_kernel: bool = False
     """torch ships the variable-length flash-attention kernel (``torch.nn.attention.varlen``)."""
@@ -43,6 +46,7 @@ class Hardware:
         """A GPU machine, for planning a run elsewhere (the estimator, ``python -m ftcluster plan --device cuda``);
         the optional kernels as installed here unless said."""
         return cls(device="cuda", device_source="assumed", gpu_memory_gib=gpu_memory_gib,
+                   gpu_memory_source="given" if gpu_memory_gib else None,
                    liger_installed=liger_installed if liger_installed is not None else liger_here(),
                    varlen_kernel=varlen_kernel_here())
 
@@ -120,8 +124,10 @@ def here(cfg: RunConfig) -> Hardware:
     else:
         device, source = ("cuda" if use_gpu else "cpu"), f"scaling.use_gpu={str(use_gpu).lower()}"
     joins = ray_cluster_to_join(cfg)
-    return Hardware(device=device, device_source=source,
-                    gpu_memory_gib=cfg.resources.gpu_memory_gib or visible_gpu_memory_gib(),
+    given, visible = cfg.resources.gpu_memory_gib, None if cfg.resources.gpu_memory_gib else visible_gpu_memory_gib()
+    return Hardware(device=device, device_source=source, gpu_memory_gib=given or visible,
+                    gpu_memory_source="resources.gpu_memory_gib" if given else
+                    "the smallest GPU NVML shows on this host" if visible else None,
                     liger_installed=liger_here(), varlen_kernel=varlen_kernel_here(),
                     ray_cluster=joins, cpu_bf16=cpu_bf16_here(),
                     host_memory_gib=None if joins else available_host_memory_gib())
@@ -172,6 +178,8 @@ def with_node_memory(cfg: RunConfig, hw: Hardware, nodes: list[dict]) -> Hardwar
     hosts = [n["host_memory_gib"] for n in nodes if n.get("host_memory_gib") is not None]
     if not hosts:
         return hw
-    return replace(hw, gpu_memory_gib=cfg.resources.gpu_memory_gib or (min(gpus) if gpus else hw.gpu_memory_gib),
-                   host_memory_gib=min(hosts), gpus_per_host=max(n["gpus"] for n in nodes),
+    if gpus and not cfg.resources.gpu_memory_gib:
+        hw = replace(hw, gpu_memory_gib=min(gpus),
+                     gpu_memory_source=f"the smallest GPU NVML shows on the Ray cluster's {len(nodes)} GPU node(s)")
+    return replace(hw, host_memory_gib=min(hosts), gpus_per_host=max(n["gpus"] for n in nodes),
                    host_memory_source=f"the smallest of the Ray cluster's {len(nodes)} GPU node(s)")

@@ -775,7 +775,8 @@ def _memory(cfg: RunConfig, plan: Plan, arch: Architecture, hw: Hardware) -> tup
     budget = hw.gpu_memory_gib
     if budget is not None:
         budget *= min(1.0, cfg.scaling.gpus_per_worker)  # workers that share a GPU share its memory
-        line += f" of {budget:.1f} GiB: " + ("fits" if need <= budget else "does NOT fit")
+        line += (f" of {budget:.1f} GiB ({hw.gpu_memory_source or 'given'}): "
+                 + ("fits" if need <= budget else "does NOT fit"))
     return need, line
 
 

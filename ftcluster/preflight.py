@@ -135,7 +135,7 @@ def check_device(cfg: RunConfig, plan: P.Plan) -> None:
 
 
 def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -> str:
-    """The plan's memory estimate against its GPUs (``resources.gpu_memory_gib``, else the GPUs this host sees).
+    """The plan's memory estimate against its GPUs' memory (``hw.gpu_memory_source`` says whose it is).
     Returns the line to print; raises ``ConfigError`` with the cheapest change that fits when it does not fit,
     unless ``force`` or ``resources.check_fit=false``."""
     line = f"memory: {_gib(plan.memory_gib)}{plan.reasons['memory_gib']}"
@@ -160,7 +160,7 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
         advice = "a 4-bit model from a GGUF file loads whole onto each GPU under ZeRO-3: convert it to a " \
                  "safetensors checkpoint and set model.name_or_path there"
     message = (f"the run needs about {plan.memory_gib:.1f} GiB per GPU and its GPUs have {budget:.1f} "
-               f"(resources.gpu_memory_gib or what NVML reports): {advice}. `python -m ftcluster estimate --config "
+               f"({hw.gpu_memory_source or 'given'}): {advice}. `python -m ftcluster estimate --config "
                f"<recipe> [overrides]` shows every term; --force (or resources.check_fit=false) starts it anyway.")
     if force or not cfg.resources.check_fit:
         return line + f"; started anyway (--force). {message}"

@@ -83,6 +83,18 @@ def test_estimate_says_which_loss_it_counts_and_why_where_it_is_not_ligers_fused
     assert proc.stdout.splitlines()[-1].endswith("(Liger not applied: model.liger_kernel=off)")
 
 
+def test_plan_for_another_device_takes_the_gpu_memory_from_the_recipe_or_the_command_line():
+    """``plan --device cuda`` from a login node dropped ``resources.gpu_memory_gib``: \"the GPUs' memory is not
+    known\", no fit verdict, and the memory savers decided blind."""
+    for extra, source, gib in ((["resources.gpu_memory_gib=40"], "resources.gpu_memory_gib", "40.0"),
+                               (["resources.gpu_memory_gib=40", "--gpu-memory", "24"], "--gpu-memory", "24.0")):
+        proc = _run("ftcluster", "plan", "--config", "configs/tiny_cpu.yaml", "--device", "cuda", *extra)
+        assert proc.returncode == 0, proc.stderr
+        line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("memory_gib"))
+        assert f"of {gib} GiB ({source}): fits" in line, line
+        assert "not known" not in proc.stdout
+
+
 def test_estimate_and_plan_take_whether_the_gpu_nodes_have_liger_from_the_command_line():
     """Planned on a login node without Liger, a GPU run's loss was counted whole; --liger says what the GPU nodes
     have, either way, whatever this host has."""

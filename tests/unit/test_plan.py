@@ -145,7 +145,7 @@ def test_the_global_batch_counts_every_worker():
 def test_memory_is_estimated_for_gpus_and_judged_against_their_memory():
     assert planned(hw=CPU).memory_gib is None and "CPU" in planned(hw=CPU).reasons["memory_gib"]
     plan = planned("method=qlora")
-    assert 0 < plan.memory_gib < 79.1 and plan.reasons["memory_gib"].endswith("of 79.1 GiB: fits")
+    assert 0 < plan.memory_gib < 79.1 and plan.reasons["memory_gib"].endswith("of 79.1 GiB (given): fits")
     big = P.make(C.load(None, ["model.name_or_path=meta-llama/Meta-Llama-3-70B", "method=full"]), GPU,
                  read_data=False)
     assert big.reasons["memory_gib"].endswith("does NOT fit")

@@ -23,7 +23,29 @@ def test_a_run_that_fits_is_let_through_and_says_its_figure():
     line = fit(cfg)
     planned = plan.make(cfg, Hardware.gpu(80, liger_installed=False), read_data=False)
     need = estimate.estimate(plan.architecture(cfg).shape, plan.estimator_run(cfg, planned)).need / estimate.GiB
-    assert f"memory: {need:.1f} GiB estimated per GPU" in line and line.endswith("of 80.0 GiB: fits")
+    assert f"memory: {need:.1f} GiB estimated per GPU" in line and line.endswith("of 80.0 GiB (given): fits")
+
+
+def test_the_fit_verdict_and_its_refusal_name_where_the_gpus_memory_came_from():
+    """The GPUs' memory is the setting's, this host's NVML or a joined Ray cluster's GPU nodes': the lines say which,
+    so a verdict made on a head node's view of the cluster can be told from one made on the GPUs themselves."""
+    from ftcluster import hardware
+
+    cfg = C.load("configs/llama2_7b_qlora.yaml", ["scaling.use_gpu=true"])
+    assert "(resources.gpu_memory_gib): fits" in fit(
+        cfg, hw=hardware.here(C.load("configs/llama2_7b_qlora.yaml", ["scaling.use_gpu=true",
+                                                                       "resources.gpu_memory_gib=80"])))
+    nodes = [{"gpu_memory_gib": 79.1, "host_memory_gib": 900.0, "gpus": 8},
+             {"gpu_memory_gib": 5.5, "host_memory_gib": 400.0, "gpus": 2}]
+    joined = hardware.with_node_memory(cfg, Hardware(device="cuda", device_source="test"), nodes)
+    assert joined.gpu_memory_gib == 5.5
+    with pytest.raises(C.ConfigError, match=r"its GPUs have 5.5 \(the smallest GPU NVML shows on the Ray cluster's "
+                                            r"2 GPU node\(s\)\)"):
+        fit(cfg, hw=joined)
+    # The setting still wins over the nodes, and says so.
+    given = C.load("configs/llama2_7b_qlora.yaml", ["scaling.use_gpu=true", "resources.gpu_memory_gib=80"])
+    kept = hardware.with_node_memory(given, hardware.here(given), nodes)
+    assert kept.gpu_memory_gib == 80 and "(resources.gpu_memory_gib): fits" in fit(given, hw=kept)
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_cheapest_fix_in_config_terms():
