@@ -7,6 +7,7 @@ The libraries are imported by each function when it runs, never here: an in-proc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -83,6 +84,9 @@ PATCHES = (
           "Ray core logs an error-level notice for Ray Train's PreemptionWatcher actor in every run"),
     Patch("quiet_library_notices", "deepspeed", ">=0.19,<0.20",
           "DeepSpeed warns at import, in every CPU process, that it set its accelerator to CPU"),
+    Patch("datasets_from_cache", "datasets", ">=5.0,<6",
+          "load_dataset fetches a hub dataset's card (through huggingface_hub's retries) before it falls back on the "
+          "datasets cache, unless datasets.config.HF_HUB_OFFLINE, which it reads at each call"),
     Patch("bnb_state_as_adam", "bitsandbytes", ">=0.48,<0.51",
           "bitsandbytes' Adam keeps its moments as state1/state2 (8-bit: blocks of 256 scaled by absmax1/2 through "
           "qmap1/2), under a wrapper key in its state_dict; DeepSpeed's universal checkpoint reads exp_avg/exp_avg_sq"),
@@ -639,6 +643,28 @@ def deepspeed_without_shm_op(backend=None) -> None:
         # imports.
         backend = importlib.import_module("deepspeed.comm.torch")
     backend.build_shm_op = lambda: None
+
+
+@contextlib.contextmanager
+def datasets_from_cache():
+    """datasets' offline mode for the calls inside: a hub dataset is read from the datasets cache at once. Online,
+    ``load_dataset`` first fetches the dataset's card through huggingface_hub's retries (half a minute and more
+    where the hub takes no connection), and only then falls back on the cache. Its two notices of the fallback
+    (one says offline mode is enabled, which the user did not do) are left to the caller to say."""
+    import datasets.config
+
+    before = datasets.config.HF_HUB_OFFLINE
+    notices = [logging.getLogger(n) for n in ("datasets.load", "datasets.packaged_modules.cache.cache")]
+    levels = [n.level for n in notices]
+    datasets.config.HF_HUB_OFFLINE = True
+    for n in notices:
+        n.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+        for n, level in zip(notices, levels):
+            n.setLevel(level)
 
 
 def deepspeed_nvtx(enabled: bool) -> None:

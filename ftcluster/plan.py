@@ -487,7 +487,7 @@ def streaming(d: DataConfig, read_data: bool = True) -> tuple[bool, str]:
         size = reading.source_bytes(d)
     except (ConnectionError, OSError) as e:
         raise ConfigError(f"data.source={d.source}: cannot read it from the hub or the datasets cache to size it "
-                          f"({type(e).__name__}: {str(e)[:160]}); check the name and the network (HF_TOKEN for a "
+                          f"({type(e).__name__}: {str(e)[:300]}); check the name and the network (HF_TOKEN for a "
                           "gated dataset, HF_HOME for the cache), or set data.streaming=on or off to decide without "
                           "reading it") from None
     above = size > reading.STREAM_ABOVE

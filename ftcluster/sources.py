@@ -106,6 +106,14 @@ def hub_answers() -> bool:
     return not constants.HF_HUB_OFFLINE and _takes_connections(constants.ENDPOINT)
 
 
+def hub_silent() -> str:
+    """Why hub ids are read from caches alone (``hub_answers`` is False), for the user."""
+    from huggingface_hub import constants
+
+    return (f"the hub ({constants.ENDPOINT}) is offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
+            f"the hub ({constants.ENDPOINT}) could not be reached within {PROBE_S:.0f} s")
+
+
 @functools.cache
 def _takes_connections(endpoint: str) -> bool:
     """Asked once a process for each endpoint; through the proxy the environment names for it (HTTPS_PROXY, ...),
@@ -168,9 +176,7 @@ def unreachable(field: str, name: str, error: Exception, cache: str | None = Non
 
     first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
     if not hub_answers():
-        first = (f"the hub ({constants.ENDPOINT}) is offline (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else
-                 f"the hub ({constants.ENDPOINT}) could not be reached within {PROBE_S:.0f} s") + \
-            ", and the cache does not hold it"
+        first = f"{hub_silent()}, and the cache does not hold it"
     return ConfigError(
         f"{field}={name}: cannot read it from the Hugging Face hub or the local cache ({cache or hub_cache()}): "
         f"{first[:200]}. Check the name; for a gated model set HF_TOKEN; offline, set model.hub_cache (or HF_HOME) "

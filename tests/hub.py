@@ -94,3 +94,27 @@ class FakeHub:
                 self._send(206 if start else 200, headers, data[start:])
 
         return Handler
+
+
+def cache_hub_dataset(cache: Path, repo_id: str, rows: list[dict]) -> Path:
+    """``rows`` as a hub dataset's train split in a datasets cache (``HF_DATASETS_CACHE``), laid out as datasets
+    leaves a download: ``<namespace>___<name>/default/0.0.0/<commit>/``, the Arrow file named after the dataset. Made
+    by datasets' own JSON builder, then moved there (the builder names a local source's directory otherwise)."""
+    import shutil
+
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    source = cache / f"{name}.jsonl"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    builder = Json(cache_dir=str(cache / "build"), dataset_name=name,
+                   data_files=DataFilesDict.from_patterns({"train": [str(source)]}))
+    builder.download_and_prepare()
+    where = cache / repo_id.replace("/", "___") / "default" / "0.0.0" / SHA
+    where.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, where)
+    shutil.rmtree(cache / "build")
+    source.unlink()
+    return where

@@ -142,7 +142,22 @@ def _loaded(source: str, split: str):
     # Once a process: choosing the path (its size), naming the rows (its files) and reading it each ask for it.
     from datasets import load_dataset
 
-    return load_dataset(source, split=split)
+    from ftcluster import patches, sources
+
+    if Path(source).is_dir() or sources.hub_answers():
+        return load_dataset(source, split=split)
+    # The hub does not answer: read the datasets cache at once, rather than after the retries of its card.
+    import datasets.config
+
+    try:
+        with patches.datasets_from_cache():
+            rows = load_dataset(source, split=split)
+    except ConnectionError:
+        raise ConnectionError(f"{sources.hub_silent()}, and the datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                              "does not hold it") from None
+    print(f"data: {source} ({split}) from the datasets cache ({datasets.config.HF_DATASETS_CACHE}): "
+          f"{sources.hub_silent()}", flush=True)
+    return rows
 
 
 def split_file(cfg: DataConfig, split: str) -> Path | None:

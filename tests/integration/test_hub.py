@@ -196,3 +196,32 @@ def test_the_hub_probe_goes_through_the_proxy_the_environment_names(hub, monkeyp
     monkeypatch.setenv("HTTPS_PROXY", hub.url)  # something that answers stands in for the proxy
     assert sources.hub_answers()
     sources._takes_connections.cache_clear()
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_hub_dataset_is_read_from_the_datasets_cache_at_once_where_the_hub_takes_no_connection(tmp_path, cached):
+    """datasets asks the hub for a dataset's card through huggingface_hub's retries (23 s here, printing a line
+    for each) before it falls back on its cache, in the driver and again in every worker."""
+    from tests.hub import cache_hub_dataset
+
+    cache = tmp_path / "datasets"
+    cache.mkdir()
+    if cached:
+        cache_hub_dataset(cache, "ftc-test/tiny-qa", [{"instruction": f"What is {i}+{i}?", "output": str(2 * i)}
+                                                      for i in range(40)])
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_DATASETS_CACHE=str(cache), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "ftcluster", "plan", "--config", str(RECIPE),
+                           "data.source=ftc-test/tiny-qa", f"output.storage_path={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, timeout=300, cwd=CHECKOUT, env=env)
+    said = proc.stdout + proc.stderr
+    assert "Retrying" not in said and "Traceback" not in said, said[-3000:]
+    silent = f"the hub ({env['HF_ENDPOINT']}) could not be reached within 5 s"
+    if cached:
+        assert proc.returncode == 0, said[-3000:]
+        assert f"data: ftc-test/tiny-qa (train) from the datasets cache ({cache}): {silent}" in proc.stdout
+        assert "offline mode is enabled" not in said  # datasets' own notice: the user enabled nothing
+    else:
+        assert proc.returncode == 2, said[-3000:]
+        assert (f"error: data.source=ftc-test/tiny-qa: cannot read it from the hub or the datasets cache to size it "
+                f"(ConnectionError: {silent}, and the datasets cache ({cache}) does not hold it)") in proc.stderr

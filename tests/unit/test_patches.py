@@ -95,6 +95,23 @@ def test_deepspeeds_autotuner_imports_without_mlflow_and_mlflow_still_imports_af
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_datasets_reads_its_offline_switch_at_each_call_and_logs_the_cache_fallback_where_the_patch_quiets_it():
+    import datasets.config
+    from datasets import load
+    from datasets.packaged_modules.cache import cache
+    from datasets.utils import file_utils
+
+    from ftcluster import patches
+
+    assert "config.HF_HUB_OFFLINE" in inspect.getsource(file_utils._raise_if_offline_mode_is_enabled)
+    assert "_raise_if_offline_mode_is_enabled()" in inspect.getsource(load.dataset_module_factory)
+    assert load.logger.name == "datasets.load" and cache.logger.name == "datasets.packaged_modules.cache.cache"
+    before = datasets.config.HF_HUB_OFFLINE
+    with patches.datasets_from_cache():
+        assert datasets.config.HF_HUB_OFFLINE is True and not load.logger.isEnabledFor(logging.WARNING)
+    assert datasets.config.HF_HUB_OFFLINE == before
+
+
 def test_transformers_initialises_one_module_with_init_weights():
     from transformers import PreTrainedModel
 
