@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, _leave_while_starting) if in_main else None  # until the imports end
     try:
-        return _main(argv, loaded)
+        return _main(argv, loaded, in_main)
     except KeyboardInterrupt:
         # A first Ctrl-C during training asks the workers for a checkpoint (ftcluster/stop.py); this is one before
         # training started, or a second one.
@@ -136,7 +136,7 @@ def interrupted_state(run_dir: Path | None) -> str:
     return "no checkpoint was saved; running the same command again starts from step 1"
 
 
-def _main(argv: list[str] | None, loaded: list) -> int:
+def _main(argv: list[str] | None, loaded: list, in_main: bool) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)
@@ -156,7 +156,7 @@ def _main(argv: list[str] | None, loaded: list) -> int:
                   "either `.venv/bin/python -m ftcluster.train ...` or `source .venv/bin/activate` first.",
                   file=sys.stderr)
             return 2
-        if threading.current_thread() is threading.main_thread():
+        if in_main:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C interrupts as usual now
         try:
             summary = launch.run(cfg, force=args.force, command_started=COMMAND_STARTED)

@@ -135,7 +135,7 @@ def test_a_ctrl_c_caught_after_passing_through_an_exec_still_exits_130_not_by_si
     ``exec`` of a string, caught or not; a Ctrl-C landing in a dataclass being built at import gave exit -2 in CI."""
     (tmp_path / "interrupted_in_exec.py").write_text(
         "from ftcluster import checkpoint, train  # imported first: a later exec() would clear the mark\n"
-        "def _main(argv, loaded):\n"
+        "def _main(argv, loaded, in_main):\n"
         "    exec('raise KeyboardInterrupt')  # as a dataclass's methods are built\n"
         "train._main = _main\n"
         "if __name__ == '__main__':\n"
