@@ -77,7 +77,8 @@ PATCHES = (
           "Liger's backend registry logs a warning for every optional kernel backend that does not import"),
     Patch("torch_trainer", "ray", ">=2.60,<2.61",
           "hands Ray Train's controller a failure policy that restarts no deterministic error and no requested stop, "
-          "and an elastic run its scaling policy changed to grow the workers only at a checkpoint"),
+          "and an elastic run its scaling policy changed to grow the workers only at a checkpoint and to count only "
+          "the nodes alive in the reservation the autoscaling coordinator keeps by node ID (it refreshes it every 20 s)"),
     Patch("ray_train_plain_print", "ray", ">=2.60,<2.61",
           "Ray Train's workers route print() to a logger and, where stdout is Ray's, print it too: each line twice"),
     Patch("quiet_ray_preemption_watcher_notice", "ray", ">=2.60,<2.61",
@@ -221,10 +222,12 @@ def torch_trainer(run_dir: str, elastic: bool, **trainer_kwargs):
       checkpoint, as wanted; but when room for more workers returns it restarts the running group at once, and
       every step since the last checkpoint is done again. Here a grow decision is held back: the policy asks the
       workers for a checkpoint (``stop.request_resize``), they save and wait (``worker.await_resize``), and the
-      decision goes to the controller once they have answered.
+      decision goes to the controller once they have answered;
+    - sizes an elastic group by the nodes alive now, not by a reservation that may still hold a lost node.
 
     Ray's classes are subclassed inside this function, so this module imports no Ray; cloudpickle takes them to the
     controller's process."""
+    import ray
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
@@ -250,6 +253,14 @@ def torch_trainer(run_dir: str, elastic: bool, **trainer_kwargs):
         def __init__(self, scaling_config, run_dir: str):
             super().__init__(scaling_config)
             self.run_dir, self.waiting, self.polls_after = run_dir, None, 0
+
+        def _count_possible_workers(self, reserved_resources) -> int:
+            # Ray Data's autoscaling coordinator, which reserves the nodes, looks at the cluster again only every
+            # 20 s: a node lost since still counts there, so the restart after a loss asked for the old worker count
+            # and waited out the worker group's start timeout (60 s) before Ray Train tried again with fewer. Only
+            # nodes alive now are counted (the reservation is keyed by node ID, as ray.nodes() names them).
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            return super()._count_possible_workers({k: v for k, v in reserved_resources.items() if k in alive})
 
         def make_decision_for_non_running_worker_group(self):
             if self.waiting is not None:  # the group ended before it saved: that attempt's request is void

@@ -304,6 +304,15 @@ def test_ray_trains_fit_hands_the_controller_the_policies_the_trainer_replaces()
     assert list(inspect.signature(ElasticScalingPolicy.make_decision_for_running_worker_group).parameters) == [
         "self", "worker_group_state", "worker_group_status"]
     assert {"num_workers", "resources_per_worker"} <= set(inspect.signature(ResizeDecision).parameters)
+    # Both decisions size the group by _count_possible_workers over the coordinator's reservation, keyed by node ID.
+    for decide in (ElasticScalingPolicy.make_decision_for_running_worker_group,
+                   ElasticScalingPolicy.make_decision_for_non_running_worker_group):
+        assert "self._count_possible_workers(reserved_resources)" in inspect.getsource(decide)
+    assert "for resources in reserved_resources.values()" in inspect.getsource(
+        ElasticScalingPolicy._count_possible_workers)
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+
+    assert 'node.get("NodeID", "")' in inspect.getsource(coordinator)
     from ray.train import ScalingConfig
 
     trainer = patches.torch_trainer("/tmp/run", True, train_loop_per_worker=lambda: None,
