@@ -172,8 +172,6 @@ def hub_cache() -> str:
 
 def unreachable(field: str, name: str, error: Exception, cache: str | None = None) -> ConfigError:
     """The error for a hub id that could not be read: no network, not in the cache, gated, or misspelt."""
-    from huggingface_hub import constants
-
     first = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
     if not hub_answers():
         first = f"{hub_silent()}, and the cache does not hold it"

@@ -9,9 +9,9 @@ from tests import tiny
 # Every worker's lines in the test log (Ray folds repeated lines by default), and no tokenizer thread pools.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed compiles its CPU shared-memory op with whichever `ninja` is first on PATH, and each ninja version reads
-# the other's build log as stale: with the venv's ninja in Slurm jobs (which activate the venv) and the system's
-# elsewhere, every switch rebuilt the op (30 s). The venv's own, everywhere.
+# torch builds C++ ops (DeepSpeed's CPU Adam, the lock tests' op) with whichever `ninja` is first on PATH, and each
+# ninja version reads the other's build log as stale: with the venv's ninja in Slurm jobs (which activate the venv)
+# and the system's elsewhere, every switch rebuilt the op. The venv's own, everywhere.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
