@@ -178,7 +178,9 @@ def with_node_memory(cfg: RunConfig, hw: Hardware, nodes: list[dict]) -> Hardwar
     hosts = [n["host_memory_gib"] for n in nodes if n.get("host_memory_gib") is not None]
     if not hosts:
         return hw
-    if gpus and not cfg.resources.gpu_memory_gib:
+    if cfg.resources.gpu_memory_gib:
+        hw = replace(hw, gpu_memory_gib=cfg.resources.gpu_memory_gib, gpu_memory_source="resources.gpu_memory_gib")
+    elif gpus:
         hw = replace(hw, gpu_memory_gib=min(gpus),
                      gpu_memory_source=f"the smallest GPU NVML shows on the Ray cluster's {len(nodes)} GPU node(s)")
     return replace(hw, host_memory_gib=min(hosts), gpus_per_host=max(n["gpus"] for n in nodes),
