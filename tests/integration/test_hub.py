@@ -200,7 +200,7 @@ def test_the_hub_probe_goes_through_the_proxy_the_environment_names(hub, monkeyp
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_hub_dataset_is_read_from_the_datasets_cache_at_once_where_the_hub_takes_no_connection(tmp_path, cached):
-    """datasets asks the hub for a dataset's card through huggingface_hub's retries (23 s here, printing a line
+    """datasets asks the hub for a dataset's card through huggingface_hub's retries (half a minute, printing a line
     for each) before it falls back on its cache, in the driver and again in every worker."""
     from tests.hub import cache_hub_dataset
 
