@@ -54,15 +54,18 @@ UNCHECKPOINTED_QLORA_COMPILED_SINCE = "7823b38"
 (activations.recompute_only); before it, only checkpointed QLoRA layers compiled."""
 ZERO3_BUCKET_SINCE = "af1b04f"
 """The commit from which ZeRO-3's reduce bucket holds at most the trainable elements, not DeepSpeed's 5e8."""
+SAVERS_BY_MEMORY_SINCE = "6230479"
+"""The commit from which the plan decides the memory savers by the estimate against the GPU's memory; before it, by
+the MLP's size alone, as it still does where the memory is not known."""
 TILED_MLP_SINCE = "d2a4ab2"
 """The commit from which the plan tiles the MLP of long rows (model.tiled_mlp=auto); earlier runs ran it whole."""
 
 
-def run_of(cfg: C.RunConfig, commit: str, liger: bool = True) -> Run:
-    """The estimator's view of a run measured at ``commit``: its plan on a GPU with Liger installed or not as the
-    host had it (its report's versions), told which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket size its code
-    had."""
-    planned = plan.make(cfg, Hardware.gpu(liger_installed=liger), read_data=False)
+def run_of(cfg: C.RunConfig, commit: str, liger: bool = True, gpu_memory_gib: float | None = None) -> Run:
+    """The estimator's view of a run measured at ``commit``: its plan on a GPU of ``gpu_memory_gib`` (which the
+    plan's memory savers are decided by) with Liger installed or not as the host had it (its report's versions),
+    told which loss, ZeRO-3 gather schedule and ZeRO-1/2 bucket size its code had."""
+    planned = plan.make(cfg, Hardware.gpu(gpu_memory_gib, liger_installed=liger), read_data=False)
     current = since(CHUNKED_LOSS_SINCE, commit)
     layer_shards = planned.frozen_base == "layer-shards"
     run = plan.estimator_run(
@@ -153,7 +156,10 @@ def _row(results: Path, prov: dict, cfg: C.RunConfig, measured: dict) -> dict:
     return {"source": str(results.relative_to(ROOT)), "gpu": prov["gpus"][0]["name"], "date": prov["date"],
             "commit": prov["git_commit"], "expandable_segments": since(EXPANDABLE_SINCE, prov["git_commit"]),
             "shape": recorded_shape(cfg.model.name_or_path),
-            "run": asdict(run_of(cfg, prov["git_commit"], liger=_had_liger(prov))), "measured_gib": measured}
+            "run": asdict(run_of(cfg, prov["git_commit"], liger=_had_liger(prov),
+                                 gpu_memory_gib=prov["gpus"][0].get("memory_gib")
+                                 if since(SAVERS_BY_MEMORY_SINCE, prov["git_commit"]) else None)),
+            "measured_gib": measured}
 
 
 if __name__ == "__main__":
