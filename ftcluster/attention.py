@@ -5,6 +5,11 @@ varlen kernel instead takes the cumulative sequence lengths of the packed exampl
 each, with no mask at all. The lengths are computed on the host by the collator (``data.packing.collate``) and reach
 every layer as the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords transformers passes through to attention.
 Registered under the name ``varlen``; transformers then builds no mask for it.
+
+A micro batch whose rows each hold one example (its boundaries are one per row: the collator counts a row's trailing
+padding in its last example, which causal attention lets no real token see) needs no boundaries at all: it is plain
+causal attention. Where torch's SDPA runs cuDNN's fused attention for such a call (Hopper), it goes there instead of
+the varlen flash kernel (:func:`register` decides once, from the model's shape on this device).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def _kernel_options():
     return varlen_attn, causal, "enable_gqa" in params
 
 
+_DENSE: bool | None = None
+"""How a micro batch of one-example rows is attended, as :func:`register` decided: by SDPA with ``enable_gqa``
+(True) or with the key/value heads repeated for every query head (False); None: by the varlen kernel."""
+
 _KERNEL = None
 """(varlen_attn, its causal keyword, whether it takes ``enable_gqa``), looked up by :func:`register`, outside any
 compiled layer: looked up in the attention call, Dynamo traced the lookup (``inspect.signature`` and all) at every
@@ -41,6 +50,9 @@ compile, and warned that it ignored the cache around it."""
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """query/key/value: (batch, heads, seq, head_dim) → (batch, seq, heads, head_dim), as transformers expects."""
+    b, h, s, d = query.shape
+    if _DENSE is not None and cu_seq_lens_q is not None and cu_seq_lens_q.shape[0] == b + 1:
+        return _causal(query, key, value, scaling, _DENSE)
     if cu_seq_lens_q is None and kwargs.get("position_ids") is not None and query.shape[2] > 1:
         # Rows without the collator's boundaries: where sequence parallelism gathered a row's positions, whose
         # restarts at 0 are its examples' starts (ftcluster/sequence_parallel.py).
@@ -52,7 +64,6 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
         return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs)
     kernel, causal, has_gqa = _KERNEL or _kernel_options()
-    b, h, s, d = query.shape
     h_kv = key.shape[1]
     q = query.transpose(1, 2).reshape(b * s, h, d)
     k = key.transpose(1, 2).reshape(b * s, h_kv, d)
@@ -68,6 +79,51 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(b, s, h, d), None
 
 
+def _causal(query, key, value, scaling, gqa: bool):
+    """Causal attention over whole rows through SDPA's dispatcher → (batch, seq, heads, head_dim)."""
+    h, h_kv = query.shape[1], key.shape[1]
+    extra = {}
+    if h_kv != h:
+        if gqa:
+            extra["enable_gqa"] = True
+        else:
+            key, value = key.repeat_interleave(h // h_kv, dim=1), value.repeat_interleave(h // h_kv, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **extra)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def dense_form(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool | None:
+    """How SDPA reaches cuDNN's fused attention for a causal training call of this shape here: with ``enable_gqa``
+    (True), only with the key/value heads repeated (False), or not at all (None: no GPU, another dtype, or torch
+    would pick its flash kernel, the varlen kernel's own)."""
+    from torch.nn.attention import SDPBackend
+
+    from ftcluster import patches
+
+    if device.type != "cuda":
+        return None
+
+    def cudnn(kv: int, **kw) -> bool:
+        q = torch.empty(1, heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+        k = torch.empty(1, kv, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+        try:
+            return patches.sdpa_backend(q, k, k, is_causal=True, **kw) == SDPBackend.CUDNN_ATTENTION
+        except RuntimeError:  # no kernel takes the call in this form
+            return False
+
+    if kv_heads != heads and cudnn(kv_heads, enable_gqa=True):
+        return True
+    return False if cudnn(heads) else None
+
+
+def describe(form: bool | None) -> str:
+    """What :func:`register` chose, as the worker prints it."""
+    if form is None:
+        return "attention: varlen (PyTorch's flash kernel) for every micro batch"
+    return ("attention: varlen (PyTorch's flash kernel); a micro batch whose rows each hold one example: SDPA's "
+            "cuDNN kernel" + ("" if form else ", key/value heads repeated"))
+
+
 def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
     """The cumulative lengths of the sequences in a (batch, seq) block of positions: each starts where its
     positions restart at 0, and each row starts a new one."""
@@ -77,9 +133,17 @@ def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def register() -> None:
-    global _KERNEL
+def register(config=None, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> str:
+    """Registers ``varlen`` with transformers and, for a model ``config`` on ``device``, decides how a micro batch of
+    one-example rows is attended (:func:`dense_form`). Returns the line saying so."""
+    global _KERNEL, _DENSE
     from transformers import AttentionInterface
 
     _KERNEL = _kernel_options()
+    _DENSE = None
+    if config is not None and device is not None:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        _DENSE = dense_form(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, dtype, device)
     AttentionInterface.register(NAME, varlen_attention)
+    return describe(_DENSE)

@@ -225,7 +225,9 @@ def build_base_model(cfg: RunConfig, plan: Plan, device: torch.device, partition
     m = cfg.model
     hf = sources.load_hf_config(m)
     if plan.attention == attention.NAME:
-        attention.register()
+        line = attention.register(hf, DTYPES[m.dtype], device)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(line, flush=True)
     common = dict(dtype=DTYPES[m.dtype], attn_implementation=plan.attention, trust_remote_code=m.trust_remote_code)
     quant = bnb_config(cfg, plan.quant_storage) if cfg.method == "qlora" else None
     if m.random_init:

@@ -39,6 +39,8 @@ PATCHES = (
           "nn.Module.compile() keeps the compiled call in the module's _compiled_call_impl"),
     Patch("attention_of", "transformers", ">=5.0,<6",
           "a built model's config names its attention implementation in _attn_implementation"),
+    Patch("sdpa_backend", "torch", ">=2.11,<2.15",
+          "torch._fused_sdp_choice returns the SDPBackend number scaled_dot_product_attention dispatches such a call to"),
     Patch("expandable_segments_now", "torch", ">=2.11,<2.15",
           "applies the allocator setting to an allocator already running (torch._C._accelerator_setAllocatorSettings)"),
     Patch("torch_extension_locks_with_owner", "torch", ">=2.11,<2.15",
@@ -356,6 +358,15 @@ def is_compiled(module) -> bool:
 def attention_of(config) -> str:
     """The attention implementation a built transformers model runs."""
     return config._attn_implementation
+
+
+def sdpa_backend(query, key, value, **kwargs):
+    """The kernel (``torch.nn.attention.SDPBackend``) that ``scaled_dot_product_attention`` would run for these
+    tensors and keywords: their device, dtype, shapes and whether they require grad decide it."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend(torch._fused_sdp_choice(query, key, value, **kwargs))
 
 
 def expandable_segments_now() -> None:

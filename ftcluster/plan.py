@@ -378,7 +378,8 @@ def _attention(cfg: RunConfig, hw: Hardware) -> tuple[str, str]:
     if choice != "auto":
         return choice, f"model.attn_implementation={choice}"
     if hw.device == "cuda" and cfg.data.packing and hw.varlen_kernel:
-        return "varlen", "auto: PyTorch's varlen flash kernel over packed rows, no mask"
+        return "varlen", ("auto: PyTorch's varlen flash kernel over packed rows, no mask; a micro batch whose rows "
+                          "each hold one example through SDPA where it runs cuDNN attention on the GPU")
     why = ("rows are not packed" if not cfg.data.packing else "the device is not a GPU" if hw.device != "cuda"
            else "this torch has no varlen kernel")
     return "sdpa", f"auto: {why}"

@@ -80,8 +80,8 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
 
 def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None,
             split: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row (or ``pad_to``). Packed rows pad with a fresh position run, so the padding is
-    its own 'sequence' and masks nothing real; unpacked rows get an attention_mask. ``split`` > 1: the rows will be
+    """Right-pad to the longest row (or ``pad_to``). Packed rows pad with a fresh position run, after every real
+    token, so it masks nothing real; unpacked rows get an attention_mask. ``split`` > 1: the rows will be
     cut into that many slices of tokens (sequence parallelism): the width is a multiple of it, and the rows carry
     positions (the padding a fresh run of them) and nothing else, which attention reads the examples from."""
     width = pad_to or max(len(r["input_ids"]) for r in rows)
@@ -100,20 +100,22 @@ def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = No
         batch["position_ids"] = torch.tensor(pos)
     elif packed:
         batch["position_ids"] = torch.tensor(pos)
-        batch.update(_cumulative_lengths(pos, width))
+        batch.update(_cumulative_lengths(pos, width, [len(r["input_ids"]) for r in rows]))
     else:
         batch["attention_mask"] = torch.tensor(mask)
     return batch
 
 
-def _cumulative_lengths(position_rows: list[list[int]], width: int) -> dict:
-    """Boundaries of every example (and padding run) across the flattened batch, for varlen attention:
-    ``cu_seq_lens`` (int32, starts at 0), and as the longest sequence the row width, a bound the kernel only sizes
-    its grid by: the same int in every batch, where the longest example's length would make each new value a
-    recompile of compiled layers. Plain ints stay on the host (no device sync)."""
+def _cumulative_lengths(position_rows: list[list[int]], width: int, real: list[int]) -> dict:
+    """Boundaries of every example across the flattened batch, for varlen attention: ``cu_seq_lens`` (int32,
+    starts at 0), and as the longest sequence the row width, a bound the kernel only sizes its grid by: the same int
+    in every batch, where the longest example's length would make each new value a recompile of compiled layers.
+    Plain ints stay on the host (no device sync). A row's trailing padding (after its ``real`` tokens) is counted in
+    its last example: attention is causal, so no real token sees it, and a row of one example is then one sequence
+    (ftcluster/attention.py attends a batch of such rows as plain causal rows)."""
     bounds, offset = [0], 0
-    for row in position_rows:
-        starts = [i for i, p in enumerate(row) if p == 0] + [len(row)]
+    for row, n in zip(position_rows, real):
+        starts = [i for i, p in enumerate(row[:n]) if p == 0] + [len(row)]
         bounds += [offset + b for b in starts[1:]]
         offset += len(row)
     cu = torch.tensor(bounds, dtype=torch.int32)

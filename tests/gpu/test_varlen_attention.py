@@ -36,6 +36,34 @@ def test_varlen_attention_gives_the_logits_of_each_example_alone(tiny_model):
             assert (got.float() - alone.float()).norm() / alone.float().norm() < 1e-2
 
 
+@pytest.mark.skipif(not attention.available(), reason="torch has no varlen attention")
+def test_a_batch_of_one_example_rows_gets_each_examples_logits_alone_by_either_route(tiny_model, monkeypatch):
+    """Rows that each hold one example (one padded) are attended as plain causal rows where register chose SDPA on
+    this GPU, and by the varlen kernel otherwise: both give each example the logits it gets alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    line = attention.register(AutoConfig.from_pretrained(tiny_model), torch.bfloat16, torch.device("cuda"))
+    print(f"GPU-RESULT {line}")
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cuda"})
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="varlen", **kw).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (256, 170)]
+    rows = packing.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=256)
+    batch = packing.collate(rows, pad_id=0, packed=True, pad_to=256)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 256, 512]
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+             if k not in ("labels", "num_tokens")}
+    for form in {attention._DENSE, None}:
+        monkeypatch.setattr(attention, "_DENSE", form)
+        with torch.no_grad():
+            packed = varlen(**batch, use_cache=False).logits
+            for r, row in enumerate(rows):
+                n = len(row["input_ids"])
+                alone = sdpa(input_ids=torch.tensor([row["input_ids"]], device="cuda")).logits[0].float()
+                assert (packed[r, :n].float() - alone).norm() / alone.norm() < 1e-2, (form, r)
+
+
 LONG = 65536
 
 

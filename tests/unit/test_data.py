@@ -116,9 +116,20 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     torch.testing.assert_close(packed[:7], alone_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed[7:12], alone_b, atol=1e-4, rtol=1e-4)
     assert int(batch["num_tokens"]) == 12
-    # The same boundaries as cumulative lengths for varlen attention; the padding run is its own sequence.
-    # The longest sequence the kernel is told is the row width, the same in every batch.
-    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 12, 16] and batch["max_length_q"] == 16
+    # The same boundaries as cumulative lengths for varlen attention, the trailing padding counted in the last
+    # example (causal: no real token sees it). The longest sequence the kernel is told is the row width.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 16] and batch["max_length_q"] == 16
+
+
+def test_a_batch_of_one_example_rows_has_one_boundary_per_row_whatever_their_padding():
+    """What attention reads to attend such a batch as plain causal rows (ftcluster/attention.py): one boundary per
+    row, a row's padding in its example; a row of two examples still has its own boundary between them."""
+    rows = [{"input_ids": [1] * n, "labels": [1] * n, "position_ids": list(range(n))} for n in (16, 9)]
+    one_each = packing.collate(rows, pad_id=0, packed=True, pad_to=16)
+    assert one_each["cu_seq_lens_q"].tolist() == [0, 16, 32]
+    assert one_each["position_ids"][1].tolist() == list(range(9)) + list(range(7))  # padding: its own positions
+    two = {"input_ids": [1] * 12, "labels": [1] * 12, "position_ids": list(range(5)) + list(range(7))}
+    assert packing.collate([rows[1], two], pad_id=0, packed=True, pad_to=16)["cu_seq_lens_q"].tolist() == [0, 16, 21, 32]
 
 
 def test_batches_with_different_example_counts_compile_once():

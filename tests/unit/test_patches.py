@@ -66,6 +66,14 @@ def test_torch_has_the_allocator_setting_and_the_cache_flag_the_patches_set():
     assert torch._functorch.config._config["autograd_cache_allow_custom_autograd_functions"].default is False
 
 
+def test_torch_names_the_kernel_sdpa_would_dispatch_a_call_to():
+    from torch.nn.attention import SDPBackend
+
+    q, k = torch.randn(1, 4, 16, 8, requires_grad=True), torch.randn(1, 2, 16, 8, requires_grad=True)
+    chosen = patches.sdpa_backend(q, k, k, is_causal=True, enable_gqa=True)
+    assert isinstance(chosen, SDPBackend) and chosen not in (SDPBackend.ERROR, SDPBackend.CUDNN_ATTENTION)
+
+
 def test_deepspeeds_nvtx_switch_is_read_by_its_range_decorator_and_its_zero3_gather_exists():
     import deepspeed.utils.nvtx
     from deepspeed.runtime.engine import DeepSpeedEngine
