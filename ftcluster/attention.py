@@ -37,9 +37,8 @@ def _kernel_options():
     return varlen_attn, causal, "enable_gqa" in params
 
 
-_DENSE: bool | None = None
-"""How a micro batch of one-example rows is attended, as :func:`register` decided: by SDPA with ``enable_gqa``
-(True) or with the key/value heads repeated for every query head (False); None: by the varlen kernel."""
+_CUDNN_ROWS = False
+"""Whether a micro batch of one-example rows goes through SDPA (cuDNN's kernel), as :func:`register` decided."""
 
 _KERNEL = None
 """(varlen_attn, its causal keyword, whether it takes ``enable_gqa``), looked up by :func:`register`, outside any
@@ -51,8 +50,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """query/key/value: (batch, heads, seq, head_dim) → (batch, seq, heads, head_dim), as transformers expects."""
     b, h, s, d = query.shape
-    if _DENSE is not None and cu_seq_lens_q is not None and cu_seq_lens_q.shape[0] == b + 1:
-        return _causal(query, key, value, scaling, _DENSE)
+    if _CUDNN_ROWS and cu_seq_lens_q is not None and cu_seq_lens_q.shape[0] == b + 1:
+        return _causal(query, key, value, scaling)
     if cu_seq_lens_q is None and kwargs.get("position_ids") is not None and query.shape[2] > 1:
         # Rows without the collator's boundaries: where sequence parallelism gathered a row's positions, whose
         # restarts at 0 are its examples' starts (ftcluster/sequence_parallel.py).
@@ -79,49 +78,39 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(b, s, h, d), None
 
 
-def _causal(query, key, value, scaling, gqa: bool):
+def _causal(query, key, value, scaling):
     """Causal attention over whole rows through SDPA's dispatcher → (batch, seq, heads, head_dim)."""
-    h, h_kv = query.shape[1], key.shape[1]
-    extra = {}
-    if h_kv != h:
-        if gqa:
-            extra["enable_gqa"] = True
-        else:
-            key, value = key.repeat_interleave(h // h_kv, dim=1), value.repeat_interleave(h // h_kv, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **extra)
+    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, **gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
-def dense_form(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool | None:
-    """How SDPA reaches cuDNN's fused attention for a causal training call of this shape here: with ``enable_gqa``
-    (True), only with the key/value heads repeated (False), or not at all (None: no GPU, another dtype, or torch
-    would pick its flash kernel, the varlen kernel's own)."""
+def cudnn_takes(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether SDPA runs cuDNN's fused attention for a causal training call of this shape here, with the key/value
+    heads as they are (``enable_gqa`` where they are fewer: repeating them for every query head would hold that
+    much more for backward, which the memory estimate does not count). False on CPUs, for other dtypes, and where
+    torch would pick its flash kernel, the varlen kernel's own."""
     from torch.nn.attention import SDPBackend
 
     from ftcluster import patches
 
     if device.type != "cuda":
-        return None
-
-    def cudnn(kv: int, **kw) -> bool:
-        q = torch.empty(1, heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
-        k = torch.empty(1, kv, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
-        try:
-            return patches.sdpa_backend(q, k, k, is_causal=True, **kw) == SDPBackend.CUDNN_ATTENTION
-        except RuntimeError:  # no kernel takes the call in this form
-            return False
-
-    if kv_heads != heads and cudnn(kv_heads, enable_gqa=True):
-        return True
-    return False if cudnn(heads) else None
+        return False
+    q = torch.empty(1, heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.empty(1, kv_heads, 128, head_dim, device=device, dtype=dtype, requires_grad=True)
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    try:
+        return patches.sdpa_backend(q, k, k, is_causal=True, **gqa) == SDPBackend.CUDNN_ATTENTION
+    except RuntimeError:  # no kernel takes the call
+        return False
 
 
-def describe(form: bool | None) -> str:
+def describe(cudnn_rows: bool) -> str:
     """What :func:`register` chose, as the worker prints it."""
-    if form is None:
+    if not cudnn_rows:
         return "attention: varlen (PyTorch's flash kernel) for every micro batch"
     return ("attention: varlen (PyTorch's flash kernel); a micro batch whose rows each hold one example: SDPA's "
-            "cuDNN kernel" + ("" if form else ", key/value heads repeated"))
+            "cuDNN kernel")
 
 
 def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
@@ -134,16 +123,17 @@ def boundaries(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def register(config=None, dtype: torch.dtype = torch.bfloat16, device: torch.device | None = None) -> str:
-    """Registers ``varlen`` with transformers and, for a model ``config`` on ``device``, decides how a micro batch of
-    one-example rows is attended (:func:`dense_form`). Returns the line saying so."""
-    global _KERNEL, _DENSE
+    """Registers ``varlen`` with transformers and, for a model ``config`` on ``device``, decides whether a micro batch
+    of one-example rows goes through SDPA (:func:`cudnn_takes`). Returns the line saying so."""
+    global _KERNEL, _CUDNN_ROWS
     from transformers import AttentionInterface
 
     _KERNEL = _kernel_options()
-    _DENSE = None
+    _CUDNN_ROWS = False
     if config is not None and device is not None:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        _DENSE = dense_form(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, dtype, device)
+        _CUDNN_ROWS = cudnn_takes(heads, getattr(config, "num_key_value_heads", None) or heads, head_dim, dtype,
+                                  device)
     AttentionInterface.register(NAME, varlen_attention)
-    return describe(_DENSE)
+    return describe(_CUDNN_ROWS)

@@ -54,14 +54,14 @@ def test_a_batch_of_one_example_rows_gets_each_examples_logits_alone_by_either_r
     assert batch["cu_seq_lens_q"].tolist() == [0, 256, 512]
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
              if k not in ("labels", "num_tokens")}
-    for form in {attention._DENSE, None}:
-        monkeypatch.setattr(attention, "_DENSE", form)
+    for cudnn_rows in {attention._CUDNN_ROWS, False}:
+        monkeypatch.setattr(attention, "_CUDNN_ROWS", cudnn_rows)
         with torch.no_grad():
             packed = varlen(**batch, use_cache=False).logits
             for r, row in enumerate(rows):
                 n = len(row["input_ids"])
                 alone = sdpa(input_ids=torch.tensor([row["input_ids"]], device="cuda")).logits[0].float()
-                assert (packed[r, :n].float() - alone).norm() / alone.norm() < 1e-2, (form, r)
+                assert (packed[r, :n].float() - alone).norm() / alone.norm() < 1e-2, (cudnn_rows, r)
 
 
 LONG = 65536

@@ -33,12 +33,11 @@ def test_compiled_layers_trace_the_kernel_call_not_the_kernel_lookup():
     assert "_kernel_options" not in traced and "signature" not in traced
 
 
-@pytest.mark.parametrize("gqa", [True, False], ids=["enable_gqa", "heads repeated"])
-def test_a_batch_of_one_example_rows_is_attended_as_each_example_alone(monkeypatch, gqa):
+def test_a_batch_of_one_example_rows_is_attended_as_each_example_alone(monkeypatch):
     """Where register chose SDPA for such batches (cuDNN on a GPU), a row's example gets the causal attention it gets
-    alone, its trailing padding unseen, with 8 query heads over 2 key/value heads in either form; on CPU SDPA runs
-    its own kernel, which is what this compares."""
-    monkeypatch.setattr(attention, "_DENSE", gqa)
+    alone, its trailing padding unseen, 8 query heads over 2 key/value heads (enable_gqa); on CPU SDPA runs its own
+    kernel, which is what this compares."""
+    monkeypatch.setattr(attention, "_CUDNN_ROWS", True)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, 12, 16, generator=g) for heads in (8, 2, 2))
     lengths = (12, 9)  # the second row: 9 real tokens, 3 of padding
@@ -55,7 +54,7 @@ def test_only_a_batch_of_one_example_rows_leaves_the_varlen_kernel(monkeypatch):
     """As a compiled layer traces it: one boundary per row goes to SDPA, more to the varlen kernel."""
     pytest.importorskip("torch.nn.attention.varlen")
     attention.register()
-    monkeypatch.setattr(attention, "_DENSE", True)
+    monkeypatch.setattr(attention, "_CUDNN_ROWS", True)
     graphs = []
 
     class Traced(Exception):
@@ -80,6 +79,6 @@ def test_only_a_batch_of_one_example_rows_leaves_the_varlen_kernel(monkeypatch):
 
 
 def test_no_gpu_no_cudnn_route():
-    """dense_form asks torch which kernel SDPA would run: on CPU none of them is cuDNN's, so no batch leaves varlen."""
-    assert attention.dense_form(32, 8, 128, torch.bfloat16, torch.device("cpu")) is None
-    assert "for every micro batch" in attention.describe(None)
+    """cudnn_takes asks torch which kernel SDPA would run: on CPU none is cuDNN's, so no batch leaves varlen."""
+    assert not attention.cudnn_takes(32, 8, 128, torch.bfloat16, torch.device("cpu"))
+    assert "for every micro batch" in attention.describe(False)
