@@ -46,6 +46,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     print(f"checks: {checked - started:.1f} s", flush=True)
     if plan.model_download:  # once, here, before any worker starts; they all read the snapshot
         sources.download(cfg.model)
+    preflight.check_weights(cfg)
     downloaded = time.time()
     backend = backends.of(plan)
     started_on = backend.start(cfg, hw)

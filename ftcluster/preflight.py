@@ -4,8 +4,10 @@ field and the fix named, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftcluster import embedded, estimate, sources
 from ftcluster import plan as P
@@ -165,6 +167,67 @@ def check_fit(cfg: RunConfig, plan: P.Plan, hw: Hardware, force: bool = False) -
     if force or not cfg.resources.check_fit:
         return line + f"; started anyway (--force). {message}"
     raise ConfigError(message)
+
+
+def check_weights(cfg: RunConfig) -> None:
+    """The model's safetensors files here are whole: every shard its index names exists, and each is as long as its
+    header says (a download cut short leaves a file that every worker would fail to open, after the cluster started
+    and GPU memory was taken). Reads each file's header only. Nothing to check for random weights, for a GGUF file,
+    or for a hub id not yet in the cache (its workers download it)."""
+    m = cfg.model
+    if m.random_init or m.name_or_path == EMBEDDED_MODEL:
+        return
+    src, kw = sources.resolve_source(m)
+    directory = Path(src).expanduser()
+    if kw or not directory.is_dir():
+        return
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"model.name_or_path={m.name_or_path}: {index} is not a safetensors index "
+                              f"({type(e).__name__}: {e}); download the model again") from None
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return  # weights in another format: transformers says what it finds
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: {len(missing)} of the {len(files)} weight files "
+                          f"{index.name} names are not in {directory} ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''}); download the model again")
+    for name in files:
+        problem = _safetensors_problem(directory / name)
+        if problem:
+            raise ConfigError(f"model.name_or_path={m.name_or_path}: {directory / name} {problem}; download the "
+                              "model again (an interrupted download leaves such a file)")
+
+
+SAFETENSORS_HEADER_LIMIT = 100_000_000
+"""The longest header the safetensors format allows (its reader refuses longer ones)."""
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole, from its header alone (8 bytes of header length, a JSON header whose
+    tensors' data_offsets end where the file must), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes long, too short to be a safetensors file"
+        n = int.from_bytes(head, "little")
+        if n > SAFETENSORS_HEADER_LIMIT:
+            return "does not start with a safetensors header"
+        if n > size - 8:
+            return f"is cut short: its header alone is {n:,} bytes and the file {size:,}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "does not start with a safetensors header"
+    need = 8 + n + end
+    return f"is cut short: {size:,} of the {need:,} bytes its header describes" if size < need else None
 
 
 HOST_SHARE = 0.9

@@ -42,7 +42,7 @@ final model is written; running it again unchanged would diverge again."""
 DIVERGED = "diverged"
 """How a record's ``stopped`` reason starts when the divergence guard stopped the run."""
 DETERMINISTIC = ("ConfigError", "ValueError", "KeyError", "TypeError", "AttributeError", "AssertionError",
-                 "NotImplementedError", "IndexError", "ModuleNotFoundError", "ImportError")
+                 "NotImplementedError", "IndexError", "ModuleNotFoundError", "ImportError", "SafetensorError")
 """Worker errors that the same data, config and code raise again: a restart would fail the same way."""
 
 

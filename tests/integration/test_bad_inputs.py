@@ -199,6 +199,26 @@ def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_mode
     assert after == before  # the checkpoints and records are as the killed run left them
 
 
+def test_a_model_file_cut_short_is_refused_before_ray_starts_naming_it(tiny_model, tmp_path):
+    """What a download cut short leaves was found only by every worker, after the cluster started, as a traceback
+    per worker and the advice to run again from step 1."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-5000])
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={model}", "model.random_init=false", "model.config_overrides={}",
+           "data.max_examples=64", f"output.storage_path={tmp_path / 'runs'}", "output.name=cut"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model.name_or_path={model}: {weights} is cut short: " in proc.stderr, proc.stderr[-2000:]
+    assert "download the model again" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs" / "cut").exists()
+
+
 def test_an_error_every_restart_would_repeat_ends_the_run_whatever_max_failures_says(tiny_model, tmp_path):
     """ray.max_failures=-1 once restarted such a run forever (seven attempts in 150 s, and on)."""
     cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),

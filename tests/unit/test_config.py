@@ -185,6 +185,8 @@ def test_the_advice_after_a_worker_failure_offers_resuming_only_where_it_can_hel
     assert "disk of the run directory is full" in full and str(good) in full and "Free space there" in full
     deterministic = after_failure("ValueError: data.source row 3 ...", tmp_path)
     assert "fails the same way" in deterministic and "resume" not in deterministic
+    corrupt = after_failure("SafetensorError: Error while deserializing header: incomplete metadata", tmp_path)
+    assert "fails the same way" in corrupt  # a node's own copy of the weights, cut short
     oom = after_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", tmp_path)
     assert "ran out of memory" in oom and "ftcluster estimate" in oom
 

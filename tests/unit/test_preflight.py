@@ -203,3 +203,50 @@ def test_offloaded_checkpoints_the_host_cannot_hold_are_refused_naming_the_longe
     halves = eight.model_copy(update={"scaling": eight.scaling.model_copy(update={"gpus_per_worker": 0.5})})
     with pytest.raises(C.ConfigError, match=r"704.0 GiB for the 8 worker\(s\) on one host"):  # two to a GPU
         preflight.check_host_memory(halves, plan.make(halves, nodes, read_data=False), nodes)
+
+
+def _weights(directory, shards: int = 1):
+    """A real safetensors checkpoint of a few tensors in ``directory``: one file, or shards and their index."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    tensors = {f"model.layers.{i}.weight": torch.randn(64, 64) for i in range(4)}
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors")
+        return directory / "model.safetensors"
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in names[s::shards]}
+        save_file(part, directory / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory / file
+
+
+def test_a_checkpoint_cut_short_or_missing_a_shard_is_refused_naming_the_file(tmp_path):
+    """What an interrupted download leaves is found from the files' headers, before any worker fails to open it."""
+    def check(directory):
+        preflight.check_weights(C.load(None, [f"model.name_or_path={directory}"]))
+
+    whole = tmp_path / "whole"
+    _weights(whole)
+    check(whole)  # nothing to say
+    cut = _weights(tmp_path / "cut")
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    with pytest.raises(C.ConfigError, match=re.escape(f"{cut} is cut short: ") + r".*download the model again"):
+        check(tmp_path / "cut")
+    last = _weights(tmp_path / "sharded", shards=3)
+    check(tmp_path / "sharded")
+    last.unlink()
+    with pytest.raises(C.ConfigError, match=f"1 of the 3 weight files model.safetensors.index.json names are not in "
+                                            f".*{last.name}"):
+        check(tmp_path / "sharded")
+    (tmp_path / "sharded" / last.name).write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(C.ConfigError, match=f"{last.name} does not start with a safetensors header"):
+        check(tmp_path / "sharded")
