@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 from typing import Protocol
 
-from ftcluster import cluster, collector, patches, worker
+from ftcluster import cluster, collector, patches, worker, worker_errors
 from ftcluster.config import ConfigError, RunConfig, from_dict
 from ftcluster.hardware import Hardware, node_memory, on_ray_cluster, with_node_memory
 from ftcluster.plan import Plan
@@ -20,7 +21,8 @@ from ftcluster.records import WorkerRecord
 
 
 class WorkerFailed(Exception):
-    """A worker raised: the message is its error, as ``TypeName: message``."""
+    """A worker raised: the message is its error, as ``TypeName: message (rank 0)``, one line per distinct error
+    (ftcluster.worker_errors)."""
 
 
 class Backend(Protocol):
@@ -82,7 +84,8 @@ class InProcess:
         try:
             worker.run(with_absolute_storage(cfg), plan, 0, 1, device, _LocalReporter(log), inputs)
         except Exception as e:  # noqa: BLE001 - a worker's error, as Ray hands the driver one
-            raise WorkerFailed(f"{type(e).__name__}: {e}") from e
+            worker_errors.keep(cfg.run_dir, 0, traceback.format_exc())
+            raise WorkerFailed(worker_errors.summary({0: e}, cfg.run_dir)) from e
         finally:
             destroy_local_process_group()
 
@@ -140,8 +143,9 @@ def train_loop_per_worker(config: dict) -> None:
     patches.ray_train_plain_print()
     patches.quiet_library_notices()
     patches.quiet_ray_train_reports(cfg.ray.train_log_level)
-    collector.hold()  # this process's start-up, until its first step (ftcluster/collector.py)
     ctx = ray.train.get_context()
+    patches.ray_train_error_to_file(cfg.run_dir, ctx.get_world_rank())
+    collector.hold()  # this process's start-up, until its first step (ftcluster/collector.py)
     worker.run(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), _RayReporter())
 
 
@@ -207,7 +211,8 @@ class OnRay:
         try:
             _fit_off_the_main_thread(trainer)
         except TrainingFailedError as e:
-            raise WorkerFailed(str(e)) from e
+            failures = getattr(e, "worker_failures", None)  # a WorkerGroupError's, by rank
+            raise WorkerFailed(worker_errors.summary(failures, cfg.run_dir) if failures else str(e)) from e
 
 
 def _fit_off_the_main_thread(trainer):

@@ -81,6 +81,9 @@ PATCHES = (
           "hands Ray Train's controller a failure policy that restarts no deterministic error and no requested stop, "
           "and an elastic run its scaling policy changed to grow the workers only at a checkpoint and to count only "
           "the nodes alive in the reservation the autoscaling coordinator keeps by node ID (it refreshes it every 20 s)"),
+    Patch("ray_train_error_to_file", "ray", ">=2.60,<2.61",
+          "a Ray Train worker logs its training function's error as one record, 'Error in training function:' and "
+          "the whole traceback, on the logger of ray/train/v2/_internal/util.py"),
     Patch("ray_train_plain_print", "ray", ">=2.60,<2.61",
           "Ray Train's workers route print() to a logger and, where stdout is Ray's, print it too: each line twice"),
     Patch("quiet_ray_preemption_watcher_notice", "ray", ">=2.60,<2.61",
@@ -311,6 +314,32 @@ def ray_train_plain_print() -> None:
 
 
 _RAY_NOTICE = "has constructor arguments in the object store"
+
+
+RAY_TRAIN_ERROR = "Error in training function:"
+
+
+def ray_train_error_to_file(run_dir, rank: int) -> None:
+    """On a Ray Train worker: the traceback Ray Train logs when the training function raises goes to this rank's
+    file (``worker_errors.keep``); the record, which Ray streams to the driver's terminal, keeps its last line (the
+    error) and the file's name. Where the file cannot be written, the record is left whole."""
+    from ftcluster import worker_errors
+
+    class ToFile(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            if text.startswith(RAY_TRAIN_ERROR):
+                traceback_text = text[len(RAY_TRAIN_ERROR):].strip()
+                path = worker_errors.keep(run_dir, rank, traceback_text)
+                if path is not None:
+                    last = traceback_text.splitlines()[-1] if traceback_text else ""
+                    record.msg, record.args = f"{RAY_TRAIN_ERROR} {last} (traceback: {path})", ()
+            return True
+
+    logger = logging.getLogger("ray.train.v2._internal.util")
+    for f in [f for f in logger.filters if type(f).__name__ == "ToFile"]:
+        logger.removeFilter(f)  # one per process: a restarted worker group may reuse it
+    logger.addFilter(ToFile())
 
 
 def quiet_ray_preemption_watcher_notice() -> None:

@@ -235,6 +235,12 @@ def test_an_error_every_restart_would_repeat_ends_the_run_whatever_max_failures_
     out = proc.stdout + proc.stderr
     assert "Error in training function" in out
     assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", out))) <= 2, out[-3000:]
+    # Each worker's traceback is in its file, not on the terminal: there, one line per worker and one for the run.
+    kept = sorted((tmp_path / "repeats" / "worker_errors").glob("rank*.txt"))
+    assert kept and all("Traceback (most recent call last)" in k.read_text() for k in kept)
+    assert "Traceback" not in out, out[-3000:]
+    assert re.search(r"error: training failed: AssertionError: bfloat16 and fp16 modes cannot be simultaneously "
+                     r"enabled \(ranks? [0-9, ]+\)\nthe workers' tracebacks: .*worker_errors/", proc.stderr), proc.stderr
 
 
 @pytest.fixture

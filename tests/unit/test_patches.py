@@ -165,6 +165,30 @@ def test_liger_replaces_transformers_module_names_and_passes_keywords_to_its_los
     assert modeling_llama.LlamaRMSNorm.__module__ == modeling_llama.__name__
 
 
+def test_ray_trains_error_record_keeps_its_last_line_and_the_traceback_goes_to_the_ranks_file(tmp_path):
+    """Through Ray Train's own function that logs a worker's error: the record it logs is the one the patch reads."""
+    import logging
+
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    logger, seen = logging.getLogger("ray.train.v2._internal.util"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    patches.ray_train_error_to_file(tmp_path, 3)
+    try:
+        try:
+            raise ValueError("row 7 has no text")
+        except ValueError as e:
+            construct_user_exception_with_traceback(e)
+    finally:
+        logger.removeHandler(handler)
+        logger.filters.clear()
+    kept = tmp_path / "worker_errors" / "rank3.txt"
+    assert seen == [f"Error in training function: ValueError: row 7 has no text (traceback: {kept})"]
+    assert "Traceback (most recent call last)" in kept.read_text() and "row 7 has no text" in kept.read_text()
+
+
 def test_ray_trains_print_is_put_back_to_pythons_own(monkeypatch):
     import builtins
 
