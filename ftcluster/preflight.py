@@ -182,15 +182,12 @@ def check_weights(cfg: RunConfig) -> None:
     if kw or not directory.is_dir():
         return
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"model.name_or_path={m.name_or_path}: {index} is not a safetensors index "
-                              f"({type(e).__name__}: {e}); download the model again") from None
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    try:
+        files = sources.weight_files(directory)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: {index} is not a safetensors index "
+                          f"({type(e).__name__}: {e}); download the model again") from None
+    if files is None:
         return  # weights in another format: transformers says what it finds
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:

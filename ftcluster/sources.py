@@ -7,6 +7,7 @@ the cache looked in."""
 from __future__ import annotations
 
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -28,8 +29,6 @@ def _patterns(model: ModelConfig) -> tuple[list[str], list[str]]:
 def snapshot(model: ModelConfig) -> Path | None:
     """The hub id's whole snapshot in ``model.hub_cache`` (no network), or None: before :func:`download`, the cache
     may hold only the config and tokenizer files read through it."""
-    import json
-
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -39,9 +38,18 @@ def snapshot(model: ModelConfig) -> Path | None:
                                        local_files_only=True, allow_patterns=allow, ignore_patterns=ignore))
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
-    index = local / "model.safetensors.index.json"
-    weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
-    return local if (local / "config.json").is_file() and all((local / w).is_file() for w in weights) else None
+    weights = weight_files(local)
+    return local if (local / "config.json").is_file() and weights and all((local / w).is_file() for w in weights) \
+        else None
+
+
+def weight_files(directory: Path) -> list[str] | None:
+    """The safetensors files a model directory's weights are in: those its index names, else ``model.safetensors``;
+    None where it has neither."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"] if (directory / "model.safetensors").is_file() else None
 
 
 def download(model: ModelConfig) -> Path:
