@@ -56,6 +56,9 @@ rows of benchmarks/calibration.json). Layer shards gather on a communicator of t
 FRAGMENTATION = 0.02
 """Allocator slack, reserved over allocated, with expandable segments on (ftcluster's default): 0.4-1.5% measured
 on the calibration runs; 2% assumed."""
+COMPILED_BACKWARD_BYTES = 12
+"""Bytes per MLP intermediate unit a token that a compiled, checkpointed layer's backward holds over what its eager
+recompute saves (see ``terms``)."""
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
 """Bytes per trainable parameter of optimizer state: Adam's two moments, in fp32 or in 8 bits (bitsandbytes
 8-bit optimizers; their quantization maps are a few KB)."""
@@ -291,6 +294,14 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
         out["activations (checkpoints)"] = on_device * 2 * shape.hidden * t
         out["activations (one recomputed layer)"] = per_token_layer * t if checkpointed else 0.0
         out["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * kept_layer * t
+        if run.compiled and checkpointed:
+            # A compiled layer's checkpoint is traced into its graph, so its recompute and its backward run as one
+            # Inductor graph, which holds more at once than the eager recompute's saved tensors: 12 bytes per MLP
+            # intermediate unit a token over the eager figure (the MLP's recomputed projections and their
+            # gradients alive together). Fitted to the compiled long rows of benchmarks/calibration.json, where
+            # this layer's backward is the peak, and the excess tests/gpu/test_compiled.py prints at 4,096 tokens.
+            out["activations (a compiled layer's recompute and backward)"] = COMPILED_BACKWARD_BYTES * \
+                shape.intermediate * t
     else:
         out["activations"] = shape.layers * kept_layer * t
     # In backward, the residual stream's gradient through the layer being differentiated: the one it was given and
@@ -350,6 +361,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
 
 PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")  # prefixes
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
+         "activations (a compiled layer's recompute and backward)",
          "activations (layers not checkpointed)",
          "dequantized weight (temporary)", "dequantized weights of the recomputed layer", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (the partition the optimizer steps)")
@@ -397,6 +409,7 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     buckets = t.get("ZeRO gradient buckets", 0.0)
     # When the loss is computed no layer has been recomputed yet.
     backward_start = (saved - t.get("activations (one recomputed layer)", 0.0)
+                      - t.get("activations (a compiled layer's recompute and backward)", 0.0)
                       - t.get("dequantized weights of the recomputed layer", 0.0) + t["logits and loss"])
     through_layers = saved + buckets + t["gradients (bf16)"] + t["hidden-state gradients (backward)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward

@@ -44,13 +44,18 @@ eager layer is (the layers peaked at 4.91 GiB eager in the same H200 run: compil
 term for an uncheckpointed QLoRA layer's activations counts too much; the over-estimate is the safe side of a fit
 check, and no other run measures that term yet."""
 
-KNOWN_MISSES |= {f"reports/long-context/2026-12-07-1xh100-{n}k-unsloth-plan/results.json" for n in (16, 32)}
-"""Compiled, untiled layers recomputed at long rows (the Llama-3-8B shape, QLoRA and LoRA, 16k and 32k tokens at
-8145b0e): 2.6-5.9 GiB over the estimate (11-21% of the peak), about 12 bytes per intermediate unit a token, growing
-with the row. The same term does not show at 4,096 tokens (the llama-1b and llama-7b compiled rows are within 10%,
-and a per-token term that explains the long rows over-estimates them), nor in uncompiled long rows with their
-checkpoints in host memory; which of Inductor's buffers hold it is not yet traced. Under-estimates are the unsafe
-side: near the length where the plan turns the savers on, a compiled run may not fit."""
+KNOWN_MISSES |= {(f"reports/{suite}/{run}/results.json", method) for suite, run, method in (
+    ("llama-1b", "2026-11-27-1xh100-compiled-qlora", "qlora"), ("llama-1b", "2026-11-27-1xh100-lora-compiled", "lora"),
+    ("llama-1b", "2026-11-27-1xh200-lora-no-ckpt", "lora"), ("llama-1b", "2026-11-27-1xh200-unsloth", "qlora"),
+    ("llama-1b", "2026-11-28-1xh100-peers", "qlora"), ("llama-7b", "2026-11-27-1xh100-compiled-qlora", "qlora"),
+    ("llama-7b", "2026-11-27-1xh200-qlora-local", "qlora"), ("llama-7b", "2026-11-27-1xh200-unsloth", "qlora"),
+    ("llama-7b", "2026-11-28-1xh100-peers", "qlora"), ("llama-7b", "2026-12-06-1xh100-plan", "qlora"))}
+"""Compiled, checkpointed layers at 4,096 tokens a micro batch (two rows of 2,048): 11-19% over the estimate, the
+safe side. The estimate counts a compiled layer's recompute-and-backward working set (estimate.COMPILED_BACKWARD_BYTES,
+which the long rows fit within 2% from 16k to 64k tokens, and which tests/gpu/test_compiled.py's four-layer models
+show at this length too), but these runs peaked within 0.05 GiB of their eager twins of the same shape and time, so
+their peak is not where the estimate puts it, in a layer's backward: a term of that phase counts too much at this
+length, and which one is not yet traced. Strict: a fix that explains them makes these tests pass."""
 
 
 def _row_case(row):
@@ -260,3 +265,29 @@ def test_a_compiled_layer_keeps_less_except_a_qlora_one_outside_a_checkpoint():
             assert compiled == eager
         else:
             assert eager - compiled == 16 * (4 * shape.hidden + 4 * shape.intermediate) * 4096
+
+
+def test_every_long_row_that_ran_out_of_memory_is_estimated_not_to_fit_its_gpu():
+    """The long-context suite's tries that ran out of memory, each with the memory savers it ran with, are estimated
+    over the share of the GPU the plan fills: today's plan would not run them so, and would choose the savers or
+    refuse the length."""
+    from benchmarks import calibration
+    from ftcluster import plan
+
+    misses = []
+    for results in sorted(ROOT.glob("reports/long-context/*/results.json")):
+        doc = json.loads(results.read_text())
+        commit, gpu = doc["provenance"]["git_commit"], doc["provenance"]["gpus"][0]
+        if not calibration.since("2cf14b5", commit):
+            continue  # evaluation computed a long row's logits whole before it: out of memory outside training
+        for t in doc["tries"]:
+            if t["status"] == "out of memory":
+                cfg = calibration.config_of(t["command"], commit)
+                savers = {"activation_offloading": "host memory" in t["savers"], "tiled_mlp": "tiled MLP" in t["savers"]}
+                cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+                    k: "on" if on else "off" for k, on in savers.items()})})  # as the try ran, not as planned today
+                run = calibration.run_of(cfg, commit, gpu_memory_gib=gpu["memory_gib"])
+                need = E.estimate(E.shape_of(calibration.recorded_shape(cfg.model.name_or_path)), run).need / E.GiB
+                misses.append((results.parent.name, t["method"], t["length"], round(need, 1), gpu["memory_gib"]))
+    assert misses  # the 128k QLoRA try that the compiled layers' estimate once said would fit
+    assert [m for m in misses if m[3] <= plan.FIT_SHARE * m[4]] == []
