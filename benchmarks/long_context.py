@@ -224,7 +224,8 @@ def render(results: dict, out: Path) -> None:
              f"- **Steps per try**: {results['settings']['steps']}; tokens/s and step time from "
              + ("the steps after the first" if results["settings"]["steps"] > 1 else "the one step (start-up "
                 "excluded, its first-step work included)")
-             + "; peak: torch's allocated peak on a GPU (what the estimate predicts), the process's RSS on CPU", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
+             + "; peak: torch's allocated peak on a GPU, the process's RSS on CPU; device peak: the GPU's memory in "
+             "use (NVML), which the plan's estimate predicts (its allocated part is in benchmarks/calibration.json)", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
     searched = [t for t in tries if t["purpose"] == "search"]
     lines += ["## Longest row", "", "| Method | Longest that trained | Shortest that did not | Tries |",
               "|---|---|---|---|"] if searched else ["## Longest row", "", "Not searched in this invocation "
@@ -240,12 +241,13 @@ def render(results: dict, out: Path) -> None:
                       else " not reached |")
         lines[-1] += f" {len(mine)} |"
     lines += ["", "## Every try", "",
-              "| Method | Tokens | Why | Result | Tokens/s | Step (s) | Peak (GiB) | Estimate (GiB) | "
-              "Memory savers |", "|---|---|---|---|---|---|---|---|---|"]
+              "| Method | Tokens | Why | Result | Tokens/s | Step (s) | Peak (GiB) | Device peak (GiB) | "
+              "Device estimate (GiB) | Memory savers |", "|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(tries, key=lambda t: (t["method"], t["length"])):
-        measured = ["—", "—", "—"]
+        measured = ["—", "—", "—", "—"]
         if t["status"] == "ok":
-            measured = [_num(t.get("tokens_per_s"), 0), _num(t.get("step_time_s"), 1), _num(peak(t), 1)]
+            measured = [_num(t.get("tokens_per_s"), 0), _num(t.get("step_time_s"), 1), _num(peak(t), 1),
+                        _num(t.get("peak_device_used_gib"), 1)]
         cells = [t["method"], f"{t['length']:,}", t["purpose"], t["status"], *measured,
                  _num(t.get("estimate_gib"), 1), t.get("savers") or "—"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -278,7 +280,7 @@ def beside_peers(results: dict) -> list[str]:
 
 
 def peak(t: dict) -> float | None:
-    """The peak a try measured: torch's allocated peak on a GPU (the estimate's figure), the process's RSS on CPU."""
+    """The peak a try measured: torch's allocated peak on a GPU, the process's RSS on CPU."""
     return t.get("peak_allocated_gib") or t.get("peak_rss_gib")
 
 

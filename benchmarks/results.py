@@ -105,8 +105,8 @@ def page() -> str:
                   f"{results['suite'].get('description', '')}. Commit `{prov.get('git_commit')}`; "
                   f"[report]({link.as_posix()}).", ""]
         if results["suite"].get("kind") == "long-context":
-            lines += report._table(["Method", "Tokens", "Result", "Tokens/s", "Peak allocated", "Estimate"],
-                                   long_context_rows(results))
+            lines += report._table(["Method", "Tokens", "Result", "Tokens/s", "Peak allocated", "Device peak",
+                                    "Device estimate"], long_context_rows(results))
         elif results["suite"].get("kind") == "scaling":
             lines += report._table(["Run", "GPUs", "Tokens/s", "Scaling efficiency", "Peak allocated per GPU"],
                                    scaling_rows(results))
@@ -122,13 +122,15 @@ def page() -> str:
 
 
 def long_context_rows(results: dict) -> list[list[str]]:
-    """benchmarks.long_context: each try's length, outcome, speed, peak and estimate."""
+    """benchmarks.long_context: each try's length, outcome, speed, peaks (torch's, and the device's that the plan's
+    estimate predicts) and estimate."""
     out = []
     for t in sorted(results["tries"], key=lambda t: (t["method"], t["length"])):
         ok = t["status"] == "ok"
         out.append([_method(t["method"]), f"{t['length']:,}", t["status"],
                     f"{t['tokens_per_s']:,.0f}" if ok and t.get("tokens_per_s") else "—",
                     f"{t['peak_allocated_gib']:.1f} GiB" if ok and t.get("peak_allocated_gib") else "—",
+                    f"{t['peak_device_used_gib']:.1f} GiB" if ok and t.get("peak_device_used_gib") else "—",
                     f"{t['estimate_gib']:.1f} GiB" if t.get("estimate_gib") else "—"])
     return out
 

@@ -55,3 +55,20 @@ def test_a_try_killed_by_sigkill_counts_as_too_long_and_any_other_failure_does_n
                           tmp_path / "failed.log")
     assert not ran and failed["status"] == "failed" and failed["status"] not in TOO_LONG
     assert failed["error"] == "ValueError: lora.r: must be positive"
+
+
+def test_the_report_sets_the_device_estimate_beside_the_device_peak(tmp_path):
+    from benchmarks.long_context import render
+
+    results = {"provenance": {"date": "d", "command": "c", "git_commit": "abc", "gpus": [{"name": "G", "memory_gib": 79.2}]},
+               "settings": {"model": "m", "recipe": "r", "common": [], "steps": 2},
+               "tries": [{"method": "qlora", "length": 65536, "purpose": "timed", "status": "ok", "tokens_per_s": 4700.0,
+                          "step_time_s": 13.9, "peak_allocated_gib": 45.5, "peak_device_used_gib": 48.0,
+                          "estimate_gib": 48.3, "savers": "32 checkpointed layers"}]}
+    render(results, tmp_path)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Method | Tokens | Why"))
+    row = next(line for line in lines if line.startswith("| qlora | 65,536"))
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | ")))
+    assert cells["Peak (GiB)"].strip() == "45.5" and cells["Device peak (GiB)"] == "48.0"
+    assert cells["Device estimate (GiB)"] == "48.3"
