@@ -465,8 +465,9 @@ def suggestions(shape: Shape, run: Run, budget_gib: float) -> list[tuple[str, fl
     if run.optimizer in ("adamw", "paged_adamw_32bit"):
         candidates.append(("8-bit paged AdamW (--optimizer paged_adamw_8bit)", replace(run, optimizer="paged_adamw_8bit")))
     if run.grad_ckpt and not run.activation_offload:
+        # Offloading's saved-tensor hooks leave the layers uncompiled (plan._compile).
         candidates.append(("keep the checkpoints in host memory (--activation-offloading): two PCIe copies of "
-                           "each layer's input per step", replace(run, activation_offload=True)))
+                           "each layer's input per step", replace(run, activation_offload=True, compiled=False)))
     if run.offload == "none" and run.zero >= 1:
         candidates.append(("offload the optimizer to CPU memory (--offload optimizer): slower steps",
                            replace(run, offload="optimizer", optimizer="adamw")))

@@ -177,6 +177,20 @@ def test_offloaded_checkpoints_leave_the_device_and_are_offered_as_a_fix():
     assert E.config_overrides(run, fixes[0][2]) == ["model.activation_offloading=true"]
 
 
+def test_host_checkpoints_are_suggested_as_uncompiled_layers_as_the_plan_would_run_them():
+    # A compiled 128k QLoRA row of the Llama-3-8B shape does not fit an 80 GB GPU; with its checkpoints in host
+    # memory the layers run eager, without a compiled layer's recompute-and-backward working set.
+    shape = E.shape_of("llama-3-8b")
+    run = E.Run(method="qlora", seq_len=131072, micro_batch=1, compiled=True, fused_loss=True,
+                optimizer="paged_adamw_8bit")
+    assert E.estimate(shape, run).need / E.GiB > 79.2
+    offloaded = replace(run, activation_offload=True, compiled=False)
+    assert "activations (a compiled layer's recompute and backward)" not in E.terms(shape, offloaded)
+    fixes = E.suggestions(shape, run, budget_gib=79.2)
+    assert fixes[0][2] == offloaded and fixes[0][1] == pytest.approx(E.estimate(shape, offloaded).need / E.GiB)
+    assert E.config_overrides(run, fixes[0][2]) == ["model.activation_offloading=true"]
+
+
 def test_a_commit_git_cannot_place_is_rendered_as_recent_code():
     from benchmarks import calibration
 
