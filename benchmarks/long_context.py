@@ -225,7 +225,8 @@ def render(results: dict, out: Path) -> None:
              + ("the steps after the first" if results["settings"]["steps"] > 1 else "the one step (start-up "
                 "excluded, its first-step work included)")
              + "; peak: torch's allocated peak on a GPU, the process's RSS on CPU; device peak: the GPU's memory in "
-             "use (NVML), which the plan's estimate predicts (its allocated part is in benchmarks/calibration.json)", *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
+             "use (NVML), which the plan's estimate predicts (its allocated part is in benchmarks/calibration.json)",
+             *[f"- **Note**: {note}" for note in prov.get("notes", [])], ""]
     searched = [t for t in tries if t["purpose"] == "search"]
     lines += ["## Longest row", "", "| Method | Longest that trained | Shortest that did not | Tries |",
               "|---|---|---|---|"] if searched else ["## Longest row", "", "Not searched in this invocation "
