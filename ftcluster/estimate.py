@@ -300,7 +300,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
             # intermediate unit a token over the eager figure (the MLP's recomputed projections and their
             # gradients alive together). Fitted to the compiled long rows of benchmarks/calibration.json, where
             # this layer's backward is the peak, and the excess tests/gpu/test_compiled.py prints at 4,096 tokens.
-            out["activations (a compiled layer's recompute and backward)"] = COMPILED_BACKWARD_BYTES * \
+            out["activations (a compiled layer's backward)"] = COMPILED_BACKWARD_BYTES * \
                 shape.intermediate * t
     else:
         out["activations"] = shape.layers * kept_layer * t
@@ -361,7 +361,7 @@ def terms(shape: Shape, run: Run) -> dict[str, float]:
 
 PERSISTENT = ("weights", "lora weights (bf16)", "fp32 master weights", "optimizer states")  # prefixes
 SAVED = ("activations", "activations (checkpoints)", "activations (one recomputed layer)",
-         "activations (a compiled layer's recompute and backward)",
+         "activations (a compiled layer's backward)",
          "activations (layers not checkpointed)",
          "dequantized weight (temporary)", "dequantized weights of the recomputed layer", "ZeRO-3 gathered parameters")
 STEP = ("gradients (bf16)", "gradients (the partition the optimizer steps)")
@@ -409,7 +409,7 @@ def estimate(shape: Shape, run: Run) -> Estimate:
     buckets = t.get("ZeRO gradient buckets", 0.0)
     # When the loss is computed no layer has been recomputed yet.
     backward_start = (saved - t.get("activations (one recomputed layer)", 0.0)
-                      - t.get("activations (a compiled layer's recompute and backward)", 0.0)
+                      - t.get("activations (a compiled layer's backward)", 0.0)
                       - t.get("dequantized weights of the recomputed layer", 0.0) + t["logits and loss"])
     through_layers = saved + buckets + t["gradients (bf16)"] + t["hidden-state gradients (backward)"]
     step = persistent + sum(t.get(k, 0.0) for k in STEP) + buckets  # the buckets are kept until the next backward
