@@ -1,20 +1,23 @@
 """Checkpointed decoder layers, eager or compiled, on one GPU: the step time and the memory held above the model.
 
-    python -m benchmarks.compiled_layers LAYERS TOKENIZER METHOD:MODE [METHOD:MODE ...]
+    python -m benchmarks.compiled_layers LAYERS TOKENIZER METHOD:MODE [METHOD:MODE ...] [--preset P] [--rows 2x2048]
+        [--examples 2]
 
-The Llama-2-7B shape cut to LAYERS layers, random init, seq 2048, micro batch 2, two packed examples a row, AdamW,
-8 steps (median of the last 5). Modes:
+A preset's shape (the Llama-2-7B one unless ``--preset``) cut to LAYERS layers, random init, micro batch x row
+length ``--rows``, two packed examples a row (about 73% and 27% of it) or one (``--examples 1``, as the
+long-context suite's rows), AdamW, 8 steps (median of the last 5). Modes:
 - ``eager``: ``model.compile=off``;
 - ``compiled``: ``model.compile=on``, as ftcluster runs it (the checkpoint traced into the compiled layer; for QLoRA
   under a policy that makes Inductor recompute the dequantization, activations.RecomputePolicy);
 - ``traced``: the checkpoint traced into the compiled layer with no policy (ftcluster before 606a26e);
 - ``wrapped``: an eager checkpoint around a compiled forward (what transformers' own checkpointing does).
+The memory held is also given per token and MLP intermediate unit, the unit of ``estimate.COMPILED_BACKWARD_BYTES``.
 Run each spec in its own process: a compiled model outlives ``del`` in torch.compile's caches."""
 
 from __future__ import annotations
 
+import argparse
 import functools
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +25,8 @@ from pathlib import Path
 import torch
 
 
-def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
+def main(layers: int, tokenizer: str, method: str, mode: str, preset: str = "llama-2-7b", rows: int = 2,
+         length: int = 2048, examples: int = 2) -> str:
     from transformers import LlamaConfig
 
     from ftcluster import activations, models, plan
@@ -31,12 +35,16 @@ def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
     from ftcluster.presets import PRESETS
 
     shape = Path(tempfile.mkdtemp())
-    LlamaConfig(**{**PRESETS["llama-2-7b"], "num_hidden_layers": layers}).save_pretrained(shape)
+    LlamaConfig(**{**PRESETS[preset], "num_hidden_layers": layers}).save_pretrained(shape)
     device = torch.device("cuda")
-    ids = torch.randint(0, 32000, (2, 2048), device=device, generator=torch.Generator(device).manual_seed(0))
-    lengths = torch.tensor([0, 1500, 2048, 3548, 4096], dtype=torch.int32, device=device)
-    packed = {"position_ids": torch.cat([torch.arange(1500), torch.arange(548)] * 2).view(2, 2048).to(device),
-              "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": 1500, "max_length_k": 1500}
+    ids = torch.randint(0, PRESETS[preset]["vocab_size"], (rows, length), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    parts = [round(length * 1500 / 2048), length - round(length * 1500 / 2048)] if examples == 2 else [length]
+    ends = torch.tensor(parts * rows).cumsum(0)
+    lengths = torch.cat([torch.zeros(1, dtype=ends.dtype), ends]).to(device, torch.int32)
+    packed = {"position_ids": torch.cat([torch.arange(n) for n in parts] * rows).view(rows, length).to(device),
+              "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": max(parts),
+              "max_length_k": max(parts)}
     cfg = C.load(None, [f"model.name_or_path={shape}", f"model.tokenizer={tokenizer}", f"method={method}",
                         "model.random_init=true", "lora.r=8", "model.gradient_checkpointing=true",
                         f"model.compile={'off' if mode == 'eager' else 'on'}", "scaling.use_gpu=true"])
@@ -66,12 +74,25 @@ def main(layers: int, tokenizer: str, method: str, mode: str) -> str:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(round(loss.item(), 4))
-    held = (torch.cuda.max_memory_allocated() - before) / 2**30
-    return (f"{method}:{mode} layers={layers}: first step {times[0]:.1f} s, step {sorted(times[3:])[2] * 1000:.1f} ms, "
-            f"held above the model {held:.2f} GiB, losses {losses[:3]}")
+    held = torch.cuda.max_memory_allocated() - before
+    per_unit = held / (rows * length * PRESETS[preset]["intermediate_size"])
+    return (f"{method}:{mode} {preset} layers={layers} rows={rows}x{length} examples/row={examples}: first step "
+            f"{times[0]:.1f} s, step {sorted(times[3:])[2] * 1000:.1f} ms, held above the model {held / 2**30:.2f} "
+            f"GiB ({per_unit:.1f} bytes per token and MLP intermediate unit), losses {losses[:3]}")
 
 
 if __name__ == "__main__":
-    layers, tokenizer, *specs = sys.argv[1:]
-    for spec in specs:
-        print(main(int(layers), tokenizer, *spec.split(":")), flush=True)
+    from ftcluster.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("layers", type=int)
+    p.add_argument("tokenizer")
+    p.add_argument("specs", nargs="+", metavar="METHOD:MODE")
+    p.add_argument("--preset", default="llama-2-7b", choices=sorted(PRESETS))
+    p.add_argument("--rows", default="2x2048", help="micro batch x row length (default 2x2048)")
+    p.add_argument("--examples", type=int, choices=(1, 2), default=2, help="examples packed into each row")
+    args = p.parse_args()
+    rows, length = (int(v) for v in args.rows.lower().split("x"))
+    for spec in args.specs:
+        print(main(args.layers, args.tokenizer, *spec.split(":"), preset=args.preset, rows=rows, length=length,
+                   examples=args.examples), flush=True)
