@@ -84,6 +84,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def unanswered(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why no HTTP server answers at a dashboard address, or None if one does (whatever its status: a cluster that
+    wants a token answers 401). A ``ray://`` address is left to Ray's client."""
+    import urllib.error
+    import urllib.request
+
+    if address.startswith("ray://"):
+        return None
+    url = (address if "://" in address else f"http://{address}").rstrip("/") + "/api/version"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def no_dashboard(address: str, why: str) -> int:
+    print(f"error: --address {address}: no Ray dashboard answered ({why}). Check that the cluster is up (`ray "
+          "status` on its head node) and that this machine reaches the dashboard's port (8265 unless `ray start "
+          "--dashboard-port` changed it).", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not args.address:
@@ -108,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                           "--runtime-env-json", json.dumps(env), "--", *shlex.split(command)]))
         return 0
 
+    # Asked first whether anything answers there: with no token on this machine, Ray's client refuses before it
+    # connects, and an address with no cluster behind it would read as a refused token.
+    silent = unanswered(args.address)
+    if silent:
+        return no_dashboard(args.address, silent)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -120,11 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               "~/.ray/auth_token here, or set RAY_AUTH_TOKEN.", file=sys.stderr)
         return 2
     except (ConnectionError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: --address {args.address}: no Ray dashboard answered ({first}). Check that the cluster is "
-              "up (`ray status` on its head node) and that this machine reaches the dashboard's port (8265 unless "
-              "`ray start --dashboard-port` changed it).", file=sys.stderr)
-        return 2
+        return no_dashboard(args.address, str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(f"submitted {job} to {args.address}: {command}", flush=True)
     if args.no_wait:
         print(f"follow: ray job logs -f --address {args.address} {job}\nstop (checkpoints first): "
