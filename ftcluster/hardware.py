@@ -56,11 +56,14 @@ def liger_here() -> bool:
 
 
 def varlen_kernel_here() -> bool:
+    """Whether this torch has its varlen flash attention (``torch.nn.attention.varlen``, which holds
+    ``varlen_attn``). Found, not imported: importing it imports TorchDynamo, the largest import of the driver's checks,
+    which a driver whose workers run elsewhere, or ``ftcluster plan``, never needs (ftcluster/attention.py imports
+    it where it runs)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
     except ImportError:
         return False
-    return True
 
 
 def cpu_bf16_here() -> bool:

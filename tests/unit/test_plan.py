@@ -67,6 +67,16 @@ def test_the_plan_command_prints_the_plan_and_the_changed_decisions(capsys):
     assert "model.compile=on: the device is cpu" in capsys.readouterr().err
 
 
+def test_planning_for_the_varlen_kernel_finds_it_without_importing_torchdynamo():
+    """The driver's checks and ``ftcluster plan`` ask whether torch has its varlen kernel; importing the module to
+    find out imported TorchDynamo, which only the process that trains needs."""
+    code = ("import sys\nfrom ftcluster import cli\nassert cli.plan_main(['--device', 'cuda']) == 0\n"
+            "assert 'torch._dynamo' not in sys.modules, 'the plan imported TorchDynamo'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "attention               varlen" in proc.stdout
+
+
 def test_print_config_shows_what_every_auto_resolved_to():
     from ftcluster.train import main
 
