@@ -11,8 +11,8 @@ for d in .whl .stage/m1 .stage/m2 .stage/m3; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$d"/*.whl >/dev/null 2>&1 || echo "gpu_setup: installing $d failed"
   fi
-  # A wheel too large to travel beside the others goes unpacked in an xz archive (ray's: 43 MB as a wheel, 30 MB
-  # so), named after the package directory it holds; unpacked once per host.
+  # A wheel too large to travel beside the others (Ray's) goes unpacked in an xz archive, smaller than the wheel,
+  # named after the package directory it holds (docs/benchmarks.md); unpacked once per host.
   for a in "$d"/*.tar.xz; do
     [ -f "$a" ] || continue
     pkg=$(basename "$a"); pkg=${pkg%%-*}
