@@ -56,7 +56,11 @@ which the long rows fit within 2% from 16k to 64k tokens, and which tests/gpu/te
 show at this length too), yet compiled and eager runs of the same shape and batch peaked alike (the llama-7b QLoRA
 rows: 5.59 GiB compiled, 5.60 eager in reports/llama-7b/2026-11-27-1xh100-compile), so their peak is not where the
 estimate puts it, in a layer's backward: a term of that phase counts too much at this length, and which one is not
-yet traced. Strict: a fix that explains them makes these tests pass."""
+yet traced. Without the compiled term each of them would be within 3.4% of its peak (the 7B QLoRA rows: 5.78 GiB
+through the layers against 5.54-5.59 measured), so either the term's excess does not arise in a full-depth model at
+this length, or the eager figure through the layers is itself high here and another phase peaks first
+(benchmarks.compiled_layers at 1x16384 and 2x2048, eager and compiled, would tell). Strict: a fix that explains
+them makes these tests pass."""
 
 
 def _row_case(row):
