@@ -151,6 +151,11 @@ class DataConfig(Section):
     max_examples: int | None = Field(None, gt=0)
     max_seq_len: int = Field(1024, gt=8)
     packing: bool = True
+    padding_free: bool = False
+    """Each micro batch one row of ``training.micro_batch_size x max_seq_len`` tokens: the packed rows' examples
+    (each still at most ``max_seq_len``) packed best fit into rows that wide, so a micro batch carries the padding of
+    one row rather than of each. Kept apart in attention as in any packed row; worth it with the varlen kernel
+    (CUDA), where attention costs what the examples cost, not what the row does."""
     train_on_prompt: bool = False
     """Loss on prompt tokens too. Off by default: loss on response tokens only."""
     text_field: str = "text"
@@ -455,6 +460,13 @@ class RunConfig(Section):
             )
         if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage 1, 2 or 3.")
+        if self.data.padding_free and not self.data.packing:
+            raise ValueError("data.padding_free=true with data.packing=false: a padding-free micro batch is one "
+                             "packed row of several rows' examples. Set data.packing=true, or unset padding_free.")
+        if self.data.padding_free and self.scaling.sequence_parallel > 1:
+            raise ValueError(f"data.padding_free=true with scaling.sequence_parallel={self.scaling.sequence_parallel}"
+                             ": sequence parallelism splits each row's tokens over its group, rows of max_seq_len "
+                             "tokens. Unset data.padding_free.")
         if self.ray.local_mode is True and self.scaling.num_workers != 1:
             raise ValueError(f"ray.local_mode=true with scaling.num_workers={self.scaling.num_workers}: local mode runs "
                              "one worker, in the driver's process. Set scaling.num_workers=1, or ray.local_mode=false.")

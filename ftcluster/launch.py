@@ -64,7 +64,7 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     ready = time.time()
     run_dir = rundir.prepare(cfg)
     plan.save(run_dir)
-    rundir.record_rows(run_dir, inputs.rows_key)
+    rundir.record_rows(run_dir, cfg, inputs.rows_key)
     try:
         return _train(cfg, plan, backend, run_dir, command_started, inputs,
                       {"imports": started - command_started, "checks": checked - started,

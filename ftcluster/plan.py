@@ -99,6 +99,9 @@ class Plan:
     memory_gib: float | None
     """Estimated device memory per GPU (ftcluster/estimate.py); None on CPUs or for an architecture it does not
     model."""
+    padding_free: bool = False
+    """Each micro batch is one row of ``micro_batch`` rows' worth of tokens (``data.padding_free``,
+    packing.ShardedBatches)."""
     tiled_mlp: bool = False
     """Each decoder layer's MLP runs a slice of the row at a time (ftcluster/tiled_mlp.py)."""
     sequence_parallel: int = 1
@@ -383,6 +386,22 @@ def _attention(cfg: RunConfig, hw: Hardware) -> tuple[str, str]:
     why = ("rows are not packed" if not cfg.data.packing else "the device is not a GPU" if hw.device != "cuda"
            else "this torch has no varlen kernel")
     return "sdpa", f"auto: {why}"
+
+
+def _padding_free(cfg: RunConfig, attention: str, streams: bool) -> tuple[bool, str]:
+    d, b = cfg.data, cfg.training.micro_batch_size
+    if not d.padding_free:
+        return False, (f"data.padding_free=false: a micro batch is {b} row(s) of up to {d.max_seq_len} tokens, each "
+                       "padded to it")
+    if streams:
+        raise ConfigError(f"data.padding_free=true with data.source={d.source} streamed: regrouping the rows as they "
+                          "are batched reads every row's examples into memory. Set data.streaming=off if the rows "
+                          "fit in memory, or unset data.padding_free")
+    cost = ("attention costs what the examples do" if attention == "varlen" else
+            f"attention={attention} masks the whole row: its work grows with the square of the row, not of each "
+            "example")
+    return True, (f"data.padding_free=true: a micro batch is one row of up to {b} x {d.max_seq_len} tokens, the "
+                  f"packed rows' examples regrouped best fit; {cost}")
 
 
 def _sequence_parallel(cfg: RunConfig, arch: Architecture, attention: str) -> tuple[int, str]:
@@ -692,6 +711,7 @@ def _make(cfg: RunConfig, hw: Hardware, arch: Architecture, read_data: bool = Tr
     storage, storage_why = _quant_storage(cfg)
     streams, streams_why = streaming(cfg.data, read_data)
     evaluates, evaluates_why = evaluation(cfg.data)
+    padding_free, padding_free_why = _padding_free(cfg, attention, streams)
     global_batch, accumulation, batch_why, accumulation_why = _batch(cfg, resume)
     elastic, elastic_why = _elastic(cfg, global_batch)
     download, download_why = _download(cfg)
@@ -703,7 +723,8 @@ def _make(cfg: RunConfig, hw: Hardware, arch: Architecture, read_data: bool = Tr
         activation_offloading=cfg.model.activation_offloading == "on", recompute_only=recompute,
         keep_recomputed_weights=keep, masters=masters, clips_gradients=clips, quant_storage=storage,
         streaming=streams, evaluation=evaluates, micro_batch=t.micro_batch_size, accumulation=accumulation,
-        global_batch=global_batch, tiled_mlp=tiled, sequence_parallel=sp, elastic=elastic, memory_gib=None,
+        global_batch=global_batch, padding_free=padding_free, tiled_mlp=tiled, sequence_parallel=sp, elastic=elastic,
+        memory_gib=None,
         model_download=download,
         resume_from=resume_from, model_type=arch.model_type,
         layers=arch.layers,
@@ -719,7 +740,7 @@ def _make(cfg: RunConfig, hw: Hardware, arch: Architecture, read_data: bool = Tr
                                if recompute else "nothing compiled holds a 4-bit weight"),
             "keep_recomputed_weights": keep_why, "masters": masters_why, "clips_gradients": clips_why,
             "quant_storage": storage_why, "streaming": streams_why, "evaluation": evaluates_why,
-            "micro_batch": "training.micro_batch_size",
+            "micro_batch": "training.micro_batch_size", "padding_free": padding_free_why,
             "accumulation": accumulation_why, "global_batch": batch_why, "elastic": elastic_why, "model_download": download_why,
             "resume_from": resume_why,
         })

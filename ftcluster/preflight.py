@@ -12,7 +12,7 @@ from pathlib import Path
 from ftcluster import embedded, estimate, sources
 from ftcluster import plan as P
 from ftcluster.config import EMBEDDED_MODEL, ConfigError, RunConfig
-from ftcluster.data import prepare
+from ftcluster.data import packing, prepare
 from ftcluster.hardware import Hardware
 
 
@@ -50,6 +50,14 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
             f"data.max_seq_len={cfg.data.max_seq_len}: no example has an answer token within it (longest example "
             f"{stats.longest} tokens, median {stats.median}); raise data.max_seq_len")
     need = cfg.scaling.num_workers * cfg.training.micro_batch_size
+    if plan.padding_free:  # counted as the workers will batch them: rows of micro_batch_size x max_seq_len
+        b = cfg.training.micro_batch_size
+        rows = packing.Regrouped(rows, b, cfg.data.max_seq_len)
+        need = cfg.scaling.num_workers
+        if len(rows) < need:
+            raise ConfigError(
+                f"data.padding_free=true: the data gives {len(rows)} rows of {b} x {cfg.data.max_seq_len} tokens, "
+                f"fewer than scaling.num_workers={need}: add data, or unset data.padding_free")
     if len(rows) < need:
         raise ConfigError(
             f"the data gives {len(rows)} training rows, fewer than scaling.num_workers x training.micro_batch_size "
@@ -59,7 +67,8 @@ def check_inputs(cfg: RunConfig, plan: P.Plan) -> Inputs:
         raise ConfigError(
             f"the data gives {micro_batches} micro batches per worker an epoch ({len(rows)} rows over "
             f"scaling.num_workers={cfg.scaling.num_workers} x training.micro_batch_size="
-            f"{cfg.training.micro_batch_size}), fewer than the {plan.accumulation} a step accumulates "
+            f"{cfg.training.micro_batch_size}{', one padding-free row a micro batch' if plan.padding_free else ''}), "
+            f"fewer than the {plan.accumulation} a step accumulates "
             f"(training.gradient_accumulation_steps): lower it to at most {micro_batches}, or add data")
     return Inputs(tokenizer, by_split, where, f"data: {stats.describe(cfg.data.max_seq_len)}; {where}", stats.key)
 

@@ -103,6 +103,14 @@ def check_rows(cfg: RunConfig, key: str | None, resuming: bool) -> None:
     if not resuming or key is None or not record.is_file():
         return
     saved = json.loads(record.read_text())
+    was, now = saved.get("padding_free"), _grouped(cfg)
+    if was != now:
+        said = lambda g: (f"data.padding_free=true with training.micro_batch_size={g}" if g
+                          else "data.padding_free=false")
+        raise ConfigError(
+            f"{said(now)}, but {cfg.run_dir} was trained with {said(was)}: padding-free rows are regrouped by the "
+            "micro batch, and its checkpoints' row position counts the rows it was batched in, which would point at "
+            f"other examples. Set {said(was)} to resume it, or train under another output.name")
     if saved.get("key") != key:
         raise ConfigError(
             f"data.source={cfg.data.source}: its rows differ from those {cfg.run_dir} was trained on (rows "
@@ -111,9 +119,17 @@ def check_rows(cfg: RunConfig, key: str | None, resuming: bool) -> None:
             "it, or train on the new data under another output.name")
 
 
-def record_rows(run_dir: Path, key: str | None) -> None:
+def _grouped(cfg: RunConfig) -> int | None:
+    """The rows a padding-free row is made of (``training.micro_batch_size``), or None without padding_free."""
+    return cfg.training.micro_batch_size if cfg.data.padding_free else None
+
+
+def record_rows(run_dir: Path, cfg: RunConfig, key: str | None) -> None:
     if key is not None:
-        (run_dir / ROWS).write_text(json.dumps({"key": key}) + "\n")
+        # padding_free only where on: a record without it is of rows batched as they are.
+        grouped = _grouped(cfg)
+        record = {"key": key, **({"padding_free": grouped} if grouped else {})}
+        (run_dir / ROWS).write_text(json.dumps(record) + "\n")
 
 
 LOCK = "LOCK"

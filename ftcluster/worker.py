@@ -113,14 +113,17 @@ def setup(cfg: RunConfig, plan: Plan, rank: int, world: int, device: torch.devic
         tokenizer, rows, where = inputs.tokenizer, inputs.rows, inputs.where
     # Sequence parallelism gathers a group's rows at one width (gloo gathers equal sizes only).
     pad_to = cfg.data.max_seq_len if cfg.data.packing or plan.sequence_parallel > 1 else None
-    shard = lambda rows, mb, acc, split=1: packing.ShardedBatches(
-        rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc, split)
+    shard = lambda rows, mb, acc, split=1, padding_free=False: packing.ShardedBatches(
+        rows, mb, rank, world, cfg.training.seed, tokenizer.pad_token_id, cfg.data.packing, pad_to, acc, split,
+        padding_free)
     train_rows, eval_rows = rows["train"], rows["evaluation"]
-    batches = shard(train_rows, plan.micro_batch, plan.accumulation, plan.sequence_parallel)
+    batches = shard(train_rows, plan.micro_batch, plan.accumulation, plan.sequence_parallel, plan.padding_free)
     eval_batches = shard(eval_rows, 1, 1) if len(eval_rows) >= world else None
     total_steps = optim.total_optimizer_steps(cfg, plan, len(batches))
-    phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens, {len(batches):,} micro "
-                        f"batches per worker, {len(eval_rows):,} eval rows; {where}")
+    regrouped = (f" regrouped into {len(batches.rows):,} padding-free rows of up to {batches.pad_to:,} tokens,"
+                 if plan.padding_free else "")
+    phases.done("data", f"{len(train_rows):,} rows of up to {cfg.data.max_seq_len} tokens,{regrouped} "
+                        f"{len(batches):,} micro batches per worker, {len(eval_rows):,} eval rows; {where}")
 
     ds_config = deepspeed_setup.deepspeed_config(cfg, plan, world, load_universal)
     partition = deepspeed_setup.zero3_partition(plan, ds_config)

@@ -41,8 +41,9 @@ best-fit decreasing by packing.pack). In every key, so a cache written in anothe
 
 def key(tokenizer, examples: reading.Examples, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed, "format": FORMAT},
-                        sort_keys=True).encode())
+    # padding_free regroups the same rows as they are batched (packing.ShardedBatches): not part of their identity.
+    data = cfg.model_dump(mode="json", exclude={"num_proc", "padding_free"})
+    h.update(json.dumps({"data": data, "seed": seed, "format": FORMAT}, sort_keys=True).encode())
     h.update(tokenizer_identity(tokenizer).encode())
     for split in SPLITS:
         h.update(json.dumps(getattr(examples, split), sort_keys=True, default=str).encode())

@@ -46,17 +46,14 @@ class Packer:
         return last if last["input_ids"] else None
 
 
-def pack(examples: list[dict], max_len: int) -> list[dict]:
-    """Best-fit decreasing: the longest example first, each into the row with the least room that still holds it,
-    a new row when none does. With short examples to fill the gaps, rows end within a few tokens of ``max_len``;
-    greedy packing in order (``Packer``, which a stream needs) left about half an example of padding per row and a
-    part-filled last row (4.5% of the llama-1b suite's row tokens, computed and paid for on every step). Examples of
-    equal length keep their order, so the rows depend only on the (seeded) order they come in."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+def best_fit(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Best-fit decreasing: the longest first, each into the row with the least room that still holds it, a new
+    row when none does; the indices of each row. Equal lengths keep their order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (tokens still free, row index), ascending
     for i in order:
-        n = len(examples[i]["input_ids"])
+        n = lengths[i]
         at = bisect.bisect_left(room, (n, -1))
         if at == len(room):
             rows.append([i])
@@ -67,8 +64,16 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
             free -= n
         if free > 0:
             bisect.insort(room, (free, row))
+    return rows
+
+
+def pack(examples: list[dict], max_len: int) -> list[dict]:
+    """Best-fit decreasing (``best_fit``). With short examples to fill the gaps, rows end within a few tokens of
+    ``max_len``; greedy packing in order (``Packer``, which a stream needs) left about half an example of padding per
+    row and a part-filled last row (4.5% of the llama-1b suite's row tokens, computed and paid for on every step).
+    Examples of equal length keep their order, so the rows depend only on the (seeded) order they come in."""
     out = []
-    for members in rows:
+    for members in best_fit([len(ex["input_ids"]) for ex in examples], max_len):
         row = Packer._empty()
         for i in members:
             row["input_ids"] += examples[i]["input_ids"]
@@ -78,12 +83,45 @@ def pack(examples: list[dict], max_len: int) -> list[dict]:
     return out
 
 
+class Regrouped:
+    """Packed rows of up to ``row_len`` tokens, their examples packed again best fit into rows of up to
+    ``rows_per_group x row_len`` (``data.padding_free``): one such row carries the padding of one row, where
+    ``rows_per_group`` rows each carry their own (of short examples, a row of 512 ends 20 tokens short on average;
+    a row of 4,096 ends as short). A sequence of rows like a list of them: each is built from the source rows when
+    read, which stay as they are (memory-mapped from the row cache), so only each example's place is held.
+    Depends only on the rows, so every worker and worker count regroups alike."""
+
+    def __init__(self, rows, rows_per_group: int, row_len: int):
+        self.source = rows
+        self.places: list[tuple[int, int, int]] = []  # (source row, first token, tokens) of every example
+        for r, row in enumerate(rows):
+            pos = row["position_ids"]
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            self.places += [(r, a, b - a) for a, b in zip(starts, starts[1:])]
+        self.groups = best_fit([n for _, _, n in self.places], rows_per_group * row_len)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict:
+        row, read = Packer._empty(), {}
+        for e in self.groups[i]:
+            r, a, n = self.places[e]
+            if r not in read:
+                read[r] = self.source[r]
+            row["input_ids"] += read[r]["input_ids"][a:a + n]
+            row["labels"] += read[r]["labels"][a:a + n]
+            row["position_ids"] += range(n)
+        return row
+
+
 def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = None,
-            split: int = 1) -> dict[str, torch.Tensor]:
+            split: int = 1, longest: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row (or ``pad_to``). Packed rows pad with a fresh position run, after every real
     token, so it masks nothing real; unpacked rows get an attention_mask. ``split`` > 1: the rows will be
     cut into that many slices of tokens (sequence parallelism): the width is a multiple of it, and the rows carry
-    positions (the padding a fresh run of them) and nothing else, which attention reads the examples from."""
+    positions (the padding a fresh run of them) and nothing else, which attention reads the examples from.
+    ``longest``: a bound on every example's length, where it is below the row's width (padding-free rows)."""
     width = pad_to or max(len(r["input_ids"]) for r in rows)
     width += -width % split
     ids, labels, pos, mask = [], [], [], []
@@ -100,26 +138,32 @@ def collate(rows: list[dict], pad_id: int, packed: bool, pad_to: int | None = No
         batch["position_ids"] = torch.tensor(pos)
     elif packed:
         batch["position_ids"] = torch.tensor(pos)
-        batch.update(_cumulative_lengths(pos, width, [len(r["input_ids"]) for r in rows]))
+        batch.update(_cumulative_lengths(pos, width, [len(r["input_ids"]) for r in rows], longest))
     else:
         batch["attention_mask"] = torch.tensor(mask)
     return batch
 
 
-def _cumulative_lengths(position_rows: list[list[int]], width: int, real: list[int]) -> dict:
+def _cumulative_lengths(position_rows: list[list[int]], width: int, real: list[int],
+                        longest: int | None = None) -> dict:
     """Boundaries of every example across the flattened batch, for varlen attention: ``cu_seq_lens`` (int32,
     starts at 0), and as the longest sequence the row width, a bound the kernel only sizes its grid by: the same int
     in every batch, where the longest example's length would make each new value a recompile of compiled layers.
     Plain ints stay on the host (no device sync). A row's trailing padding (after its ``real`` tokens) is counted in
     its last example: attention is causal, so no real token sees it, and a row of one example is then one sequence
-    (ftcluster/attention.py attends a batch of such rows as plain causal rows)."""
+    (ftcluster/attention.py attends a batch of such rows as plain causal rows).
+    ``longest`` (padding-free rows, many examples of at most that many tokens each): the bound is ``longest``, and
+    the trailing padding is sequences of its own, ``longest`` tokens at most, so that none is longer."""
     bounds, offset = [0], 0
     for row, n in zip(position_rows, real):
-        starts = [i for i, p in enumerate(row[:n]) if p == 0] + [len(row)]
-        bounds += [offset + b for b in starts[1:]]
+        starts = [i for i, p in enumerate(row[:n]) if p == 0]
+        if longest is not None and n < len(row):
+            starts += range(n, len(row), longest)
+        bounds += [offset + b for b in [*starts[1:], len(row)]]
         offset += len(row)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
+    bound = width if longest is None else longest
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": bound, "max_length_k": bound}
 
 
 @dataclass
@@ -142,8 +186,21 @@ class ShardedBatches:
     accumulation: int = 1
     split: int = 1
     """Sequence parallelism's K (``collate``)."""
+    padding_free: bool = False
+    """``data.padding_free``: the rows' examples regrouped into rows of ``micro_batch_size x pad_to`` tokens
+    (``Regrouped``), one a micro batch; ``rows`` and every count of rows below are then of those."""
 
     def __post_init__(self):
+        self.longest = None
+        if self.padding_free:
+            b, width = self.micro_batch_size, self.pad_to
+            if width is None:
+                raise ValueError("padding-free batches need the rows' width (pad_to, data.max_seq_len)")
+            self.rows = Regrouped(self.rows, b, width)
+            self.micro_batch_size, self.pad_to, self.longest = 1, b * width, width
+            if len(self.rows) < self.world:
+                raise ValueError(f"the data gives {len(self.rows)} padding-free rows of {b} x {width} tokens, "
+                                 f"fewer than the {self.world} workers; add data, or unset data.padding_free")
         if len(self.rows) // self.world < self.micro_batch_size:
             raise ValueError(
                 f"the data gives {len(self.rows)} rows, fewer than num_workers × micro_batch_size "
@@ -172,7 +229,7 @@ class ShardedBatches:
         idx, b = self.order(epoch), self.micro_batch_size
         for start in range(start_row, self.rows_per_epoch, self.rows_per_micro_step):
             rows = [self.rows[idx[start + self.rank + self.world * j]] for j in range(b)]
-            yield collate(rows, self.pad_id, self.packed, self.pad_to, self.split)
+            yield collate(rows, self.pad_id, self.packed, self.pad_to, self.split, self.longest)
 
 
 @dataclass

@@ -45,7 +45,7 @@ def source_identity(cfg: DataConfig) -> str:
 
 def key(tokenizer, cfg: DataConfig, seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc"}), "seed": seed,
+    h.update(json.dumps({"data": cfg.model_dump(mode="json", exclude={"num_proc", "padding_free"}), "seed": seed,
                          "format": cache.FORMAT,
                          "streamed": True}, sort_keys=True).encode())
     h.update(cache.tokenizer_identity(tokenizer).encode())

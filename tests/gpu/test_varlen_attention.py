@@ -64,6 +64,34 @@ def test_a_batch_of_one_example_rows_gets_each_examples_logits_alone_by_either_r
                 assert (packed[r, :n].float() - alone).norm() / alone.norm() < 1e-2, (cudnn_rows, r)
 
 
+@pytest.mark.skipif(not attention.available(), reason="torch has no varlen attention")
+def test_a_padding_free_row_through_the_varlen_kernel_gives_each_example_its_logits_alone(tiny_model):
+    """data.padding_free: two packed rows of 128 regrouped into one row of 256, its trailing padding in sequences
+    no longer than 128 and the kernel told 128 as the bound: each example gets the logits it gets alone."""
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cuda"})
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="varlen", **kw).eval()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", **kw).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (100, 90, 30, 7)]
+    rows = packing.pack([{"input_ids": s, "labels": s} for s in seqs], max_len=128)
+    free = packing.ShardedBatches(rows, 2, 0, 1, seed=0, pad_id=0, packed=True, pad_to=128, padding_free=True)
+    (batch,) = list(free.epoch(0))
+    assert batch["input_ids"].shape == (1, 256) and batch["max_length_q"] == 128
+    row = free.rows[0]
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+             if k not in ("labels", "num_tokens")}
+    with torch.no_grad():
+        packed = varlen(**batch, use_cache=False).logits[0]
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        assert len(starts) == 5
+        for a, b in zip(starts, starts[1:]):
+            alone = sdpa(input_ids=torch.tensor([row["input_ids"][a:b]], device="cuda")).logits[0].float()
+            assert (packed[a:b].float() - alone).norm() / alone.norm() < 1e-2
+
+
 LONG = 65536
 
 

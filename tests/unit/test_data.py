@@ -156,6 +156,63 @@ def test_batches_with_different_example_counts_compile_once():
     assert len(graphs) == 1
 
 
+def _short_examples(count: int, seed: int = 0) -> list[dict]:
+    """Examples of 57-176 tokens, the default suite's range, each token its example's number."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"input_ids": [i] * (n := rng.randint(57, 176)), "labels": [i] * n} for i in range(count)]
+
+
+def test_padding_free_micro_batches_hold_every_example_once_with_one_rows_padding():
+    """data.padding_free: the examples of rows of 512 regrouped into rows of 8 x 512, one a micro batch: every
+    example whole in one micro batch of the epoch (two workers, accumulation 2), each micro batch one row of 4,096
+    with less padding than 8 rows of 512 hold, and varlen boundaries no sequence of which is longer than 512 (the
+    trailing padding in sequences of its own), so the kernel is told the same bound as before."""
+    rows = packing.pack(_short_examples(2000), 512)
+    shards = [packing.ShardedBatches(rows, 8, r, 2, seed=1, pad_id=0, packed=True, pad_to=512, accumulation=2,
+                                     padding_free=True) for r in range(2)]
+    batches = [b for s in shards for b in s.epoch(0)]
+    assert all(b["input_ids"].shape == (1, 4096) for b in batches)
+    seen = [ex for b in batches for ex in torch.unique(b["input_ids"][0][b["labels"][0] != -100]).tolist()]
+    assert len(seen) == len(set(seen)) and len(seen) > 0.95 * 2000  # whole steps only: the rest waits an epoch
+    for b in batches:
+        cu = b["cu_seq_lens_q"].tolist()
+        assert cu[0] == 0 and cu[-1] == 4096 and max(y - x for x, y in zip(cu, cu[1:])) <= 512
+        assert b["max_length_q"] == 512
+    free_fill = sum(int(b["num_tokens"]) for b in batches) / (4096 * len(batches))
+    rows_fill = sum(len(r["input_ids"]) for r in rows) / (512 * len(rows))
+    assert free_fill > 0.995 and rows_fill < free_fill - 0.005
+    assert len(shards[0]) == len(shards[1]) and len(shards[0]) % 2 == 0
+
+
+def test_a_padding_free_micro_batch_trains_as_its_examples_in_rows(tiny_model):
+    """The same examples as two packed rows of 24 and as one padding-free row of 48: the same loss and the same
+    gradients, the examples kept apart in the long row as in the short ones (sdpa, from the position resets)."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    exs = [{"input_ids": (t := torch.randint(5, 500, (n,), generator=g).tolist()), "labels": [-100] + t[1:]}
+           for n in (11, 9, 13, 7)]
+    rows = packing.pack(exs, max_len=24)
+    assert len(rows) == 2
+    free = packing.ShardedBatches(rows, 2, 0, 1, seed=0, pad_id=0, packed=True, pad_to=24, padding_free=True)
+    (long_row,) = list(free.epoch(0))
+    short_rows = packing.collate(rows, pad_id=0, packed=True, pad_to=24)
+    assert long_row["input_ids"].shape == (1, 48) and short_rows["input_ids"].shape == (2, 24)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    out = []
+    for batch in (short_rows, long_row):
+        model.zero_grad()
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                     use_cache=False).loss
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def _ids(shard, epoch=0, start_row=0):
     return [[row[0] for row in b["input_ids"].tolist()] for b in shard.epoch(epoch, start_row)]
 

@@ -258,3 +258,46 @@ def test_rows_longer_than_the_models_positions_are_refused_unless_rope_is_scaled
                            "original_max_position_embeddings: 4096, rope_theta: 10000.0}}"])
     assert tiny.plan_for(scaled).workers == 1
     assert tiny.plan_for(C.load(None, [f"model.name_or_path={tiny_model}", "data.max_seq_len=4096"]))
+
+
+def test_padding_free_batches_are_planned_with_their_row_and_refused_where_they_cannot_apply(tmp_path):
+    """data.padding_free is a decision of the plan, shown with the row it makes and what attention then costs; it
+    is refused without packing, with sequence parallelism and with streamed rows, naming the field."""
+    on = planned("data.padding_free=true", "training.micro_batch_size=8", "data.max_seq_len=512")
+    assert on.padding_free and "one row of up to 8 x 512 tokens" in on.reasons["padding_free"]
+    assert "attention costs what the examples do" in on.reasons["padding_free"]
+    assert "masks the whole row" in planned("data.padding_free=true", hw=CPU).reasons["padding_free"]
+    off = planned()
+    assert not off.padding_free and "data.padding_free=false" in off.reasons["padding_free"]
+    for overrides in (["data.packing=false"], ["scaling.num_workers=2", "scaling.sequence_parallel=2"]):
+        with pytest.raises(C.ConfigError, match="data.padding_free=true"):
+            planned("data.padding_free=true", *overrides)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
+    with pytest.raises(C.ConfigError, match="data.padding_free=true with data.source=.* streamed"):
+        planned("data.padding_free=true", f"data.source={corpus}", "data.streaming=on")
+
+
+def test_a_padding_free_run_resumes_only_on_the_rows_it_was_batched_in(tmp_path):
+    """A checkpoint's row position counts the rows it was batched in, which padding_free regroups by the micro
+    batch: resuming with the setting flipped, or with another micro batch, would point it at other examples, so it
+    is refused, naming the settings that resume it. (A flip alone the config's identity refuses first.)"""
+    from ftcluster import run_dir as rundir
+
+    def cfg(*overrides):
+        return C.load(None, [f"output.storage_path={tmp_path}", "output.name=r", *overrides])
+
+    on = cfg("data.padding_free=true", "training.micro_batch_size=4")
+    on.run_dir.mkdir(parents=True)
+    rundir.record_rows(on.run_dir, on, "k1")
+    rundir.check_rows(on, "k1", resuming=True)
+    for other, said in ((cfg(), "data.padding_free=false"),
+                        (cfg("data.padding_free=true", "training.micro_batch_size=8"), "micro_batch_size=8")):
+        with pytest.raises(C.ConfigError, match=f"{said}, but .* Set data.padding_free=true with "
+                                                "training.micro_batch_size=4 to resume it"):
+            rundir.check_rows(other, "k1", resuming=True)
+    off = cfg("training.micro_batch_size=4")
+    rundir.record_rows(off.run_dir, off, "k1")  # as every run before this setting recorded its rows
+    rundir.check_rows(cfg("training.micro_batch_size=8"), "k1", resuming=True)  # rows as they are: any micro batch
+    with pytest.raises(C.ConfigError, match="Set data.padding_free=false to resume it"):
+        rundir.check_rows(on, "k1", resuming=True)
