@@ -30,8 +30,6 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
               f"(final model: {done.get('final_model')}); nothing was changed. To train again, choose another "
               "output.name.", flush=True)
         return done
-    for line in checkpoint.set_aside_unusable(cfg.run_dir):
-        print(line, flush=True)
     hw = hardware.here(cfg)
     resume = checkpoint.resume_of(cfg.run_dir)
     plan = P.make(cfg, hw, resume=resume)
@@ -44,6 +42,9 @@ def run(cfg: RunConfig, force: bool = False, command_started: float | None = Non
     preflight.check_resume_split(cfg, plan)
     checked = time.time()
     print(f"checks: {checked - started:.1f} s", flush=True)
+    # Only once every check has passed: a refused run leaves the run directory as it found it.
+    for line in checkpoint.set_aside_unusable(cfg.run_dir):
+        print(line, flush=True)
     if plan.model_download:  # once, here, before any worker starts; they all read the snapshot
         sources.download(cfg.model)
     preflight.check_weights(cfg)

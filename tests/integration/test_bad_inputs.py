@@ -164,60 +164,12 @@ def test_ctrl_c_before_training_starts_is_one_line_and_exit_130(tiny_model, tmp_
         assert "no checkpoint was saved; running the same command again starts from step 1" in err
 
 
-def test_resuming_padding_free_rows_with_another_micro_batch_is_refused_and_leaves_the_run_as_it_was(
-        tiny_model, tmp_path):
-    """Padding-free rows are regrouped by the micro batch, which a resumed run may otherwise change: a run killed
-    after its first checkpoint, started again with another micro batch, is refused naming the one that resumes it;
-    with its own it resumes."""
-    import hashlib
+def _killed_after_its_first_checkpoint(cmd: list[str], run_dir: Path) -> dict:
+    """Start ``cmd``, kill it (SIGKILL, the whole process group) once its first checkpoint is complete, and return
+    every file of the run directory it left (but the lock) with its hash."""
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
-           "data.source=builtin:required-args", "data.max_seq_len=128", "data.padding_free=true",
-           f"output.storage_path={tmp_path / 'runs'}", "output.name=free", "scaling.num_workers=1",
-           "training.max_steps=40", "training.save_every=2", "training.log_every=1"]
-    run_dir = tmp_path / "runs" / "free"
-    driver = subprocess.Popen([*cmd, "training.micro_batch_size=4"], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not list(run_dir.glob("checkpoint_step*/manifest.json")):
-            assert time.time() < deadline and driver.poll() is None, "no checkpoint"
-            time.sleep(0.3)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
-              and p.name != "LOCK"}
-    proc = subprocess.run([*cmd, "training.micro_batch_size=2"], capture_output=True, text=True, timeout=300,
-                          cwd=REPO)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Set data.padding_free=true with training.micro_batch_size=4 to resume it" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
-             and p.name != "LOCK"}
-    assert after == before
-    proc = subprocess.run([*cmd, "training.micro_batch_size=4"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resumed from step" in proc.stdout + proc.stderr
-
-
-def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_model, tmp_path):
-    import hashlib
-    import signal
-    import time
-
-    data = tmp_path / "d.jsonl"
-    data.write_text(_jsonl([{"instruction": f"What is {i}+{i}?", "output": str(2 * i)} for i in range(200)]))
-    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
-           f"data.source={data}", "data.eval_fraction=0.1", f"output.storage_path={tmp_path / 'runs'}",
-           "output.name=changed", "scaling.num_workers=1", "training.max_steps=40", "training.save_every=2",
-           "training.log_every=1"]
-    run_dir = tmp_path / "runs" / "changed"
     driver = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
@@ -228,16 +180,61 @@ def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_mode
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
-              and p.name != "LOCK"}
+    return _hashes(run_dir)
+
+
+def _hashes(run_dir: Path) -> dict:
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
+            and p.name != "LOCK"}
+
+
+def test_resuming_padding_free_rows_with_another_micro_batch_is_refused_and_leaves_the_run_as_it_was(
+        tiny_model, tmp_path):
+    """Padding-free rows are regrouped by the micro batch, which a resumed run may otherwise change: a run killed
+    after its first checkpoint, started again with another micro batch, is refused naming the one that resumes it;
+    with its own it resumes."""
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           "data.source=builtin:required-args", "data.max_seq_len=128", "data.padding_free=true",
+           f"output.storage_path={tmp_path / 'runs'}", "output.name=free", "scaling.num_workers=1",
+           "training.max_steps=40", "training.save_every=2", "training.log_every=1"]
+    run_dir = tmp_path / "runs" / "free"
+    _killed_after_its_first_checkpoint([*cmd, "training.micro_batch_size=4"], run_dir)
+    partial = run_dir / "checkpoint_step9999999"  # a checkpoint the kill cut short: set aside only by a run that starts
+    partial.mkdir(exist_ok=True)
+    (partial / "progress.json").write_text("{")
+    before = _hashes(run_dir)
+    proc = subprocess.run([*cmd, "training.micro_batch_size=2"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Set data.padding_free=true with training.micro_batch_size=4 to resume it" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _hashes(run_dir) == before
+    proc = subprocess.run([*cmd, "training.micro_batch_size=4"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from step" in proc.stdout + proc.stderr
+    assert "Set aside as checkpoint_step9999999.unusable" in proc.stdout + proc.stderr
+
+
+def test_resuming_on_a_data_file_changed_in_place_is_refused_naming_it(tiny_model, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(_jsonl([{"instruction": f"What is {i}+{i}?", "output": str(2 * i)} for i in range(200)]))
+    cmd = [sys.executable, "-m", "ftcluster.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           f"model.name_or_path={tiny_model}", "model.random_init=false", "model.config_overrides={}",
+           f"data.source={data}", "data.eval_fraction=0.1", f"output.storage_path={tmp_path / 'runs'}",
+           "output.name=changed", "scaling.num_workers=1", "training.max_steps=40", "training.save_every=2",
+           "training.log_every=1"]
+    run_dir = tmp_path / "runs" / "changed"
+    before = _killed_after_its_first_checkpoint(cmd, run_dir)
     data.write_text(_jsonl([{"instruction": f"What is {i}*{i}?", "output": str(i * i)} for i in range(200)]))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"data.source={data}: its rows differ from those {run_dir} was trained on" in proc.stderr
     assert "Traceback" not in proc.stderr
-    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
-             and p.name != "LOCK"}
-    assert after == before  # the checkpoints and records are as the killed run left them
+    assert _hashes(run_dir) == before  # the checkpoints and records are as the killed run left them
 
 
 def test_a_model_file_cut_short_is_refused_before_ray_starts_naming_it(tiny_model, tmp_path):
